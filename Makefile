@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine:  `make demo` (the main job)  and  `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+TARGET ?= cpu
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export PYTHONPATH := $(CURDIR)
+SUBMIT := spark-submit --driver-memory 4g
+
+.PHONY: setup demo test prep-ml1m prep-collm bench-prep clean
+
+setup:                      ## create .venv with the pinned stack and fetch the embedded default assets
+	scripts/setup.sh $(TARGET)
+
+demo: setup                 ## main job on the embedded default (ML-100K from the recbole wheel)
+	$(SUBMIT) pipeline/prep.py --config configs/ml-100k.yaml --output out/ml-100k --overwrite
+
+test: setup                 ## the test suite (what .ci/run calls)
+	python -m pytest -q tests
+
+prep-ml1m: setup            ## ML-1M raw files from ../shared/data (users 1-2,999)
+	$(SUBMIT) pipeline/prep.py --config configs/ml-1m.yaml --overwrite
+
+prep-collm: setup           ## CoLLM's published ML-1M benchmark splits
+	$(SUBMIT) pipeline/prep.py --config configs/collm-ml-1m.yaml --overwrite
+
+bench-prep: setup           ## pipeline benchmark vs pandas (see docs/benchmarks.md)
+	python bench/prep.py
+
+clean:
+	rm -rf out .cache/data

@@ -1,0 +1,73 @@
+"""CoLLM's processed benchmark (`{train,valid,test}_ood2.pkl`, or the zip holding them) as a ProtocolResult.
+
+The rows, ids, splits, histories and warm flags are CoLLM's own; this module only renames them into the
+project's schema so that the same writers, shards and stages serve the published benchmark. The pickles
+are small (tens of thousands of rows) and can only be read by pandas, so they are loaded on the driver.
+Only load these known files: pickles can run code.
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from pipeline.config import Config
+from pipeline.protocol import REJECT_SCHEMA, ProtocolResult, month_index
+from pipeline.schema import SPLITS
+from pipeline.sources import SourceError, resolve
+
+COLUMNS = ("uid", "iid", "label", "timestamp", "his", "his_title", "title", "not_cold")
+
+
+def _load_frames(path: Path) -> dict[str, tuple[str, pd.DataFrame]]:
+    """{split: (file name, frame)} from a zip of `*/<split>_ood2.pkl` or a directory of them."""
+    frames = {}
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path) as z:
+            for split in SPLITS:
+                names = [n for n in z.namelist() if n.endswith(f"/{split}_ood2.pkl") or n == f"{split}_ood2.pkl"]
+                if not names:
+                    raise SourceError(f"{path}: no {split}_ood2.pkl inside the zip (expected CoLLM's benchmark)")
+                frames[split] = (f"{path.name}:{names[0]}", pd.read_pickle(io.BytesIO(z.read(names[0]))))
+    else:
+        for split in SPLITS:
+            file = resolve(path, f"{split}_ood2.pkl", f"CoLLM {split} pickle")[0]
+            frames[split] = (file.name, pd.read_pickle(file))
+    for split, (name, df) in frames.items():
+        missing = [c for c in COLUMNS if c not in df.columns]
+        if missing:
+            raise SourceError(f"{name}: missing column(s) {missing}; the file has {list(df.columns)}")
+    return frames
+
+
+def collm_result(spark: SparkSession, cfg: Config, input_dir: Path) -> tuple[ProtocolResult, list[Path]]:
+    """Read CoLLM's splits. `source.interactions` names the zip (or '' for a directory of pickles)."""
+    path = resolve(input_dir, cfg.source.interactions, "CoLLM benchmark")[0] if cfg.source.interactions else input_dir
+    k = cfg.protocol.history_len
+    rows, pos = [], 0
+    for split, (name, df) in _load_frames(path).items():
+        for r in df.itertuples(index=False):
+            his = [int(i) for i in r.his[1:]]
+            titles = [str(t) for t in r.his_title[1:]]
+            rows.append((pos, int(r.uid), int(r.iid), int(r.label), int(r.timestamp), split, int(r.not_cold),
+                         his[-k:], titles[-k:], str(r.title), his))
+            pos += 1
+    schema = ("row_id long, user_id int, item_id int, label int, timestamp long, split string, warm int, "
+              "history_ids array<int>, history_titles array<string>, title string, history array<int>")
+    df = spark.createDataFrame(rows, schema)
+    df = df.select(
+        "row_id", "user_id", "item_id", "label", "timestamp", "split", "warm", "history_ids", "history_titles",
+        "title", F.lit(None).cast("double").alias("rating"),
+        month_index(F.col("timestamp"), cfg.protocol.split.origin).alias("month"), "history",
+        F.col("user_id").cast("string").alias("user_raw"), F.col("item_id").cast("string").alias("item_raw"),
+    )
+    users = df.select("user_id", F.col("user_raw").alias("raw_id")).distinct()
+    items = df.groupBy("item_id").agg(F.first("item_raw").alias("raw_id"), F.first("title").alias("title"))
+    rejects = spark.createDataFrame([], REJECT_SCHEMA)
+    result = ProtocolResult(interactions=df, users=users, items=items, rejects=rejects,
+                            rows_in=df, item_rows_in=items)
+    return result, [path]

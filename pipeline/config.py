@@ -1,0 +1,166 @@
+"""The one config schema: every YAML file under configs/ is validated against these models on load.
+
+A config names a dataset (where the raw logs are and how to parse them), the CoLLM/SeLLa-Rec data
+protocol applied to it (labels, time window and split, history, filters) and how the output is written.
+Later stages add their own sections to this schema; unknown keys are errors so that typos surface.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SourceFormat = Literal["ml-1m", "ml-100k", "recbole", "amazon", "collm", "table"]
+
+
+class ConfigError(ValueError):
+    """A config file is missing, unreadable or does not match the schema."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ColumnMap(_Strict):
+    """Column names of a generic table source (CSV or Parquet) for each protocol field."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    rating: str = "rating"
+    timestamp: str = "timestamp"
+    item_title: str = "title"
+
+
+class SourceConfig(_Strict):
+    """Where the raw logs are and how to read them.
+
+    `interactions` and `items` are file names (or globs) relative to the input directory. Formats:
+    ml-1m (ratings.dat + movies.dat, '::'), ml-100k (u.data + u.item), recbole (atomic .inter + .item),
+    amazon (Amazon Reviews 2018 `<Category>.json.gz` + `meta_<Category>.json.gz`), collm (CoLLM's
+    processed `{train,valid,test}_ood2.pkl`, or the zip holding them), table (generic CSV/Parquet with
+    `columns`).
+    """
+
+    format: SourceFormat
+    input_dir: str = Field(description="default input directory; --input overrides it")
+    interactions: str = ""
+    items: str = ""
+    encoding: str = "utf-8"
+    items_encoding: str = "utf-8"
+    columns: ColumnMap = ColumnMap()
+    delimiter: str = ","
+    title_year_field: str = ""
+    missing_titles: tuple[str, ...] = ()
+    user_id_order: Literal["numeric", "string"] = "numeric"
+
+
+class LabelConfig(_Strict):
+    """label = 1 when `rating <op> threshold` (CoLLM ML-1M: rating >= 4; Amazon Book: rating == 5)."""
+
+    op: Literal["ge", "eq", "gt"] = "ge"
+    threshold: float = 4.0
+
+
+class SplitConfig(_Strict):
+    """Calendar-month time split (UTC). Month 0 is `origin` ('YYYY-MM'), fixed, not derived from data.
+
+    Each split names an inclusive month range. With `halve_heldout`, valid and test name the same months
+    and those rows are split in half by time (first half valid), as in the Amazon Book protocol.
+    """
+
+    origin: str = Field(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")
+    train: tuple[int, int]
+    valid: tuple[int, int]
+    test: tuple[int, int]
+    halve_heldout: bool = False
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "SplitConfig":
+        for name in ("train", "valid", "test"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"split.{name}: first month {lo} is after last month {hi}")
+        if self.halve_heldout and self.valid != self.test:
+            raise ValueError("split.halve_heldout needs split.valid == split.test (the months to halve)")
+        if not self.halve_heldout and not (self.train[1] < self.valid[0] <= self.valid[1] < self.test[0]):
+            raise ValueError("split: months must be ordered train < valid < test without overlap")
+        return self
+
+    @property
+    def window(self) -> tuple[int, int]:
+        return self.train[0], max(self.valid[1], self.test[1])
+
+
+class FilterConfig(_Strict):
+    """Optional min-count / k-core filter applied to in-window valid rows before splitting."""
+
+    min_user_count: int = Field(0, ge=0)
+    min_item_count: int = Field(0, ge=0)
+    iterative: bool = False
+    max_rounds: int = Field(20, ge=1)
+
+
+class ProtocolConfig(_Strict):
+    """The CoLLM/SeLLa-Rec data protocol (../shared/docs/method.md, 'Data protocol')."""
+
+    label: LabelConfig = LabelConfig()
+    rating_range: tuple[float, float] = (1.0, 5.0)
+    timestamp_range: tuple[int, int] = (0, 4102444800)
+    split: SplitConfig
+    filter: FilterConfig = FilterConfig()
+    history_keep: int | None = Field(None, ge=1, description="longest history kept in tables; null = all")
+    history_len: int = Field(10, ge=1, description="history items (ids and titles) in each shard sample")
+
+
+class OutputConfig(_Strict):
+    shard_size: int = Field(5000, ge=1)
+    shuffle_seed: int = 0
+
+
+class SparkConfig(_Strict):
+    master: str = "local[*]"
+    driver_memory: str = "4g"
+    shuffle_partitions: int = Field(8, ge=1)
+    ui: bool = False
+
+
+class Config(_Strict):
+    name: str
+    domain: Literal["movie", "book"] = "movie"
+    source: SourceConfig
+    protocol: ProtocolConfig
+    output: OutputConfig = OutputConfig()
+    spark: SparkConfig = SparkConfig()
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid config"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+        lines.append(f"  {key}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], path: Path | str = "<config>") -> Config:
+    """Validate a config mapping; errors name each offending key and what was expected."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(Path(path), err)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate one YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return parse_config(data, path)

@@ -1,0 +1,120 @@
+"""Raw interaction logs -> the CoLLM / SeLLa-Rec protocol: Parquet tables, WebDataset shards, manifest.
+
+    spark-submit pipeline/prep.py --config configs/ml-1m.yaml [--input DIR] [--output DIR]
+                                  [--master URL] [--overwrite]
+
+Runs on `local[*]` by default and unchanged on a cluster master (give --py-files with the package zip
+there, and an --output on storage every executor can write). Exit status 2 on bad config or input.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by spark-submit: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.collm import collm_result
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.protocol import apply_protocol
+from pipeline.schema import SCHEMA_VERSION, SPLITS
+from pipeline.sources import READERS, SourceError
+from pipeline.spark import get_spark
+from pipeline.writers import (OutputExistsError, atomic_output, check_output, summarize, write_manifest,
+                              write_shards, write_tables)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="spark-submit pipeline/prep.py",
+        description="Turn raw interaction logs into SeLLa-Rec training data (tables, shards, manifest).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="dataset config, e.g. configs/ml-1m.yaml")
+    p.add_argument("--input", help="input directory (default: source.input_dir of the config)")
+    p.add_argument("--output", help="output directory (default: out/<config name>)")
+    p.add_argument("--master", help="Spark master URL (default: spark-submit's, else local[*])")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    return p.parse_args(argv)
+
+
+def _step(i: int, n: int, text: str, t0: float) -> None:
+    print(f"[prep {i}/{n}] {text}  (+{time.time() - t0:.0f}s)", flush=True)
+
+
+def run(cfg: Config, input_dir: Path, output: Path, master: str | None = None, overwrite: bool = False) -> dict:
+    """Run the pipeline and return the manifest. Raises ConfigError/SourceError/OutputExistsError."""
+    check_output(output, overwrite)
+    t0 = time.time()
+    spark = get_spark(cfg.spark, master)
+    _step(1, 5, f"reading {cfg.source.format} logs from {input_dir}", t0)
+    if cfg.source.format == "collm":
+        result, files = collm_result(spark, cfg, input_dir)
+    else:
+        raw = READERS[cfg.source.format](spark, cfg.source, input_dir)
+        files = raw.interaction_files + raw.item_files
+        _step(2, 5, "applying the protocol (validate, window, label, split, ids, histories, warm)", t0)
+        result = apply_protocol(raw, cfg.protocol, cfg.source.user_id_order)
+    result.interactions = result.interactions.persist()
+    with atomic_output(output, overwrite) as tmp:
+        _step(3, 5, "writing Parquet tables and rejects", t0)
+        write_tables(result, tmp)
+        _step(4, 5, f"writing WebDataset shards ({cfg.output.shard_size} samples each)", t0)
+        shards = write_shards(result.interactions, tmp, cfg.output.shard_size, cfg.output.shuffle_seed)
+        _step(5, 5, "checking counts and writing manifest.json", t0)
+        counts = summarize(result, tmp)
+        for split in SPLITS:
+            counts["splits"][split]["shards"] = shards[split]
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "name": cfg.name,
+            "domain": cfg.domain,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "spark": {"version": spark.version, "master": spark.sparkContext.master},
+            "inputs": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
+            "seconds": round(time.time() - t0, 1),
+            "config": cfg.model_dump(mode="json"),
+            **counts,
+        }
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def format_summary(m: dict, output: Path) -> str:
+    lines = [f"{m['name']}: {m['rows_in']:,} rows in = {m['rows_out']:,} out + {m['rejected']:,} rejected "
+             f"+ {m['excluded']:,} excluded   ({m['users']:,} users, {m['items']:,} items, {m['seconds']}s)",
+             f"{'split':<6} {'rows':>10} {'pos.rate':>9} {'warm':>7} {'users':>8} {'items':>8} {'shards':>7}"]
+    for split in SPLITS:
+        s = m["splits"][split]
+        if s.get("rows"):
+            lines.append(f"{split:<6} {s['rows']:>10,} {s['positive_rate']:>9.3f} {s['warm_share']:>7.3f} "
+                         f"{s['users']:>8,} {s['items']:>8,} {len(s['shards']):>7}")
+    for source, cats in m["rejects"].items():
+        for cat, codes in cats.items():
+            if codes:
+                lines.append(f"{source} {cat}: " + ", ".join(f"{c} {n:,}" for c, n in sorted(codes.items())))
+    for e in m["reject_examples"][:5]:
+        lines.append(f"  e.g. {e['file']}:{e['line']}: {e['reason']}")
+    lines.append(f"output: {output} (tables/, shards/, rejects/, manifest.json)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        input_dir = Path(args.input or cfg.source.input_dir)
+        output = Path(args.output or Path("out") / cfg.name)
+        manifest = run(cfg, input_dir, output, args.master, args.overwrite)
+    except (ConfigError, SourceError, OutputExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(manifest, output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

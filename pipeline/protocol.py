@@ -1,0 +1,222 @@
+"""The CoLLM / SeLLa-Rec data protocol on Spark DataFrames (../shared/docs/method.md, 'Data protocol').
+
+raw rows -> validate (ranges, known item with a title, no duplicate (user, item, timestamp))
+         -> window (UTC calendar months from a fixed origin) -> optional min-count filter
+         -> label -> split -> order within user -> remap ids -> history of earlier positives -> warm flag.
+
+Ordering within a user is (timestamp, position where the item first appears in the input, input
+position), which reproduces CoLLM's published ML-1M rows; users are numbered in raw-id order and items
+in order of first appearance while walking users in that order.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from pipeline.config import ProtocolConfig
+from pipeline.sources import RawLog, _checks
+
+REJECT_SCHEMA = ("file string, line long, pos long, source string, category string, code string, reason string, "
+                 "raw string")
+ORDER = ("timestamp", "_first_pos", "_pos")
+
+
+@dataclass
+class ProtocolResult:
+    interactions: DataFrame  # see pipeline.schema.Sample; plus rating, month, history (kept length), raw ids
+    users: DataFrame         # user_id, raw_id
+    items: DataFrame         # item_id (null: catalog item without interactions), raw_id, title
+    rejects: DataFrame       # REJECT_SCHEMA; source interactions|items, category invalid|excluded
+    rows_in: DataFrame       # interaction input rows (to count)
+    item_rows_in: DataFrame  # item metadata input rows (to count)
+
+
+def index_in_order(df: DataFrame, order: list[Column | str], name: str, start: int = 1) -> DataFrame:
+    """Add a consecutive index `name` (start, start+1, ...) following the global `order`.
+
+    Sorts, then offsets each sorted partition by the row counts of the partitions before it; only one
+    count per partition reaches the driver. The sorted frame is persisted so both passes see one order.
+    """
+    spark = df.sparkSession
+    s = df.sort(*order).select(
+        "*", F.spark_partition_id().alias("_pid"), F.monotonically_increasing_id().alias("_mid")
+    ).persist()
+    counts = sorted((r["_pid"], r["count"]) for r in s.groupBy("_pid").count().collect())
+    offsets, acc = [], start
+    for pid, n in counts:
+        offsets.append((pid, acc))
+        acc += n
+    offs = spark.createDataFrame(offsets or [(0, start)], "_pid int, _off long")
+    within = F.col("_mid") - F.col("_pid").cast("long") * (1 << 33)
+    return s.join(F.broadcast(offs), "_pid").withColumn(name, F.col("_off") + within).drop("_pid", "_mid", "_off")
+
+
+def _as_rejects(df: DataFrame, source: str, category: str) -> DataFrame:
+    return df.select(
+        F.col("_file").alias("file"), F.col("_line").alias("line"), F.col("_pos").alias("pos"),
+        F.lit(source).alias("source"), F.lit(category).alias("category"), F.col("_code").alias("code"), F.col("_reason").alias("reason"),
+        F.col("_raw").alias("raw"),
+    )
+
+
+def validate_items(items: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """(valid items: item_raw, title; rejected item rows). A repeated item id keeps its first row."""
+    ok = items.where(F.col("_code").isNull())
+    w = Window.partitionBy("item_raw").orderBy("_pos")
+    ok = ok.withColumn("_rank", F.row_number().over(w)).withColumn("_first", F.first("_line").over(w))
+    ok = _checks(ok, [(F.col("_rank") > 1, "duplicate_item", F.format_string(
+        "duplicate item id %s (first on line %d)", F.col("item_raw"), F.col("_first")))])
+    bad = items.where(F.col("_code").isNotNull()).unionByName(ok.where(F.col("_code").isNotNull()), allowMissingColumns=True)
+    return ok.where(F.col("_code").isNull()).select("item_raw", "title"), _as_rejects(bad, "items", "invalid")
+
+
+def validate_interactions(inter: DataFrame, items: DataFrame, cfg: ProtocolConfig, items_file: str) -> DataFrame:
+    """Row checks that need the config or other rows: ranges, unknown items, missing titles, duplicates."""
+    lo, hi = cfg.rating_range
+    t_lo, t_hi = cfg.timestamp_range
+    df = inter.join(items.withColumn("_known", F.lit(True)), "item_raw", "left")
+    df = _checks(df, [
+        ((F.col("rating") < lo) | (F.col("rating") > hi), "rating_out_of_range",
+         F.format_string(f"rating out of range [{lo:g}, {hi:g}]: %s", F.col("rating").cast("string"))),
+        ((F.col("timestamp") < t_lo) | (F.col("timestamp") > t_hi), "timestamp_out_of_range",
+         F.format_string(f"timestamp out of range [{t_lo}, {t_hi}]: %d", F.col("timestamp"))),
+        (F.col("_known").isNull(), "unknown_item",
+         F.format_string(f"unknown item id %s (not in {items_file})", F.col("item_raw"))),
+        (F.col("title").isNull(), "missing_title",
+         F.format_string(f"item %s has no title in {items_file}", F.col("item_raw"))),
+    ])
+    key = Window.partitionBy("user_raw", "item_raw", "timestamp").orderBy("_pos")
+    ok = df.where(F.col("_code").isNull())
+    ok = ok.withColumn("_rank", F.row_number().over(key)).withColumn("_first", F.first("_line").over(key))
+    ok = _checks(ok, [(F.col("_rank") > 1, "duplicate_row", F.format_string(
+        "duplicate (user, item, timestamp) of line %d", F.col("_first")))])
+    return df.where(F.col("_code").isNotNull()).unionByName(ok.drop("_rank", "_first"), allowMissingColumns=True)
+
+
+def month_index(ts: Column, origin: str) -> Column:
+    """Calendar month of unix seconds `ts` in UTC, counted from `origin` ('YYYY-MM') = 0."""
+    oy, om = (int(x) for x in origin.split("-"))
+    t = F.timestamp_seconds(ts)
+    return (F.year(t) - oy) * 12 + (F.month(t) - om)
+
+
+def _min_count_filter(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
+    """Mark rows of users/items below the minimum counts as excluded (iteratively for a k-core)."""
+    f = cfg.filter
+    if not (f.min_user_count or f.min_item_count):
+        return df
+    for _ in range(f.max_rounds if f.iterative else 1):
+        live = F.col("_code").isNull()
+        n_user = F.sum(live.cast("int")).over(Window.partitionBy("user_raw"))
+        n_item = F.sum(live.cast("int")).over(Window.partitionBy("item_raw"))
+        df = df.withColumn("_nu", n_user).withColumn("_ni", n_item)
+        df = _checks(df, [
+            (live & (F.col("_nu") < f.min_user_count), "filtered",
+             F.format_string(f"filtered: user has %d rows < min_user_count {f.min_user_count}", F.col("_nu"))),
+            (live & (F.col("_ni") < f.min_item_count), "filtered",
+             F.format_string(f"filtered: item has %d rows < min_item_count {f.min_item_count}", F.col("_ni"))),
+        ]).drop("_nu", "_ni").localCheckpoint()
+        if not f.iterative:
+            break
+        low_u = df.where(F.col("_code").isNull()).groupBy("user_raw").count().where(F.col("count") < f.min_user_count)
+        low_i = df.where(F.col("_code").isNull()).groupBy("item_raw").count().where(F.col("count") < f.min_item_count)
+        if low_u.isEmpty() and low_i.isEmpty():
+            break
+    return df
+
+
+def _split(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
+    s = cfg.split
+    m = F.col("month")
+
+    def within(r: tuple[int, int]) -> Column:
+        return (m >= r[0]) & (m <= r[1])
+
+    if not s.halve_heldout:
+        return df.withColumn("split", F.when(within(s.train), "train").when(within(s.valid), "valid")
+                             .when(within(s.test), "test"))
+    heldout = df.where(within(s.valid))
+    n = heldout.count()
+    heldout = index_in_order(heldout, ["timestamp", "_pos"], "_h", start=0)
+    heldout = heldout.withColumn("split", F.when(F.col("_h") < math.ceil(n / 2), "valid").otherwise("test")).drop("_h")
+    return df.where(within(s.train)).withColumn("split", F.lit("train")).unionByName(heldout)
+
+
+def _histories(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
+    """history = the user's earlier positives in order (all, or the last `history_keep`);
+    history_ids/history_titles = the last `history_len` of them, oldest first."""
+    by_user = Window.partitionBy("user_id").orderBy(*ORDER)
+    df = df.withColumn("_npos", F.coalesce(
+        F.sum("label").over(by_user.rowsBetween(Window.unboundedPreceding, -1)), F.lit(0)).cast("long"))
+    lo = Window.unboundedPreceding if cfg.history_keep is None else -(cfg.history_keep - 1)
+    by_pos = Window.partitionBy("user_id").orderBy("_npos").rowsBetween(lo, 0)
+    pos = df.where(F.col("label") == 1).select(
+        "user_id", (F.col("_npos") + 1).alias("_npos"),
+        F.collect_list(F.struct("item_id", "title")).over(by_pos).alias("_hist"))
+    df = df.join(pos, ["user_id", "_npos"], "left")
+    hist = F.coalesce(F.col("_hist"), F.array().cast("array<struct<item_id:long,title:string>>"))
+    k = cfg.history_len
+    last_k = F.slice(hist, F.greatest(F.size(hist) - k + 1, F.lit(1)), k)
+    return df.select(
+        "*",
+        F.transform(hist, lambda x: x["item_id"].cast("int")).alias("history"),
+        F.transform(last_k, lambda x: x["item_id"].cast("int")).alias("history_ids"),
+        F.transform(last_k, lambda x: x["title"]).alias("history_titles"),
+    ).drop("_hist", "_npos")
+
+
+def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numeric") -> ProtocolResult:
+    """Turn a RawLog into the protocol's interactions, users, items and rejects."""
+    spark = raw.interactions.sparkSession
+    spark.conf.set("spark.sql.session.timeZone", "UTC")
+    items_ok, item_rejects = validate_items(raw.items)
+    items_file = ", ".join(p.name for p in raw.item_files)
+    df = validated = validate_interactions(raw.interactions, items_ok, cfg, items_file).persist()
+    invalid = _as_rejects(df.where(F.col("_code").isNotNull()), "interactions", "invalid")
+
+    df = df.where(F.col("_code").isNull())
+    df = df.withColumn("_first_pos", F.min("_pos").over(Window.partitionBy("item_raw")))
+    df = df.withColumn("month", month_index(F.col("timestamp"), cfg.split.origin))
+    w_lo, w_hi = cfg.split.window
+    df = _checks(df, [(~F.col("month").between(w_lo, w_hi), "outside_window",
+                       F.format_string(f"outside window: month %d not in [{w_lo}, {w_hi}]", F.col("month")))])
+    df = _min_count_filter(df, cfg)
+    df = df.persist()
+    excluded = _as_rejects(df.where(F.col("_code").isNotNull()), "interactions", "excluded")
+    df = df.where(F.col("_code").isNull())
+
+    op = {"ge": F.col("rating") >= cfg.label.threshold, "eq": F.col("rating") == cfg.label.threshold,
+          "gt": F.col("rating") > cfg.label.threshold}[cfg.label.op]
+    df = _split(df.withColumn("label", op.cast("int")), cfg).persist()
+
+    user_key = ([F.col("user_raw").try_cast("long").asc_nulls_last(), "user_raw"]
+                if user_id_order == "numeric" else ["user_raw"])
+    users = index_in_order(df.select("user_raw").distinct(), user_key, "user_id")
+    df = df.join(users, "user_raw")
+    first_seen = df.groupBy("item_raw").agg(F.min(F.struct("user_id", *ORDER)).alias("_k"))
+    item_ids = index_in_order(first_seen, ["_k"], "item_id").drop("_k")
+    df = _histories(df.join(item_ids, "item_raw"), cfg)
+
+    train = df.where(F.col("split") == "train")
+    warm_u = train.select("user_id").distinct().withColumn("_wu", F.lit(1))
+    warm_i = train.select("item_id").distinct().withColumn("_wi", F.lit(1))
+    df = df.join(warm_u, "user_id", "left").join(warm_i, "item_id", "left")
+    warm = (F.col("_wu").isNotNull() & F.col("_wi").isNotNull()).cast("int")
+    interactions = df.select(
+        F.col("_pos").alias("row_id"), F.col("user_id").cast("int"), F.col("item_id").cast("int"), "label",
+        "timestamp", "split", warm.alias("warm"), "history_ids", "history_titles", "title", "rating", "month",
+        "history", "user_raw", "item_raw",
+    )
+    items = items_ok.join(item_ids, "item_raw", "left").select(
+        F.col("item_id").cast("int"), F.col("item_raw").alias("raw_id"), "title")
+    return ProtocolResult(
+        interactions=interactions,
+        users=users.select(F.col("user_id").cast("int"), F.col("user_raw").alias("raw_id")),
+        items=items,
+        rejects=invalid.unionByName(excluded).unionByName(item_rejects),
+        rows_in=validated,
+        item_rows_in=raw.items,
+    )

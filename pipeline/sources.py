@@ -1,0 +1,336 @@
+"""Readers for raw interaction logs. Each turns its format into one layout the protocol consumes.
+
+Interactions: `_file, _line, _pos, _raw, user_raw, item_raw, rating, timestamp, _code, _reason`
+(`_line` is the 1-based physical line in `_file`, `_pos` the 0-based data-row position across the input,
+`_code`/`_reason` are set when a row-local check fails). Items: `item_raw, title` plus the same
+bookkeeping columns. Nothing is collected to the driver except per-block row counts.
+
+Wrong paths, missing columns and files that are not in the expected format fail fast with
+`SourceError`, naming the file and what was expected; bad rows inside a good file become rejects.
+"""
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from pipeline.config import SourceConfig
+
+
+class SourceError(ValueError):
+    """The input cannot be read as the configured format (wrong path, format or columns)."""
+
+
+@dataclass
+class RawLog:
+    interactions: DataFrame
+    items: DataFrame
+    interaction_files: list[Path]
+    item_files: list[Path]
+
+
+def resolve(input_dir: Path, pattern: str, what: str) -> list[Path]:
+    """Files matching `pattern` under `input_dir`, or a SourceError naming what was expected."""
+    if not input_dir.exists():
+        raise SourceError(f"{input_dir}: input directory does not exist")
+    found = sorted(Path(p) for p in glob.glob(str(input_dir / pattern), recursive=True))
+    if not found:
+        raise SourceError(f"{input_dir / pattern}: no {what} file found")
+    return found
+
+
+def first_line(path: Path, encoding: str) -> str:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        return f.readline().decode(encoding, errors="replace").rstrip("\r\n")
+
+
+def number_rows(spark: SparkSession, df: DataFrame, skip_header: bool = False) -> DataFrame:
+    """Add `_file`, `_line` (1-based within its file) and `_pos` (0-based data-row position across files
+    in name order; with `skip_header`, line 1 of each file is dropped and not counted).
+
+    Uses scan-time block starts and per-partition row ids, so no row passes through the driver:
+    only one (file, block) count per input split is collected.
+    """
+    df = df.select(
+        "*",
+        F.input_file_name().alias("_path"),
+        F.input_file_block_start().alias("_blk"),
+        F.monotonically_increasing_id().alias("_mid"),
+    )
+    blocks = df.groupBy("_path", "_blk").agg(F.count(F.lit(1)).alias("n"), F.min("_mid").alias("mid0")).collect()
+    rows, line_start, pos_start = [], {}, 0
+    for b in sorted(blocks, key=lambda b: (b["_path"], b["_blk"])):
+        first_block = b["_path"] not in line_start
+        header = 1 if skip_header and first_block else 0
+        start = line_start.get(b["_path"], 0)
+        rows.append((b["_path"], b["_blk"], b["mid0"], start, pos_start - header))
+        line_start[b["_path"]] = start + b["n"]
+        pos_start += b["n"] - header
+    offsets = spark.createDataFrame(rows, "_path string, _blk long, mid0 long, line0 long, pos0 long")
+    out = df.join(F.broadcast(offsets), ["_path", "_blk"])
+    rel = F.col("_mid") - F.col("mid0")
+    name = F.url_decode(F.regexp_replace(F.col("_path"), "^file:(//)?", ""))
+    out = out.select("*", name.alias("_file"), (F.col("line0") + rel + 1).alias("_line"),
+                     (F.col("pos0") + rel).alias("_pos"))
+    if skip_header:
+        out = out.where(F.col("_line") > 1)
+    return out.drop("_path", "_blk", "_mid", "mid0", "line0", "pos0")
+
+
+SPARK_CHARSETS = {"utf-8": "UTF-8", "iso8859-1": "ISO-8859-1", "ascii": "US-ASCII", "utf-16": "UTF-16",
+                  "utf-16-be": "UTF-16BE", "utf-16-le": "UTF-16LE", "utf-32": "UTF-32"}
+
+
+def spark_charset(encoding: str, key: str) -> str:
+    """Spark's name for a Python encoding name (latin-1 -> ISO-8859-1), or a SourceError naming the key."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        name = ""
+    if name not in SPARK_CHARSETS:
+        raise SourceError(f"source.{key}: unsupported encoding {encoding!r}; expected one of "
+                          f"{sorted(SPARK_CHARSETS)}")
+    return SPARK_CHARSETS[name]
+
+
+def read_lines(spark: SparkSession, paths: list[Path], encoding: str, skip_header: bool) -> DataFrame:
+    """Text lines with `_file, _line, _pos, _raw` and `_undecodable` (invalid bytes for `encoding`)."""
+    df = number_rows(spark, spark.read.text([str(p) for p in paths]), skip_header)
+    encoding = spark_charset(encoding, "encoding")
+    if encoding == "UTF-8":
+        raw, bad = F.col("value"), ~F.expr("is_valid_utf8(value)")
+    else:
+        raw, bad = F.decode(F.col("value").cast("binary"), encoding), F.lit(False)
+    return df.select("_file", "_line", "_pos", raw.alias("_raw"), bad.alias("_undecodable"))
+
+
+def _checks(df: DataFrame, checks: list[tuple[Column, str, Column]]) -> DataFrame:
+    """Set `_code`/`_reason` from the first failing (condition, code, message) check.
+
+    A row that already has a code keeps it: the earliest problem is the one reported.
+    """
+    code, reason = F.lit(None).cast("string"), F.lit(None).cast("string")
+    for cond, c, msg in reversed(checks):
+        code = F.when(cond, F.lit(c)).otherwise(code)
+        reason = F.when(cond, msg).otherwise(reason)
+    return df.withColumn("_reason", F.coalesce("_reason", reason)).withColumn("_code", F.coalesce("_code", code))
+
+
+def _fields(df: DataFrame, delimiter: str, n: int, names: dict[str, int], what: str) -> DataFrame:
+    """Split `_raw` on a literal delimiter; flag undecodable and malformed lines; pick named fields."""
+    parts = F.split(F.col("_raw"), re.escape(delimiter), -1)
+    df = df.withColumn("_parts", parts).withColumn("_code", F.lit(None).cast("string")).withColumn(
+        "_reason", F.lit(None).cast("string")
+    )
+    df = _checks(df, [
+        (F.col("_undecodable"), "undecodable_text", F.lit("undecodable text: bytes are not valid UTF-8")),
+        (F.size("_parts") != n, "malformed_line", F.format_string(
+            f"malformed line: expected {n} fields separated by {delimiter!r} ({what}), got %d",
+            F.size("_parts"))),
+    ])
+    ok = F.col("_code").isNull()
+    cols = [F.when(ok, F.trim(F.col("_parts")[i])).alias(name) for name, i in names.items()]
+    return df.select("_file", "_line", "_pos", "_raw", "_code", "_reason", *cols)
+
+
+def _typed_interactions(df: DataFrame, src: str) -> DataFrame:
+    """Null, numeric and type checks on user_raw/item_raw/rating/timestamp strings."""
+    def blank(c: str) -> Column:
+        return F.col(c).isNull() | (F.col(c) == "")
+
+    rating = F.col("rating").try_cast("double")
+    ts_d = F.col("timestamp").try_cast("double")
+    df = _checks(df, [
+        (blank("user_raw"), "null_field", F.lit("null field: user")),
+        (blank("item_raw"), "null_field", F.lit("null field: item")),
+        (blank("rating"), "null_field", F.lit("null field: rating")),
+        (blank("timestamp"), "null_field", F.lit("null field: timestamp")),
+        (rating.isNull() | F.isnan(rating), "bad_number",
+         F.format_string("bad number: rating %s is not a number", F.col("rating"))),
+        (ts_d.isNull() | (ts_d != F.floor(ts_d)), "bad_number",
+         F.format_string("bad number: timestamp %s is not an integer", F.col("timestamp"))),
+    ])
+    ok = F.col("_code").isNull()
+    return df.select(
+        "_file", "_line", "_pos", "_raw", "_code", "_reason", "user_raw", "item_raw",
+        F.when(ok, rating).alias("rating"), F.when(ok, ts_d.cast("long")).alias("timestamp"),
+    )
+
+
+def _items(df: DataFrame, title_year: Column | None, missing: tuple[str, ...]) -> DataFrame:
+    """Item rows: trim titles, append ' (year)' where a separate year field is given, null missing titles."""
+    title = F.trim(F.col("title"))
+    if title_year is not None:
+        title = F.when(title_year.rlike(r"^\d{4}$"), F.concat(title, F.lit(" ("), title_year, F.lit(")"))).otherwise(title)
+    blank = (title == "") | (F.trim(F.col("title")).isin(*missing) if missing else F.lit(False))
+    title = F.when(blank, F.lit(None)).otherwise(title)
+    df = _checks(df, [(F.col("item_raw").isNull() | (F.col("item_raw") == ""), "null_field", F.lit("null field: item"))])
+    return df.select("_file", "_line", "_pos", "_raw", "_code", "_reason", "item_raw", title.alias("title"))
+
+
+def _expect(path: Path, ok: bool, expected: str, line: str) -> None:
+    if not ok:
+        raise SourceError(f"{path}: line 1 is not {expected}; got {line[:120]!r}")
+
+
+def _delimited(spark: SparkSession, cfg: SourceConfig, input_dir: Path, *, inter_delim: str, inter_fields: int,
+               inter_names: dict[str, int], item_delim: str, item_fields: int, item_names: dict[str, int],
+               fmt: str) -> RawLog:
+    inter_files = resolve(input_dir, cfg.interactions, "interactions")
+    item_files = resolve(input_dir, cfg.items, "items")
+    line = first_line(inter_files[0], cfg.encoding)
+    parts = line.split(inter_delim)
+    _expect(inter_files[0], len(parts) == inter_fields and all(p.strip().lstrip("-").replace(".", "").isdigit()
+            for p in parts), f"{fmt} ratings (user{inter_delim}item{inter_delim}rating{inter_delim}timestamp)", line)
+    inter = _fields(read_lines(spark, inter_files, cfg.encoding, False), inter_delim, inter_fields, inter_names, fmt)
+    items = _fields(read_lines(spark, item_files, cfg.items_encoding, False), item_delim, item_fields, item_names, fmt)
+    return RawLog(_typed_interactions(inter, fmt), _items(items, None, cfg.missing_titles), inter_files, item_files)
+
+
+def read_ml1m(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawLog:
+    """ML-1M: ratings.dat (`UserID::MovieID::Rating::Timestamp`) and movies.dat (`MovieID::Title::Genres`)."""
+    names = {"user_raw": 0, "item_raw": 1, "rating": 2, "timestamp": 3}
+    return _delimited(spark, cfg, input_dir, inter_delim="::", inter_fields=4, inter_names=names,
+                      item_delim="::", item_fields=3, item_names={"item_raw": 0, "title": 1}, fmt="ML-1M")
+
+
+def read_ml100k(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawLog:
+    """ML-100K: u.data (tab-separated user, item, rating, timestamp) and u.item ('|', 24 fields)."""
+    names = {"user_raw": 0, "item_raw": 1, "rating": 2, "timestamp": 3}
+    return _delimited(spark, cfg, input_dir, inter_delim="\t", inter_fields=4, inter_names=names,
+                      item_delim="|", item_fields=24, item_names={"item_raw": 0, "title": 1}, fmt="ML-100K")
+
+
+def _atomic_header(path: Path, encoding: str, wanted: dict[str, str]) -> tuple[int, dict[str, int]]:
+    """Column positions in a RecBole atomic header (`name:type` tab-separated)."""
+    line = first_line(path, encoding)
+    names = [h.split(":", 1)[0] for h in line.split("\t")]
+    if not all(":" in h for h in line.split("\t")):
+        raise SourceError(f"{path}: line 1 is not a RecBole atomic header ('name:type' fields); got {line[:120]!r}")
+    missing = [col for col in wanted.values() if col not in names]
+    if missing:
+        raise SourceError(f"{path}: missing column(s) {missing}; header has {names}")
+    return len(names), {key: names.index(col) for key, col in wanted.items()}
+
+
+def read_recbole(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawLog:
+    """RecBole atomic files: `<name>.inter` and `<name>.item` with typed headers, tab-separated."""
+    c = cfg.columns
+    inter_files = resolve(input_dir, cfg.interactions, "RecBole .inter")
+    item_files = resolve(input_dir, cfg.items, "RecBole .item")
+    n_i, pos_i = _atomic_header(inter_files[0], cfg.encoding, {
+        "user_raw": c.user, "item_raw": c.item, "rating": c.rating, "timestamp": c.timestamp})
+    item_cols = {"item_raw": c.item, "title": c.item_title}
+    if cfg.title_year_field:
+        item_cols["year"] = cfg.title_year_field
+    n_t, pos_t = _atomic_header(item_files[0], cfg.items_encoding, item_cols)
+    inter = _fields(read_lines(spark, inter_files, cfg.encoding, True), "\t", n_i, pos_i, "RecBole .inter")
+    items = _fields(read_lines(spark, item_files, cfg.items_encoding, True), "\t", n_t, pos_t, "RecBole .item")
+    year = F.col("year") if cfg.title_year_field else None
+    return RawLog(_typed_interactions(inter, "recbole"), _items(items, year, cfg.missing_titles),
+                  inter_files, item_files)
+
+
+AMAZON_REVIEW = T.StructType([
+    T.StructField("reviewerID", T.StringType()), T.StructField("asin", T.StringType()),
+    T.StructField("overall", T.StringType()), T.StructField("unixReviewTime", T.StringType()),
+])
+AMAZON_META = T.StructType([T.StructField("asin", T.StringType()), T.StructField("title", T.StringType())])
+
+
+def _json_lines(spark: SparkSession, paths: list[Path], schema: T.StructType, encoding: str) -> DataFrame:
+    df = read_lines(spark, paths, encoding, False)
+    parsed = F.from_json(F.col("_raw"), schema, {"mode": "PERMISSIVE"})
+    df = df.withColumn("_j", parsed).withColumn("_code", F.lit(None).cast("string")).withColumn(
+        "_reason", F.lit(None).cast("string"))
+    return _checks(df, [
+        (F.col("_undecodable"), "undecodable_text", F.lit("undecodable text: bytes are not valid UTF-8")),
+        (F.col("_j").isNull() | ~F.trim(F.col("_raw")).startswith("{"), "malformed_line",
+         F.lit("malformed line: not a JSON object")),
+    ])
+
+
+def read_amazon(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawLog:
+    """Amazon Reviews 2018: `<Category>.json.gz` reviews and `meta_<Category>.json.gz` titles (JSON lines)."""
+    inter_files = resolve(input_dir, cfg.interactions, "Amazon reviews (<Category>.json.gz)")
+    item_files = resolve(input_dir, cfg.items, "Amazon metadata (meta_<Category>.json.gz)")
+    for path, keys in ((inter_files[0], ("reviewerID", "asin", "overall")), (item_files[0], ("asin",))):
+        line = first_line(path, cfg.encoding)
+        try:
+            ok = all(k in json.loads(line) for k in keys)
+        except (json.JSONDecodeError, TypeError):
+            ok = False
+        _expect(path, ok, f"an Amazon Reviews 2018 JSON line with fields {list(keys)}", line)
+    inter = _json_lines(spark, inter_files, AMAZON_REVIEW, cfg.encoding).select(
+        "_file", "_line", "_pos", "_raw", "_code", "_reason",
+        F.trim(F.col("_j.reviewerID")).alias("user_raw"), F.trim(F.col("_j.asin")).alias("item_raw"),
+        F.col("_j.overall").alias("rating"), F.col("_j.unixReviewTime").alias("timestamp"))
+    items = _json_lines(spark, item_files, AMAZON_META, cfg.items_encoding).select(
+        "_file", "_line", "_pos", "_raw", "_code", "_reason",
+        F.trim(F.col("_j.asin")).alias("item_raw"), F.col("_j.title").alias("title"))
+    return RawLog(_typed_interactions(inter, "amazon"), _items(items, None, cfg.missing_titles),
+                  inter_files, item_files)
+
+
+def _table(spark: SparkSession, paths: list[Path], delimiter: str, wanted: list[str]) -> DataFrame:
+    """A CSV (header row) or Parquet table with all `wanted` columns as strings, rows numbered."""
+    first = paths[0]
+    if first.suffix == ".parquet" or first.is_dir():
+        df = spark.read.parquet(*[str(p) for p in paths])
+        header = df.columns
+    else:
+        header = [h.strip() for h in first_line(first, "utf-8").split(delimiter)]
+        df = None
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise SourceError(f"{first}: missing column(s) {missing}; the file has {header}")
+    if df is not None:
+        df = number_rows(spark, df.select(*[F.col(c).cast("string").alias(c) for c in wanted]))
+        df = df.withColumn("_raw", F.to_json(F.struct(*wanted)))
+        return df.withColumn("_code", F.lit(None).cast("string")).withColumn("_reason", F.lit(None).cast("string"))
+    lines = read_lines(spark, paths, "utf-8", True)
+    schema = ", ".join(f"`c{i}` string" for i in range(len(header) + 1))
+    parsed = F.from_csv(F.col("_raw"), schema, {"sep": delimiter, "mode": "PERMISSIVE"})
+    df = lines.withColumn("_c", parsed).withColumn("_code", F.lit(None).cast("string")).withColumn(
+        "_reason", F.lit(None).cast("string"))
+    df = _checks(df, [
+        (F.col("_undecodable"), "undecodable_text", F.lit("undecodable text: bytes are not valid UTF-8")),
+        (F.col(f"_c.c{len(header)}").isNotNull(), "malformed_line",
+         F.lit(f"malformed line: more than {len(header)} fields")),
+    ])
+    return df.select("_file", "_line", "_pos", "_raw", "_code", "_reason",
+                     *[F.col(f"_c.c{header.index(c)}").alias(c) for c in wanted])
+
+
+def read_table(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawLog:
+    """Generic CSV/Parquet interactions (+ optional item table) with the config's column mapping."""
+    c = cfg.columns
+    inter_files = resolve(input_dir, cfg.interactions, "interactions table")
+    inter = _table(spark, inter_files, cfg.delimiter, [c.user, c.item, c.rating, c.timestamp])
+    inter = _typed_interactions(inter.select(
+        "_file", "_line", "_pos", "_raw", "_code", "_reason",
+        F.trim(F.col(c.user)).alias("user_raw"), F.trim(F.col(c.item)).alias("item_raw"),
+        F.col(c.rating).alias("rating"), F.col(c.timestamp).alias("timestamp")), "table")
+    item_files = resolve(input_dir, cfg.items, "item table")
+    items = _table(spark, item_files, cfg.delimiter, [c.item, c.item_title]).select(
+        "_file", "_line", "_pos", "_raw", "_code", "_reason",
+        F.trim(F.col(c.item)).alias("item_raw"), F.col(c.item_title).alias("title"))
+    return RawLog(inter, _items(items, None, cfg.missing_titles), inter_files, item_files)
+
+
+READERS = {
+    "ml-1m": read_ml1m,
+    "ml-100k": read_ml100k,
+    "recbole": read_recbole,
+    "amazon": read_amazon,
+    "table": read_table,
+}

@@ -1,0 +1,42 @@
+"""Spark session set-up: loopback-only on local masters, UTC, and the master chosen by spark-submit wins."""
+from __future__ import annotations
+
+import os
+
+from pyspark import SparkConf
+from pyspark.sql import SparkSession
+
+from pipeline.config import SparkConfig
+
+
+def is_local(master: str) -> bool:
+    return master == "local" or master.startswith("local[")
+
+
+def get_spark(cfg: SparkConfig, master: str | None = None, app: str = "sellarec-prep") -> SparkSession:
+    """Start (or reuse) a Spark session.
+
+    Master precedence: the `master` argument (--master of prep.py), then what spark-submit set
+    (`spark.master`), then the config's default (`local[*]`). Local masters bind to 127.0.0.1 only.
+    """
+    submitted = SparkConf().get("spark.master", None)
+    master = master or submitted or cfg.master
+    builder = (
+        SparkSession.builder.appName(app)
+        .master(master)
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
+        .config("spark.ui.enabled", str(cfg.ui).lower())
+        .config("spark.ui.showConsoleProgress", "true")
+        .config("spark.sql.adaptive.enabled", "true")
+        .config("spark.log.level", "WARN")
+    )
+    if is_local(master):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        builder = (
+            builder.config("spark.driver.host", "127.0.0.1")
+            .config("spark.driver.bindAddress", "127.0.0.1")
+            .config("spark.driver.memory", cfg.driver_memory)
+        )
+    spark = builder.getOrCreate()
+    return spark

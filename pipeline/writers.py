@@ -1,0 +1,175 @@
+"""Outputs of the pipeline: Parquet tables, WebDataset shards, rejects and manifest.json, written atomically.
+
+Layout of an output directory:
+  tables/interactions/split=<split>/*.parquet, tables/users/, tables/items/   (Parquet)
+  shards/<split>-%06d.tar      one `<key>.json` sample per interaction (pipeline.schema.Sample)
+  rejects/                     every row that did not make it into the output, with a reason
+  manifest.json                schema version, config, counts, shard list with sha256, rejects summary
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from pipeline.protocol import index_in_order
+from pipeline.schema import SAMPLE_FIELDS, SHARD_PATTERN, SPLITS, encode_sample, sample_key
+
+SHARD_RESULT = pa.schema([("split", pa.string()), ("name", pa.string()), ("count", pa.int64()),
+                          ("sha256", pa.string()), ("bytes", pa.int64())])
+SHARD_RESULT_DDL = "split string, name string, count long, sha256 string, bytes long"
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Fail fast, before any work, when the output exists and --overwrite was not given."""
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: output directory exists; pass --overwrite to replace it")
+
+
+@contextmanager
+def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `out` by rename, on failure it is removed."""
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_writer(shard_dir: str):
+    """mapInArrow function: write the partition's rows (sorted by split, shard, rank), one tar per shard."""
+    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import webdataset as wds
+
+        done, current, writer, count = [], None, None, 0
+
+        def close() -> None:
+            writer.close()
+            path = Path(shard_dir) / (SHARD_PATTERN.format(split=current[0]) % current[1])
+            done.append({"split": current[0], "name": path.name, "count": count, "sha256": sha256_file(path),
+                         "bytes": path.stat().st_size})
+
+        for batch in batches:
+            for row in batch.to_pylist():
+                shard = (row["split"], row.pop("_shard"))
+                if shard != current:
+                    if writer is not None:
+                        close()
+                    current, count = shard, 0
+                    name = SHARD_PATTERN.format(split=shard[0]) % shard[1]
+                    writer = wds.TarWriter(str(Path(shard_dir) / name), encoder=False, mtime=0)
+                sample = {f: row[f] for f in SAMPLE_FIELDS}
+                writer.write({"__key__": sample_key(sample["split"], sample["row_id"]), "json": encode_sample(sample)})
+                count += 1
+        if writer is not None:
+            close()
+        yield pa.RecordBatch.from_pylist(done, schema=SHARD_RESULT)
+
+    return write
+
+
+def write_shards(interactions: DataFrame, out: Path, shard_size: int, seed: int) -> dict[str, list[dict]]:
+    """Shards per split, samples in a fixed pseudo-random order (hash of row_id and seed), shard_size each.
+
+    One global index over (split, hash) gives each row its shard; one Python job writes all tars.
+    """
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    spark = interactions.sparkSession
+    counts = {r["split"]: r["count"] for r in interactions.groupBy("split").count().collect()}
+    starts, acc = {}, 0
+    for split in SPLITS:
+        starts[split] = acc
+        acc += counts.get(split, 0)
+    rows = interactions.select(*SAMPLE_FIELDS, F.xxhash64("row_id", F.lit(seed)).alias("_h"))
+    rows = index_in_order(rows, ["split", "_h", "row_id"], "_rank", start=0)
+    start = F.lit(0)
+    for split in SPLITS:
+        start = F.when(F.col("split") == split, F.lit(starts[split])).otherwise(start)
+    rows = rows.withColumn("_shard", F.floor((F.col("_rank") - start) / shard_size))
+    n_shards = sum(math.ceil(n / shard_size) for n in counts.values())
+    parts = max(1, min(n_shards, spark.sparkContext.defaultParallelism * 4))
+    rows = rows.repartition(parts, "split", "_shard").sortWithinPartitions("split", "_shard", "_rank")
+    rows = rows.drop("_h", "_rank")
+    result = rows.mapInArrow(_shard_writer(str(shard_dir)), SHARD_RESULT_DDL).collect()
+    shards: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for r in sorted(result, key=lambda r: r["name"]):
+        shards[r["split"]].append({k: r[k] for k in ("name", "count", "sha256", "bytes")})
+    return shards
+
+
+def write_tables(result, out: Path) -> None:
+    """Parquet tables: interactions partitioned by split, users, items, rejects."""
+    result.interactions.write.partitionBy("split").parquet(str(out / "tables" / "interactions"))
+    result.users.coalesce(4).write.parquet(str(out / "tables" / "users"))
+    result.items.coalesce(4).write.parquet(str(out / "tables" / "items"))
+    result.rejects.write.parquet(str(out / "rejects"))
+
+
+def summarize(result, tables: Path) -> dict:
+    """Counts from the written tables (cheap re-reads), checked to add up: rows in = out + invalid + excluded."""
+    spark = result.interactions.sparkSession
+    inter = spark.read.parquet(str(tables / "tables" / "interactions"))
+    rejects = spark.read.parquet(str(tables / "rejects"))
+    per_split = {r["split"]: r.asDict() for r in inter.groupBy("split").agg(
+        F.count(F.lit(1)).alias("rows"), F.avg("label").alias("positive_rate"), F.avg("warm").alias("warm_share"),
+        F.countDistinct("user_id").alias("users"), F.countDistinct("item_id").alias("items")).collect()}
+    reasons: dict[str, dict[str, dict[str, int]]] = {"interactions": {"invalid": {}, "excluded": {}},
+                                                     "items": {"invalid": {}}}
+    for r in rejects.groupBy("source", "category", "code").count().collect():
+        reasons[r["source"]][r["category"]][r["code"]] = r["count"]
+    examples = [r.asDict() for r in rejects.where(F.col("category") == "invalid").orderBy("file", "line")
+                .select("file", "line", "reason").limit(10).collect()]
+    rows_in = result.rows_in.count()
+    rows_out = sum(s["rows"] for s in per_split.values())
+    invalid = sum(reasons["interactions"]["invalid"].values())
+    excluded = sum(reasons["interactions"]["excluded"].values())
+    if rows_in != rows_out + invalid + excluded:
+        raise RuntimeError(f"row accounting does not add up: in {rows_in} != out {rows_out} + invalid {invalid} "
+                           f"+ excluded {excluded}")
+    items = spark.read.parquet(str(tables / "tables" / "items"))
+    return {
+        "rows_in": rows_in, "rows_out": rows_out, "rejected": invalid, "excluded": excluded,
+        "splits": {s: per_split.get(s, {"rows": 0}) for s in SPLITS},
+        "users": spark.read.parquet(str(tables / "tables" / "users")).count(),
+        "items": items.where(F.col("item_id").isNotNull()).count(),
+        "item_rows": {"in": result.item_rows_in.count(), "kept": items.count(),
+                      "rejected": sum(reasons["items"]["invalid"].values())},
+        "rejects": reasons, "reject_examples": examples,
+    }
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")

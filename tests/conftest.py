@@ -1,0 +1,60 @@
+"""Shared fixtures: one real local Spark session for the whole run, paths to ../shared/data, prep helpers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.config import Config, load_config, parse_config
+from pipeline.spark import get_spark
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SELLAREC_SHARED_DATA", REPO.parent / "shared" / "data"))
+CONFIGS = REPO / "configs"
+
+
+def needs_shared(*parts: str) -> pytest.MarkDecorator:
+    """Skip when a file of ../shared/data is absent (MovieLens terms forbid shipping it in the repo)."""
+    path = SHARED_DATA.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"needs {path}: MovieLens data is read from "
+                              "../shared/data beside the repository and never shipped with it")
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def config(name: str, **overrides: Any) -> Config:
+    """A config from configs/ with nested overrides (dicts merge, other values replace)."""
+    return parse_config(merged(load_config(CONFIGS / f"{name}.yaml").model_dump(mode="json"), overrides))
+
+
+@pytest.fixture(scope="session")
+def spark():
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    session = get_spark(config("ml-100k").spark.model_copy(update={"master": "local[2]", "shuffle_partitions": 4}))
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def ml100k_dir() -> Path:
+    """The embedded default data set (RecBole's ML-100K atomic files, fetched from the recbole wheel)."""
+    from pipeline.assets import fetch_ml100k
+
+    return fetch_ml100k(REPO / ".cache" / "data")
+
+
+@pytest.fixture(scope="session")
+def ml100k_out(spark, ml100k_dir, tmp_path_factory) -> Path:
+    """ML-100K through the pipeline once per session (RecBole source), shared by several tests."""
+    from pipeline.prep import run
+
+    out = tmp_path_factory.mktemp("prep") / "ml-100k"
+    run(config("ml-100k"), ml100k_dir, out)
+    return out

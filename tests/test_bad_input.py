@@ -1,0 +1,147 @@
+"""Bad input: every row ends up in the output or in rejects with a reason naming file and line, and the
+counts add up; wrong paths, formats and columns fail fast with the file named; output is atomic."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from pipeline.prep import main, run
+from pipeline.sources import SourceError
+from pipeline.writers import OutputExistsError, atomic_output
+from tests.conftest import config
+
+MOVIES = [
+    b"1::Toy Story (1995)::Animation",
+    b"2::Jumanji (1995)::Adventure",
+    b"3::Heat (1995)",                      # line 3: malformed (2 fields) -> item 3 unknown
+    b"4::::Drama",                          # line 4: empty title
+    b"1::Toy Story again::Animation",       # line 5: duplicate item id
+    b"5::Caf\xe9 au lait (1993)::Comedy",   # latin-1 title
+]
+# (line content, expected reject code or None for kept, category)
+RATINGS = [
+    (b"1::1::5::1000000000", None),
+    (b"1::2::3::1000000100", None),
+    (b"1::2::3::1000000100", "duplicate_row"),
+    (b"1::7::4::1000000200", "unknown_item"),
+    (b"1::3::4::1000000300", "unknown_item"),
+    (b"1::4::4::1000000400", "missing_title"),
+    (b"2::1::9::1000000000", "rating_out_of_range"),
+    (b"2::1::x::1000000000", "bad_number"),
+    (b"2::1::4", "malformed_line"),
+    (b"::1::4::1000000000", "null_field"),
+    (b"2::2::4::99999999999999", "timestamp_out_of_range"),
+    (b"2::2::4::900000000", "outside_window"),
+    (b"2::\xff\xfe::4::1000000000", "undecodable_text"),
+    (b"2::5::4::1000000500", None),
+    (b"3::1::4.5::1000000600", None),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("bad")
+    (d / "movies.dat").write_bytes(b"\n".join(MOVIES) + b"\n")
+    (d / "ratings.dat").write_bytes(b"\n".join(line for line, _ in RATINGS) + b"\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def bad_run(spark, bad_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bad-out") / "prep"
+    return run(config("ml-1m", source={"input_dir": str(bad_dir)}), bad_dir, out), out
+
+
+def test_counts_add_up(bad_run) -> None:
+    m, _ = bad_run
+    kept = sum(1 for _, code in RATINGS if code is None)
+    excluded = sum(1 for _, code in RATINGS if code == "outside_window")
+    assert m["rows_in"] == len(RATINGS)
+    assert (m["rows_out"], m["excluded"]) == (kept, excluded)
+    assert m["rows_in"] == m["rows_out"] + m["rejected"] + m["excluded"]
+    assert m["item_rows"] == {"in": len(MOVIES), "kept": 4, "rejected": 2}
+
+
+def test_each_bad_row_has_its_reason_file_and_line(spark, bad_run) -> None:
+    _, out = bad_run
+    rejects = {(r["source"], r["line"]): r for r in spark.read.parquet(str(out / "rejects")).collect()}
+    for line_no, (raw, code) in enumerate(RATINGS, start=1):
+        if code is None:
+            assert ("interactions", line_no) not in rejects
+            continue
+        r = rejects[("interactions", line_no)]
+        assert r["code"] == code and r["file"].endswith("ratings.dat")
+        assert r["category"] == ("excluded" if code == "outside_window" else "invalid")
+    assert rejects[("interactions", 3)]["reason"] == "duplicate (user, item, timestamp) of line 2"
+    assert "unknown item id 7 (not in movies.dat)" in rejects[("interactions", 4)]["reason"]
+    assert "rating out of range [1, 5]: 9.0" in rejects[("interactions", 7)]["reason"]
+    assert "rating x is not a number" in rejects[("interactions", 8)]["reason"]
+    assert "expected 4 fields separated by '::'" in rejects[("interactions", 9)]["reason"]
+    assert rejects[("interactions", 10)]["reason"] == "null field: user"
+    assert "not valid UTF-8" in rejects[("interactions", 13)]["reason"]
+    assert rejects[("items", 3)]["code"] == "malformed_line"
+    assert rejects[("items", 5)]["reason"] == "duplicate item id 1 (first on line 1)"
+
+
+def test_kept_rows_and_latin1_titles(spark, bad_run) -> None:
+    _, out = bad_run
+    rows = spark.read.parquet(str(out / "tables" / "interactions")).orderBy("row_id").collect()
+    assert [(r["user_raw"], r["item_raw"], r["label"]) for r in rows] == [
+        ("1", "1", 1), ("1", "2", 0), ("2", "5", 1), ("3", "1", 1)]
+    assert rows[2]["title"] == "Café au lait (1993)"
+    assert rows[1]["history"] == [rows[0]["item_id"]]
+
+
+def test_wrong_path_fails_fast(spark, tmp_path) -> None:
+    with pytest.raises(SourceError, match=r"nope: input directory does not exist"):
+        run(config("ml-1m"), tmp_path / "nope", tmp_path / "out")
+    (tmp_path / "movies.dat").write_text("1::A (1990)::Drama\n")
+    with pytest.raises(SourceError, match=r"ratings\.dat\*: no interactions file found"):
+        run(config("ml-1m"), tmp_path, tmp_path / "out")
+
+
+def test_wrong_format_names_file_and_expectation(spark, tmp_path) -> None:
+    (tmp_path / "movies.dat").write_text("1::A (1990)::Drama\n")
+    with gzip.open(tmp_path / "ratings.dat.gz", "wt") as f:
+        f.write("user,item,rating,timestamp\n1,1,5,1000000000\n")
+    with pytest.raises(SourceError) as err:
+        run(config("ml-1m"), tmp_path, tmp_path / "out")
+    assert "ratings.dat.gz: line 1 is not ML-1M ratings (user::item::rating::timestamp)" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_column_names_file_and_columns(spark, tmp_path) -> None:
+    (tmp_path / "log.csv").write_text("user,item,stars,time\n1,1,5,1000000000\n")
+    (tmp_path / "items.csv").write_text("item,title\n1,A\n")
+    cfg = config("synthetic", source={"interactions": "log.csv", "items": "items.csv",
+                                      "columns": {"user": "user", "item": "item", "rating": "rating",
+                                                  "timestamp": "time", "item_title": "title"}})
+    with pytest.raises(SourceError, match=r"log\.csv: missing column\(s\) \['rating'\]; the file has "
+                                          r"\['user', 'item', 'stars', 'time'\]"):
+        run(cfg, tmp_path, tmp_path / "out")
+
+
+def test_existing_output_refused_without_overwrite(bad_run, bad_dir, capsys) -> None:
+    _, out = bad_run
+    with pytest.raises(OutputExistsError, match="pass --overwrite"):
+        run(config("ml-1m"), bad_dir, out)
+    code = main(["--config", "configs/ml-1m.yaml", "--input", str(bad_dir), "--output", str(out)])
+    assert code == 2
+    assert f"error: {out}: output directory exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_output_is_atomic(tmp_path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    with pytest.raises(RuntimeError), atomic_output(out, overwrite=True) as tmp:
+        (tmp / "manifest.json").write_text("new")
+        raise RuntimeError("stage failed")
+    assert (out / "manifest.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with atomic_output(out, overwrite=True) as tmp:
+        (tmp / "manifest.json").write_text("new")
+    assert (out / "manifest.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -1,0 +1,51 @@
+"""Every config under configs/ validates; bad configs fail with the key and the expectation named."""
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, parse_config
+from tests.conftest import CONFIGS, merged
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_validates(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    assert cfg.protocol.split.window[0] <= cfg.protocol.split.window[1]
+
+
+def _base() -> dict:
+    return load_config(CONFIGS / "ml-1m.yaml").model_dump(mode="json")
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ({"source": {"format": "csv"}}, "source.format", "'ml-1m', 'ml-100k', 'recbole', 'amazon', 'collm' or 'table'"),
+    ({"protocol": {"split": {"origin": "2000/04"}}}, "protocol.split.origin", "pattern"),
+    ({"protocol": {"split": {"train": [23, 14]}}}, "protocol.split", "first month 23 is after last month 14"),
+    ({"protocol": {"split": {"valid": [20, 28]}}}, "protocol.split", "train < valid < test"),
+    ({"protocol": {"history_len": 0}}, "protocol.history_len", "greater than or equal to 1"),
+    ({"output": {"shard_size": "big"}}, "output.shard_size", "valid integer"),
+    ({"protocol": {"labels": {}}}, "protocol.labels", "Extra inputs are not permitted"),
+])
+def test_bad_config_names_key_and_expectation(override: dict, key: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(merged(_base(), override), "configs/x.yaml")
+    message = str(err.value)
+    assert message.startswith("configs/x.yaml: invalid config")
+    assert f"  {key}" in message and expected in message
+
+
+def test_missing_key_is_named() -> None:
+    data = _base()
+    del data["protocol"]["split"]
+    with pytest.raises(ConfigError, match=r"protocol\.split: Field required"):
+        parse_config(data)
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

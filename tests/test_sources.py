@@ -1,0 +1,72 @@
+"""Synthetic (Spark-generated Parquet), Amazon Reviews 2018 JSON and generic CSV sources."""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline.prep import run
+from pipeline.synth import interactions, item_titles
+from tests.conftest import config
+
+
+def test_synthetic_log_through_pipeline(spark, tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    interactions(spark, 30_000, 2_000, 500, seed=1).write.parquet(str(raw / "interactions"))
+    item_titles(spark, 500).write.parquet(str(raw / "items"))
+    log = spark.read.parquet(str(raw / "interactions"))
+    assert log.count() == 30_000 and log.agg({"rating": "min"}).first()[0] >= 1
+    top = log.groupBy("item_id").count().orderBy("count", ascending=False).first()["count"]
+    assert top > 30 * 30_000 / 500  # power-law popularity: the top item far above the mean
+    m = run(config("synthetic", spark={"shuffle_partitions": 4}), raw, tmp_path / "out")
+    assert m["rows_in"] == 30_000 == m["rows_out"] + m["rejected"] + m["excluded"]
+    assert all(m["splits"][s]["rows"] > 0 for s in ("train", "valid", "test"))
+
+
+def _ts(y: int, mo: int, d: int) -> int:
+    return int(datetime(y, mo, d, 12, tzinfo=timezone.utc).timestamp())
+
+
+def test_amazon_source_year_filter_and_december_halves(spark, tmp_path: Path) -> None:
+    reviews, meta = [], []
+    for i in range(1, 7):
+        meta.append({"asin": f"B{i:03d}", "title": f"Book {i}"})
+    for u in range(1, 6):
+        for i in range(1, 7):
+            month = 1 + (u * 7 + i) % 12
+            reviews.append({"reviewerID": f"U{u}", "asin": f"B{i:03d}", "overall": float(1 + (u + i) % 5),
+                            "unixReviewTime": _ts(2017, month, 1 + i)})
+    reviews.append({"reviewerID": "U1", "asin": "B001", "overall": 5.0, "unixReviewTime": _ts(2016, 6, 1)})
+    reviews.append({"reviewerID": "U9", "asin": "B001", "overall": 5.0, "unixReviewTime": _ts(2017, 3, 1)})
+    lines = [json.dumps(r) for r in reviews] + ['{"reviewerID": "U1", "asin": ']
+    with gzip.open(tmp_path / "Books.json.gz", "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    with gzip.open(tmp_path / "meta_Books.json.gz", "wt") as f:
+        f.write("\n".join(json.dumps(m) for m in meta) + "\n")
+    cfg = config("amazon-book", protocol={"filter": {"min_user_count": 3, "min_item_count": 3}})
+    m = run(cfg, tmp_path, tmp_path / "out")
+    assert m["rows_in"] == len(lines)
+    assert m["rejects"]["interactions"] == {"invalid": {"malformed_line": 1},
+                                            "excluded": {"outside_window": 1, "filtered": 1}}
+    rows = spark.read.parquet(str(tmp_path / "out" / "tables" / "interactions")).toPandas()
+    assert (rows.label == (rows.rating == 5).astype(int)).all()
+    held = rows[rows.split != "train"].sort_values(["timestamp", "row_id"])
+    assert (held.month == 11).all() and (rows[rows.split == "train"].month <= 10).all()
+    n_valid = math.ceil(len(held) / 2)
+    assert list(held.split) == ["valid"] * n_valid + ["test"] * (len(held) - n_valid)
+
+
+def test_generic_csv_with_quotes_and_extra_fields(spark, tmp_path: Path) -> None:
+    ts = _ts(2024, 3, 1)
+    (tmp_path / "log.csv").write_text(
+        "user,item,stars,time\n" + f"u1,i1,5,{ts}\nu1,i2,2,{ts + 10}\nu2,i1,4,{ts + 20}\nu2,i2,4,{ts},extra\n")
+    (tmp_path / "items.csv").write_text('item,name\ni1,"Hello, World (2001)"\ni2,Plain\n')
+    cfg = config("synthetic", source={"interactions": "log.csv", "items": "items.csv", "columns": {
+        "user": "user", "item": "item", "rating": "stars", "timestamp": "time", "item_title": "name"}})
+    m = run(cfg, tmp_path, tmp_path / "out")
+    assert (m["rows_in"], m["rows_out"]) == (4, 3)
+    assert m["reject_examples"][0]["line"] == 5 and "more than 4 fields" in m["reject_examples"][0]["reason"]
+    titles = spark.read.parquet(str(tmp_path / "out" / "tables" / "items")).orderBy("raw_id").collect()
+    assert [t["title"] for t in titles] == ["Hello, World (2001)", "Plain"]
