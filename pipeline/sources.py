@@ -167,10 +167,12 @@ def _typed_interactions(df: DataFrame, src: str) -> DataFrame:
 
 
 def _items(df: DataFrame, title_year: Column | None, missing: tuple[str, ...]) -> DataFrame:
-    """Item rows: trim titles, append ' (year)' where a separate year field is given, null missing titles."""
+    """Item rows: trim titles, re-append ' (year)' where a separate year field is given, null missing titles."""
     title = F.trim(F.col("title"))
     if title_year is not None:
-        title = F.when(title_year.rlike(r"^\d{4}$"), F.concat(title, F.lit(" ("), title_year, F.lit(")"))).otherwise(title)
+        # RecBole split the last parenthesised group off the title ("... (1995) (V)" -> year "V")
+        year = F.trim(title_year)
+        title = F.when(year != "", F.concat(title, F.lit(" ("), year, F.lit(")"))).otherwise(title)
     blank = (title == "") | (F.trim(F.col("title")).isin(*missing) if missing else F.lit(False))
     title = F.when(blank, F.lit(None)).otherwise(title)
     df = _checks(df, [(F.col("item_raw").isNull() | (F.col("item_raw") == ""), "null_field", F.lit("null field: item"))])
@@ -240,21 +242,25 @@ def read_recbole(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> Raw
                   inter_files, item_files)
 
 
+CORRUPT = "_corrupt"
 AMAZON_REVIEW = T.StructType([
     T.StructField("reviewerID", T.StringType()), T.StructField("asin", T.StringType()),
     T.StructField("overall", T.StringType()), T.StructField("unixReviewTime", T.StringType()),
+    T.StructField(CORRUPT, T.StringType()),
 ])
-AMAZON_META = T.StructType([T.StructField("asin", T.StringType()), T.StructField("title", T.StringType())])
+AMAZON_META = T.StructType([T.StructField("asin", T.StringType()), T.StructField("title", T.StringType()),
+                            T.StructField(CORRUPT, T.StringType())])
 
 
 def _json_lines(spark: SparkSession, paths: list[Path], schema: T.StructType, encoding: str) -> DataFrame:
     df = read_lines(spark, paths, encoding, False)
-    parsed = F.from_json(F.col("_raw"), schema, {"mode": "PERMISSIVE"})
+    parsed = F.from_json(F.col("_raw"), schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT})
     df = df.withColumn("_j", parsed).withColumn("_code", F.lit(None).cast("string")).withColumn(
         "_reason", F.lit(None).cast("string"))
     return _checks(df, [
         (F.col("_undecodable"), "undecodable_text", F.lit("undecodable text: bytes are not valid UTF-8")),
-        (F.col("_j").isNull() | ~F.trim(F.col("_raw")).startswith("{"), "malformed_line",
+        (F.col("_j").isNull() | F.col(f"_j.{CORRUPT}").isNotNull() | ~F.trim(F.col("_raw")).startswith("{"),
+         "malformed_line",
          F.lit("malformed line: not a JSON object")),
     ])
 

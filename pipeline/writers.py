@@ -110,13 +110,13 @@ def write_shards(interactions: DataFrame, out: Path, shard_size: int, seed: int)
     spark = interactions.sparkSession
     counts = {r["split"]: r["count"] for r in interactions.groupBy("split").count().collect()}
     starts, acc = {}, 0
-    for split in SPLITS:
+    for split in sorted(counts):  # the global index below sorts by the split name
         starts[split] = acc
         acc += counts.get(split, 0)
     rows = interactions.select(*SAMPLE_FIELDS, F.xxhash64("row_id", F.lit(seed)).alias("_h"))
     rows = index_in_order(rows, ["split", "_h", "row_id"], "_rank", start=0)
     start = F.lit(0)
-    for split in SPLITS:
+    for split in starts:
         start = F.when(F.col("split") == split, F.lit(starts[split])).otherwise(start)
     rows = rows.withColumn("_shard", F.floor((F.col("_rank") - start) / shard_size))
     n_shards = sum(math.ceil(n / shard_size) for n in counts.values())
