@@ -147,25 +147,29 @@ def _split(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
 
 def _histories(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
     """history = the user's earlier positives in order (all, or the last `history_keep`);
-    history_ids/history_titles = the last `history_len` of them, oldest first."""
+    history_ids/history_titles = the last `history_len` of them, oldest first.
+
+    Each positive carries the history that ends with it (one window pass over positives only); every
+    row then joins the history of the last positive before it.
+    """
     by_user = Window.partitionBy("user_id").orderBy(*ORDER)
     df = df.withColumn("_npos", F.coalesce(
         F.sum("label").over(by_user.rowsBetween(Window.unboundedPreceding, -1)), F.lit(0)).cast("long"))
-    lo = Window.unboundedPreceding if cfg.history_keep is None else -(cfg.history_keep - 1)
-    by_pos = Window.partitionBy("user_id").orderBy("_npos").rowsBetween(lo, 0)
+    k = cfg.history_len
+    keep_lo = Window.unboundedPreceding if cfg.history_keep is None else -(cfg.history_keep - 1)
+    by_pos = Window.partitionBy("user_id").orderBy("_npos")
     pos = df.where(F.col("label") == 1).select(
         "user_id", (F.col("_npos") + 1).alias("_npos"),
-        F.collect_list(F.struct("item_id", "title")).over(by_pos).alias("_hist"))
+        F.collect_list("item_id").over(by_pos.rowsBetween(keep_lo, 0)).alias("_hist"),
+        F.collect_list(F.struct("item_id", "title")).over(by_pos.rowsBetween(-(k - 1), 0)).alias("_last"))
     df = df.join(pos, ["user_id", "_npos"], "left")
-    hist = F.coalesce(F.col("_hist"), F.array().cast("array<struct<item_id:long,title:string>>"))
-    k = cfg.history_len
-    last_k = F.slice(hist, F.greatest(F.size(hist) - k + 1, F.lit(1)), k)
+    last = F.coalesce(F.col("_last"), F.array().cast("array<struct<item_id:long,title:string>>"))
     return df.select(
         "*",
-        F.transform(hist, lambda x: x["item_id"].cast("int")).alias("history"),
-        F.transform(last_k, lambda x: x["item_id"].cast("int")).alias("history_ids"),
-        F.transform(last_k, lambda x: x["title"]).alias("history_titles"),
-    ).drop("_hist", "_npos")
+        F.coalesce(F.col("_hist"), F.array()).cast("array<int>").alias("history"),
+        F.transform(last, lambda x: x["item_id"].cast("int")).alias("history_ids"),
+        F.transform(last, lambda x: x["title"]).alias("history_titles"),
+    ).drop("_hist", "_last", "_npos")
 
 
 def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numeric") -> ProtocolResult:

@@ -1,0 +1,100 @@
+"""Benchmark: the Spark pipeline vs a plain pandas implementation of the same protocol, same run.
+
+    python bench/prep.py [--sizes 1000000,5000000,20000000] [--pandas-max 20000000] [--mem-cap-gb 20]
+
+For each size a synthetic log is generated (pipeline/synth.py; users = rows/20, items = rows/100,
+so 20M rows = 1M users x 200k items), then both implementations process it. Reported per size: wall
+seconds, rows/s, peak resident memory of the whole process tree (JVM + Python workers for Spark), and
+the Spark/pandas throughput ratio. pandas is stopped when its tree exceeds --mem-cap-gb (recorded as
+failed) so that the machine survives. Results go to bench/results/prep.json and are printed as a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+SUBMIT = [str(Path(sys.executable).parent / "spark-submit"), "--driver-memory", "12g"]
+
+
+def measure(cmd: list[str], mem_cap_gb: float | None = None) -> dict:
+    """Run cmd; sample the RSS of its process tree every 0.2 s; kill it past mem_cap_gb."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
+                                 "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    root, peak, killed = psutil.Process(proc.pid), 0, False
+    while proc.poll() is None:
+        try:
+            rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+        except psutil.Error:
+            rss = 0
+        peak = max(peak, rss)
+        if mem_cap_gb and rss > mem_cap_gb * 2**30:
+            for p in [*root.children(recursive=True), root]:
+                p.kill()
+            killed = True
+            break
+        time.sleep(0.2)
+    out = proc.communicate()[0]
+    return {"seconds": round(time.time() - t0, 1), "peak_gb": round(peak / 2**30, 2),
+            "ok": proc.returncode == 0 and not killed, "killed_at_cap": killed, "tail": out[-600:]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000000,5000000,20000000")
+    ap.add_argument("--pandas-max", type=int, default=20_000_000, help="largest size to try with pandas")
+    ap.add_argument("--mem-cap-gb", type=float, default=20.0)
+    ap.add_argument("--workdir", type=Path, default=REPO / "out" / "bench")
+    ap.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "prep.json")
+    args = ap.parse_args()
+    results = []
+    for rows in [int(s) for s in args.sizes.split(",")]:
+        raw, out_s, out_p = (args.workdir / f"{k}-{rows}" for k in ("raw", "spark", "pandas"))
+        for d in (out_s, out_p):
+            shutil.rmtree(d, ignore_errors=True)
+        if not (raw / "items").exists():
+            gen = measure([*SUBMIT, "pipeline/synth.py", "--rows", str(rows), "--users", str(rows // 20),
+                           "--items", str(rows // 100), "--output", str(raw)])
+            assert gen["ok"], gen["tail"]
+        row = {"rows": rows, "users": rows // 20, "items": rows // 100}
+        row["spark"] = measure([*SUBMIT, "pipeline/prep.py", "--config", "configs/synthetic.yaml",
+                                "--input", str(raw), "--output", str(out_s)])
+        if row["spark"]["ok"]:
+            manifest = json.loads((out_s / "manifest.json").read_text())
+            row["rows_out"] = manifest["rows_out"]
+            row["spark"]["prep_seconds"] = manifest["seconds"]
+        if rows <= args.pandas_max:
+            row["pandas"] = measure([sys.executable, "bench/prep_pandas.py", "--input", str(raw),
+                                     "--output", str(out_p)], args.mem_cap_gb)
+        for side in ("spark", "pandas"):
+            if side in row and row[side]["ok"]:
+                row[side]["rows_per_s"] = round(rows / row[side]["seconds"])
+        if row.get("pandas", {}).get("ok") and row["spark"]["ok"]:
+            row["speedup_spark_over_pandas"] = round(row["pandas"]["seconds"] / row["spark"]["seconds"], 2)
+        results.append(row)
+        print(json.dumps({k: v for k, v in row.items()}, default=str)[:900], flush=True)
+        for d in (out_s, out_p):
+            shutil.rmtree(d, ignore_errors=True)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{'rows':>11} {'spark s':>8} {'spark GB':>9} {'pandas s':>9} {'pandas GB':>10} {'ratio':>6}")
+    for r in results:
+        s, p = r["spark"], r.get("pandas", {})
+        ps = p.get("seconds", "-") if p.get("ok") else ("cap" if p.get("killed_at_cap") else ("fail" if p else "-"))
+        print(f"{r['rows']:>11,} {s['seconds'] if s['ok'] else 'fail':>8} {s['peak_gb']:>9} {ps:>9} "
+              f"{p.get('peak_gb', '-'):>10} {r.get('speedup_spark_over_pandas', '-'):>6}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
