@@ -54,6 +54,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="1000000,5000000,20000000")
     ap.add_argument("--pandas-max", type=int, default=20_000_000, help="largest size to try with pandas")
     ap.add_argument("--mem-cap-gb", type=float, default=20.0)
+    ap.add_argument("--only", choices=("spark", "pandas"), help="run one side only (results merge by size)")
     ap.add_argument("--workdir", type=Path, default=REPO / "out" / "bench")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "prep.json")
     args = ap.parse_args()
@@ -67,31 +68,43 @@ def main() -> int:
                            "--items", str(rows // 100), "--output", str(raw)])
             assert gen["ok"], gen["tail"]
         row = {"rows": rows, "users": rows // 20, "items": rows // 100}
-        row["spark"] = measure([*SUBMIT, "pipeline/prep.py", "--config", "configs/synthetic.yaml",
-                                "--input", str(raw), "--output", str(out_s)])
-        if row["spark"]["ok"]:
+        if args.only != "pandas":
+            row["spark"] = measure([*SUBMIT, "pipeline/prep.py", "--config", "configs/synthetic.yaml",
+                                    "--input", str(raw), "--output", str(out_s)])
+        if row.get("spark", {}).get("ok"):
             manifest = json.loads((out_s / "manifest.json").read_text())
             row["rows_out"] = manifest["rows_out"]
             row["spark"]["prep_seconds"] = manifest["seconds"]
-        if rows <= args.pandas_max:
+        if rows <= args.pandas_max and args.only != "spark":
             row["pandas"] = measure([sys.executable, "bench/prep_pandas.py", "--input", str(raw),
                                      "--output", str(out_p)], args.mem_cap_gb)
         for side in ("spark", "pandas"):
             if side in row and row[side]["ok"]:
                 row[side]["rows_per_s"] = round(rows / row[side]["seconds"])
-        if row.get("pandas", {}).get("ok") and row["spark"]["ok"]:
+        if row.get("pandas", {}).get("ok") and row.get("spark", {}).get("ok"):
             row["speedup_spark_over_pandas"] = round(row["pandas"]["seconds"] / row["spark"]["seconds"], 2)
         results.append(row)
         print(json.dumps({k: v for k, v in row.items()}, default=str)[:900], flush=True)
         for d in (out_s, out_p):
             shutil.rmtree(d, ignore_errors=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    if args.only and args.results.exists():  # merge with the other side's earlier results
+        earlier = {r["rows"]: r for r in json.loads(args.results.read_text())}
+        for r in results:
+            merged = {**earlier.pop(r["rows"], {}), **r}
+            s, p = merged.get("spark", {}), merged.get("pandas", {})
+            if s.get("ok") and p.get("ok"):
+                merged["speedup_spark_over_pandas"] = round(p["seconds"] / s["seconds"], 2)
+            r.clear()
+            r.update(merged)
+        results = sorted([*results, *earlier.values()], key=lambda r: r["rows"])
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{'rows':>11} {'spark s':>8} {'spark GB':>9} {'pandas s':>9} {'pandas GB':>10} {'ratio':>6}")
     for r in results:
-        s, p = r["spark"], r.get("pandas", {})
+        s, p = r.get("spark", {}), r.get("pandas", {})
         ps = p.get("seconds", "-") if p.get("ok") else ("cap" if p.get("killed_at_cap") else ("fail" if p else "-"))
-        print(f"{r['rows']:>11,} {s['seconds'] if s['ok'] else 'fail':>8} {s['peak_gb']:>9} {ps:>9} "
+        ss = s.get("seconds", "-") if s.get("ok") else ("fail" if s else "-")
+        print(f"{r['rows']:>11,} {ss:>8} {s.get('peak_gb', '-'):>9} {ps:>9} "
               f"{p.get('peak_gb', '-'):>10} {r.get('speedup_spark_over_pandas', '-'):>6}")
     return 0
 

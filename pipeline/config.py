@@ -123,6 +123,7 @@ class SparkConfig(_Strict):
     master: str = "local[*]"
     driver_memory: str = "4g"
     shuffle_partitions: int = Field(8, ge=1)
+    broadcast_mb: int = Field(256, ge=0, description="joins against tables up to this size broadcast them")
     ui: bool = False
 
 

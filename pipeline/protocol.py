@@ -182,7 +182,8 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     invalid = _as_rejects(df.where(F.col("_code").isNotNull()), "interactions", "invalid")
 
     df = df.where(F.col("_code").isNull())
-    df = df.withColumn("_first_pos", F.min("_pos").over(Window.partitionBy("item_raw")))
+    first_pos = df.groupBy("item_raw").agg(F.min("_pos").alias("_first_pos"))
+    df = df.join(first_pos, "item_raw")
     df = df.withColumn("month", month_index(F.col("timestamp"), cfg.split.origin))
     w_lo, w_hi = cfg.split.window
     df = _checks(df, [(~F.col("month").between(w_lo, w_hi), "outside_window",

@@ -27,6 +27,8 @@ def get_spark(cfg: SparkConfig, master: str | None = None, app: str = "sellarec-
         .master(master)
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
+        .config("spark.sql.autoBroadcastJoinThreshold", f"{cfg.broadcast_mb}m")
+        .config("spark.sql.requireAllClusterKeysForCoPartition", "false")
         .config("spark.ui.enabled", str(cfg.ui).lower())
         .config("spark.ui.showConsoleProgress", str(sys.stderr.isatty()).lower())
         .config("spark.sql.adaptive.enabled", "true")
