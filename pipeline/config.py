@@ -6,13 +6,25 @@ Later stages add their own sections to this schema; unknown keys are errors so t
 """
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SourceFormat = Literal["ml-1m", "ml-100k", "recbole", "amazon", "collm", "table"]
+# Python codec name -> the charset name Spark's decode() accepts
+SPARK_CHARSETS = {"utf-8": "UTF-8", "iso8859-1": "ISO-8859-1", "ascii": "US-ASCII", "utf-16": "UTF-16",
+                  "utf-16-be": "UTF-16BE", "utf-16-le": "UTF-16LE", "utf-32": "UTF-32"}
+
+
+def spark_charset(encoding: str) -> str | None:
+    """Spark's name for a Python encoding name (latin-1 -> ISO-8859-1), None when Spark cannot decode it."""
+    try:
+        return SPARK_CHARSETS.get(codecs.lookup(encoding).name)
+    except LookupError:
+        return None
 
 
 class ConfigError(ValueError):
@@ -54,6 +66,13 @@ class SourceConfig(_Strict):
     title_year_field: str = ""
     missing_titles: tuple[str, ...] = ()
     user_id_order: Literal["numeric", "string"] = "numeric"
+
+    @field_validator("encoding", "items_encoding")
+    @classmethod
+    def _spark_can_decode(cls, value: str) -> str:
+        if spark_charset(value) is None:
+            raise ValueError(f"unsupported encoding {value!r}; expected one of {sorted(SPARK_CHARSETS)}")
+        return value
 
 
 class LabelConfig(_Strict):

@@ -17,7 +17,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from pipeline.config import ProtocolConfig
-from pipeline.sources import RawLog, _checks
+from pipeline.sources import RawLog, mark_first_failure
 
 REJECT_SCHEMA = ("file string, line long, pos long, source string, category string, code string, reason string, "
                  "raw string")
@@ -67,7 +67,7 @@ def validate_items(items: DataFrame) -> tuple[DataFrame, DataFrame]:
     ok = items.where(F.col("_code").isNull())
     w = Window.partitionBy("item_raw").orderBy("_pos")
     ok = ok.withColumn("_rank", F.row_number().over(w)).withColumn("_first", F.first("_line").over(w))
-    ok = _checks(ok, [(F.col("_rank") > 1, "duplicate_item", F.format_string(
+    ok = mark_first_failure(ok, [(F.col("_rank") > 1, "duplicate_item", F.format_string(
         "duplicate item id %s (first on line %d)", F.col("item_raw"), F.col("_first")))])
     bad = items.where(F.col("_code").isNotNull()).unionByName(ok.where(F.col("_code").isNotNull()), allowMissingColumns=True)
     return ok.where(F.col("_code").isNull()).select("item_raw", "title"), _as_rejects(bad, "items", "invalid")
@@ -78,7 +78,7 @@ def validate_interactions(inter: DataFrame, items: DataFrame, cfg: ProtocolConfi
     lo, hi = cfg.rating_range
     t_lo, t_hi = cfg.timestamp_range
     df = inter.join(items.withColumn("_known", F.lit(True)), "item_raw", "left")
-    df = _checks(df, [
+    df = mark_first_failure(df, [
         ((F.col("rating") < lo) | (F.col("rating") > hi), "rating_out_of_range",
          F.format_string(f"rating out of range [{lo:g}, {hi:g}]: %s", F.col("rating").cast("string"))),
         ((F.col("timestamp") < t_lo) | (F.col("timestamp") > t_hi), "timestamp_out_of_range",
@@ -91,7 +91,7 @@ def validate_interactions(inter: DataFrame, items: DataFrame, cfg: ProtocolConfi
     key = Window.partitionBy("user_raw", "item_raw", "timestamp").orderBy("_pos")
     ok = df.where(F.col("_code").isNull())
     ok = ok.withColumn("_rank", F.row_number().over(key)).withColumn("_first", F.first("_line").over(key))
-    ok = _checks(ok, [(F.col("_rank") > 1, "duplicate_row", F.format_string(
+    ok = mark_first_failure(ok, [(F.col("_rank") > 1, "duplicate_row", F.format_string(
         "duplicate (user, item, timestamp) of line %d", F.col("_first")))])
     return df.where(F.col("_code").isNotNull()).unionByName(ok.drop("_rank", "_first"), allowMissingColumns=True)
 
@@ -113,7 +113,7 @@ def _min_count_filter(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
         n_user = F.sum(live.cast("int")).over(Window.partitionBy("user_raw"))
         n_item = F.sum(live.cast("int")).over(Window.partitionBy("item_raw"))
         df = df.withColumn("_nu", n_user).withColumn("_ni", n_item)
-        df = _checks(df, [
+        df = mark_first_failure(df, [
             (live & (F.col("_nu") < f.min_user_count), "filtered",
              F.format_string(f"filtered: user has %d rows < min_user_count {f.min_user_count}", F.col("_nu"))),
             (live & (F.col("_ni") < f.min_item_count), "filtered",
@@ -186,7 +186,7 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     df = df.join(first_pos, "item_raw")
     df = df.withColumn("month", month_index(F.col("timestamp"), cfg.split.origin))
     w_lo, w_hi = cfg.split.window
-    df = _checks(df, [(~F.col("month").between(w_lo, w_hi), "outside_window",
+    df = mark_first_failure(df, [(~F.col("month").between(w_lo, w_hi), "outside_window",
                        F.format_string(f"outside window: month %d not in [{w_lo}, {w_hi}]", F.col("month")))])
     df = _min_count_filter(df, cfg)
     df = df.persist()

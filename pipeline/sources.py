@@ -10,7 +10,6 @@ Wrong paths, missing columns and files that are not in the expected format fail 
 """
 from __future__ import annotations
 
-import codecs
 import glob
 import gzip
 import json
@@ -22,7 +21,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipeline.config import SourceConfig
+from pipeline.config import SourceConfig, spark_charset
 
 
 class SourceError(ValueError):
@@ -86,34 +85,17 @@ def number_rows(spark: SparkSession, df: DataFrame, skip_header: bool = False) -
     return out.drop("_path", "_blk", "_mid", "mid0", "line0", "pos0")
 
 
-SPARK_CHARSETS = {"utf-8": "UTF-8", "iso8859-1": "ISO-8859-1", "ascii": "US-ASCII", "utf-16": "UTF-16",
-                  "utf-16-be": "UTF-16BE", "utf-16-le": "UTF-16LE", "utf-32": "UTF-32"}
-
-
-def spark_charset(encoding: str, key: str) -> str:
-    """Spark's name for a Python encoding name (latin-1 -> ISO-8859-1), or a SourceError naming the key."""
-    try:
-        name = codecs.lookup(encoding).name
-    except LookupError:
-        name = ""
-    if name not in SPARK_CHARSETS:
-        raise SourceError(f"source.{key}: unsupported encoding {encoding!r}; expected one of "
-                          f"{sorted(SPARK_CHARSETS)}")
-    return SPARK_CHARSETS[name]
-
-
 def read_lines(spark: SparkSession, paths: list[Path], encoding: str, skip_header: bool) -> DataFrame:
     """Text lines with `_file, _line, _pos, _raw` and `_undecodable` (invalid bytes for `encoding`)."""
     df = number_rows(spark, spark.read.text([str(p) for p in paths]), skip_header)
-    encoding = spark_charset(encoding, "encoding")
-    if encoding == "UTF-8":
+    if spark_charset(encoding) == "UTF-8":
         raw, bad = F.col("value"), ~F.expr("is_valid_utf8(value)")
     else:
-        raw, bad = F.decode(F.col("value").cast("binary"), encoding), F.lit(False)
+        raw, bad = F.decode(F.col("value").cast("binary"), spark_charset(encoding)), F.lit(False)
     return df.select("_file", "_line", "_pos", raw.alias("_raw"), bad.alias("_undecodable"))
 
 
-def _checks(df: DataFrame, checks: list[tuple[Column, str, Column]]) -> DataFrame:
+def mark_first_failure(df: DataFrame, checks: list[tuple[Column, str, Column]]) -> DataFrame:
     """Set `_code`/`_reason` from the first failing (condition, code, message) check.
 
     A row that already has a code keeps it: the earliest problem is the one reported.
@@ -131,7 +113,7 @@ def _fields(df: DataFrame, delimiter: str, n: int, names: dict[str, int], what: 
     df = df.withColumn("_parts", parts).withColumn("_code", F.lit(None).cast("string")).withColumn(
         "_reason", F.lit(None).cast("string")
     )
-    df = _checks(df, [
+    df = mark_first_failure(df, [
         (F.col("_undecodable"), "undecodable_text", F.lit("undecodable text: bytes are not valid UTF-8")),
         (F.size("_parts") != n, "malformed_line", F.format_string(
             f"malformed line: expected {n} fields separated by {delimiter!r} ({what}), got %d",
@@ -149,7 +131,7 @@ def _typed_interactions(df: DataFrame, src: str) -> DataFrame:
 
     rating = F.col("rating").try_cast("double")
     ts_d = F.col("timestamp").try_cast("double")
-    df = _checks(df, [
+    df = mark_first_failure(df, [
         (blank("user_raw"), "null_field", F.lit("null field: user")),
         (blank("item_raw"), "null_field", F.lit("null field: item")),
         (blank("rating"), "null_field", F.lit("null field: rating")),
@@ -175,7 +157,7 @@ def _items(df: DataFrame, title_year: Column | None, missing: tuple[str, ...]) -
         title = F.when(year != "", F.concat(title, F.lit(" ("), year, F.lit(")"))).otherwise(title)
     blank = (title == "") | (F.trim(F.col("title")).isin(*missing) if missing else F.lit(False))
     title = F.when(blank, F.lit(None)).otherwise(title)
-    df = _checks(df, [(F.col("item_raw").isNull() | (F.col("item_raw") == ""), "null_field", F.lit("null field: item"))])
+    df = mark_first_failure(df, [(F.col("item_raw").isNull() | (F.col("item_raw") == ""), "null_field", F.lit("null field: item"))])
     return df.select("_file", "_line", "_pos", "_raw", "_code", "_reason", "item_raw", title.alias("title"))
 
 
@@ -257,7 +239,7 @@ def _json_lines(spark: SparkSession, paths: list[Path], schema: T.StructType, en
     parsed = F.from_json(F.col("_raw"), schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT})
     df = df.withColumn("_j", parsed).withColumn("_code", F.lit(None).cast("string")).withColumn(
         "_reason", F.lit(None).cast("string"))
-    return _checks(df, [
+    return mark_first_failure(df, [
         (F.col("_undecodable"), "undecodable_text", F.lit("undecodable text: bytes are not valid UTF-8")),
         (F.col("_j").isNull() | F.col(f"_j.{CORRUPT}").isNotNull() | ~F.trim(F.col("_raw")).startswith("{"),
          "malformed_line",
@@ -308,7 +290,7 @@ def _table(spark: SparkSession, paths: list[Path], delimiter: str, wanted: list[
     parsed = F.from_csv(F.col("_raw"), schema, {"sep": delimiter, "mode": "PERMISSIVE"})
     df = lines.withColumn("_c", parsed).withColumn("_code", F.lit(None).cast("string")).withColumn(
         "_reason", F.lit(None).cast("string"))
-    df = _checks(df, [
+    df = mark_first_failure(df, [
         (F.col("_undecodable"), "undecodable_text", F.lit("undecodable text: bytes are not valid UTF-8")),
         (F.col(f"_c.c{len(header)}").isNotNull(), "malformed_line",
          F.lit(f"malformed line: more than {len(header)} fields")),

@@ -49,3 +49,9 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_unsupported_encoding_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"source\.items_encoding: Value error, unsupported encoding 'klingon'"):
+        parse_config(merged(_base(), {"source": {"items_encoding": "klingon"}}))
+    assert parse_config(merged(_base(), {"source": {"items_encoding": "latin1"}})).source.items_encoding == "latin1"
