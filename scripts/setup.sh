@@ -25,8 +25,9 @@ fi
 # DeepSpeed with the shm-comm and CPU-Adam ops prebuilt, so the first init_distributed does not JIT.
 DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 \
   pip install --no-build-isolation --no-deps deepspeed==0.19.8
-pip install hjson ninja py-cpuinfo msgpack
 pip install --no-deps -e .
 "$py" -m pipeline.assets
+"$py" -c "import torch, torchrec, deepspeed, pyspark, webdataset, transformers, peft, tensorboard" \
+  || { echo "set-up: the installed stack does not import" >&2; exit 1; }
 touch "$stamp"
 echo "set-up done: $venv ($target)"
