@@ -31,7 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="spark-submit pipeline/prep.py",
         description="Turn raw interaction logs into SeLLa-Rec training data (tables, shards, manifest).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="examples:\n"
+               "  spark-submit pipeline/prep.py --config configs/ml-100k.yaml\n"
+               "  spark-submit --driver-memory 12g pipeline/prep.py --config configs/ml-1m.yaml "
+               "--input /data/ml-1m --output out/ml-1m --overwrite\n"
+               "configs: configs/*.yaml; output layout and reject codes: docs/data.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="dataset config, e.g. configs/ml-1m.yaml")
     p.add_argument("--input", help="input directory (default: source.input_dir of the config)")

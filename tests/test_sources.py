@@ -70,3 +70,21 @@ def test_generic_csv_with_quotes_and_extra_fields(spark, tmp_path: Path) -> None
     assert m["reject_examples"][0]["line"] == 5 and "more than 4 fields" in m["reject_examples"][0]["reason"]
     titles = spark.read.parquet(str(tmp_path / "out" / "tables" / "items")).orderBy("raw_id").collect()
     assert [t["title"] for t in titles] == ["Hello, World (2001)", "Plain"]
+
+
+def test_min_count_filter_once_and_iterated_to_k_core(spark, tmp_path: Path) -> None:
+    """u3 has one row; removing it leaves i3 with one row; removing that leaves u4 with one row."""
+    ts = _ts(2024, 3, 1)
+    rows = [("u1", "i1"), ("u1", "i2"), ("u2", "i1"), ("u2", "i2"), ("u3", "i3"), ("u4", "i3"), ("u4", "i1")]
+    (tmp_path / "log.csv").write_text("user_id,item_id,rating,timestamp\n" + "".join(
+        f"{u},{i},4,{ts + n}\n" for n, (u, i) in enumerate(rows)))
+    (tmp_path / "items.csv").write_text("item_id,title\ni1,A\ni2,B\ni3,C\n")
+    base = {"source": {"interactions": "log.csv", "items": "items.csv"}}
+    once = run(config("synthetic", **base, protocol={"filter": {"min_user_count": 2, "min_item_count": 2}}),
+               tmp_path, tmp_path / "once")
+    core = run(config("synthetic", **base, protocol={"filter": {"min_user_count": 2, "min_item_count": 2,
+                                                                "iterative": True}}), tmp_path, tmp_path / "core")
+    assert (once["rows_out"], once["rejects"]["interactions"]["excluded"]) == (6, {"filtered": 1})
+    assert (core["rows_out"], core["rejects"]["interactions"]["excluded"]) == (4, {"filtered": 3})
+    kept = spark.read.parquet(str(tmp_path / "core" / "tables" / "interactions")).select("user_raw", "item_raw")
+    assert sorted(map(tuple, kept.collect())) == sorted(rows[:4])
