@@ -55,7 +55,7 @@ def run(input_dir: Path, output: Path, config: Path) -> int:
     keep, k = p.history_keep, p.history_len
     history, hist_ids, hist_titles = [], [], []
     last_user, pos_items, pos_titles = None, [], []
-    for user, item, title, label in zip(df.user_id, df.item_id, df.title, df.label):
+    for user, item, title, label in zip(df.user_id, df.item_id, df.title, df.label, strict=True):
         if user != last_user:
             last_user, pos_items, pos_titles = user, [], []
         history.append(pos_items[-keep:] if keep else list(pos_items))

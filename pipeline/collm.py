@@ -37,7 +37,7 @@ def _load_frames(path: Path) -> dict[str, tuple[str, pd.DataFrame]]:
         for split in SPLITS:
             file = resolve(path, f"{split}_ood2.pkl", f"CoLLM {split} pickle")[0]
             frames[split] = (file.name, pd.read_pickle(file))
-    for split, (name, df) in frames.items():
+    for name, df in frames.values():
         missing = [c for c in COLUMNS if c not in df.columns]
         if missing:
             raise SourceError(f"{name}: missing column(s) {missing}; the file has {list(df.columns)}")
@@ -49,7 +49,7 @@ def collm_result(spark: SparkSession, cfg: Config, input_dir: Path) -> tuple[Pro
     path = resolve(input_dir, cfg.source.interactions, "CoLLM benchmark")[0] if cfg.source.interactions else input_dir
     k = cfg.protocol.history_len
     rows, pos = [], 0
-    for split, (name, df) in _load_frames(path).items():
+    for split, (_, df) in _load_frames(path).items():
         for r in df.itertuples(index=False):
             his = [int(i) for i in r.his[1:]]
             titles = [str(t) for t in r.his_title[1:]]

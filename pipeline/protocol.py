@@ -57,8 +57,8 @@ def index_in_order(df: DataFrame, order: list[Column | str], name: str, start: i
 def _as_rejects(df: DataFrame, source: str, category: str) -> DataFrame:
     return df.select(
         F.col("_file").alias("file"), F.col("_line").alias("line"), F.col("_pos").alias("pos"),
-        F.lit(source).alias("source"), F.lit(category).alias("category"), F.col("_code").alias("code"), F.col("_reason").alias("reason"),
-        F.col("_raw").alias("raw"),
+        F.lit(source).alias("source"), F.lit(category).alias("category"), F.col("_code").alias("code"),
+        F.col("_reason").alias("reason"), F.col("_raw").alias("raw"),
     )
 
 
@@ -69,7 +69,8 @@ def validate_items(items: DataFrame) -> tuple[DataFrame, DataFrame]:
     ok = ok.withColumn("_rank", F.row_number().over(w)).withColumn("_first", F.first("_line").over(w))
     ok = mark_first_failure(ok, [(F.col("_rank") > 1, "duplicate_item", F.format_string(
         "duplicate item id %s (first on line %d)", F.col("item_raw"), F.col("_first")))])
-    bad = items.where(F.col("_code").isNotNull()).unionByName(ok.where(F.col("_code").isNotNull()), allowMissingColumns=True)
+    bad = items.where(F.col("_code").isNotNull()).unionByName(
+        ok.where(F.col("_code").isNotNull()), allowMissingColumns=True)
     return ok.where(F.col("_code").isNull()).select("item_raw", "title"), _as_rejects(bad, "items", "invalid")
 
 

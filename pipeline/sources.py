@@ -157,7 +157,8 @@ def _items(df: DataFrame, title_year: Column | None, missing: tuple[str, ...]) -
         title = F.when(year != "", F.concat(title, F.lit(" ("), year, F.lit(")"))).otherwise(title)
     blank = (title == "") | (F.trim(F.col("title")).isin(*missing) if missing else F.lit(False))
     title = F.when(blank, F.lit(None)).otherwise(title)
-    df = mark_first_failure(df, [(F.col("item_raw").isNull() | (F.col("item_raw") == ""), "null_field", F.lit("null field: item"))])
+    df = mark_first_failure(df, [(F.col("item_raw").isNull() | (F.col("item_raw") == ""), "null_field",
+                                  F.lit("null field: item"))])
     return df.select("_file", "_line", "_pos", "_raw", "_code", "_reason", "item_raw", title.alias("title"))
 
 

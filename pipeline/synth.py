@@ -70,7 +70,10 @@ def item_titles(spark: SparkSession, items: int) -> DataFrame:
     adj = F.array(*[F.lit(a) for a in ADJECTIVES])
     noun = F.array(*[F.lit(n) for n in NOUNS])
     i = F.col("id")
-    pick = lambda arr, n, salt: F.element_at(arr, (F.pmod(F.xxhash64(i, F.lit(salt)), F.lit(n)) + 1).cast("int"))
+
+    def pick(arr: Column, n: int, salt: str) -> Column:
+        return F.element_at(arr, (F.pmod(F.xxhash64(i, F.lit(salt)), F.lit(n)) + 1).cast("int"))
+
     year = (1950 + F.pmod(F.xxhash64(i, F.lit("year")), F.lit(74))).cast("string")
     title = F.concat_ws(" ", F.lit("The"), pick(adj, len(ADJECTIVES), "a"), pick(noun, len(NOUNS), "n"),
                         F.concat(F.lit("("), year, F.lit(")")))

@@ -67,7 +67,7 @@ def test_counts_add_up(bad_run) -> None:
 def test_each_bad_row_has_its_reason_file_and_line(spark, bad_run) -> None:
     _, out = bad_run
     rejects = {(r["source"], r["line"]): r for r in spark.read.parquet(str(out / "rejects")).collect()}
-    for line_no, (raw, code) in enumerate(RATINGS, start=1):
+    for line_no, (_, code) in enumerate(RATINGS, start=1):
         if code is None:
             assert ("interactions", line_no) not in rejects
             continue

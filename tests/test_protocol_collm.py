@@ -59,7 +59,7 @@ def test_raw_ml1m_matches_collm_rows_and_histories(spark, tmp_path) -> None:
     a = keyed(ours, "user_id", "item_id", lambda r: [int(i) for i in r["history"]])
     b = keyed(theirs, "uid", "iid", lambda r: [int(i) for i in r["his"][1:]])
     assert a == b
-    titles = dict(zip(theirs.iid, theirs.title))
-    assert all(titles[i] == t for i, t in zip(ours.item_id, ours.title))
+    titles = dict(zip(theirs.iid, theirs.title, strict=True))
+    assert all(titles[i] == t for i, t in zip(ours.item_id, ours.title, strict=True))
     last10 = ours.apply(lambda r: list(r["history_ids"]) == list(r["history"])[-10:], axis=1)
     assert last10.all()
