@@ -21,6 +21,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from pipeline.protocol import ProtocolResult
 from pipeline.schema import SAMPLE_EXT, SAMPLE_FIELDS, SHARD_PATTERN, SPLITS, encode_sample, sample_key
 
 SHARD_RESULT = pa.schema([("split", pa.string()), ("name", pa.string()), ("count", pa.int64()),
@@ -147,7 +148,7 @@ def write_shards(interactions: DataFrame, out: Path, shard_size: int, seed: int)
     return shards
 
 
-def write_tables(result, out: Path) -> None:
+def write_tables(result: ProtocolResult, out: Path) -> None:
     """Parquet tables: interactions partitioned by split, users, items, rejects."""
     result.interactions.write.partitionBy("split").parquet(str(out / "tables" / "interactions"))
     result.users.coalesce(4).write.parquet(str(out / "tables" / "users"))
@@ -155,7 +156,7 @@ def write_tables(result, out: Path) -> None:
     result.rejects.write.parquet(str(out / "rejects"))
 
 
-def summarize(result, tables: Path) -> dict:
+def summarize(result: ProtocolResult, tables: Path) -> dict:
     """Counts from the written tables (cheap re-reads), checked to add up: rows in = out + invalid + excluded."""
     spark = result.interactions.sparkSession
     inter = spark.read.parquet(str(tables / "tables" / "interactions"))
