@@ -14,12 +14,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pyspark.sql import SparkSession
+
 if __package__ in (None, ""):  # run as a script by spark-submit: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.collm import collm_result
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.protocol import apply_protocol
+from pipeline.protocol import ProtocolResult, apply_protocol
 from pipeline.schema import SCHEMA_VERSION, SPLITS
 from pipeline.sources import READERS, SourceError
 from pipeline.spark import get_spark
@@ -63,6 +65,15 @@ def run(cfg: Config, input_dir: Path, output: Path, master: str | None = None, o
         files = raw.interaction_files + raw.item_files
         _step(2, 5, "applying the protocol (validate, window, label, split, ids, histories, warm)", t0)
         result = apply_protocol(raw, cfg.protocol, cfg.source.user_id_order)
+    try:
+        return _write(spark, cfg, result, files, output, overwrite, t0)
+    finally:
+        spark.catalog.clearCache()
+
+
+def _write(spark: SparkSession, cfg: Config, result: ProtocolResult, files: list[Path], output: Path,
+           overwrite: bool, t0: float) -> dict:
+    """Write tables, shards and the manifest atomically; the frames it persists are freed by `run`."""
     result.interactions = result.interactions.persist()
     with atomic_output(output, overwrite) as tmp:
         _step(3, 5, "writing Parquet tables and rejects", t0)
