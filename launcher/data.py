@@ -5,11 +5,18 @@ of its rank's shards (split_by_worker), so every sample is seen exactly once per
 """
 from __future__ import annotations
 
+import itertools
+import random
+import tarfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import webdataset as wds
 
 from pipeline.schema import SAMPLE_EXT, Sample, decode_sample, shard_urls
+
+T = TypeVar("T")
 
 
 def _decode(raw: dict) -> Sample:
@@ -26,3 +33,84 @@ def sample_stream(out_dir: str | Path, split: str, shuffle_buffer: int = 0, seed
     if shuffle_buffer:
         ds = ds.shuffle(shuffle_buffer)
     return ds.map(_decode)
+
+
+def read_shard(url: str) -> Iterator[Sample]:
+    """The samples of one shard, in file order."""
+    with tarfile.open(url) as tar:
+        for member in tar:
+            if member.name.endswith("." + SAMPLE_EXT):
+                yield decode_sample(tar.extractfile(member).read())
+
+
+def _stable_key(row_id: int) -> int:
+    """A fixed pseudo-random key per row (splitmix64), independent of world size and shard layout."""
+    z = (row_id + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+def eval_samples(out_dir: str | Path, split: str, rows: int | None, rank: int, world: int,
+                 keep: Callable[[Sample], bool] = lambda s: True) -> list[Sample]:
+    """This rank's share of a fixed subset of `rows` samples of a split (all when None).
+
+    The subset depends only on the row ids, so runs with any world size score the same rows; ranks
+    take every world-th selected row, so their shares differ in size by at most one.
+    """
+    urls = shard_urls(out_dir, split)
+    if not urls:
+        raise ValueError(f"{out_dir}: split {split!r} has no shards")
+    kept = sorted((_stable_key(s["row_id"]), s["row_id"]) for u in urls for s in read_shard(u) if keep(s))
+    chosen = [r for _, r in (kept if rows is None else kept[:rows])]
+    mine = set(sorted(chosen)[rank::world])
+    return [s for u in urls for s in read_shard(u) if s["row_id"] in mine]
+
+
+def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T | None], micro_batch: int,
+                  rank: int, world: int, seed: int, shuffle_buffer: int = 1000,
+                  length: Callable[[T], int] | None = None) -> Iterator[list[T]]:
+    """An endless, seeded stream of this rank's micro-batches of encoded samples, epoch after epoch.
+
+    Epoch e shuffles the shard list with (seed, e) and gives rank r every world-th shard; samples pass a
+    seeded shuffle buffer; `encode` returns None to drop a sample. With `length`, a window of 32
+    micro-batches is sorted by length, cut into batches and the batches shuffled (less padding). The
+    stream depends only on its arguments, so a resumed run skips the batches it already consumed.
+    """
+    urls = shard_urls(out_dir, split)
+    if len(urls) < world:
+        raise ValueError(f"{out_dir}: split {split!r} has {len(urls)} shard(s) for {world} ranks; "
+                         "write smaller shards (output.shard_size) or use fewer ranks")
+    window = micro_batch * 32 if length else micro_batch
+    for epoch in itertools.count():
+        rng = random.Random(f"{seed}-{epoch}-{rank}")
+        order = list(urls)
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+        buffer: list[Sample] = []
+        pending: list[T] = []
+        produced: list[list[T]] = []
+
+        def emit(items: list[T]) -> Iterator[list[T]]:
+            if length:
+                items = sorted(items, key=length)
+            batches = [items[i:i + micro_batch] for i in range(0, len(items) - micro_batch + 1, micro_batch)]
+            rng.shuffle(batches)
+            produced.extend(batches[:1])
+            yield from batches
+
+        for url in order[rank::world]:
+            for sample in read_shard(url):
+                buffer.append(sample)
+                if len(buffer) <= shuffle_buffer:
+                    continue
+                encoded = encode(buffer.pop(rng.randrange(len(buffer))))
+                if encoded is not None:
+                    pending.append(encoded)
+                if len(pending) == window:
+                    yield from emit(pending)
+                    pending = []
+        rng.shuffle(buffer)
+        pending.extend(e for e in map(encode, buffer) if e is not None)
+        yield from emit(pending[: len(pending) - len(pending) % micro_batch])
+        if not produced:
+            raise ValueError(f"rank {rank}: its shards of split {split!r} hold fewer than {micro_batch} usable samples")

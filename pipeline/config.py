@@ -146,6 +146,76 @@ class SparkConfig(_Strict):
     ui: bool = False
 
 
+class TinyModelConfig(_Strict):
+    """Architecture of `llm.model: tiny` (a small Llama for tests, built from a seed)."""
+
+    hidden: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    kv_heads: int = Field(2, ge=1)
+    intermediate: int = Field(128, ge=8)
+    seed: int = 0
+
+
+class LLMConfig(_Strict):
+    """The base LLM and how prompts are built from shard samples (../shared/docs/method.md, 'Prompts')."""
+
+    model: str = Field("smollm2", description="smollm2 | tiny | HF model directory | .gguf file | hub id "
+                       "in the local HF cache")
+    tiny: TinyModelConfig = TinyModelConfig()
+    max_length: int = Field(256, ge=16, description="longest prompt+answer in tokens; the oldest history "
+                            "titles are dropped until a prompt fits")
+    history_titles: int = Field(10, ge=0, description="last positively rated titles shown in the prompt")
+    drop_no_history: bool = Field(True, description="skip samples without history (authors' code)")
+    chat_template: bool = Field(True, description="wrap prompts in the model's chat template when it has one")
+
+
+class DeepSpeedConfig(_Strict):
+    """The DeepSpeed engine: ZeRO stage, offload, precision and communication backend."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_param: Literal["none", "cpu"] = "none"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
+
+
+class TrainConfig(_Strict):
+    """An explicit training loop's budget, optimizer, schedule, validation and checkpoints."""
+
+    lr: float = Field(8e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+    grad_clip: float = Field(1.0, ge=0, description="0 = no clipping")
+    micro_batch: int = Field(4, ge=1, description="samples per rank per forward")
+    grad_accum: int = Field(8, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=0, description="optimizer steps; the budget that ends first wins")
+    max_samples: int | None = Field(None, ge=1, description="training samples over all ranks")
+    shuffle_buffer: int = Field(1000, ge=0)
+    length_grouping: bool = Field(True, description="batch samples of similar length to cut padding")
+    eval_every: int = Field(50, ge=0, description="validate every N steps (0: only at the end)")
+    eval_rows: int | None = Field(512, ge=1, description="valid rows used for validation; null = all")
+    eval_batch: int = Field(8, ge=1)
+    save_every: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class LoraConfig(TrainConfig):
+    """Stage 1: TALLRec-style LoRA tuning on the text-only prompts."""
+
+    r: int = Field(64, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    loss: Literal["answer", "sequence"] = Field("answer", description="cross-entropy on the answer tokens "
+                                                "or on the whole sequence (authors' code)")
+
+
 class Config(_Strict):
     name: str
     domain: Literal["movie", "book"] = "movie"
@@ -153,6 +223,12 @@ class Config(_Strict):
     protocol: ProtocolConfig
     output: OutputConfig = OutputConfig()
     spark: SparkConfig = SparkConfig()
+    data_dir: str | None = Field(None, description="prep output read by the training stages "
+                                 "(default out/<name>); --data overrides")
+    run_dir: str | None = Field(None, description="training artifacts (default runs/<name>); --run-dir overrides")
+    llm: LLMConfig = LLMConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    lora: LoraConfig = LoraConfig()
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

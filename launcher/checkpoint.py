@@ -1,0 +1,60 @@
+"""Resumable checkpoints around DeepSpeed's own: engine state (ZeRO partitions, optimizer, scheduler) plus
+each rank's RNG state and the loop's position, committed by a `latest.json` written after every rank
+has finished, so a crash mid-save leaves the previous checkpoint in charge."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LATEST = "latest.json"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any], keep: int) -> None:
+    """Save `engine` and `state` (JSON-able loop position) as tag step<N>; keep the newest `keep`."""
+    tag = f"step{step:08d}"
+    rank = dist.get_rank()
+    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    dist.barrier()
+    if rank == 0:
+        tmp = ckpt_dir / f".{LATEST}.tmp"
+        tmp.write_text(json.dumps({"tag": tag, "step": step, **state}))
+        tmp.replace(ckpt_dir / LATEST)
+        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
+    """Restore the latest committed checkpoint into `engine` and the RNGs; its state, or None if none."""
+    latest = ckpt_dir / LATEST
+    if not latest.is_file():
+        return None
+    state = json.loads(latest.read_text())
+    engine.load_checkpoint(str(ckpt_dir), tag=state["tag"], load_module_strict=False)
+    _set_rng_state(torch.load(ckpt_dir / state["tag"] / f"rng_rank{dist.get_rank()}.pt", weights_only=False))
+    return state

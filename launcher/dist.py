@@ -1,0 +1,73 @@
+"""Distributed set-up shared by every stage: one process group for torchrun, `deepspeed --num_gpus` and
+`deepspeed --hostfile`; NCCL + bf16 on GPU, gloo + fp32 on CPU unless the config says otherwise."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import DeepSpeedConfig
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    dtype: torch.dtype
+    backend: str
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(cfg: DeepSpeedConfig) -> Dist:
+    """Initialise the process group (through DeepSpeed, which reads the launchers' env variables)."""
+    import deepspeed
+
+    gpu = torch.cuda.is_available()
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if gpu else "gloo")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if gpu else "fp32")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    if not gpu and "OMP_NUM_THREADS" not in os.environ:  # the deepspeed launcher leaves it unset
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    deepspeed.init_distributed(dist_backend=backend)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device,
+                torch.bfloat16 if precision == "bf16" else torch.float32, backend)
+
+
+def gather(obj: Any) -> list[Any]:
+    """all_gather_object: every rank's `obj`, in rank order."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def max_over_ranks(n: int) -> int:
+    t = torch.tensor([n], dtype=torch.long)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def sum_over_ranks(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item())

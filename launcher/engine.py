@@ -1,0 +1,55 @@
+"""DeepSpeed engine settings shared by the LLM stages: the config dict, the cosine schedule, the step budget."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from launcher.dist import Dist
+from pipeline.config import DeepSpeedConfig, TrainConfig
+
+
+def ds_config(ds: DeepSpeedConfig, tc: TrainConfig, d: Dist) -> dict[str, Any]:
+    """The DeepSpeed JSON config: ZeRO stage and offload, AdamW, clipping, precision."""
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer}
+    if ds.offload_param != "none":
+        zero["offload_param"] = {"device": ds.offload_param}
+    adam = {"lr": tc.lr, "betas": list(tc.betas), "weight_decay": tc.weight_decay}
+    if d.device.type == "cpu" and ds.offload_optimizer == "none":
+        adam["torch_adam"] = True  # DeepSpeed's fused kernels are CUDA-only or need a JIT build
+    return {
+        "train_micro_batch_size_per_gpu": tc.micro_batch,
+        "gradient_accumulation_steps": tc.grad_accum,
+        "gradient_clipping": tc.grad_clip,
+        "optimizer": {"type": "AdamW", "params": adam},
+        "zero_optimization": zero,
+        "bf16": {"enabled": d.dtype == torch.bfloat16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def cosine_schedule(tc: TrainConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
+    """Linear warmup then cosine decay to lr * min_lr_ratio, as a factory DeepSpeed calls with its optimizer."""
+    def factor(step: int) -> float:
+        if step < tc.warmup_steps:
+            return (step + 1) / (tc.warmup_steps + 1)
+        progress = min(1.0, (step - tc.warmup_steps) / max(1, total_steps - tc.warmup_steps))
+        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def planned_steps(tc: TrainConfig, train_rows: int, world: int) -> int:
+    """Optimizer steps allowed by the first budget to run out: epochs, max_samples, max_steps."""
+    per_step = tc.micro_batch * tc.grad_accum * world
+    steps = math.ceil(tc.epochs * train_rows / per_step)
+    if tc.max_samples is not None:
+        steps = min(steps, math.ceil(tc.max_samples / per_step))
+    if tc.max_steps is not None:
+        steps = min(steps, tc.max_steps)
+    return steps

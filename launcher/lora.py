@@ -1,0 +1,127 @@
+"""Stage 1 (`lora`): TALLRec-style LoRA tuning of the base LLM on the text-only prompts, under DeepSpeed.
+
+Reads: the prep output's train shards (streamed) and a fixed subset of valid rows.
+Writes: <run>/lora/adapter (PEFT adapter + tokenizer), checkpoints under <run>/lora/ckpt, TensorBoard
+scalars under <run>/tb/lora, <run>/lora/summary.json. Resumes from the latest checkpoint by default.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model, get_peft_model_state_dict
+
+from launcher import checkpoint
+from launcher.data import eval_samples, train_batches
+from launcher.dist import Dist, gather, sum_over_ranks
+from launcher.engine import cosine_schedule, ds_config, planned_steps
+from launcher.metrics import format_report
+from launcher.monitor import Monitor, peak_memory_mb
+from launcher.validate import gather_report, score
+from llm.model import load_base
+from llm.prompts import encode
+from llm.scorer import collate, lm_loss, yes_no_ids
+from pipeline.config import Config
+from pipeline.schema import load_manifest
+
+STAGE = "lora"
+
+
+def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
+    """Train the stage-1 adapter; returns the summary written to <run>/lora/summary.json."""
+    tc, lc = cfg.lora, cfg.llm
+    out = run_dir / STAGE
+    torch.manual_seed(tc.seed)
+    model, tokenizer = load_base(lc, d.dtype)
+    model = get_peft_model(model, PeftLoraConfig(r=tc.r, lora_alpha=tc.alpha, lora_dropout=tc.dropout,
+                                                 target_modules=tc.target_modules, task_type="CAUSAL_LM"))
+    if d.main:
+        model.print_trainable_parameters()
+    pad, no_yes = tokenizer.pad_token_id, yes_no_ids(tokenizer)
+
+    def encode_train(sample: dict):
+        if lc.drop_no_history and not sample["history_titles"]:
+            return None
+        return encode(tokenizer, sample, "lora", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template)
+
+    train_rows = load_manifest(data_dir)["splits"]["train"]["rows"]
+    total = planned_steps(tc, train_rows, d.world)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=ds_config(cfg.deepspeed, tc, d), lr_scheduler=cosine_schedule(tc, total))
+    state = checkpoint.load(engine, out / "ckpt") or {"step": 0, "zero_shot": None}
+    start = state["step"]
+
+    keep = (lambda s: bool(s["history_titles"])) if lc.drop_no_history else (lambda s: True)
+    valid = eval_samples(data_dir, "valid", tc.eval_rows, d.rank, d.world, keep)
+    valid_enc = [encode(tokenizer, s, "lora", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template,
+                        with_answer=False) for s in valid]
+    monitor = Monitor(d.main, run_dir / "tb" / STAGE, total, start, STAGE)
+
+    def validate(step: int) -> dict:
+        metrics, _ = gather_report(valid, score(engine, valid_enc, tc.eval_batch, no_yes, pad, d))
+        monitor.scalars(step, {f"{g}/{k}": metrics[g][k] for g in metrics for k in ("auc", "uauc")
+                               if metrics[g][k] is not None}, "valid/")
+        monitor.write(f"[{STAGE}] step {step}: valid, {metrics['overall']['rows']} rows\n{format_report(metrics)}")
+        return metrics
+
+    if start == 0 and tc.eval_every and state["zero_shot"] is None:
+        state["zero_shot"] = validate(0)
+
+    batches = train_batches(data_dir, "train", encode_train, tc.micro_batch, d.rank, d.world, tc.seed,
+                            tc.shuffle_buffer, (lambda e: len(e.prompt) + len(e.answer)) if tc.length_grouping else None)
+    batches = itertools.islice(batches, start * tc.grad_accum, None)
+    engine.train()
+    answer_only = tc.loss == "answer"
+    t_last, tokens, losses = time.time(), 0.0, []
+    train_time, train_tokens = 0.0, 0.0
+    for step in range(start + 1, total + 1):
+        for _ in range(tc.grad_accum):
+            batch = {k: v.to(d.device) for k, v in collate(next(batches), pad).items()}
+            loss = lm_loss(engine, batch, answer_only)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            tokens += float(batch["attention_mask"].sum())
+        if step % tc.log_every == 0 or step == total:
+            elapsed = time.time() - t_last
+            all_tokens = sum_over_ranks(tokens)
+            train_time, train_tokens = train_time + elapsed, train_tokens + all_tokens
+            logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / d.world, "lr": engine.get_lr()[0],
+                    "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": all_tokens / elapsed}
+            monitor.scalars(step, logs, "train/")
+            monitor.step({"loss": f"{logs['loss']:.4f}", "tok/s": f"{logs['tokens_per_s']:.0f}"})
+            t_last, tokens, losses = time.time(), 0.0, []
+        else:
+            monitor.step({})
+        if tc.eval_every and step % tc.eval_every == 0 and step != total:
+            validate(step)
+        if step % tc.save_every == 0 and step != total:
+            checkpoint.save(engine, out / "ckpt", step, {"zero_shot": state["zero_shot"]}, tc.keep_checkpoints)
+            t_last = time.time()
+    metrics = validate(total)
+    save_adapter(engine, tokenizer, out / "adapter", cfg.deepspeed.zero_stage == 3, d)
+    memory = gather(peak_memory_mb())
+    summary = {"stage": STAGE, "steps": total, "resumed_from": start, "world": d.world,
+               "zero_stage": cfg.deepspeed.zero_stage, "valid": metrics, "zero_shot_valid": state["zero_shot"],
+               "train_tokens": train_tokens, "train_seconds": train_time,
+               "tokens_per_s": train_tokens / train_time if train_time else None, "memory_per_rank": memory}
+    if d.main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    monitor.close()
+    return summary
+
+
+def save_adapter(engine: deepspeed.DeepSpeedEngine, tokenizer, path: Path, zero3: bool, d: Dist) -> None:
+    """Gather the LoRA weights (ZeRO-3 partitions them) and save a PEFT adapter with the tokenizer."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, enabled=zero3):
+        if d.main:
+            state = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(engine.module).items()}
+            engine.module.save_pretrained(str(path), state_dict=state, save_embedding_layers=False)
+            tokenizer.save_pretrained(str(path))
+    torch.distributed.barrier()

@@ -1,0 +1,70 @@
+"""The one metrics module: AUC, UAUC (CoLLM's rule) and the overall / warm / cold report used by every stage."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+GROUPS = ("overall", "warm", "cold")
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x with ties given their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    ends = np.r_[starts[1:], len(xs)]
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties count half); NaN when only one class is present."""
+    labels = np.asarray(labels).astype(bool)
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = _average_ranks(np.asarray(scores, dtype=np.float64))
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def uauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
+    """Unweighted mean of per-user AUC over users with more than one row and both classes; (value, users)."""
+    users, labels, scores = np.asarray(users), np.asarray(labels), np.asarray(scores)
+    order = np.argsort(users, kind="mergesort")
+    users, labels, scores = users[order], labels[order], scores[order]
+    bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
+    per_user = []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        if hi - lo > 1:
+            value = auc(labels[lo:hi], scores[lo:hi])
+            if not math.isnan(value):
+                per_user.append(value)
+    return (float(np.mean(per_user)) if per_user else math.nan), len(per_user)
+
+
+def report(users: np.ndarray, labels: np.ndarray, scores: np.ndarray, warm: np.ndarray) -> dict[str, dict]:
+    """AUC and UAUC overall, on warm rows (user and item seen in train) and on cold rows (None: undefined)."""
+    users, labels, scores, warm = (np.asarray(a) for a in (users, labels, scores, warm))
+    out = {}
+    for group, keep in zip(GROUPS, (np.ones(len(labels), bool), warm == 1, warm == 0), strict=True):
+        u, n_users = uauc(users[keep], labels[keep], scores[keep])
+        out[group] = {"auc": _or_none(auc(labels[keep], scores[keep])), "uauc": _or_none(u),
+                      "rows": int(keep.sum()), "uauc_users": n_users}
+    return out
+
+
+def _or_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def format_report(metrics: dict[str, dict]) -> str:
+    """A small table of a report()."""
+    lines = [f"{'':8} {'AUC':>7} {'UAUC':>7} {'rows':>8}"]
+    for group in GROUPS:
+        m = metrics[group]
+        a, u = (f"{m[k]:.4f}" if m[k] is not None else "-" for k in ("auc", "uauc"))
+        lines.append(f"{group:8} {a:>7} {u:>7} {m['rows']:>8,}")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""Rank-0 monitoring: TensorBoard scalars, a progress bar with ETA, and peak memory per rank."""
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+class Monitor:
+    """TensorBoard writer and tqdm bar on rank 0; no-ops on the other ranks."""
+
+    def __init__(self, main: bool, tb_dir: Path, total: int, initial: int, desc: str) -> None:
+        self.writer = SummaryWriter(str(tb_dir)) if main else None
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                        disable=not main, file=sys.stderr, mininterval=1.0)
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        if self.writer:
+            for key, value in values.items():
+                self.writer.add_scalar(prefix + key, value, step)
+
+    def step(self, postfix: dict[str, str]) -> None:
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer:
+            self.writer.close()
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """This process's peak resident set (and peak GPU memory when on a GPU), in MiB."""
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out

@@ -1,0 +1,78 @@
+"""SeLLa-Rec training entry point: one script for every stage and every launcher.
+
+    deepspeed --hostfile HOSTFILE --no_ssh_check --master_addr 127.0.0.1 \\
+        launcher/train.py --config configs/ml-1m.yaml --stage lora
+    deepspeed --num_gpus 8 launcher/train.py --config configs/ml-1m.yaml --stage lora
+    torchrun --nproc_per_node 2 launcher/train.py --config configs/ml-1m.yaml --stage lora
+
+Stages (../shared/docs/method.md): lora (stage 1, LoRA tuning on text-only prompts). Each stage reads
+the prep output (--data, default out/<config name>) and writes under the run directory (--run-dir,
+default runs/<config name>); a killed run resumes from its latest checkpoint when started again.
+Exit status 2 on a bad config or missing input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by a launcher: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import ConfigError, load_config
+from pipeline.schema import load_manifest
+
+STAGES = ("lora",)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="launcher/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/ml-1m.yaml")
+    p.add_argument("--stage", required=True, choices=STAGES, help="training stage to run")
+    p.add_argument("--data", help="prep output directory (default: data_dir of the config, else out/<name>)")
+    p.add_argument("--run-dir", help="artifacts directory (default: run_dir of the config, else runs/<name>)")
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints of the stage")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        data_dir = Path(args.data or cfg.data_dir or f"out/{cfg.name}")
+        load_manifest(data_dir)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir or cfg.run_dir or f"runs/{cfg.name}")
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    from launcher.dist import setup
+
+    d = setup(cfg.deepspeed)
+    if args.fresh and d.main:
+        import shutil
+
+        shutil.rmtree(run_dir / args.stage / "ckpt", ignore_errors=True)
+    import torch.distributed as dist
+
+    dist.barrier()
+    if args.stage == "lora":
+        from launcher import lora
+
+        summary = lora.run(cfg, data_dir, run_dir, d)
+    if d.main:
+        print(json.dumps({k: summary[k] for k in ("stage", "steps", "valid", "tokens_per_s")}, indent=1))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

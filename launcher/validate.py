@@ -1,0 +1,51 @@
+"""Distributed Yes/No scoring of encoded samples and the metrics report, shared by every LLM stage.
+
+Under ZeRO-3 every forward gathers parameters collectively, so all ranks run the same number of
+batches: a rank with fewer rows repeats its last batch (or a one-row stand-in) and drops the result.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from launcher.dist import Dist, gather, max_over_ranks
+from launcher.metrics import report
+from llm.prompts import Encoded
+from llm.scorer import collate, yes_prob
+from pipeline.schema import Sample
+
+Forward = Callable[[dict[str, torch.Tensor], list[Encoded]], torch.Tensor]
+
+
+def score(model: Any, examples: list[Encoded], batch_size: int, no_yes: tuple[int, int], pad_id: int,
+          d: Dist, forward: Forward | None = None) -> np.ndarray:
+    """P(Yes) for this rank's examples (answers must be empty), in order.
+
+    `forward(batch, examples)` replaces the plain text scorer (stage 3 injects vectors there).
+    """
+    n_batches = max_over_ranks(math.ceil(len(examples) / batch_size))
+    stand_in = examples[:1] or [Encoded([pad_id], [], -1, 0)]
+    out: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    for i in range(n_batches):
+        chunk = examples[i * batch_size:(i + 1) * batch_size]
+        batch = {k: v.to(d.device) for k, v in collate(chunk or stand_in, pad_id).items()}
+        p = forward(batch, chunk or stand_in) if forward else yes_prob(model, batch, no_yes)
+        if chunk:
+            out.append(p.float().cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def gather_report(samples: list[Sample], scores: np.ndarray) -> tuple[dict[str, dict], list[dict]]:
+    """Every rank's rows gathered; the metrics report (overall/warm/cold) and the per-row records."""
+    rows = [{"row_id": s["row_id"], "user_id": s["user_id"], "item_id": s["item_id"], "label": s["label"],
+             "warm": s["warm"], "score": float(p)} for s, p in zip(samples, scores, strict=True)]
+    rows = sorted((r for part in gather(rows) for r in part), key=lambda r: r["row_id"])
+    cols = {k: np.array([r[k] for r in rows]) for k in ("user_id", "label", "score", "warm")}
+    return report(cols["user_id"], cols["label"], cols["score"], cols["warm"]), rows

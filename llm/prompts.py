@@ -1,0 +1,90 @@
+"""The prompt templates of ../shared/docs/method.md, in one place, and their tokenization.
+
+Three prompts: the text-only stage-1 prompt (`lora`), the stage-3 prompt with the special tokens
+(`sella`), and the semantic distillation prompt (`distill`). The ML-1M wording is the template; Amazon
+Book swaps the domain words. Prompts are wrapped in the model's chat template when it has one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from pipeline.schema import Sample
+
+Domain = Literal["movie", "book"]
+Kind = Literal["lora", "sella"]
+ANSWERS = {1: "Yes.", 0: "No."}
+
+WORDS = {
+    "movie": {"item": "movie", "items": "movies", "list": "MovieList", "target": "TargetMovie", "Item": "Movie"},
+    "book": {"item": "book", "items": "books", "list": "BookList", "target": "TargetBook", "Item": "Book"},
+}
+
+SYSTEM = {
+    "lora": ("A user has given high ratings to the following {items}. Given the {item} list and a target "
+             "{item}'s title, identify whether the user will like the target {item} by answering 'Yes.' or 'No.'"),
+    "sella": ("A user has given high ratings to the following {items}. Given the {item} list, the user's "
+              "feature, the target {item}'s feature and its title, identify whether the user will like the "
+              "target {item} by answering 'Yes.' or 'No.'"),
+}
+USER = {
+    "lora": "{list}: {titles}, {target}: {title}",
+    "sella": ("The {list}: {titles}. The user's feature is <User_ID>. The target {item}'s feature is "
+              "<Item_ID>, <Warm_ID>. {target}: {title}."),
+}
+DISTILL = "{Item}: {title}"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized example: prompt ids, answer ids (empty when scoring) and the sample's row id."""
+
+    prompt: list[int]
+    answer: list[int]
+    row_id: int
+    titles_used: int
+
+
+def user_text(kind: Kind, domain: Domain, titles: list[str], title: str) -> str:
+    return USER[kind].format(titles=", ".join(f'"{t}"' for t in titles), title=f'"{title}"', **WORDS[domain])
+
+
+def system_text(kind: Kind, domain: Domain) -> str:
+    return SYSTEM[kind].format(**WORDS[domain])
+
+
+def distill_text(domain: Domain, title: str) -> str:
+    return DISTILL.format(title=title, **WORDS[domain])
+
+
+def render(tokenizer: Tokenizer, system: str, user: str, chat: bool = True) -> str:
+    """The prompt text up to where the answer starts (the assistant turn's opening when chatting)."""
+    if chat and tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                              {"role": "user", "content": user}],
+                                             tokenize=False, add_generation_prompt=True)
+    return f"{system}\n{user}\nAnswer: "
+
+
+def answer_ids(tokenizer: Tokenizer, label: int) -> list[int]:
+    """Token ids of the answer ('Yes.' or 'No.') followed by end-of-turn."""
+    return tokenizer(ANSWERS[label], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+
+def encode(tokenizer: Tokenizer, sample: Sample, kind: Kind, domain: Domain, max_length: int,
+           history_titles: int = 10, chat: bool = True, with_answer: bool = True) -> Encoded:
+    """Tokenize one sample; drops the oldest history titles until prompt + answer fit in `max_length`."""
+    titles = list(sample["history_titles"])[-history_titles:] if history_titles else []
+    answer = answer_ids(tokenizer, int(sample["label"])) if with_answer else []
+    while True:
+        text = render(tokenizer, system_text(kind, domain), user_text(kind, domain, titles, sample["title"]), chat)
+        prompt = tokenizer(text, add_special_tokens=False).input_ids
+        if len(prompt) + len(answer) <= max_length or not titles:
+            break
+        titles = titles[1:]
+    if len(prompt) + len(answer) > max_length:
+        raise ValueError(f"row {sample['row_id']}: the prompt without history needs {len(prompt) + len(answer)} "
+                         f"tokens, more than llm.max_length={max_length}")
+    return Encoded(prompt, answer, int(sample["row_id"]), len(titles))

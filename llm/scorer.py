@@ -1,0 +1,66 @@
+"""Batching, the causal-LM loss and the Yes/No scorer, all computing LM-head logits only where needed.
+
+Sequences are left-padded so that every row's answer ends at the last position: the scorer needs the
+logits of one position (where the answer starts) and the answer-only loss those of the last few, which
+`logits_to_keep` gives without projecting every position onto the vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from llm.prompts import ANSWERS, Encoded
+
+IGNORE = -100
+
+
+def yes_no_ids(tokenizer: Tokenizer) -> tuple[int, int]:
+    """Token ids that start the answers 'No.' and 'Yes.'."""
+    no, yes = (tokenizer(ANSWERS[k], add_special_tokens=False).input_ids[0] for k in (0, 1))
+    if no == yes:
+        raise ValueError("the tokenizer gives 'Yes.' and 'No.' the same first token")
+    return no, yes
+
+
+def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad prompt+answer; labels are the answer tokens (IGNORE elsewhere); positions skip padding."""
+    seqs = [e.prompt + e.answer for e in examples]
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    labels = torch.full((len(seqs), length), IGNORE, dtype=torch.long)
+    for row, (e, s) in enumerate(zip(examples, seqs, strict=True)):
+        ids[row, length - len(s):] = torch.tensor(s)
+        mask[row, length - len(s):] = 1
+        if e.answer:
+            labels[row, length - len(e.answer):] = torch.tensor(e.answer)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "answer_len": torch.tensor(max(len(e.answer) for e in examples)),
+            "row_id": torch.tensor([e.row_id for e in examples])}
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], answer_only: bool = True,
+            inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy on the answer (answer_only) or on every non-pad token.
+
+    answer_only keeps the LM-head logits of the last answer_len + 1 positions only.
+    """
+    labels = batch["labels"] if answer_only else batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+    keep = int(batch["answer_len"]) + 1 if answer_only else 0
+    inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch["input_ids"]}
+    logits = model(**inputs, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                   logits_to_keep=keep, use_cache=False).logits
+    labels = labels[:, -logits.shape[1]:]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def yes_prob(model: torch.nn.Module, batch: dict[str, torch.Tensor], no_yes: tuple[int, int],
+             inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """P(Yes) = softmax over the {No, Yes} logits at the answer position (batch built without answers)."""
+    inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch["input_ids"]}
+    logits = model(**inputs, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                   logits_to_keep=1, use_cache=False).logits[:, -1, list(no_yes)]
+    return logits.float().softmax(-1)[:, 1]

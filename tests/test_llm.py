@@ -1,0 +1,84 @@
+"""The LLM layer on the tiny model: special tokens, prompts, answer-only logits, left-padded scoring."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm.model import SPECIAL_TOKENS, ModelSourceError, load_base, model_dir
+from llm.prompts import encode, system_text, user_text
+from llm.scorer import IGNORE, collate, lm_loss, yes_no_ids, yes_prob
+from pipeline.config import LLMConfig
+
+SAMPLES = [
+    {"row_id": 1, "user_id": 1, "item_id": 3, "label": 1, "timestamp": 0, "split": "train", "warm": 1,
+     "history_ids": [1, 2], "history_titles": ["Heat (1995)", "Casino (1995)"], "title": "Fargo (1996)"},
+    {"row_id": 2, "user_id": 2, "item_id": 4, "label": 0, "timestamp": 0, "split": "train", "warm": 0,
+     "history_ids": [5], "history_titles": ["Toy Story (1995)"], "title": "Jumanji (1995)"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = load_base(LLMConfig(model="tiny"))
+    return model.eval(), tokenizer
+
+
+def test_special_tokens_are_single_tokens_with_mean_rows(tiny) -> None:
+    model, tokenizer = tiny
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+    assert len(set(ids)) == 3 and min(ids) >= len(tokenizer) - 3
+    text = user_text("sella", "movie", ["A"], "B")
+    assert [i for i in tokenizer(text, add_special_tokens=False).input_ids if i in ids] == ids
+    weight = model.get_input_embeddings().weight
+    assert torch.allclose(weight[ids[0]], weight[: ids[0]].mean(0), atol=1e-6)
+    again, _ = load_base(LLMConfig(model="tiny"))
+    assert torch.equal(again.get_input_embeddings().weight, weight)  # deterministic on every rank
+
+
+def test_prompt_wording_and_book_domain() -> None:
+    assert "MovieList: \"Heat\", TargetMovie: \"Fargo\"" == user_text("lora", "movie", ["Heat"], "Fargo")
+    assert "BookList" in user_text("sella", "book", [], "X") and "books" in system_text("lora", "book")
+
+
+def test_encode_drops_oldest_titles_to_fit(tiny) -> None:
+    _, tokenizer = tiny
+    full = encode(tokenizer, SAMPLES[0], "lora", "movie", 512)
+    assert full.titles_used == 2 and full.answer[-1] == tokenizer.eos_token_id
+    short = encode(tokenizer, SAMPLES[0], "lora", "movie", len(full.prompt) + len(full.answer) - 1)
+    assert short.titles_used == 1 and "Casino" in tokenizer.decode(short.prompt)
+    with pytest.raises(ValueError, match="llm.max_length"):
+        encode(tokenizer, SAMPLES[0], "lora", "movie", 20)
+
+
+def test_answer_only_loss_equals_full_logits_loss(tiny) -> None:
+    model, tokenizer = tiny
+    batch = collate([encode(tokenizer, s, "lora", "movie", 512) for s in SAMPLES], tokenizer.pad_token_id)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"]).logits
+    ref = F.cross_entropy(full[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+    assert torch.allclose(lm_loss(model, batch, answer_only=True), ref, atol=1e-5)
+    seq_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+    seq_ref = F.cross_entropy(full[:, :-1].flatten(0, 1), seq_labels[:, 1:].flatten(), ignore_index=IGNORE)
+    assert torch.allclose(lm_loss(model, batch, answer_only=False), seq_ref, atol=1e-5)
+    assert (batch["labels"] != IGNORE).sum() == sum(len(tokenizer(a).input_ids) + 1 for a in ("Yes.", "No."))
+
+
+def test_left_padded_scores_equal_single_row_scores(tiny) -> None:
+    model, tokenizer = tiny
+    enc = [encode(tokenizer, s, "lora", "movie", 512, with_answer=False) for s in SAMPLES]
+    assert len(enc[0].prompt) != len(enc[1].prompt)
+    no_yes = yes_no_ids(tokenizer)
+    together = yes_prob(model, collate(enc, tokenizer.pad_token_id), no_yes)
+    alone = torch.cat([yes_prob(model, collate([e], tokenizer.pad_token_id), no_yes) for e in enc])
+    assert torch.allclose(together, alone, atol=1e-5)
+    batch = collate(enc[:1], tokenizer.pad_token_id)
+    logits = model(input_ids=batch["input_ids"]).logits[0, -1]
+    assert together[0] == pytest.approx(torch.softmax(logits[list(no_yes)], -1)[1].item(), abs=1e-5)
+
+
+def test_unknown_model_source_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(ModelSourceError, match="not found"):
+        model_dir(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelSourceError, match="config.json"):
+        model_dir(str(tmp_path))

@@ -1,0 +1,121 @@
+"""Stage 1 through the real `deepspeed --hostfile` launcher: 2 CPU ranks, ZeRO-3, gloo, the tiny model.
+
+A run killed mid-way (SIGKILL to rank 1) and started again resumes from its latest checkpoint and ends
+with the same adapter as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from tests.conftest import REPO, config
+
+STEPS, SAVE_EVERY = 30, 4
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_config(tmp: Path, data: Path, run: Path) -> Path:
+    cfg = config("ml-100k", data_dir=str(data), run_dir=str(run), llm={"model": "tiny", "max_length": 160},
+                 lora={"micro_batch": 2, "grad_accum": 2, "max_steps": STEPS, "save_every": SAVE_EVERY,
+                       "eval_every": 10, "eval_rows": 24, "eval_batch": 8, "shuffle_buffer": 50, "r": 8,
+                       "lr": 1e-3, "warmup_steps": 2})
+    path = tmp / f"{run.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
+
+
+def _launch(tmp: Path, cfg: Path) -> subprocess.Popen:
+    hostfile = tmp / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check",
+           "--master_addr", "127.0.0.1", "--master_port", str(_port()),
+           str(REPO / "launcher" / "train.py"), "--config", str(cfg), "--stage", "lora"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _rank_pid(cfg: Path, rank: int) -> int | None:
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(cfg).encode() in cmd and f"--local_rank={rank}".encode() in cmd:
+            return int(proc.name)
+    return None
+
+
+@pytest.fixture(scope="module")
+def runs(ml100k_out: Path, tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("lora")
+    whole, killed = tmp / "whole", tmp / "killed"
+    whole_proc = _launch(tmp, _write_config(tmp, ml100k_out, whole))
+    _finish(whole_proc)
+
+    cfg = _write_config(tmp, ml100k_out, killed)
+    proc = _launch(tmp, cfg)
+    latest = killed / "lora" / "ckpt" / "latest.json"
+    deadline = time.time() + 600
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    pid = _rank_pid(cfg, 1)
+    assert pid is not None and proc.poll() is None, "the run ended before it could be killed"
+    os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert not (killed / "lora" / "adapter").exists()
+    _finish(_launch(tmp, cfg))
+    return {"whole": whole, "killed": killed}
+
+
+def test_killed_run_resumes_to_the_same_adapter(runs: dict[str, Path]) -> None:
+    summary = json.loads((runs["killed"] / "lora" / "summary.json").read_text())
+    assert summary["resumed_from"] >= SAVE_EVERY and summary["steps"] == STEPS
+    a = load_file(runs["whole"] / "lora" / "adapter" / "adapter_model.safetensors")
+    b = load_file(runs["killed"] / "lora" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # training moved B away from 0
+    for key in a:
+        assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_run_artifacts(runs: dict[str, Path]) -> None:
+    from peft import PeftConfig
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lora = runs["whole"] / "lora"
+    summary = json.loads((lora / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["zero_stage"] == 3 and len(summary["memory_per_rank"]) == 2
+    assert summary["valid"]["overall"]["rows"] == 24 and summary["zero_shot_valid"]["overall"]["rows"] == 24
+    assert PeftConfig.from_pretrained(str(lora / "adapter")).r == 8
+    assert (lora / "adapter" / "tokenizer_config.json").is_file()
+    events = EventAccumulator(str(runs["whole"] / "tb" / "lora")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "valid/overall/auc",
+            "valid/overall/uauc"} <= tags
+    assert len(events.Scalars("train/loss")) == STEPS
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs[1] > lrs[0] and lrs[-1] < max(lrs)  # warmup, then cosine decay
+    assert len(list((lora / "ckpt").glob("step*"))) <= 2

@@ -1,0 +1,63 @@
+"""The metrics module against scikit-learn on random data, and CoLLM's UAUC skipping rule."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from launcher.metrics import auc, report, uauc
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_matches_sklearn_with_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 2000)
+    scores = np.round(rng.random(2000) + 0.3 * labels, 1)  # rounding makes many ties
+    assert auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_auc_one_class_is_nan() -> None:
+    assert math.isnan(auc(np.ones(5), np.arange(5)))
+
+
+def _sklearn_uauc(users, labels, scores) -> tuple[float, int]:
+    values = []
+    for u in np.unique(users):
+        m = users == u
+        if m.sum() > 1 and len(np.unique(labels[m])) == 2:
+            values.append(roc_auc_score(labels[m], scores[m]))
+    return float(np.mean(values)), len(values)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_uauc_matches_sklearn_per_user_mean(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, 300, 3000)
+    labels = rng.integers(0, 2, 3000)
+    scores = rng.random(3000) + 0.2 * labels
+    value, n = uauc(users, labels, scores)
+    ref, ref_n = _sklearn_uauc(users, labels, scores)
+    assert n == ref_n and value == pytest.approx(ref, abs=1e-12)
+
+
+def test_uauc_skips_single_row_and_single_class_users() -> None:
+    users = np.array([1, 1, 1, 2, 3, 3])
+    labels = np.array([1, 0, 1, 1, 0, 0])
+    scores = np.array([0.9, 0.1, 0.2, 0.5, 0.3, 0.4])
+    value, n = uauc(users, labels, scores)
+    assert n == 1 and value == pytest.approx(1.0)  # user 1 only: both positives outscore the negative
+
+
+def test_report_splits_warm_and_cold() -> None:
+    rng = np.random.default_rng(7)
+    users = rng.integers(0, 50, 1000)
+    labels = rng.integers(0, 2, 1000)
+    scores = rng.random(1000)
+    warm = rng.integers(0, 2, 1000)
+    r = report(users, labels, scores, warm)
+    assert r["overall"]["rows"] == 1000 and r["warm"]["rows"] + r["cold"]["rows"] == 1000
+    m = warm == 0
+    assert r["cold"]["auc"] == pytest.approx(roc_auc_score(labels[m], scores[m]))
+    assert r["warm"]["uauc"] == pytest.approx(_sklearn_uauc(users[~m], labels[~m], scores[~m])[0])
