@@ -6,8 +6,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYTHONPATH := $(CURDIR)
 SUBMIT := spark-submit --driver-memory 4g
+DEEPSPEED := deepspeed --hostfile scripts/hostfile.local --no_ssh_check --master_addr 127.0.0.1
 
-.PHONY: setup demo test prep-ml1m prep-collm bench-prep clean
+.PHONY: setup demo test prep-ml1m prep-collm lora-collm bench-prep bench-llm clean
 
 setup:                      ## create .venv with the pinned stack and fetch the embedded default assets
 	scripts/setup.sh $(TARGET)
@@ -24,8 +25,14 @@ prep-ml1m: setup            ## ML-1M raw files from ../shared/data (users 1-2,99
 prep-collm: setup           ## CoLLM's published ML-1M benchmark splits
 	$(SUBMIT) pipeline/prep.py --config configs/collm-ml-1m.yaml --overwrite
 
+lora-collm: setup           ## stage 1 (LoRA, SmolLM2) on CoLLM's ML-1M splits, 2 ranks (after prep-collm)
+	$(DEEPSPEED) launcher/train.py --config configs/collm-ml-1m.yaml --stage lora
+
 bench-prep: setup           ## pipeline benchmark vs pandas (see docs/benchmarks.md)
 	python bench/prep.py
+
+bench-llm: setup            ## stage-1 tokens/s vs HF Trainer + PEFT, memory ZeRO-3 vs ZeRO-0 (after prep-collm)
+	python bench/llm_train.py
 
 clean:
 	rm -rf out .cache/data

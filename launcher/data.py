@@ -82,22 +82,21 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T 
         raise ValueError(f"{out_dir}: split {split!r} has {len(urls)} shard(s) for {world} ranks; "
                          "write smaller shards (output.shard_size) or use fewer ranks")
     window = micro_batch * 32 if length else micro_batch
+
+    def emit(items: list[T], rng: random.Random) -> list[list[T]]:
+        if length:
+            items = sorted(items, key=length)
+        batches = [items[i:i + micro_batch] for i in range(0, len(items) - micro_batch + 1, micro_batch)]
+        rng.shuffle(batches)
+        return batches
+
     for epoch in itertools.count():
         rng = random.Random(f"{seed}-{epoch}-{rank}")
         order = list(urls)
         random.Random(f"{seed}-{epoch}").shuffle(order)
         buffer: list[Sample] = []
         pending: list[T] = []
-        produced: list[list[T]] = []
-
-        def emit(items: list[T]) -> Iterator[list[T]]:
-            if length:
-                items = sorted(items, key=length)
-            batches = [items[i:i + micro_batch] for i in range(0, len(items) - micro_batch + 1, micro_batch)]
-            rng.shuffle(batches)
-            produced.extend(batches[:1])
-            yield from batches
-
+        produced = 0
         for url in order[rank::world]:
             for sample in read_shard(url):
                 buffer.append(sample)
@@ -107,10 +106,13 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T 
                 if encoded is not None:
                     pending.append(encoded)
                 if len(pending) == window:
-                    yield from emit(pending)
+                    batches = emit(pending, rng)
+                    produced += len(batches)
+                    yield from batches
                     pending = []
         rng.shuffle(buffer)
         pending.extend(e for e in map(encode, buffer) if e is not None)
-        yield from emit(pending[: len(pending) - len(pending) % micro_batch])
-        if not produced:
+        batches = emit(pending, rng)
+        yield from batches
+        if not produced + len(batches):
             raise ValueError(f"rank {rank}: its shards of split {split!r} hold fewer than {micro_batch} usable samples")

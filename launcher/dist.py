@@ -57,17 +57,15 @@ def gather(obj: Any) -> list[Any]:
     return out
 
 
-def max_over_ranks(n: int) -> int:
-    t = torch.tensor([n], dtype=torch.long)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+def _reduce(x: float, op: dist.ReduceOp) -> float:
+    t = torch.tensor([x], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+def max_over_ranks(x: float) -> float:
+    return _reduce(x, dist.ReduceOp.MAX)
 
 
 def sum_over_ranks(x: float) -> float:
-    t = torch.tensor([x], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return float(t.item())
+    return _reduce(x, dist.ReduceOp.SUM)

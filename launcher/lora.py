@@ -15,10 +15,11 @@ import deepspeed
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model, get_peft_model_state_dict
+from transformers.integrations import HfDeepSpeedConfig
 
 from launcher import checkpoint
 from launcher.data import eval_samples, train_batches
-from launcher.dist import Dist, gather, sum_over_ranks
+from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import cosine_schedule, ds_config, planned_steps
 from launcher.metrics import format_report
 from launcher.monitor import Monitor, peak_memory_mb
@@ -37,6 +38,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     tc, lc = cfg.lora, cfg.llm
     out = run_dir / STAGE
     torch.manual_seed(tc.seed)
+    config = ds_config(cfg.deepspeed, tc, d)
+    zero3 = HfDeepSpeedConfig(config) if cfg.deepspeed.zero_stage == 3 else None  # load into partitions
     model, tokenizer = load_base(lc, d.dtype)
     model = get_peft_model(model, PeftLoraConfig(r=tc.r, lora_alpha=tc.alpha, lora_dropout=tc.dropout,
                                                  target_modules=tc.target_modules, task_type="CAUSAL_LM"))
@@ -52,7 +55,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     train_rows = load_manifest(data_dir)["splits"]["train"]["rows"]
     total = planned_steps(tc, train_rows, d.world)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=ds_config(cfg.deepspeed, tc, d), lr_scheduler=cosine_schedule(tc, total))
+                                      config=config, lr_scheduler=cosine_schedule(tc, total))
     state = checkpoint.load(engine, out / "ckpt") or {"step": 0, "zero_shot": None}
     start = state["step"]
 
@@ -77,9 +80,10 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     batches = itertools.islice(batches, start * tc.grad_accum, None)
     engine.train()
     answer_only = tc.loss == "answer"
-    t_last, tokens, losses = time.time(), 0.0, []
+    window_time, tokens, losses = 0.0, 0.0, []
     train_time, train_tokens = 0.0, 0.0
     for step in range(start + 1, total + 1):
+        t0 = time.time()
         for _ in range(tc.grad_accum):
             batch = {k: v.to(d.device) for k, v in collate(next(batches), pad).items()}
             loss = lm_loss(engine, batch, answer_only)
@@ -87,22 +91,21 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
             engine.step()
             losses.append(loss.item())
             tokens += float(batch["attention_mask"].sum())
+        window_time += time.time() - t0
         if step % tc.log_every == 0 or step == total:
-            elapsed = time.time() - t_last
-            all_tokens = sum_over_ranks(tokens)
+            all_tokens, elapsed = sum_over_ranks(tokens), max_over_ranks(window_time)
             train_time, train_tokens = train_time + elapsed, train_tokens + all_tokens
             logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / d.world, "lr": engine.get_lr()[0],
                     "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": all_tokens / elapsed}
             monitor.scalars(step, logs, "train/")
             monitor.step({"loss": f"{logs['loss']:.4f}", "tok/s": f"{logs['tokens_per_s']:.0f}"})
-            t_last, tokens, losses = time.time(), 0.0, []
+            window_time, tokens, losses = 0.0, 0.0, []
         else:
             monitor.step({})
         if tc.eval_every and step % tc.eval_every == 0 and step != total:
             validate(step)
         if step % tc.save_every == 0 and step != total:
             checkpoint.save(engine, out / "ckpt", step, {"zero_shot": state["zero_shot"]}, tc.keep_checkpoints)
-            t_last = time.time()
     metrics = validate(total)
     save_adapter(engine, tokenizer, out / "adapter", cfg.deepspeed.zero_stage == 3, d)
     memory = gather(peak_memory_mb())
@@ -113,6 +116,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     monitor.close()
+    del zero3
     return summary
 
 

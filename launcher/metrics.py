@@ -1,6 +1,7 @@
 """The one metrics module: AUC, UAUC (CoLLM's rule) and the overall / warm / cold report used by every stage."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -37,7 +38,7 @@ def uauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[flo
     users, labels, scores = users[order], labels[order], scores[order]
     bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
     per_user = []
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+    for lo, hi in itertools.pairwise(bounds):
         if hi - lo > 1:
             value = auc(labels[lo:hi], scores[lo:hi])
             if not math.isnan(value):

@@ -27,7 +27,7 @@ def score(model: Any, examples: list[Encoded], batch_size: int, no_yes: tuple[in
 
     `forward(batch, examples)` replaces the plain text scorer (stage 3 injects vectors there).
     """
-    n_batches = max_over_ranks(math.ceil(len(examples) / batch_size))
+    n_batches = int(max_over_ranks(math.ceil(len(examples) / batch_size)))
     stand_in = examples[:1] or [Encoded([pad_id], [], -1, 0)]
     out: list[torch.Tensor] = []
     was_training = model.training

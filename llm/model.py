@@ -7,7 +7,9 @@
 - a hub id such as `Qwen/Qwen2-7B`, resolved from the local HF cache only (nothing loads from a hub);
 - `tiny`: a small Llama built from `llm.tiny` with a fixed seed, using the default model's tokenizer.
 Every path adds the three special tokens and gives their embedding rows a deterministic start (the mean
-row), so the same base is rebuilt identically by every stage and every rank.
+row), so the same base is rebuilt identically by every stage and every rank. When a DeepSpeed ZeRO-3
+config is active (transformers' HfDeepSpeedConfig), weights are loaded straight into partitions
+(zero.Init), so no rank ever holds the whole model.
 """
 from __future__ import annotations
 
@@ -15,11 +17,19 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 from transformers import PreTrainedTokenizerBase as Tokenizer
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from pipeline.config import LLMConfig
 
@@ -90,12 +100,19 @@ def add_special_tokens(model: PreTrainedModel, tokenizer: Tokenizer) -> None:
     The tokenizer already holds the tokens (load_tokenizer); the embeddings grow when they are smaller.
     """
     ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+    if model.config.vocab_size < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():
-        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if emb is not None:
-                emb.weight[ids] = emb.weight[: min(ids)].mean(0)
+    weights = list({id(e.weight): e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings())
+                    if e is not None}.values())
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+    else:
+        gathered = nullcontext()
+    with gathered, torch.no_grad():
+        for weight in weights:
+            weight[ids] = weight[: min(ids)].mean(0)
 
 
 def load_tokenizer(spec: str, cache: Path = DEFAULT_CACHE) -> Tokenizer:
@@ -121,9 +138,13 @@ def load_base(cfg: LLMConfig, dtype: torch.dtype = torch.float32,
                            tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
         with torch.random.fork_rng():
             torch.manual_seed(t.seed)
-            model = LlamaForCausalLM(arch).to(dtype)
+            model = LlamaForCausalLM._from_config(arch, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir(cfg.model, cache), dtype=dtype, local_files_only=True)
     add_special_tokens(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+if __name__ == "__main__":  # scripts/setup.sh: convert the embedded default once
+    print(f"SmolLM2-135M-Instruct (HF format): {model_dir('smollm2')}")

