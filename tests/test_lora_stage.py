@@ -119,3 +119,26 @@ def test_run_artifacts(runs: dict[str, Path]) -> None:
     lrs = [e.value for e in events.Scalars("train/lr")]
     assert lrs[1] > lrs[0] and lrs[-1] < max(lrs)  # warmup, then cosine decay
     assert len(list((lora / "ckpt").glob("step*"))) <= 2
+
+
+def test_train_batches_are_seeded_resumable_and_rank_disjoint(ml100k_out: Path) -> None:
+    from itertools import islice
+
+    from launcher.data import train_batches
+
+    def take(rank: int, seed: int, skip: int = 0) -> list[list[int]]:
+        stream = train_batches(ml100k_out, "train", lambda s: s["row_id"], 4, rank, 2, seed, 100, length=lambda r: r % 7)
+        return list(islice(stream, skip, 60))
+
+    first = take(0, 1)
+    assert take(0, 1) == first and take(0, 1, skip=20) == first[20:]
+    assert take(0, 2) != first
+    rows0 = {r for b in first for r in b}
+    assert len(rows0) == 240 and not rows0 & {r for b in take(1, 1) for r in b}
+
+
+def test_cli_names_a_missing_prep_output(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "launcher" / "train.py"), "--config",
+                           str(REPO / "configs" / "ml-100k.yaml"), "--stage", "lora", "--data", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"{tmp_path}/manifest.json: no manifest" in proc.stderr
