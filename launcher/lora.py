@@ -25,10 +25,10 @@ from launcher.metrics import format_report
 from launcher.monitor import Monitor, peak_memory_mb
 from launcher.validate import gather_report, score
 from llm.model import load_base
-from llm.prompts import encode
+from llm.prompts import Encoded, encode
 from llm.scorer import collate, lm_loss, yes_no_ids
 from pipeline.config import Config
-from pipeline.schema import load_manifest
+from pipeline.schema import Sample, load_manifest
 
 STAGE = "lora"
 
@@ -47,7 +47,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         model.print_trainable_parameters()
     pad, no_yes = tokenizer.pad_token_id, yes_no_ids(tokenizer)
 
-    def encode_train(sample: dict):
+    def encode_train(sample: Sample) -> Encoded | None:
         if lc.drop_no_history and not sample["history_titles"]:
             return None
         return encode(tokenizer, sample, "lora", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template)
