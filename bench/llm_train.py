@@ -27,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import load_config, parse_config  # noqa: E402
+from pipeline.config import load_config, parse_config
 
 
 def _port() -> int:

@@ -11,9 +11,12 @@ from launcher.dist import Dist
 from pipeline.config import DeepSpeedConfig, TrainConfig
 
 
-def ds_config(ds: DeepSpeedConfig, tc: TrainConfig, d: Dist) -> dict[str, Any]:
-    """The DeepSpeed JSON config: ZeRO stage and offload, AdamW, clipping, precision."""
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
+def ds_config(ds: DeepSpeedConfig, tc: TrainConfig, d: Dist, hidden_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config: ZeRO stage, buckets sized to the model, offload, AdamW, clipping, precision."""
+    bucket = ds.bucket_size or hidden_size * hidden_size
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": bucket}
+    if ds.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * bucket), stage3_param_persistence_threshold=10 * hidden_size)
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": ds.offload_optimizer}
     if ds.offload_param != "none":

@@ -24,7 +24,7 @@ from launcher.engine import cosine_schedule, ds_config, planned_steps
 from launcher.metrics import format_report
 from launcher.monitor import Monitor, peak_memory_mb
 from launcher.validate import gather_report, score
-from llm.model import load_base
+from llm.model import hidden_size, load_base
 from llm.prompts import Encoded, encode
 from llm.scorer import collate, lm_loss, yes_no_ids
 from pipeline.config import Config
@@ -38,7 +38,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     tc, lc = cfg.lora, cfg.llm
     out = run_dir / STAGE
     torch.manual_seed(tc.seed)
-    config = ds_config(cfg.deepspeed, tc, d)
+    config = ds_config(cfg.deepspeed, tc, d, hidden_size(lc))
     zero3 = HfDeepSpeedConfig(config) if cfg.deepspeed.zero_stage == 3 else None  # load into partitions
     model, tokenizer = load_base(lc, d.dtype)
     model = get_peft_model(model, PeftLoraConfig(r=tc.r, lora_alpha=tc.alpha, lora_dropout=tc.dropout,
@@ -125,7 +125,8 @@ def save_adapter(engine: deepspeed.DeepSpeedEngine, tokenizer, path: Path, zero3
     params = [p for p in engine.module.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(params, enabled=zero3):
         if d.main:
-            state = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(engine.module).items()}
+            state = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(
+                engine.module, save_embedding_layers=False).items()}
             engine.module.save_pretrained(str(path), state_dict=state, save_embedding_layers=False)
             tokenizer.save_pretrained(str(path))
     torch.distributed.barrier()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -113,6 +114,13 @@ def add_special_tokens(model: PreTrainedModel, tokenizer: Tokenizer) -> None:
     with gathered, torch.no_grad():
         for weight in weights:
             weight[ids] = weight[: min(ids)].mean(0)
+
+
+def hidden_size(cfg: LLMConfig, cache: Path = DEFAULT_CACHE) -> int:
+    """The model's hidden size, read from its config without loading weights."""
+    if cfg.model == "tiny":
+        return cfg.tiny.hidden
+    return AutoConfig.from_pretrained(model_dir(cfg.model, cache), local_files_only=True).hidden_size
 
 
 def load_tokenizer(spec: str, cache: Path = DEFAULT_CACHE) -> Tokenizer:

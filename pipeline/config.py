@@ -177,6 +177,8 @@ class DeepSpeedConfig(_Strict):
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_param: Literal["none", "cpu"] = "none"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    bucket_size: int | None = Field(None, ge=1, description="ZeRO reduce / ZeRO-3 prefetch bucket in elements; "
+                                    "null: hidden_size^2, like the 'auto' of Hugging Face's DeepSpeed integration")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
 
 
