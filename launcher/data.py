@@ -61,10 +61,9 @@ def eval_samples(out_dir: str | Path, split: str, rows: int | None, rank: int, w
     urls = shard_urls(out_dir, split)
     if not urls:
         raise ValueError(f"{out_dir}: split {split!r} has no shards")
-    kept = sorted((_stable_key(s["row_id"]), s["row_id"]) for u in urls for s in read_shard(u) if keep(s))
-    chosen = [r for _, r in (kept if rows is None else kept[:rows])]
-    mine = set(sorted(chosen)[rank::world])
-    return [s for u in urls for s in read_shard(u) if s["row_id"] in mine]
+    kept = sorted((s for u in urls for s in read_shard(u) if keep(s)), key=lambda s: _stable_key(s["row_id"]))
+    chosen = sorted(kept if rows is None else kept[:rows], key=lambda s: s["row_id"])
+    return chosen[rank::world]
 
 
 def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T | None], micro_batch: int,

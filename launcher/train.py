@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -58,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
 
     d = setup(cfg.deepspeed)
     if args.fresh and d.main:
-        import shutil
-
         shutil.rmtree(run_dir / args.stage / "ckpt", ignore_errors=True)
     import torch.distributed as dist
 
