@@ -79,10 +79,11 @@ def hf_worker(args: argparse.Namespace) -> None:
 
     import torch
     import torch.distributed as dist
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from launcher.data import read_shard
+    from launcher.lora import peft_config
     from llm.model import load_base
     from llm.prompts import encode
     from llm.scorer import IGNORE
@@ -92,8 +93,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     lc, tc = cfg.llm, cfg.lora
     torch.manual_seed(tc.seed)
     model, tokenizer = load_base(lc)
-    model = get_peft_model(model, LoraConfig(r=tc.r, lora_alpha=tc.alpha, lora_dropout=tc.dropout,
-                                             target_modules=tc.target_modules, task_type="CAUSAL_LM"))
+    model = get_peft_model(model, peft_config(tc))
     need = args.steps * args.micro_batch * args.grad_accum * int(os.environ["WORLD_SIZE"])
     rows = []
     for url in shard_urls(args.data, "train"):

@@ -27,10 +27,16 @@ from launcher.validate import gather_report, score
 from llm.model import hidden_size, load_base
 from llm.prompts import Encoded, encode
 from llm.scorer import collate, lm_loss, yes_no_ids
-from pipeline.config import Config
+from pipeline.config import Config, LoraConfig
 from pipeline.schema import Sample, load_manifest
 
 STAGE = "lora"
+
+
+def peft_config(tc: LoraConfig) -> PeftLoraConfig:
+    """The PEFT LoRA config of the `lora` section."""
+    return PeftLoraConfig(r=tc.r, lora_alpha=tc.alpha, lora_dropout=tc.dropout, target_modules=tc.target_modules,
+                          task_type="CAUSAL_LM")
 
 
 def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
@@ -41,14 +47,16 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     config = ds_config(cfg.deepspeed, tc, d, hidden_size(lc))
     zero3 = HfDeepSpeedConfig(config) if cfg.deepspeed.zero_stage == 3 else None  # load into partitions
     model, tokenizer = load_base(lc, d.dtype)
-    model = get_peft_model(model, PeftLoraConfig(r=tc.r, lora_alpha=tc.alpha, lora_dropout=tc.dropout,
-                                                 target_modules=tc.target_modules, task_type="CAUSAL_LM"))
+    model = get_peft_model(model, peft_config(tc))
     if d.main:
         model.print_trainable_parameters()
     pad, no_yes = tokenizer.pad_token_id, yes_no_ids(tokenizer)
 
+    def keep(sample: Sample) -> bool:
+        return bool(sample["history_titles"]) or not lc.drop_no_history
+
     def encode_train(sample: Sample) -> Encoded | None:
-        if lc.drop_no_history and not sample["history_titles"]:
+        if not keep(sample):
             return None
         return encode(tokenizer, sample, "lora", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template)
 
@@ -59,7 +67,6 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     state = checkpoint.load(engine, out / "ckpt") or {"step": 0, "zero_shot": None}
     start = state["step"]
 
-    keep = (lambda s: bool(s["history_titles"])) if lc.drop_no_history else (lambda s: True)
     valid = eval_samples(data_dir, "valid", tc.eval_rows, d.rank, d.world, keep)
     valid_enc = [encode(tokenizer, s, "lora", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template,
                         with_answer=False) for s in valid]
