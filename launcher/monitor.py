@@ -23,6 +23,11 @@ class Monitor:
             for key, value in values.items():
                 self.writer.add_scalar(prefix + key, value, step)
 
+    def embedding(self, vectors: torch.Tensor, labels: list[str], tag: str, step: int) -> None:
+        """Vectors with one label each for TensorBoard's embedding projector."""
+        if self.writer:
+            self.writer.add_embedding(vectors, metadata=labels, tag=tag, global_step=step)
+
     def step(self, postfix: dict[str, str]) -> None:
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)

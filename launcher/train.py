@@ -5,7 +5,9 @@
     deepspeed --num_gpus 8 launcher/train.py --config configs/ml-1m.yaml --stage lora
     torchrun --nproc_per_node 2 launcher/train.py --config configs/ml-1m.yaml --stage lora
 
-Stages (../shared/docs/method.md): lora (stage 1, LoRA tuning on text-only prompts). Each stage reads
+Stages (../shared/docs/method.md): lora (stage 1, LoRA tuning on text-only prompts), distill (stage 2a,
+semantic item vectors from the tuned LLM), collab (stage 2b, the TorchRec-sharded Collab model aligned to
+them; `--set collab.align.weight=0` gives plain MF). Each stage reads
 the prep output (--data, default out/<config name>) and writes under the run directory (--run-dir,
 default runs/<config name>); a killed run resumes from its latest checkpoint when started again.
 Exit status 2 on a bad config or missing input.
@@ -13,6 +15,7 @@ Exit status 2 on a bad config or missing input.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -26,7 +29,7 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the reposit
 from pipeline.config import ConfigError, load_config
 from pipeline.schema import load_manifest
 
-STAGES = ("lora",)
+STAGES = ("lora", "distill", "collab")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage", required=True, choices=STAGES, help="training stage to run")
     p.add_argument("--data", help="prep output directory (default: data_dir of the config, else out/<name>)")
     p.add_argument("--run-dir", help="artifacts directory (default: run_dir of the config, else runs/<name>)")
-    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints of the stage")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set collab.align.weight=0 (YAML value; repeatable)")
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and outputs of the stage")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     return p.parse_args(argv)
 
@@ -44,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.set)
         data_dir = Path(args.data or cfg.data_dir or f"out/{cfg.name}")
         load_manifest(data_dir)
     except (ConfigError, FileNotFoundError, ValueError) as err:
@@ -55,20 +60,19 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", message="Please use DTensor instead")  # TorchRec's ShardedTensor state
     from launcher.dist import setup
 
     d = setup(cfg.deepspeed)
     if args.fresh and d.main:
-        shutil.rmtree(run_dir / args.stage / "ckpt", ignore_errors=True)
+        shutil.rmtree(run_dir / args.stage / ("ckpt" if args.stage == "lora" else ""), ignore_errors=True)
     import torch.distributed as dist
 
     dist.barrier()
-    if args.stage == "lora":
-        from launcher import lora
-
-        summary = lora.run(cfg, data_dir, run_dir, d)
+    recipe = importlib.import_module(f"launcher.{args.stage}")
+    summary = recipe.run(cfg, data_dir, run_dir, d)
     if d.main:
-        print(json.dumps({k: summary[k] for k in ("stage", "steps", "valid", "tokens_per_s")}, indent=1))
+        print(json.dumps(summary, indent=1))
     dist.destroy_process_group()
     return 0
 

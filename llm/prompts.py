@@ -59,6 +59,15 @@ def distill_text(domain: Domain, title: str) -> str:
     return DISTILL.format(title=title, **WORDS[domain])
 
 
+def encode_distill(tokenizer: Tokenizer, domain: Domain, title: str, max_length: int, chat: bool = False) -> list[int]:
+    """Token ids of the distillation prompt of one item (as a user turn when `chat`), at most `max_length`."""
+    text = distill_text(domain, title)
+    if chat and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids[-max_length:]
+
+
 def render(tokenizer: Tokenizer, system: str, user: str, chat: bool = True) -> str:
     """The prompt text up to where the answer starts (the assistant turn's opening when chatting)."""
     if chat and tokenizer.chat_template:

@@ -64,3 +64,15 @@ def yes_prob(model: torch.nn.Module, batch: dict[str, torch.Tensor], no_yes: tup
     logits = model(**inputs, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                    logits_to_keep=1, use_cache=False).logits[:, -1, list(no_yes)]
     return logits.float().softmax(-1)[:, 1]
+
+
+@torch.no_grad()
+def last_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final-layer hidden state (after the last norm) at the last position of each left-padded prompt.
+
+    Runs the backbone only (no LM head): `model` is a causal LM or a PEFT model around one.
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"], use_cache=False)
+    return out.last_hidden_state[:, -1]

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 SourceFormat = Literal["ml-1m", "ml-100k", "recbole", "amazon", "collm", "table"]
 # Python codec name -> the charset name Spark's decode() accepts
@@ -96,7 +103,7 @@ class SplitConfig(_Strict):
     halve_heldout: bool = False
 
     @model_validator(mode="after")
-    def _check_ranges(self) -> "SplitConfig":
+    def _check_ranges(self) -> SplitConfig:
         for name in ("train", "valid", "test"):
             lo, hi = getattr(self, name)
             if lo > hi:
@@ -218,6 +225,55 @@ class LoraConfig(TrainConfig):
                                                 "or on the whole sequence (authors' code)")
 
 
+class DistillConfig(_Strict):
+    """Stage 2a: item semantic vectors = the LLM's final hidden state at the last position of the
+    distillation prompt ("Movie: {title}"), through the base model and the stage-1 LoRA adapter."""
+
+    batch: int = Field(32, ge=1, description="prompts per forward")
+    chunk_items: int = Field(256, ge=1, description="items per chunk file; a resumed run skips finished chunks")
+    use_lora: bool = Field(True, description="distill through base + stage-1 adapter (false: base model only)")
+    chat_template: bool = Field(False, description="wrap the prompt in the chat template (default: raw text)")
+
+
+class AlignConfig(_Strict):
+    """L_align between Proj_C->L(e_i) and the semantic vector s_i (../shared/docs/method.md, stage 2b)."""
+
+    weight: float = Field(1.0, ge=0, description="w in BCE + w * L_align; 0 = plain MF (no semantic table)")
+    loss: Literal["infonce", "rince"] = "infonce"
+    tau: float = Field(0.2, gt=0)
+    rince_q: float = Field(0.01, gt=0)
+    rince_lambda: float = Field(0.1, gt=0)
+    dedupe: bool = Field(True, description="drop repeated items of a batch from the in-batch negatives")
+
+
+class CollabConfig(_Strict):
+    """Stage 2b: the Collab model (MF) on TorchRec-sharded tables with the contrastive alignment."""
+
+    dim: int = Field(256, ge=4, description="d_c, the collab embedding size")
+    proj_hidden: int = Field(1024, ge=1, description="hidden width of Proj_C->L")
+    init_std: float = Field(0.1, gt=0, description="user/item tables start from N(0, init_std)")
+    sharding: Literal["auto", "table_wise", "column_wise", "row_wise", "table_row_wise"] = Field(
+        "auto", description="auto: row_wise on GPU, table_wise on CPU; row_wise on CPU uses the CPU row-wise sharder")
+    table_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"
+    table_lr: float = Field(0.05, gt=0, description="fused optimizer lr of the user and item tables")
+    semantic_lr: float = Field(0.01, ge=0, description="fused optimizer lr of the semantic table")
+    l2: float = Field(0.03, ge=0, description="L2 penalty on the looked-up user and item rows, per sample "
+                      "(0.03: best valid AUC of MF on CoLLM ML-1M)")
+    dense_lr: float = Field(1e-3, gt=0, description="Adam lr of Proj_C->L")
+    weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay of Proj_C->L")
+    batch: int = Field(1024, ge=1, description="global batch (split over ranks)")
+    max_epochs: int = Field(100, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (budget)")
+    eval_every: int = Field(0, ge=0, description="validate every N steps (0: once per epoch)")
+    patience: int = Field(10, ge=1, description="stop after this many validations without a better valid AUC")
+    eval_batch: int = Field(8192, ge=1)
+    align: AlignConfig = AlignConfig()
+    semantic: str | None = Field(None, description="stage-2a vectors (default <run>/semantic.safetensors)")
+    align_eval_items: int = Field(10000, ge=1, description="items in the alignment-accuracy retrieval")
+    projector_items: int = Field(2000, ge=0, description="item vectors shown in TensorBoard's projector")
+    seed: int = 0
+
+
 class Config(_Strict):
     name: str
     domain: Literal["movie", "book"] = "movie"
@@ -231,6 +287,8 @@ class Config(_Strict):
     llm: LLMConfig = LLMConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     lora: LoraConfig = LoraConfig()
+    distill: DistillConfig = DistillConfig()
+    collab: CollabConfig = CollabConfig()
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
@@ -250,8 +308,24 @@ def parse_config(data: dict[str, Any], path: Path | str = "<config>") -> Config:
         raise ConfigError(_format_error(Path(path), err)) from None
 
 
-def load_config(path: str | Path) -> Config:
-    """Load and validate one YAML config file."""
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Set `a.b.c=value` overrides (value parsed as YAML) in a config mapping."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. collab.align.weight=0")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load and validate one YAML config file, with optional `KEY=VALUE` overrides."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -261,4 +335,4 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return parse_config(data, path)
+    return parse_config(apply_overrides(data, overrides), path)

@@ -8,85 +8,49 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from tests.conftest import REPO, config
+from tests.conftest import REPO
+from tests.launch import finish, launch, rank_pid, write_config
 
 STEPS, SAVE_EVERY = 30, 4
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _write_config(tmp: Path, data: Path, run: Path) -> Path:
-    cfg = config("ml-100k", data_dir=str(data), run_dir=str(run), llm={"model": "tiny", "max_length": 160},
-                 lora={"micro_batch": 2, "grad_accum": 2, "max_steps": STEPS, "save_every": SAVE_EVERY,
-                       "eval_every": 10, "eval_rows": 24, "eval_batch": 8, "shuffle_buffer": 50, "r": 8,
-                       "lr": 1e-3, "warmup_steps": 2})
-    path = tmp / f"{run.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    return path
-
-
-def _launch(tmp: Path, cfg: Path) -> subprocess.Popen:
-    hostfile = tmp / "hostfile"
-    hostfile.write_text("localhost slots=2\n")
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check",
-           "--master_addr", "127.0.0.1", "--master_port", str(_port()),
-           str(REPO / "launcher" / "train.py"), "--config", str(cfg), "--stage", "lora"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
-def _rank_pid(cfg: Path, rank: int) -> int | None:
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if str(cfg).encode() in cmd and f"--local_rank={rank}".encode() in cmd:
-            return int(proc.name)
-    return None
+    return write_config(tmp / f"{run.name}.yaml", data_dir=str(data), run_dir=str(run),
+                        llm={"model": "tiny", "max_length": 160},
+                        lora={"micro_batch": 2, "grad_accum": 2, "max_steps": STEPS, "save_every": SAVE_EVERY,
+                              "eval_every": 10, "eval_rows": 24, "eval_batch": 8, "shuffle_buffer": 50, "r": 8,
+                              "lr": 1e-3, "warmup_steps": 2})
 
 
 @pytest.fixture(scope="module")
 def runs(ml100k_out: Path, tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("lora")
     whole, killed = tmp / "whole", tmp / "killed"
-    whole_proc = _launch(tmp, _write_config(tmp, ml100k_out, whole))
-    _finish(whole_proc)
+    whole_proc = launch(_write_config(tmp, ml100k_out, whole), "lora")
+    finish(whole_proc)
 
     cfg = _write_config(tmp, ml100k_out, killed)
-    proc = _launch(tmp, cfg)
+    proc = launch(cfg, "lora")
     latest = killed / "lora" / "ckpt" / "latest.json"
     deadline = time.time() + 600
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    pid = _rank_pid(cfg, 1)
+    pid = rank_pid(cfg, 1)
     assert pid is not None and proc.poll() is None, "the run ended before it could be killed"
     os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert not (killed / "lora" / "adapter").exists()
-    _finish(_launch(tmp, cfg))
+    finish(launch(cfg, "lora"))
     return {"whole": whole, "killed": killed}
 
 

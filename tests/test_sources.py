@@ -4,7 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.prep import run
@@ -26,7 +26,7 @@ def test_synthetic_log_through_pipeline(spark, tmp_path: Path) -> None:
 
 
 def _ts(y: int, mo: int, d: int) -> int:
-    return int(datetime(y, mo, d, 12, tzinfo=timezone.utc).timestamp())
+    return int(datetime(y, mo, d, 12, tzinfo=UTC).timestamp())
 
 
 def test_amazon_source_year_filter_and_december_halves(spark, tmp_path: Path) -> None:

@@ -1,0 +1,218 @@
+"""Stage 2b (`collab`): the Collab model (MF) on TorchRec-sharded tables, aligned to the semantic table.
+
+Loss per global batch: BCE(<e_u, e_i>, y) + w * L_align(Proj_C->L(e_i), s_i) (method.md, stage 2b); w = 0
+is the plain MF baseline, without semantic table or projector. Tables are updated by fused optimizers in
+the backward pass, the projector by Adam. Each rank takes its slice of every global batch and its loss
+is its share of the global loss, so a run gives the same tables on any number of ranks.
+Validation every epoch (or `eval_every` steps) on all valid rows; the best valid AUC is kept and training
+stops after `patience` validations without improvement. Test is scored once, on the kept state.
+
+Reads: <data>/tables/{interactions,users,items}, <run>/semantic.safetensors (stage 2a) when w > 0.
+Writes: <run>/collab/collab.safetensors (the gathered tables `user`, `item`, `semantic`, and `projector.*`),
+<run>/collab/summary.json, TensorBoard under <run>/tb/collab (losses, valid AUC/UAUC, alignment accuracy,
+the embedding projector of item vectors labelled with titles).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from embeddings.align import alignment_loss, gather_rows, retrieval_accuracy
+from embeddings.collab import ITEM, SEMANTIC, USER, Collab, ids_kjt, mf_logits
+from embeddings.sharding import attach_optimizers, resolve, shard, sum_dense_grads
+from embeddings.tables import (
+    gather_tables,
+    init_from_file,
+    init_normal,
+    local_shards,
+    restore,
+    save_tensors,
+    snapshot,
+)
+from launcher.dist import Dist, gather, sum_over_ranks
+from launcher.metrics import format_report, report
+from launcher.monitor import Monitor, peak_memory_mb
+from pipeline.config import Config
+
+STAGE = "collab"
+COLUMNS = ["row_id", "user_id", "item_id", "label", "warm", "split"]
+
+
+def read_data(data_dir: Path) -> tuple[dict[str, pd.DataFrame], int, pd.DataFrame]:
+    """Rows per split (ids, label, warm), the largest user id and the items table (id, title)."""
+    rows = pd.read_parquet(data_dir / "tables" / "interactions", columns=COLUMNS)
+    splits = {s: part.sort_values("row_id").reset_index(drop=True) for s, part in rows.groupby("split", observed=True)}
+    users = pd.read_parquet(data_dir / "tables" / "users", columns=["user_id"])
+    items = pd.read_parquet(data_dir / "tables" / "items", columns=["item_id", "title"]).sort_values("item_id")
+    return splits, int(users.user_id.max()), items.reset_index(drop=True)
+
+
+def semantic_dim(path: Path) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        return int(f.get_slice(SEMANTIC).get_shape()[1])
+
+
+@torch.no_grad()
+def forward_all(model: torch.nn.Module, ids: dict[str, torch.Tensor], batch: int, d: Dist,
+                fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+    """fn(looked-up rows) for every row of `ids`, computed in slices over the ranks and gathered on all.
+
+    The tables are model-parallel, so every rank runs the same number of lookups (padded with id 0).
+    """
+    n = len(next(iter(ids.values())))
+    per = -(-n // d.world)
+    lo, hi = min(n, d.rank * per), min(n, (d.rank + 1) * per)
+    out = []
+    for start in range(0, max(per, 1), batch):
+        part = {k: v[lo + start:min(hi, lo + start + batch)] for k, v in ids.items()}
+        real = len(next(iter(part.values())))
+        if real == 0:
+            part = {k: torch.zeros(1, dtype=torch.long) for k in ids}
+        rows = model(ids_kjt({k: v.to(d.device) for k, v in part.items()}))
+        out.append(fn(rows)[:real].float().cpu())
+    return gather_rows(torch.cat(out))
+
+
+def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
+    """Train the Collab model; returns the summary written to <run>/collab/summary.json."""
+    cc = cfg.collab
+    out = run_dir / STAGE
+    splits, max_user, items = read_data(data_dir)
+    max_item = int(items.item_id.max())
+    aligned = cc.align.weight > 0
+    sem_path = Path(cc.semantic) if cc.semantic else run_dir / "semantic.safetensors"
+    if aligned and not sem_path.is_file():
+        raise FileNotFoundError(f"{sem_path}: no semantic vectors; run --stage distill first, "
+                                "or set collab.align.weight: 0 for plain MF")
+    torch.manual_seed(cc.seed)
+    model = Collab(max_user, max_item, cc.dim, semantic_dim(sem_path) if aligned else None, cc.proj_hidden)
+    lrs = {USER: cc.table_lr, ITEM: cc.table_lr, SEMANTIC: cc.semantic_lr}
+    attach_optimizers(model.tables, lrs, cc.table_optimizer)
+    if model.projector is not None:
+        model.projector.to(d.device)
+    dmp = shard(model, cc.sharding, d.device)
+    for s in local_shards(dmp):
+        if s.table == SEMANTIC:
+            init_from_file(s, sem_path, SEMANTIC)
+        else:
+            init_normal(s, cc.seed, cc.init_std)
+    dense = list(model.projector.parameters()) if aligned else []
+    dense_opt = torch.optim.Adam(dense, lr=cc.dense_lr, weight_decay=cc.weight_decay) if dense else None
+    names = model.names
+
+    def ids(users: np.ndarray, item_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        u, i = torch.as_tensor(users, dtype=torch.long), torch.as_tensor(item_ids, dtype=torch.long)
+        return {USER: u, ITEM: i, SEMANTIC: i} if SEMANTIC in names else {USER: u, ITEM: i}
+
+    def evaluate(split: str) -> dict:
+        rows = splits[split]
+        logits = forward_all(dmp, ids(rows.user_id.to_numpy(), rows.item_id.to_numpy()), cc.eval_batch, d, mf_logits)
+        return report(rows.user_id.to_numpy(), rows.label.to_numpy(), logits.numpy(), rows.warm.to_numpy())
+
+    def align_accuracy(item_ids: np.ndarray) -> float:
+        """How often an item's projected collab vector retrieves its own semantic vector among `item_ids`."""
+        both = forward_all(dmp, ids(np.zeros_like(item_ids), item_ids), cc.eval_batch, d,
+                           lambda r: torch.cat([r[SEMANTIC], model.projector(r[ITEM])], -1))
+        return retrieval_accuracy(both[:, :both.shape[1] // 2], both[:, both.shape[1] // 2:])
+
+    train = splits["train"]
+    per_epoch = -(-len(train) // cc.batch)
+    total = min(cc.max_epochs * per_epoch, cc.max_steps or 1 << 62)
+    monitor = Monitor(d.main, run_dir / "tb" / STAGE, total, 0, STAGE)
+    align_items = items.item_id.to_numpy()[:cc.align_eval_items]
+    best = {"auc": -1.0, "step": 0, "state": None, "valid": None}
+    stale, step, samples, seconds, stopped = 0, 0, 0, 0.0, "budget"
+
+    def validate() -> bool:
+        """Validate; keep the state if valid AUC improved; True when patience has run out."""
+        nonlocal stale
+        metrics = evaluate("valid")
+        logs = {f"{g}/{k}": metrics[g][k] for g in metrics for k in ("auc", "uauc") if metrics[g][k] is not None}
+        if aligned:
+            logs["align_acc"] = align_accuracy(align_items)
+        monitor.scalars(step, logs, "valid/")
+        monitor.write(f"[{STAGE}] step {step}: valid\n{format_report(metrics)}"
+                      + (f"\nalignment accuracy {logs['align_acc']:.4f}" if aligned else ""))
+        if (metrics["overall"]["auc"] or 0.0) > best["auc"]:
+            best.update(auc=metrics["overall"]["auc"], step=step, valid=metrics,
+                        state=(snapshot(dmp), [p.detach().clone() for p in dense]))
+            stale = 0
+        else:
+            stale += 1
+        return stale >= cc.patience
+
+    labels_all = torch.as_tensor(train.label.to_numpy(), dtype=torch.float32)
+    users_all, items_all = train.user_id.to_numpy(), train.item_id.to_numpy()
+    for epoch in range(cc.max_epochs):
+        order = np.random.default_rng([cc.seed, epoch]).permutation(len(train))
+        for b in range(per_epoch):
+            t0 = time.time()
+            glob = order[b * cc.batch:(b + 1) * cc.batch]
+            mine = np.array_split(glob, d.world)[d.rank]
+            batch = {k: v.to(d.device) for k, v in ids(users_all[mine], items_all[mine]).items()}
+            if dense_opt:
+                dense_opt.zero_grad(set_to_none=True)
+            rows = dmp(ids_kjt(batch))
+            y = labels_all[mine].to(d.device)
+            bce = F.binary_cross_entropy_with_logits(mf_logits(rows), y, reduction="sum") / len(glob)
+            loss = bce + cc.l2 * (rows[USER].square().sum() + rows[ITEM].square().sum()) / len(glob)
+            if aligned:
+                align = alignment_loss(rows[SEMANTIC], model.projector(rows[ITEM]), batch[ITEM], cc.align.loss,
+                                       cc.align.tau, cc.align.rince_q, cc.align.rince_lambda, cc.align.dedupe)
+                loss = loss + cc.align.weight * align
+            loss.backward()
+            if dense_opt:
+                sum_dense_grads(dense)
+                dense_opt.step()
+            step, samples = step + 1, samples + len(glob)
+            seconds += time.time() - t0
+            logs = {"bce": sum_over_ranks(bce.item())}
+            if aligned:
+                logs["align"] = sum_over_ranks(align.item())
+                logs["loss"] = logs["bce"] + cc.align.weight * logs["align"]
+            monitor.scalars(step, logs, "train/")
+            monitor.step({k: f"{v:.4f}" for k, v in logs.items()} | {"epoch": str(epoch)})
+            last = step == total
+            due = (cc.eval_every and step % cc.eval_every == 0) or (not cc.eval_every and b == per_epoch - 1)
+            if (due or last) and validate():
+                stopped = "early_stop"
+            if stopped == "early_stop" or last:
+                break
+        if stopped == "early_stop" or step == total:
+            break
+
+    restore(dmp, best["state"][0])
+    with torch.no_grad():
+        for p, v in zip(dense, best["state"][1], strict=True):
+            p.copy_(v)
+    test = evaluate("test")
+    monitor.write(f"[{STAGE}] best step {best['step']}: test\n{format_report(test)}")
+    accuracy = align_accuracy(align_items) if aligned else None
+    tables = gather_tables(dmp)
+    if cc.projector_items:
+        show = items.iloc[:cc.projector_items]
+        for name in (n for n in (ITEM, SEMANTIC) if n in tables):
+            monitor.embedding(tables[name][show.item_id.to_numpy()], show.title.tolist(), f"{STAGE}/{name}", step)
+    if d.main:
+        proj = {f"projector.{k}": v.detach().cpu() for k, v in model.projector.state_dict().items()} if aligned else {}
+        save_tensors(out / "collab.safetensors", tables | proj,
+                     {"dim": str(cc.dim), "align_weight": str(cc.align.weight), "best_step": str(best["step"])})
+    summary = {"stage": STAGE, "steps": step, "best_step": best["step"], "stopped": stopped, "world": d.world,
+               "sharding": resolve(cc.sharding, d.device), "align_weight": cc.align.weight,
+               "align_loss": cc.align.loss if aligned else None, "valid": best["valid"], "test": test,
+               "align_accuracy": accuracy, "align_items": len(align_items) if aligned else 0,
+               "train_seconds": seconds, "samples_per_s": samples / seconds,
+               "memory_per_rank": gather(peak_memory_mb())}
+    if d.main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    monitor.close()
+    torch.distributed.barrier()
+    return summary

@@ -1,0 +1,97 @@
+"""Stage 2a (`distill`): semantic item vectors from the LLM.
+
+For every item, the final-layer hidden state at the last position of the distillation prompt
+("Movie: {title}") through the base model and the stage-1 LoRA adapter (method.md, stage 2a). Items are
+cut into chunks of `distill.chunk_items`; rank r takes chunks r, r + world, ...; each finished chunk is
+written to <run>/distill/chunks/ at once, so a killed run skips the chunks it already has.
+Writes: <run>/semantic.safetensors, float32: `semantic` [max item id + 1, d_llm] indexed by item id (row 0 and
+items without a title are zero) and `item_ids`, the ids that have a vector; <run>/distill/summary.json.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from peft import PeftModel
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from embeddings.tables import save_tensors
+from launcher.dist import Dist, gather, max_over_ranks
+from launcher.monitor import peak_memory_mb
+from llm.model import load_base
+from llm.prompts import Encoded, encode_distill
+from llm.scorer import collate, last_hidden
+from pipeline.config import Config
+
+STAGE = "distill"
+OUTPUT = "semantic.safetensors"
+
+
+def read_items(data_dir: Path) -> pd.DataFrame:
+    """item_id and title of every item of the prep output, by item id."""
+    items = pd.read_parquet(data_dir / "tables" / "items", columns=["item_id", "title"])
+    return items.sort_values("item_id").reset_index(drop=True)
+
+
+def load_llm(cfg: Config, run_dir: Path, d: Dist) -> tuple[torch.nn.Module, object]:
+    """The base LLM with the stage-1 adapter (when `distill.use_lora`), in eval mode on this rank's device."""
+    model, tokenizer = load_base(cfg.llm, d.dtype)
+    if cfg.distill.use_lora:
+        adapter = run_dir / "lora" / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter}: no stage-1 adapter; run --stage lora first "
+                                    "or set distill.use_lora: false")
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model.to(d.device).eval(), tokenizer
+
+
+def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
+    """Distill every item's semantic vector; returns the summary written to <run>/distill/summary.json."""
+    dc = cfg.distill
+    chunk_dir = run_dir / STAGE / "chunks"
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    items = read_items(data_dir)
+    n_chunks = -(-len(items) // dc.chunk_items)
+    path = lambda c: chunk_dir / f"chunk-{c:06d}.safetensors"
+    todo = [c for c in range(d.rank, n_chunks, d.world) if not path(c).is_file()]
+    skipped = len(range(d.rank, n_chunks, d.world)) - len(todo)
+    model, tokenizer = load_llm(cfg, run_dir, d)
+    start, done = time.time(), 0
+    for c in tqdm(todo, desc=f"[{STAGE}] rank {d.rank}", unit="chunk", disable=not d.main, mininterval=1.0):
+        part = items.iloc[c * dc.chunk_items:(c + 1) * dc.chunk_items]
+        encoded = [Encoded(encode_distill(tokenizer, cfg.domain, title, cfg.llm.max_length, dc.chat_template), [],
+                           int(i), 0) for i, title in zip(part.item_id, part.title, strict=True)]
+        vectors = []
+        for lo in range(0, len(encoded), dc.batch):
+            batch = {k: v.to(d.device) for k, v in collate(encoded[lo:lo + dc.batch], tokenizer.pad_token_id).items()}
+            vectors.append(last_hidden(model, batch).float().cpu())
+        save_tensors(path(c), {"item_ids": torch.tensor(part.item_id.to_numpy(), dtype=torch.long),
+                               "vectors": torch.cat(vectors)}, {"chunk": str(c)})
+        done += len(part)
+    seconds = max_over_ranks(time.time() - start)
+    dist.barrier()
+    computed = sum(gather(done))
+    summary = {"stage": STAGE, "items": len(items), "chunks": n_chunks, "computed_items": computed,
+               "skipped_chunks": sum(gather(skipped)), "seconds": seconds, "world": d.world,
+               "items_per_s": computed / seconds if computed else None,
+               "memory_per_rank": gather(peak_memory_mb())}
+    if d.main:
+        merge([path(c) for c in range(n_chunks)], int(items.item_id.max()), run_dir / OUTPUT,
+              {"model": cfg.llm.model, "lora": str(dc.use_lora), "prompt": "distill", "domain": cfg.domain})
+        (run_dir / STAGE / "summary.json").write_text(json.dumps(summary, indent=2))
+    dist.barrier()
+    return summary
+
+
+def merge(chunks: list[Path], max_id: int, out: Path, metadata: dict[str, str]) -> None:
+    """Write the chunk files as one table indexed by item id."""
+    parts = [load_file(str(p)) for p in chunks]
+    ids = torch.cat([p["item_ids"] for p in parts])
+    table = torch.zeros(max_id + 1, parts[0]["vectors"].shape[1], dtype=torch.float32)
+    table[ids] = torch.cat([p["vectors"] for p in parts])
+    save_tensors(out, {"semantic": table, "item_ids": ids.sort().values}, metadata)

@@ -1,0 +1,58 @@
+"""Starting launcher/train.py through the real `deepspeed` launcher from tests (CPU ranks, gloo)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.conftest import REPO, config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, name: str = "ml-100k", **overrides: Any) -> Path:
+    """configs/<name>.yaml with nested overrides, written to `path`."""
+    path.write_text(yaml.safe_dump(config(name, **overrides).model_dump(mode="json")))
+    return path
+
+
+def launch(cfg: Path, stage: str, ranks: int = 2, *extra: str) -> subprocess.Popen:
+    """`deepspeed --hostfile` (localhost slots=ranks) running one stage; stdout and stderr piped together.
+
+    Starts a new process session, so a test can kill the whole job with os.killpg.
+    """
+    hostfile = cfg.parent / f"hostfile{ranks}"
+    hostfile.write_text(f"localhost slots={ranks}\n")
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           str(REPO / "launcher" / "train.py"), "--config", str(cfg), "--stage", stage, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def rank_pid(cfg: Path, rank: int) -> int | None:
+    """The pid of the training process of `rank` started with config `cfg`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(cfg).encode() in cmd and f"--local_rank={rank}".encode() in cmd:
+            return int(proc.name)
+    return None

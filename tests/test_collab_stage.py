@@ -1,0 +1,92 @@
+"""Stage 2b through the real `deepspeed --hostfile` launcher: TorchRec-sharded Collab tables on CPU ranks.
+
+Sharded training on 2 ranks (table_wise, column_wise, and row_wise through the CPU row-wise sharder) ends
+with the same tables, semantic table and projector as a 1-rank run with the same seed and data order.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+
+from tests.launch import finish, launch, write_config
+
+COLLAB = {"dim": 16, "proj_hidden": 32, "batch": 256, "max_steps": 12, "eval_batch": 4096,
+          "align_eval_items": 500, "projector_items": 100, "table_lr": 0.1, "semantic_lr": 0.05}
+
+
+def _run(tmp: Path, data: Path, semantic: Path, name: str, ranks: int, **collab) -> Path:
+    run = tmp / name
+    cfg = write_config(tmp / f"{name}.yaml", data_dir=str(data), run_dir=str(run),
+                       collab=COLLAB | {"semantic": str(semantic)} | collab)
+    finish(launch(cfg, "collab", ranks))
+    return run
+
+
+@pytest.fixture(scope="module")
+def semantic(ml100k_out: Path, tmp_path_factory) -> Path:
+    """Stand-in stage-2a vectors (d_llm = 24) for the ML-100K items."""
+    import pandas as pd
+
+    n = int(pd.read_parquet(ml100k_out / "tables" / "items", columns=["item_id"]).item_id.max())
+    path = tmp_path_factory.mktemp("sem") / "semantic.safetensors"
+    table = torch.randn(n + 1, 24, generator=torch.Generator().manual_seed(0))
+    table[0] = 0
+    save_file({"semantic": table, "item_ids": torch.arange(1, n + 1)}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(ml100k_out: Path, semantic: Path, tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("collab")
+    return {"one": _run(tmp, ml100k_out, semantic, "one", 1, sharding="table_wise"),
+            **{kind: _run(tmp, ml100k_out, semantic, kind, 2, sharding=kind)
+               for kind in ("table_wise", "column_wise", "row_wise")}}
+
+
+def _tables(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "collab" / "collab.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["table_wise", "column_wise", "row_wise"])
+def test_two_ranks_train_the_same_tables_as_one(runs: dict[str, Path], kind: str) -> None:
+    one, two = _tables(runs["one"]), _tables(runs[kind])
+    assert set(one) == set(two) == {"user", "item", "semantic", "projector.0.weight", "projector.0.bias",
+                                    "projector.2.weight", "projector.2.bias"}
+    for key in one:
+        assert_close(two[key], one[key], rtol=1e-4, atol=1e-4, msg=f"{kind}: {key}")  # summation order
+    summary = json.loads((runs[kind] / "collab" / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["sharding"] == kind and summary["steps"] == COLLAB["max_steps"]
+
+
+def test_tables_are_trained_and_exported(runs: dict[str, Path], semantic: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tables, start = _tables(runs["table_wise"]), load_file(semantic)["semantic"]
+    assert tables["semantic"].shape == start.shape and tables["user"].shape[1] == tables["item"].shape[1] == 16
+    moved = (tables["semantic"] - start).abs().amax(-1)
+    assert moved.max() > 1e-3 and (moved == 0).any()  # rows of batch items moved, others did not
+    summary = json.loads((runs["table_wise"] / "collab" / "summary.json").read_text())
+    assert summary["valid"]["overall"]["auc"] is not None and summary["test"]["overall"]["rows"] > 0
+    assert 0.0 <= summary["align_accuracy"] <= 1.0 and summary["align_items"] == 500
+    tb = runs["table_wise"] / "tb" / "collab"
+    tags = set(EventAccumulator(str(tb)).Reload().Tags()["scalars"])
+    assert {"train/bce", "train/align", "train/loss", "valid/overall/auc", "valid/overall/uauc",
+            "valid/align_acc"} <= tags
+    projector = (tb / "projector_config.pbtxt").read_text()
+    assert "collab/item" in projector and "collab/semantic" in projector
+    labels = next(tb.rglob("metadata.tsv")).read_text().splitlines()
+    assert len(labels) == 100 and all(labels)
+
+
+def test_plain_mf_stops_early_without_semantic_table(ml100k_out: Path, semantic: Path, tmp_path: Path) -> None:
+    run = _run(tmp_path, ml100k_out, semantic, "mf", 2, max_steps=400, eval_every=4, patience=2,
+               table_lr=0.5, align={"weight": 0})
+    summary = json.loads((run / "collab" / "summary.json").read_text())
+    assert summary["stopped"] == "early_stop" and summary["steps"] < 400
+    assert summary["best_step"] == summary["steps"] - 2 * 4
+    assert set(_tables(run)) == {"user", "item"} and summary["align_accuracy"] is None
