@@ -37,6 +37,7 @@ from embeddings.tables import (
     save_tensors,
     snapshot,
 )
+from launcher.data import read_items
 from launcher.dist import Dist, gather, sum_over_ranks
 from launcher.metrics import format_report, report
 from launcher.monitor import Monitor, peak_memory_mb
@@ -51,8 +52,7 @@ def read_data(data_dir: Path) -> tuple[dict[str, pd.DataFrame], int, pd.DataFram
     rows = pd.read_parquet(data_dir / "tables" / "interactions", columns=COLUMNS)
     splits = {s: part.sort_values("row_id").reset_index(drop=True) for s, part in rows.groupby("split", observed=True)}
     users = pd.read_parquet(data_dir / "tables" / "users", columns=["user_id"])
-    items = pd.read_parquet(data_dir / "tables" / "items", columns=["item_id", "title"]).sort_values("item_id")
-    return splits, int(users.user_id.max()), items.reset_index(drop=True)
+    return splits, int(users.user_id.max()), read_items(data_dir)
 
 
 def semantic_dim(path: Path) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import pandas as pd
 import webdataset as wds
 
 from pipeline.schema import SAMPLE_EXT, Sample, decode_sample, shard_urls
@@ -115,3 +116,10 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T 
         yield from batches
         if not produced + len(batches):
             raise ValueError(f"rank {rank}: its shards of split {split!r} hold fewer than {micro_batch} usable samples")
+
+
+def read_items(data_dir: Path) -> pd.DataFrame:
+    """item_id and title of the prep output's items that have both (catalogue items without interactions
+    have no id), by item id."""
+    items = pd.read_parquet(data_dir / "tables" / "items", columns=["item_id", "title"]).dropna()
+    return items.astype({"item_id": "int64"}).sort_values("item_id").reset_index(drop=True)

@@ -13,7 +13,6 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 import torch.distributed as dist
 from peft import PeftModel
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from embeddings.tables import save_tensors
+from launcher.data import read_items
 from launcher.dist import Dist, gather, max_over_ranks
 from launcher.monitor import peak_memory_mb
 from llm.model import load_base
@@ -30,12 +30,6 @@ from pipeline.config import Config
 
 STAGE = "distill"
 OUTPUT = "semantic.safetensors"
-
-
-def read_items(data_dir: Path) -> pd.DataFrame:
-    """item_id and title of every item of the prep output, by item id."""
-    items = pd.read_parquet(data_dir / "tables" / "items", columns=["item_id", "title"])
-    return items.sort_values("item_id").reset_index(drop=True)
 
 
 def load_llm(cfg: Config, run_dir: Path, d: Dist) -> tuple[torch.nn.Module, object]:

@@ -1,0 +1,101 @@
+"""Stage 2a through the real `deepspeed --hostfile` launcher: 2 CPU ranks, the tiny model with a LoRA adapter.
+
+A run killed mid-way resumes without recomputing the chunks it finished and ends with the same semantic
+table as an uninterrupted run; each vector is the final hidden state at the prompt's last position.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from tests.launch import finish, launch, write_config
+
+LLM = {"model": "tiny", "max_length": 64, "tiny": {"hidden": 128, "layers": 4, "intermediate": 256}}
+DISTILL = {"batch": 2, "chunk_items": 4}
+
+
+def _adapter(run: Path) -> None:
+    """A stage-1 adapter for the tiny model with random (non-zero) LoRA weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from llm.model import load_base
+    from pipeline.config import LLMConfig
+
+    model, _ = load_base(LLMConfig(**LLM))
+    torch.manual_seed(0)  # the same adapter for every run
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(str(run / "lora" / "adapter"))
+
+
+def _config(tmp: Path, data: Path, run: Path) -> Path:
+    _adapter(run)
+    return write_config(tmp / f"{run.name}.yaml", data_dir=str(data), run_dir=str(run), llm=LLM, distill=DISTILL)
+
+
+@pytest.fixture(scope="module")
+def runs(ml100k_out: Path, tmp_path_factory) -> dict[str, object]:
+    tmp = tmp_path_factory.mktemp("distill")
+    whole, killed = tmp / "whole", tmp / "killed"
+    finish(launch(_config(tmp, ml100k_out, whole), "distill"))
+
+    cfg = _config(tmp, ml100k_out, killed)
+    proc = launch(cfg, "distill")
+    chunks = killed / "distill" / "chunks"
+    deadline = time.time() + 600
+    while len(list(chunks.glob("*.safetensors"))) < 6 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    done = {p.name: p.stat().st_mtime_ns for p in chunks.glob("*.safetensors")}
+    assert proc.returncode != 0 and not (killed / "semantic.safetensors").exists()
+    finish(launch(cfg, "distill"))
+    return {"whole": whole, "killed": killed, "done_at_kill": done}
+
+
+def test_killed_run_skips_finished_chunks_and_matches(runs: dict[str, object]) -> None:
+    killed, done = runs["killed"], runs["done_at_kill"]
+    summary = json.loads((killed / "distill" / "summary.json").read_text())
+    assert 6 <= len(done) < summary["chunks"]
+    assert summary["skipped_chunks"] == len(done)
+    assert summary["computed_items"] == summary["items"] - len(done) * DISTILL["chunk_items"]
+    for name, mtime in done.items():  # finished chunks were not written again
+        assert (killed / "distill" / "chunks" / name).stat().st_mtime_ns == mtime
+    a, b = load_file(runs["whole"] / "semantic.safetensors"), load_file(killed / "semantic.safetensors")
+    assert_close(b["semantic"], a["semantic"], rtol=0, atol=1e-6)
+    assert torch.equal(a["item_ids"], b["item_ids"])
+
+
+def test_vectors_are_last_position_hidden_states(runs: dict[str, object], ml100k_out: Path) -> None:
+    from peft import PeftModel
+
+    from launcher.data import read_items
+    from llm.model import load_base
+    from llm.prompts import encode_distill
+    from pipeline.config import LLMConfig
+
+    out = load_file(runs["whole"] / "semantic.safetensors")
+    items = read_items(ml100k_out)
+    assert out["semantic"].dtype == torch.float32 and out["semantic"].shape == (items.item_id.max() + 1, 128)
+    assert out["item_ids"].tolist() == items.item_id.tolist() and not out["semantic"][0].any()
+    model, tokenizer = load_base(LLMConfig(**LLM))
+    model = PeftModel.from_pretrained(model, str(runs["whole"] / "lora" / "adapter")).eval()
+    for item_id, title in zip(items.item_id[:5], items.title[:5], strict=True):
+        ids = torch.tensor([encode_distill(tokenizer, "movie", title, 64)])
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
+        assert_close(out["semantic"][item_id], hidden, rtol=1e-4, atol=1e-5)
+
+
+def test_distill_without_adapter_names_the_missing_stage(ml100k_out: Path, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", data_dir=str(ml100k_out), run_dir=str(tmp_path / "run"), llm=LLM)
+    proc = launch(cfg, "distill", 1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "no stage-1 adapter; run --stage lora first" in out
