@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)
 SUBMIT := spark-submit --driver-memory 4g
 DEEPSPEED := deepspeed --hostfile scripts/hostfile.local --no_ssh_check --master_addr 127.0.0.1
 
-.PHONY: setup demo test prep-ml1m prep-collm lora-collm bench-prep bench-llm clean
+.PHONY: setup demo test prep-ml1m prep-collm lora-collm collab-collm bench-prep bench-llm bench-collab clean
 
 setup:                      ## create .venv with the pinned stack and fetch the embedded default assets
 	scripts/setup.sh $(TARGET)
@@ -28,11 +28,20 @@ prep-collm: setup           ## CoLLM's published ML-1M benchmark splits
 lora-collm: setup           ## stage 1 (LoRA, SmolLM2) on CoLLM's ML-1M splits, 2 ranks (after prep-collm)
 	$(DEEPSPEED) launcher/train.py --config configs/collm-ml-1m.yaml --stage lora
 
+collab-collm: setup         ## stages 2a + 2b on CoLLM's ML-1M splits: distill (SmolLM2), aligned MF, plain MF (after lora-collm)
+	$(DEEPSPEED) launcher/train.py --config configs/collm-ml-1m.yaml --stage distill
+	$(DEEPSPEED) launcher/train.py --config configs/collm-ml-1m.yaml --stage collab
+	$(DEEPSPEED) launcher/train.py --config configs/collm-ml-1m.yaml --stage collab \
+	    --run-dir runs/collm-ml-1m-mf --set collab.align.weight=0
+
 bench-prep: setup           ## pipeline benchmark vs pandas (see docs/benchmarks.md)
 	python bench/prep.py
 
 bench-llm: setup            ## stage-1 tokens/s vs HF Trainer + PEFT, memory ZeRO-3 vs ZeRO-0 (after prep-collm)
 	python bench/llm_train.py
+
+bench-collab: setup         ## stage-2b samples/s vs plain PyTorch MF, memory per rank 1 vs 2 ranks
+	python bench/collab.py
 
 clean:
 	rm -rf out .cache/data
