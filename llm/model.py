@@ -79,7 +79,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 def model_dir(spec: str, cache: Path = DEFAULT_CACHE) -> Path | str:
     """Where `from_pretrained` finds the model named by `spec` (converting GGUF files on first use)."""
     if spec in ("smollm2", "tiny"):
-        return convert_gguf(smollm2_gguf(), cache / "models" / "SmolLM2-135M-Instruct")
+        out = cache / "models" / "SmolLM2-135M-Instruct"
+        return out if (out / "config.json").is_file() else convert_gguf(smollm2_gguf(), out)
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -144,9 +145,9 @@ def load_base(cfg: LLMConfig, dtype: torch.dtype = torch.float32,
                            num_attention_heads=t.heads, num_key_value_heads=t.kv_heads,
                            intermediate_size=t.intermediate, max_position_embeddings=cfg.max_length * 2,
                            tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
-        with torch.random.fork_rng():
+        with torch.random.fork_rng():  # drawn in fp32, then cast: the same weights in every precision
             torch.manual_seed(t.seed)
-            model = LlamaForCausalLM._from_config(arch, dtype=dtype)
+            model = LlamaForCausalLM._from_config(arch, dtype=torch.float32).to(dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir(cfg.model, cache), dtype=dtype, local_files_only=True)
     add_special_tokens(model, tokenizer)

@@ -82,3 +82,21 @@ def test_unknown_model_source_is_a_clear_error(tmp_path) -> None:
         model_dir(str(tmp_path / "missing.gguf"))
     with pytest.raises(ModelSourceError, match="config.json"):
         model_dir(str(tmp_path))
+
+
+def test_tiny_model_has_the_same_weights_in_every_precision() -> None:
+    fp32, _ = load_base(LLMConfig(model="tiny"), torch.float32)
+    bf16, _ = load_base(LLMConfig(model="tiny"), torch.bfloat16)
+    for (name, a), b in zip(fp32.state_dict().items(), bf16.state_dict().values(), strict=True):
+        assert b.dtype == torch.bfloat16, name  # equal up to bf16 rounding (special-token rows: mean in bf16)
+        torch.testing.assert_close(b.float(), a, rtol=1e-2, atol=1e-4, msg=name)
+
+
+def test_a_converted_model_needs_no_gguf_package(tmp_path, monkeypatch) -> None:
+    import llm.model
+
+    converted = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")
+    monkeypatch.setattr(llm.model, "smollm2_gguf", lambda: pytest.fail("the GGUF file was looked up"))
+    assert model_dir("smollm2", tmp_path) == converted
