@@ -86,6 +86,20 @@ def init_from_file(shard: LocalShard, path: Path, key: str) -> None:
             shard.tensor[:stop - shard.row].copy_(values.to(shard.tensor.dtype))
 
 
+def optimizer_shards(model: nn.Module) -> list[torch.Tensor]:
+    """Views of this rank's shards of the fused optimizers' state (e.g. row-wise Adagrad's sums)."""
+    state = model.fused_optimizer.state_dict()["state"]
+    out = []
+    for key in sorted(state):
+        for name in sorted(state[key]):
+            value = state[key][name]
+            if hasattr(value, "local_shards"):
+                out += [s.tensor for s in value.local_shards()]
+            elif isinstance(value, torch.Tensor):
+                out.append(value)
+    return out
+
+
 def snapshot(model: nn.Module) -> list[torch.Tensor]:
     """A copy of this rank's table shards (to restore the best epoch later)."""
     return [s.tensor.detach().clone() for s in local_shards(model)]

@@ -33,10 +33,12 @@ from embeddings.tables import (
     init_from_file,
     init_normal,
     local_shards,
+    optimizer_shards,
     restore,
     save_tensors,
     snapshot,
 )
+from launcher import checkpoint
 from launcher.data import read_items
 from launcher.dist import Dist, gather, sum_over_ranks
 from launcher.metrics import format_report, report
@@ -79,6 +81,39 @@ def forward_all(model: torch.nn.Module, ids: dict[str, torch.Tensor], batch: int
         rows = model(ids_kjt({k: v.to(d.device) for k, v in part.items()}))
         out.append(fn(rows)[:real].float().cpu())
     return gather_rows(torch.cat(out))
+
+
+class RankState:
+    """This rank's part of a collab run in the shape launcher/checkpoint.py saves (it calls
+    save_checkpoint / load_checkpoint like on a DeepSpeed engine): table and fused-optimizer shards, the
+    best state so far, the projector and its Adam state, one file per rank."""
+
+    def __init__(self, model: torch.nn.Module, dense: list[torch.nn.Parameter],
+                 dense_opt: torch.optim.Optimizer | None, best: dict) -> None:
+        self.model, self.dense, self.dense_opt, self.best = model, dense, dense_opt, best
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [s.tensor for s in local_shards(self.model)] + optimizer_shards(self.model) + self.dense
+
+    def _file(self, ckpt_dir: str, tag: str) -> Path:
+        return Path(ckpt_dir) / tag / f"collab_rank{torch.distributed.get_rank()}.pt"
+
+    def save_checkpoint(self, ckpt_dir: str, tag: str, save_latest: bool = False) -> None:
+        torch.save({"tensors": [t.detach().clone() for t in self._tensors()], "best": self.best["state"],
+                    "dense_opt": self.dense_opt.state_dict() if self.dense_opt else None}, self._file(ckpt_dir, tag))
+
+    @torch.no_grad()
+    def load_checkpoint(self, ckpt_dir: str, tag: str, load_module_strict: bool = False) -> None:
+        saved = torch.load(self._file(ckpt_dir, tag), weights_only=False)
+        mine = self._tensors()
+        if [t.shape for t in mine] != [t.shape for t in saved["tensors"]]:
+            raise ValueError(f"{self._file(ckpt_dir, tag)}: written with another world size or sharding; "
+                             "resume with the same ones or start over with --fresh")
+        for t, v in zip(mine, saved["tensors"], strict=True):
+            t.copy_(v)
+        self.best["state"] = saved["best"]
+        if self.dense_opt:
+            self.dense_opt.load_state_dict(saved["dense_opt"])
 
 
 def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
@@ -126,10 +161,14 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     train = splits["train"]
     per_epoch = -(-len(train) // cc.batch)
     total = min(cc.max_epochs * per_epoch, cc.max_steps or 1 << 62)
-    monitor = Monitor(d.main, run_dir / "tb" / STAGE, total, 0, STAGE)
     align_items = items.item_id.to_numpy()[:cc.align_eval_items]
     best = {"auc": -1.0, "step": 0, "state": None, "valid": None}
-    stale, step, samples, seconds, stopped = 0, 0, 0, 0.0, "budget"
+    rank_state = RankState(dmp, dense, dense_opt, best)
+    loop = checkpoint.load(rank_state, out / "ckpt") or {}
+    best.update({k[5:]: v for k, v in loop.items() if k.startswith("best_")})
+    stale, step, samples, seconds = (loop.get(k, 0) for k in ("stale", "step", "samples", "seconds"))
+    stopped, resumed_from = "budget", step
+    monitor = Monitor(d.main, run_dir / "tb" / STAGE, total, step, STAGE)
 
     def validate() -> bool:
         """Validate; keep the state if valid AUC improved; True when patience has run out."""
@@ -147,13 +186,16 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
             stale = 0
         else:
             stale += 1
+        checkpoint.save(rank_state, out / "ckpt", step, {
+            "step": step, "samples": samples, "seconds": seconds, "stale": stale, "best_auc": best["auc"],
+            "best_step": best["step"], "best_valid": best["valid"]}, cc.keep_checkpoints)
         return stale >= cc.patience
 
     labels_all = torch.as_tensor(train.label.to_numpy(), dtype=torch.float32)
     users_all, items_all = train.user_id.to_numpy(), train.item_id.to_numpy()
-    for epoch in range(cc.max_epochs):
+    for epoch in range(step // per_epoch, cc.max_epochs):
         order = np.random.default_rng([cc.seed, epoch]).permutation(len(train))
-        for b in range(per_epoch):
+        for b in range(step - epoch * per_epoch if epoch == step // per_epoch else 0, per_epoch):
             t0 = time.time()
             glob = order[b * cc.batch:(b + 1) * cc.batch]
             mine = np.array_split(glob, d.world)[d.rank]
@@ -205,7 +247,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         proj = {f"projector.{k}": v.detach().cpu() for k, v in model.projector.state_dict().items()} if aligned else {}
         save_tensors(out / "collab.safetensors", tables | proj,
                      {"dim": str(cc.dim), "align_weight": str(cc.align.weight), "best_step": str(best["step"])})
-    summary = {"stage": STAGE, "steps": step, "best_step": best["step"], "stopped": stopped, "world": d.world,
+    summary = {"stage": STAGE, "steps": step, "resumed_from": resumed_from, "best_step": best["step"], "stopped": stopped, "world": d.world,
                "sharding": resolve(cc.sharding, d.device), "align_weight": cc.align.weight,
                "align_loss": cc.align.loss if aligned else None, "valid": best["valid"], "test": test,
                "align_accuracy": accuracy, "align_items": len(align_items) if aligned else 0,

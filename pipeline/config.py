@@ -267,6 +267,7 @@ class CollabConfig(_Strict):
     eval_every: int = Field(0, ge=0, description="validate every N steps (0: once per epoch)")
     patience: int = Field(10, ge=1, description="stop after this many validations without a better valid AUC")
     eval_batch: int = Field(8192, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="a checkpoint is written at every validation")
     align: AlignConfig = AlignConfig()
     semantic: str | None = Field(None, description="stage-2a vectors (default <run>/semantic.safetensors)")
     align_eval_items: int = Field(10000, ge=1, description="items in the alignment-accuracy retrieval")

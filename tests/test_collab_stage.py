@@ -1,11 +1,15 @@
 """Stage 2b through the real `deepspeed --hostfile` launcher: TorchRec-sharded Collab tables on CPU ranks.
 
 Sharded training on 2 ranks (table_wise, column_wise, and row_wise through the CPU row-wise sharder) ends
-with the same tables, semantic table and projector as a 1-rank run with the same seed and data order.
+with the same tables, semantic table and projector as a 1-rank run with the same seed and data order; a
+run killed after a checkpoint resumes to the same tables as an uninterrupted one.
 """
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -15,16 +19,18 @@ from torch.testing import assert_close
 
 from tests.launch import finish, launch, write_config
 
-COLLAB = {"dim": 16, "proj_hidden": 32, "batch": 256, "max_steps": 12, "eval_batch": 4096,
+COLLAB = {"dim": 16, "proj_hidden": 32, "batch": 256, "max_steps": 12, "eval_every": 4, "eval_batch": 4096,
           "align_eval_items": 500, "projector_items": 100, "table_lr": 0.1, "semantic_lr": 0.05}
 
 
+def _config(tmp: Path, data: Path, semantic: Path, name: str, **collab) -> Path:
+    return write_config(tmp / f"{name}.yaml", data_dir=str(data), run_dir=str(tmp / name),
+                        collab=COLLAB | {"semantic": str(semantic)} | collab)
+
+
 def _run(tmp: Path, data: Path, semantic: Path, name: str, ranks: int, **collab) -> Path:
-    run = tmp / name
-    cfg = write_config(tmp / f"{name}.yaml", data_dir=str(data), run_dir=str(run),
-                       collab=COLLAB | {"semantic": str(semantic)} | collab)
-    finish(launch(cfg, "collab", ranks))
-    return run
+    finish(launch(_config(tmp, data, semantic, name, **collab), "collab", ranks))
+    return tmp / name
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +49,21 @@ def semantic(ml100k_out: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(ml100k_out: Path, semantic: Path, tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("collab")
-    return {"one": _run(tmp, ml100k_out, semantic, "one", 1, sharding="table_wise"),
+    runs = {"one": _run(tmp, ml100k_out, semantic, "one", 1, sharding="table_wise"),
             **{kind: _run(tmp, ml100k_out, semantic, kind, 2, sharding=kind)
                for kind in ("table_wise", "column_wise", "row_wise")}}
+    cfg = _config(tmp, ml100k_out, semantic, "killed", sharding="table_wise")
+    proc = launch(cfg, "collab", 2)
+    latest = tmp / "killed" / "collab" / "ckpt" / "latest.json"
+    deadline = time.time() + 600
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not (tmp / "killed" / "collab" / "collab.safetensors").exists()
+    finish(launch(cfg, "collab", 2))
+    return runs | {"killed": tmp / "killed"}
 
 
 def _tables(run: Path) -> dict[str, torch.Tensor]:
@@ -61,6 +79,21 @@ def test_two_ranks_train_the_same_tables_as_one(runs: dict[str, Path], kind: str
         assert_close(two[key], one[key], rtol=1e-4, atol=1e-4, msg=f"{kind}: {key}")  # summation order
     summary = json.loads((runs[kind] / "collab" / "summary.json").read_text())
     assert summary["world"] == 2 and summary["sharding"] == kind and summary["steps"] == COLLAB["max_steps"]
+
+
+def test_killed_run_resumes_to_the_same_tables(runs: dict[str, Path]) -> None:
+    summary = json.loads((runs["killed"] / "collab" / "summary.json").read_text())
+    assert summary["resumed_from"] in (4, 8) and summary["steps"] == COLLAB["max_steps"]
+    whole, resumed = _tables(runs["table_wise"]), _tables(runs["killed"])
+    for key in whole:
+        assert_close(resumed[key], whole[key], rtol=0, atol=1e-6, msg=key)
+    for rank in (0, 1):  # the last state too (the export is the best one): shards, optimizer state, projector
+        last = [torch.load(run / "collab" / "ckpt" / "step00000012" / f"collab_rank{rank}.pt")["tensors"]
+                for run in (runs["table_wise"], runs["killed"])]
+        assert len(last[0]) == len(last[1]) > 3
+        for a, b in zip(*last, strict=True):
+            assert_close(b, a, rtol=0, atol=1e-6)
+    assert summary["best_step"] == json.loads((runs["table_wise"] / "collab" / "summary.json").read_text())["best_step"]
 
 
 def test_tables_are_trained_and_exported(runs: dict[str, Path], semantic: Path) -> None:
