@@ -55,3 +55,14 @@ def test_unsupported_encoding_is_named() -> None:
     with pytest.raises(ConfigError, match=r"source\.items_encoding: Value error, unsupported encoding 'klingon'"):
         parse_config(merged(_base(), {"source": {"items_encoding": "klingon"}}))
     assert parse_config(merged(_base(), {"source": {"items_encoding": "latin1"}})).source.items_encoding == "latin1"
+
+
+def test_command_line_overrides_set_nested_keys_and_name_bad_ones() -> None:
+    cfg = load_config(CONFIGS / "collm-ml-1m.yaml", ["collab.align.weight=0", "collab.sharding=row_wise"])
+    assert cfg.collab.align.weight == 0 and cfg.collab.sharding == "row_wise" and cfg.lora.max_steps == 40
+    with pytest.raises(ConfigError, match=r"collab\.align\.weight: .*got 'heavy'"):
+        load_config(CONFIGS / "collm-ml-1m.yaml", ["collab.align.weight=heavy"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(CONFIGS / "collm-ml-1m.yaml", ["collab.align.weight"])
+    with pytest.raises(ConfigError, match=r"collab\.colab_dim: Extra inputs are not permitted"):
+        load_config(CONFIGS / "collm-ml-1m.yaml", ["collab.colab_dim=8"])
