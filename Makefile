@@ -13,8 +13,10 @@ DEEPSPEED := deepspeed --hostfile scripts/hostfile.local --no_ssh_check --master
 setup:                      ## create .venv with the pinned stack and fetch the embedded default assets
 	scripts/setup.sh $(TARGET)
 
-demo: setup                 ## main job on the embedded default (ML-100K from the recbole wheel)
+demo: setup                 ## main job on the embedded default (ML-100K from the recbole wheel): prep, then MF on TorchRec
 	$(SUBMIT) pipeline/prep.py --config configs/ml-100k.yaml --output out/ml-100k --overwrite
+	$(DEEPSPEED) launcher/train.py --config configs/ml-100k.yaml --stage collab --fresh \
+	    --run-dir runs/ml-100k-mf --set collab.align.weight=0
 
 test: setup                 ## the test suite (what .ci/run calls)
 	python -m pytest -q tests
