@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from peft import PeftModel
 from safetensors.torch import load_file
 from tqdm import tqdm
 
@@ -23,25 +22,13 @@ from embeddings.tables import save_tensors
 from launcher.data import read_items
 from launcher.dist import Dist, gather, max_over_ranks
 from launcher.monitor import peak_memory_mb
-from llm.model import load_base
+from llm.model import load_tuned
 from llm.prompts import Encoded, encode_distill
 from llm.scorer import collate, last_hidden
 from pipeline.config import Config
 
 STAGE = "distill"
 OUTPUT = "semantic.safetensors"
-
-
-def load_llm(cfg: Config, run_dir: Path, d: Dist) -> tuple[torch.nn.Module, object]:
-    """The base LLM with the stage-1 adapter (when `distill.use_lora`), in eval mode on this rank's device."""
-    model, tokenizer = load_base(cfg.llm, d.dtype)
-    if cfg.distill.use_lora:
-        adapter = run_dir / "lora" / "adapter"
-        if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter}: no stage-1 adapter; run --stage lora first "
-                                    "or set distill.use_lora: false")
-        model = PeftModel.from_pretrained(model, str(adapter))
-    return model.to(d.device).eval(), tokenizer
 
 
 def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
@@ -54,7 +41,11 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     path = lambda c: chunk_dir / f"chunk-{c:06d}.safetensors"
     todo = [c for c in range(d.rank, n_chunks, d.world) if not path(c).is_file()]
     skipped = len(range(d.rank, n_chunks, d.world)) - len(todo)
-    model, tokenizer = load_llm(cfg, run_dir, d)
+    adapter = run_dir / "lora" / "adapter" if dc.use_lora else None
+    if adapter and not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: no stage-1 adapter; run --stage lora first or set distill.use_lora: false")
+    model, tokenizer = load_tuned(cfg.llm, adapter, d.dtype)
+    model = model.to(d.device)
     start, done = time.time(), 0
     for c in tqdm(todo, desc=f"[{STAGE}] rank {d.rank}", unit="chunk", disable=not d.main, mininterval=1.0):
         part = items.iloc[c * dc.chunk_items:(c + 1) * dc.chunk_items]

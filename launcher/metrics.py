@@ -46,6 +46,16 @@ def uauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[flo
     return (float(np.mean(per_user)) if per_user else math.nan), len(per_user)
 
 
+def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) at every distinct score threshold, from (0, 0) to (1, 1)."""
+    labels = np.asarray(labels).astype(bool)
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
+    s, y = np.asarray(scores, dtype=np.float64)[order], labels[order]
+    last = np.r_[s[1:] != s[:-1], True]  # the last row of each run of tied scores
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
+
+
 def report(users: np.ndarray, labels: np.ndarray, scores: np.ndarray, warm: np.ndarray) -> dict[str, dict]:
     """AUC and UAUC overall, on warm rows (user and item seen in train) and on cold rows (None: undefined)."""
     users, labels, scores, warm = (np.asarray(a) for a in (users, labels, scores, warm))

@@ -7,7 +7,8 @@
 
 Stages (../shared/docs/method.md): lora (stage 1, LoRA tuning on text-only prompts), distill (stage 2a,
 semantic item vectors from the tuned LLM), collab (stage 2b, the TorchRec-sharded Collab model aligned to
-them; `--set collab.align.weight=0` gives plain MF). Each stage reads
+them; `--set collab.align.weight=0` gives plain MF), eval (Yes/No scores of valid and test with the
+stage-1 model: per-row Parquet, metrics JSON, ROC/PR curves). Each stage reads
 the prep output (--data, default out/<config name>) and writes under the run directory (--run-dir,
 default runs/<config name>); a killed run resumes from its latest checkpoint when started again.
 Exit status 2 on a bad config or missing input.
@@ -29,7 +30,7 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the reposit
 from pipeline.config import ConfigError, load_config
 from pipeline.schema import load_manifest
 
-STAGES = ("lora", "distill", "collab")
+STAGES = ("lora", "distill", "collab", "eval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

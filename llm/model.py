@@ -155,5 +155,15 @@ def load_base(cfg: LLMConfig, dtype: torch.dtype = torch.float32,
     return model, tokenizer
 
 
+def load_tuned(cfg: LLMConfig, adapter: Path | None, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Tokenizer]:
+    """The base LM with a saved PEFT adapter on top (none: the base alone), in eval mode, for inference."""
+    from peft import PeftModel
+
+    model, tokenizer = load_base(cfg, dtype)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model.eval(), tokenizer
+
+
 if __name__ == "__main__":  # scripts/setup.sh: convert the embedded default once
     print(f"SmolLM2-135M-Instruct (HF format): {model_dir('smollm2')}")

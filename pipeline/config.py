@@ -275,6 +275,14 @@ class CollabConfig(_Strict):
     seed: int = 0
 
 
+class EvalConfig(_Strict):
+    """Stage `eval`: Yes/No scoring of valid and test with the tuned LLM."""
+
+    splits: list[Literal["valid", "test"]] = ["valid", "test"]
+    rows: int | None = Field(None, ge=1, description="rows per split (a fixed subset by row id); null = all")
+    batch: int = Field(16, ge=1)
+
+
 class Config(_Strict):
     name: str
     domain: Literal["movie", "book"] = "movie"
@@ -290,6 +298,7 @@ class Config(_Strict):
     lora: LoraConfig = LoraConfig()
     distill: DistillConfig = DistillConfig()
     collab: CollabConfig = CollabConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

@@ -56,3 +56,18 @@ def rank_pid(cfg: Path, rank: int) -> int | None:
         if str(cfg).encode() in cmd and f"--local_rank={rank}".encode() in cmd:
             return int(proc.name)
     return None
+
+
+def tiny_adapter(run: Path, llm: dict[str, Any]) -> None:
+    """A stage-1 adapter at <run>/lora/adapter for the tiny model, with seeded random (non-zero) LoRA weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from llm.model import load_base
+    from pipeline.config import LLMConfig
+
+    model, _ = load_base(LLMConfig(**llm))
+    torch.manual_seed(0)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(str(run / "lora" / "adapter"))
+

@@ -16,27 +16,14 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from tests.launch import finish, launch, write_config
+from tests.launch import finish, launch, tiny_adapter, write_config
 
 LLM = {"model": "tiny", "max_length": 64, "tiny": {"hidden": 128, "layers": 4, "intermediate": 256}}
 DISTILL = {"batch": 2, "chunk_items": 4}
 
 
-def _adapter(run: Path) -> None:
-    """A stage-1 adapter for the tiny model with random (non-zero) LoRA weights."""
-    from peft import LoraConfig, get_peft_model
-
-    from llm.model import load_base
-    from pipeline.config import LLMConfig
-
-    model, _ = load_base(LLMConfig(**LLM))
-    torch.manual_seed(0)  # the same adapter for every run
-    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    peft.save_pretrained(str(run / "lora" / "adapter"))
-
-
 def _config(tmp: Path, data: Path, run: Path) -> Path:
-    _adapter(run)
+    tiny_adapter(run, LLM)
     return write_config(tmp / f"{run.name}.yaml", data_dir=str(data), run_dir=str(run), llm=LLM, distill=DISTILL)
 
 

@@ -1,0 +1,42 @@
+"""Stage `eval` through the real `deepspeed --hostfile` launcher: 2 CPU ranks, the tiny model with an adapter."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from launcher.metrics import auc, report, roc_points
+from tests.launch import finish, launch, tiny_adapter, write_config
+
+LLM = {"model": "tiny", "max_length": 160}
+
+
+def test_roc_points_enclose_the_auc() -> None:
+    rng = np.random.default_rng(0)
+    labels, scores = rng.integers(0, 2, 500), rng.integers(0, 20, 500) / 20  # many ties
+    fpr, tpr = roc_points(labels, scores)
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1 and (np.diff(fpr) >= 0).all()
+    assert abs(np.trapezoid(tpr, fpr) - auc(labels, scores)) < 1e-12
+
+
+def test_eval_writes_scores_metrics_and_curves(ml100k_out: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    tiny_adapter(run, LLM)
+    cfg = write_config(tmp_path / "eval.yaml", data_dir=str(ml100k_out), run_dir=str(run), llm=LLM,
+                       eval={"rows": 30, "batch": 8})
+    finish(launch(cfg, "eval", 2))
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    for split in ("valid", "test"):
+        table = pd.read_parquet(run / "eval" / f"scores-{split}.parquet")
+        assert len(table) == 30 == metrics[split]["overall"]["rows"] and table.row_id.is_unique
+        assert table.score.between(0, 1).all() and table.score.nunique() > 1
+        assert metrics[split] == report(table.user_id, table.label, table.score, table.warm)
+    events = EventAccumulator(str(run / "tb" / "eval"), size_guidance={"tensors": 0, "images": 0}).Reload()
+    tags = events.Tags()
+    assert {"valid/overall/auc", "test/overall/auc"} <= set(tags["scalars"])
+    assert {"valid/roc", "test/roc"} <= set(tags["images"])
+    assert {"valid/pr", "test/pr"} <= set(tags["tensors"])  # PR curves
