@@ -21,6 +21,7 @@ from tqdm import tqdm
 from embeddings.tables import save_tensors
 from launcher.data import read_items
 from launcher.dist import Dist, gather, max_over_ranks
+from launcher.lora import adapter_dir
 from launcher.monitor import peak_memory_mb
 from llm.model import load_tuned
 from llm.prompts import Encoded, encode_distill
@@ -38,13 +39,13 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     chunk_dir.mkdir(parents=True, exist_ok=True)
     items = read_items(data_dir)
     n_chunks = -(-len(items) // dc.chunk_items)
-    path = lambda c: chunk_dir / f"chunk-{c:06d}.safetensors"
+
+    def path(chunk: int) -> Path:
+        return chunk_dir / f"chunk-{chunk:06d}.safetensors"
+
     todo = [c for c in range(d.rank, n_chunks, d.world) if not path(c).is_file()]
     skipped = len(range(d.rank, n_chunks, d.world)) - len(todo)
-    adapter = run_dir / "lora" / "adapter" if dc.use_lora else None
-    if adapter and not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter}: no stage-1 adapter; run --stage lora first or set distill.use_lora: false")
-    model, tokenizer = load_tuned(cfg.llm, adapter, d.dtype)
+    model, tokenizer = load_tuned(cfg.llm, adapter_dir(run_dir) if dc.use_lora else None, d.dtype)
     model = model.to(d.device)
     start, done = time.time(), 0
     for c in tqdm(todo, desc=f"[{STAGE}] rank {d.rank}", unit="chunk", disable=not d.main, mininterval=1.0):

@@ -16,6 +16,7 @@ import pandas as pd
 
 from launcher.data import eval_samples
 from launcher.dist import Dist
+from launcher.lora import adapter_dir
 from launcher.metrics import format_report, roc_points
 from launcher.monitor import Monitor
 from launcher.validate import gather_report, score
@@ -46,9 +47,7 @@ def roc_figure(labels: pd.Series, scores: pd.Series, title: str):
 def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     """Score the configured splits; returns the metrics written to <run>/eval/metrics.json."""
     ec, lc = cfg.eval, cfg.llm
-    adapter = run_dir / "lora" / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter}: no stage-1 adapter; run --stage lora first")
+    adapter = adapter_dir(run_dir)
     model, tokenizer = load_tuned(lc, adapter, d.dtype)
     model = model.to(d.device)
     no_yes, out = yes_no_ids(tokenizer), run_dir / STAGE

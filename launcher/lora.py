@@ -39,6 +39,14 @@ def peft_config(tc: LoraConfig) -> PeftLoraConfig:
                           task_type="CAUSAL_LM")
 
 
+def adapter_dir(run_dir: Path) -> Path:
+    """The stage-1 adapter of a run, for the stages that read it; a clear error when it is missing."""
+    path = run_dir / STAGE / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path}: no stage-1 adapter; run --stage lora first")
+    return path
+
+
 def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     """Train the stage-1 adapter; returns the summary written to <run>/lora/summary.json."""
     tc, lc = cfg.lora, cfg.llm

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     d = setup(cfg.deepspeed)
     if args.fresh and d.main:
-        shutil.rmtree(run_dir / args.stage / ("ckpt" if args.stage == "lora" else ""), ignore_errors=True)
+        shutil.rmtree(run_dir / args.stage, ignore_errors=True)
     import torch.distributed as dist
 
     dist.barrier()
