@@ -8,15 +8,14 @@ export PYTHONPATH := $(CURDIR)
 SUBMIT := spark-submit --driver-memory 4g
 DEEPSPEED := deepspeed --hostfile scripts/hostfile.local --no_ssh_check --master_addr 127.0.0.1
 
-.PHONY: setup demo test prep-ml1m prep-collm lora-collm collab-collm bench-prep bench-llm bench-collab clean
+.PHONY: setup demo test prep-ml1m prep-collm lora-collm collab-collm results-collm bench-prep bench-llm bench-collab clean
 
 setup:                      ## create .venv with the pinned stack and fetch the embedded default assets
 	scripts/setup.sh $(TARGET)
 
-demo: setup                 ## main job on the embedded default (ML-100K from the recbole wheel): prep, then MF on TorchRec
+demo: setup                 ## main job on the embedded default (ML-100K from the recbole wheel, SmolLM2-135M): prep, then every stage
 	$(SUBMIT) pipeline/prep.py --config configs/ml-100k.yaml --output out/ml-100k --overwrite
-	$(DEEPSPEED) launcher/train.py --config configs/ml-100k.yaml --stage collab --fresh \
-	    --run-dir runs/ml-100k-mf --set collab.align.weight=0
+	$(DEEPSPEED) launcher/train.py --config configs/ml-100k.yaml --stage all --fresh
 
 test: setup                 ## the test suite (what .ci/run calls)
 	python -m pytest -q tests
@@ -35,6 +34,14 @@ collab-collm: setup         ## stages 2a + 2b on CoLLM's ML-1M splits: distill (
 	$(DEEPSPEED) launcher/train.py --config configs/collm-ml-1m.yaml --stage collab
 	$(DEEPSPEED) launcher/train.py --config configs/collm-ml-1m.yaml --stage collab \
 	    --run-dir runs/collm-ml-1m-mf --set collab.align.weight=0
+
+ROWS := mf text-only collm-like sella-no-warm sella
+results-collm: setup        ## every comparison row on CoLLM's ML-1M splits, then the table in docs/results.md (after collab-collm)
+	for row in $(ROWS); do \
+	    case $$row in mf|text-only) ;; *) $(DEEPSPEED) launcher/train.py --config configs/comparison/$$row.yaml --stage sella || exit 1;; esac; \
+	    $(DEEPSPEED) launcher/train.py --config configs/comparison/$$row.yaml --stage eval || exit 1; \
+	done
+	python scripts/results_table.py $(addprefix configs/comparison/,$(addsuffix .yaml,$(ROWS))) --write docs/results.md
 
 bench-prep: setup           ## pipeline benchmark vs pandas (see docs/benchmarks.md)
 	python bench/prep.py

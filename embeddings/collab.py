@@ -44,10 +44,11 @@ class Collab(nn.Module):
 
     def __init__(self, n_users: int, n_items: int, dim: int, semantic_dim: int | None = None,
                  proj_hidden: int = 1024) -> None:
+        """proj_hidden=0: tables only (stage 3 keeps its projectors in the LLM engine)."""
         super().__init__()
         self.tables = EmbeddingBagCollection(tables=table_configs(n_users, n_items, dim, semantic_dim),
                                              device=torch.device("meta"))
-        self.projector = projector(dim, proj_hidden, semantic_dim) if semantic_dim else None
+        self.projector = projector(dim, proj_hidden, semantic_dim) if semantic_dim and proj_hidden else None
         self.names = [c.name for c in self.tables.embedding_bag_configs()]
 
     def forward(self, ids: KeyedJaggedTensor) -> dict[str, torch.Tensor]:

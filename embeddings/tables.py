@@ -131,3 +131,36 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
+
+
+class RankState:
+    """This rank's table shards in the shape launcher/checkpoint.py saves (it calls save_checkpoint /
+    load_checkpoint like on a DeepSpeed engine): table and fused-optimizer shards, the best state so far
+    (any picklable value), and dense parameters with their optimizer when given; one file per rank."""
+
+    def __init__(self, model: torch.nn.Module, dense: list[torch.nn.Parameter],
+                 dense_opt: torch.optim.Optimizer | None, best: dict) -> None:
+        self.model, self.dense, self.dense_opt, self.best = model, dense, dense_opt, best
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [s.tensor for s in local_shards(self.model)] + optimizer_shards(self.model) + self.dense
+
+    def _file(self, ckpt_dir: str, tag: str) -> Path:
+        return Path(ckpt_dir) / tag / f"collab_rank{torch.distributed.get_rank()}.pt"
+
+    def save_checkpoint(self, ckpt_dir: str, tag: str, save_latest: bool = False) -> None:
+        torch.save({"tensors": [t.detach().clone() for t in self._tensors()], "best": self.best["state"],
+                    "dense_opt": self.dense_opt.state_dict() if self.dense_opt else None}, self._file(ckpt_dir, tag))
+
+    @torch.no_grad()
+    def load_checkpoint(self, ckpt_dir: str, tag: str, load_module_strict: bool = False) -> None:
+        saved = torch.load(self._file(ckpt_dir, tag), weights_only=False)
+        mine = self._tensors()
+        if [t.shape for t in mine] != [t.shape for t in saved["tensors"]]:
+            raise ValueError(f"{self._file(ckpt_dir, tag)}: written with another world size or sharding; "
+                             "resume with the same ones or start over with --fresh")
+        for t, v in zip(mine, saved["tensors"], strict=True):
+            t.copy_(v)
+        self.best["state"] = saved["best"]
+        if self.dense_opt:
+            self.dense_opt.load_state_dict(saved["dense_opt"])

@@ -29,16 +29,17 @@ from embeddings.align import alignment_loss, gather_rows, retrieval_accuracy
 from embeddings.collab import ITEM, SEMANTIC, USER, Collab, ids_kjt, mf_logits
 from embeddings.sharding import attach_optimizers, resolve, shard, sum_dense_grads
 from embeddings.tables import (
+    RankState,
     gather_tables,
     init_from_file,
     init_normal,
     local_shards,
-    optimizer_shards,
     restore,
     save_tensors,
     snapshot,
 )
 from launcher import checkpoint
+from launcher.artifacts import COLLAB_FILE, SEMANTIC_FILE, lookup
 from launcher.data import read_items
 from launcher.dist import Dist, gather, sum_over_ranks
 from launcher.metrics import format_report, report
@@ -83,39 +84,6 @@ def forward_all(model: torch.nn.Module, ids: dict[str, torch.Tensor], batch: int
     return gather_rows(torch.cat(out))
 
 
-class RankState:
-    """This rank's part of a collab run in the shape launcher/checkpoint.py saves (it calls
-    save_checkpoint / load_checkpoint like on a DeepSpeed engine): table and fused-optimizer shards, the
-    best state so far, the projector and its Adam state, one file per rank."""
-
-    def __init__(self, model: torch.nn.Module, dense: list[torch.nn.Parameter],
-                 dense_opt: torch.optim.Optimizer | None, best: dict) -> None:
-        self.model, self.dense, self.dense_opt, self.best = model, dense, dense_opt, best
-
-    def _tensors(self) -> list[torch.Tensor]:
-        return [s.tensor for s in local_shards(self.model)] + optimizer_shards(self.model) + self.dense
-
-    def _file(self, ckpt_dir: str, tag: str) -> Path:
-        return Path(ckpt_dir) / tag / f"collab_rank{torch.distributed.get_rank()}.pt"
-
-    def save_checkpoint(self, ckpt_dir: str, tag: str, save_latest: bool = False) -> None:
-        torch.save({"tensors": [t.detach().clone() for t in self._tensors()], "best": self.best["state"],
-                    "dense_opt": self.dense_opt.state_dict() if self.dense_opt else None}, self._file(ckpt_dir, tag))
-
-    @torch.no_grad()
-    def load_checkpoint(self, ckpt_dir: str, tag: str, load_module_strict: bool = False) -> None:
-        saved = torch.load(self._file(ckpt_dir, tag), weights_only=False)
-        mine = self._tensors()
-        if [t.shape for t in mine] != [t.shape for t in saved["tensors"]]:
-            raise ValueError(f"{self._file(ckpt_dir, tag)}: written with another world size or sharding; "
-                             "resume with the same ones or start over with --fresh")
-        for t, v in zip(mine, saved["tensors"], strict=True):
-            t.copy_(v)
-        self.best["state"] = saved["best"]
-        if self.dense_opt:
-            self.dense_opt.load_state_dict(saved["dense_opt"])
-
-
 def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     """Train the Collab model; returns the summary written to <run>/collab/summary.json."""
     cc = cfg.collab
@@ -123,7 +91,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     splits, max_user, items = read_data(data_dir)
     max_item = int(items.item_id.max())
     aligned = cc.align.weight > 0
-    sem_path = Path(cc.semantic) if cc.semantic else run_dir / "semantic.safetensors"
+    sem_path = Path(cc.semantic) if cc.semantic else lookup(cfg, run_dir, SEMANTIC_FILE) or run_dir / SEMANTIC_FILE
     if aligned and not sem_path.is_file():
         raise FileNotFoundError(f"{sem_path}: no semantic vectors; run --stage distill first, "
                                 "or set collab.align.weight: 0 for plain MF")
@@ -245,7 +213,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
             monitor.embedding(tables[name][show.item_id.to_numpy()], show.title.tolist(), f"{STAGE}/{name}", step)
     if d.main:
         proj = {f"projector.{k}": v.detach().cpu() for k, v in model.projector.state_dict().items()} if aligned else {}
-        save_tensors(out / "collab.safetensors", tables | proj,
+        save_tensors(run_dir / COLLAB_FILE, tables | proj,
                      {"dim": str(cc.dim), "align_weight": str(cc.align.weight), "best_step": str(best["step"])})
     summary = {"stage": STAGE, "steps": step, "resumed_from": resumed_from, "best_step": best["step"], "stopped": stopped, "world": d.world,
                "sharding": resolve(cc.sharding, d.device), "align_weight": cc.align.weight,

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import pandas as pd
 import webdataset as wds
 
@@ -116,6 +117,23 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T 
         yield from batches
         if not produced + len(batches):
             raise ValueError(f"rank {rank}: its shards of split {split!r} hold fewer than {micro_batch} usable samples")
+
+
+def global_batches(samples: list[T], micro_batch: int, rank: int, world: int, seed: int) -> Iterator[list[T]]:
+    """An endless, seeded stream of this rank's parts of global micro-batches (micro_batch x world samples).
+
+    Epoch e permutes all samples with (seed, e); global micro-batch b is the b-th slice of that order and
+    rank r takes its r-th part. The global batches depend only on micro_batch x world, so runs on 1 and
+    on n ranks with the same global micro-batch see the same data in the same order.
+    """
+    size = micro_batch * world
+    if len(samples) < size:
+        raise ValueError(f"{len(samples)} training samples, fewer than one global micro-batch of {size}")
+    for epoch in itertools.count():
+        order = np.random.default_rng([seed, epoch]).permutation(len(samples))
+        for b in range(len(samples) // size):
+            part = order[b * size + rank * micro_batch:b * size + (rank + 1) * micro_batch]
+            yield [samples[i] for i in part]
 
 
 def read_items(data_dir: Path) -> pd.DataFrame:

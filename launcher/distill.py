@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from embeddings.tables import save_tensors
+from launcher.artifacts import SEMANTIC_FILE, adapter_dir
 from launcher.data import read_items
 from launcher.dist import Dist, gather, max_over_ranks
-from launcher.lora import adapter_dir
 from launcher.monitor import peak_memory_mb
 from llm.model import load_tuned
 from llm.prompts import Encoded, encode_distill
@@ -29,7 +29,6 @@ from llm.scorer import collate, last_hidden
 from pipeline.config import Config
 
 STAGE = "distill"
-OUTPUT = "semantic.safetensors"
 
 
 def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
@@ -45,7 +44,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
 
     todo = [c for c in range(d.rank, n_chunks, d.world) if not path(c).is_file()]
     skipped = len(range(d.rank, n_chunks, d.world)) - len(todo)
-    model, tokenizer = load_tuned(cfg.llm, adapter_dir(run_dir) if dc.use_lora else None, d.dtype)
+    model, tokenizer = load_tuned(cfg.llm, adapter_dir(cfg, run_dir) if dc.use_lora else None, d.dtype)
     model = model.to(d.device)
     start, done = time.time(), 0
     for c in tqdm(todo, desc=f"[{STAGE}] rank {d.rank}", unit="chunk", disable=not d.main, mininterval=1.0):
@@ -67,7 +66,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
                "items_per_s": computed / seconds if computed else None,
                "memory_per_rank": gather(peak_memory_mb())}
     if d.main:
-        merge([path(c) for c in range(n_chunks)], int(items.item_id.max()), run_dir / OUTPUT,
+        merge([path(c) for c in range(n_chunks)], int(items.item_id.max()), run_dir / SEMANTIC_FILE,
               {"model": cfg.llm.model, "lora": str(dc.use_lora), "prompt": "distill", "domain": cfg.domain})
         (run_dir / STAGE / "summary.json").write_text(json.dumps(summary, indent=2))
     dist.barrier()

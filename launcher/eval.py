@@ -1,8 +1,11 @@
-"""Stage `eval`: Yes/No scores of valid and test rows, per-row scores, metrics and curves.
+"""Stage `eval`: scores of valid and test rows, per-row scores, metrics and curves.
 
-The model is the base LLM with the stage-1 adapter (<run>/lora/adapter): the text-only, TALLRec-like
-row of the comparison. Rows are scored over all ranks (left-padded batches, softmax over {No, Yes} at
-the answer position); rows without history are skipped when `llm.drop_no_history` (authors' code).
+`eval.model` picks what scores the rows (one stage for every row of the comparison):
+- sella: the stage-3 model (base + adapter + projectors reading the stage-3 tables), P(Yes);
+- lora: the base LLM with the stage-1 adapter, the text-only, TALLRec-like model, P(Yes);
+- mf: sigmoid(<e_u, e_i>) of stage 2b's tables, on the same rows.
+LLM rows are scored over all ranks (left-padded batches, softmax over {No, Yes} at the answer position);
+rows without history are skipped when `llm.drop_no_history` (authors' code), for every model alike.
 Writes <run>/eval/scores-<split>.parquet (row_id, user_id, item_id, label, warm, score),
 <run>/eval/metrics.json (AUC, UAUC; overall, warm, cold) and, under <run>/tb/eval, the AUC/UAUC scalars,
 PR curves and ROC curves (figures).
@@ -12,17 +15,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
+from safetensors.torch import load_file
 
+from embeddings.collab import ITEM, SEMANTIC, USER
+from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find, lookup
 from launcher.data import eval_samples
 from launcher.dist import Dist
-from launcher.lora import adapter_dir
 from launcher.metrics import format_report, roc_points
 from launcher.monitor import Monitor
-from launcher.validate import gather_report, score
+from launcher.validate import Forward, gather_report, score
 from llm.model import load_tuned
-from llm.prompts import encode
+from llm.projector import HybridProjector
+from llm.prompts import Encoded, encode
 from llm.scorer import yes_no_ids
+from llm.sella import SellaLM
 from pipeline.config import Config
 from pipeline.schema import Sample
 
@@ -44,13 +53,57 @@ def roc_figure(labels: pd.Series, scores: pd.Series, title: str):
     return fig
 
 
+class Scorer:
+    """Scores one rank's samples with the configured model."""
+
+    def __init__(self, cfg: Config, run_dir: Path, d: Dist) -> None:
+        self.cfg, self.d, self.model = cfg, d, cfg.eval.model
+        if self.model == "mf":
+            self.tables = load_file(str(find(cfg, run_dir, COLLAB_FILE)))
+            self.source = str(find(cfg, run_dir, COLLAB_FILE))
+            return
+        sella = self.model == "sella"
+        adapter = (lookup(cfg, run_dir, SELLA_ADAPTER) if sella else None) or adapter_dir(cfg, run_dir)
+        llm, self.tokenizer = load_tuned(cfg.llm, adapter, d.dtype)
+        self.source = str(adapter)
+        if sella:
+            self.tables = load_file(str(find(cfg, run_dir, SELLA_TABLES)))
+            projector = HybridProjector.from_tensors(load_file(str(find(cfg, run_dir, SELLA_PROJECTOR))))
+            self.lm = SellaLM(llm, projector, self.tokenizer).to(d.device, d.dtype).eval()
+            self.source += f" + {find(cfg, run_dir, SELLA_PROJECTOR).parent}"
+        else:
+            self.lm = llm.to(d.device)
+
+    def __call__(self, samples: list[Sample]) -> np.ndarray:
+        ec, lc = self.cfg.eval, self.cfg.llm
+        if self.model == "mf":
+            users, items = (torch.tensor([s[k] for s in samples], dtype=torch.long) for k in ("user_id", "item_id"))
+            return torch.sigmoid((self.tables[USER][users] * self.tables[ITEM][items]).sum(-1)).numpy()
+        sella = self.model == "sella"
+        encoded = [encode(self.tokenizer, s, "sella" if sella else "lora", self.cfg.domain, lc.max_length,
+                          lc.history_titles, lc.chat_template, with_answer=False,
+                          warm=sella and self.lm.warm) for s in samples]
+        forward: Forward | None = None
+        if sella:
+            by_row = {s["row_id"]: s for s in samples}
+
+            def forward(batch: dict[str, torch.Tensor], examples: list[Encoded]) -> torch.Tensor:
+                picked = [by_row[e.row_id] for e in examples]
+                users, items = (torch.tensor([s[k] for s in picked], dtype=torch.long) for k in ("user_id", "item_id"))
+                rows = [self.tables[USER][users], self.tables[ITEM][items]]
+                if self.lm.warm:
+                    rows.append(self.tables[SEMANTIC][items])
+                return self.lm(batch, *(r.to(self.d.device) for r in rows), score=True)
+
+        no_yes = yes_no_ids(self.tokenizer)
+        return score(self.lm, encoded, ec.batch, no_yes, self.tokenizer.pad_token_id, self.d, forward)
+
+
 def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     """Score the configured splits; returns the metrics written to <run>/eval/metrics.json."""
     ec, lc = cfg.eval, cfg.llm
-    adapter = adapter_dir(run_dir)
-    model, tokenizer = load_tuned(lc, adapter, d.dtype)
-    model = model.to(d.device)
-    no_yes, out = yes_no_ids(tokenizer), run_dir / STAGE
+    scorer = Scorer(cfg, run_dir, d)
+    out = run_dir / STAGE
     monitor = Monitor(d.main, run_dir / "tb" / STAGE, len(ec.splits), 0, STAGE)
 
     def keep(sample: Sample) -> bool:
@@ -59,11 +112,9 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     results = {}
     for split in ec.splits:
         samples = eval_samples(data_dir, split, ec.rows, d.rank, d.world, keep)
-        encoded = [encode(tokenizer, s, "lora", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template,
-                          with_answer=False) for s in samples]
-        metrics, rows = gather_report(samples, score(model, encoded, ec.batch, no_yes, tokenizer.pad_token_id, d))
+        metrics, rows = gather_report(samples, scorer(samples))
         results[split] = metrics
-        monitor.write(f"[{STAGE}] {split}: {metrics['overall']['rows']} rows\n{format_report(metrics)}")
+        monitor.write(f"[{STAGE}] {ec.model}, {split}: {metrics['overall']['rows']} rows\n{format_report(metrics)}")
         monitor.step({})
         if d.main:
             table = pd.DataFrame(rows)
@@ -73,7 +124,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
                                 if metrics[g][k] is not None}, f"{split}/")
             monitor.writer.add_pr_curve(f"{split}/pr", table.label.to_numpy(), table.score.to_numpy(), 0)
             monitor.writer.add_figure(f"{split}/roc", roc_figure(table.label, table.score, f"ROC, {split}"), 0)
-    summary = {"stage": STAGE, "model": lc.model, "adapter": str(adapter), "world": d.world, **results}
+    summary = {"stage": STAGE, "model": ec.model, "llm": lc.model, "from": scorer.source, "world": d.world, **results}
     if d.main:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     monitor.close()

@@ -18,6 +18,7 @@ from peft import get_peft_model, get_peft_model_state_dict
 from transformers.integrations import HfDeepSpeedConfig
 
 from launcher import checkpoint
+from launcher.artifacts import ADAPTER
 from launcher.data import eval_samples, train_batches
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import cosine_schedule, ds_config, planned_steps
@@ -37,14 +38,6 @@ def peft_config(tc: LoraConfig) -> PeftLoraConfig:
     """The PEFT LoRA config of the `lora` section."""
     return PeftLoraConfig(r=tc.r, lora_alpha=tc.alpha, lora_dropout=tc.dropout, target_modules=tc.target_modules,
                           task_type="CAUSAL_LM")
-
-
-def adapter_dir(run_dir: Path) -> Path:
-    """The stage-1 adapter of a run, for the stages that read it; a clear error when it is missing."""
-    path = run_dir / STAGE / "adapter"
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{path}: no stage-1 adapter; run --stage lora first")
-    return path
 
 
 def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
@@ -122,7 +115,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         if step % tc.save_every == 0 and step != total:
             checkpoint.save(engine, out / "ckpt", step, {"zero_shot": state["zero_shot"]}, tc.keep_checkpoints)
     metrics = validate(total)
-    save_adapter(engine, tokenizer, out / "adapter", cfg.deepspeed.zero_stage == 3, d)
+    save_adapter(engine.module, tokenizer, run_dir / ADAPTER, cfg.deepspeed.zero_stage == 3, d)
     memory = gather(peak_memory_mb())
     summary = {"stage": STAGE, "steps": total, "resumed_from": start, "world": d.world,
                "zero_stage": cfg.deepspeed.zero_stage, "valid": metrics, "zero_shot_valid": state["zero_shot"],
@@ -135,13 +128,13 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     return summary
 
 
-def save_adapter(engine: deepspeed.DeepSpeedEngine, tokenizer, path: Path, zero3: bool, d: Dist) -> None:
+def save_adapter(peft_model: torch.nn.Module, tokenizer, path: Path, zero3: bool, d: Dist) -> None:
     """Gather the LoRA weights (ZeRO-3 partitions them) and save a PEFT adapter with the tokenizer."""
-    params = [p for p in engine.module.parameters() if p.requires_grad]
+    params = [p for p in peft_model.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(params, enabled=zero3):
         if d.main:
             state = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(
-                engine.module, save_embedding_layers=False).items()}
-            engine.module.save_pretrained(str(path), state_dict=state, save_embedding_layers=False)
+                peft_model, save_embedding_layers=False).items()}
+            peft_model.save_pretrained(str(path), state_dict=state, save_embedding_layers=False)
             tokenizer.save_pretrained(str(path))
     torch.distributed.barrier()

@@ -79,3 +79,19 @@ def format_report(metrics: dict[str, dict]) -> str:
         a, u = (f"{m[k]:.4f}" if m[k] is not None else "-" for k in ("auc", "uauc"))
         lines.append(f"{group:8} {a:>7} {u:>7} {m['rows']:>8,}")
     return "\n".join(lines)
+
+
+def results_table(summary: dict) -> str:
+    """The eval stage's metrics.json as a Markdown table: AUC / UAUC per split, overall, warm and cold."""
+    groups = ("overall", "warm", "cold")
+
+    def cell(m: dict) -> str:
+        return " / ".join(f"{m[k]:.4f}" if m[k] is not None else "-" for k in ("auc", "uauc"))
+
+    lines = [f"results of model {summary.get('model', '?')} (AUC / UAUC)",
+             "| split | rows | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
+    for split in ("valid", "test"):
+        if split in summary:
+            lines.append(f"| {split} | {summary[split]['overall']['rows']} | "
+                         + " | ".join(cell(summary[split][g]) for g in groups) + " |")
+    return "\n".join(lines)

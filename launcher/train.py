@@ -7,15 +7,18 @@
 
 Stages (../shared/docs/method.md): lora (stage 1, LoRA tuning on text-only prompts), distill (stage 2a,
 semantic item vectors from the tuned LLM), collab (stage 2b, the TorchRec-sharded Collab model aligned to
-them; `--set collab.align.weight=0` gives plain MF), eval (Yes/No scores of valid and test with the
-stage-1 model: per-row Parquet, metrics JSON, ROC/PR curves). Each stage reads
-the prep output (--data, default out/<config name>) and writes under the run directory (--run-dir,
-default runs/<config name>); a killed run resumes from its latest checkpoint when started again.
-Exit status 2 on a bad config or missing input.
+them; `--set collab.align.weight=0` gives plain MF), sella (stage 3, the LLM reading the projected collab
+and semantic vectors at <User_ID>, <Item_ID>, <Warm_ID>; the tables stay TorchRec-sharded), eval (Yes/No
+scores of valid and test: per-row Parquet, metrics JSON, ROC/PR curves; eval.model picks sella, lora or
+mf), all (every stage in that order, skipping those whose finished artifacts exist, then a results table).
+Each stage reads the prep output (--data, default out/<config name>) and writes under the run directory
+(--run-dir, default runs/<config name>); a killed run resumes from its latest checkpoint when started
+again. Exit status 2 on a bad config or missing input.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import os
@@ -27,22 +30,25 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by a launcher: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from launcher.artifacts import DONE, SEMANTIC_FILE, done
+from launcher.metrics import results_table
 from pipeline.config import ConfigError, load_config
 from pipeline.schema import load_manifest
 
-STAGES = ("lora", "distill", "collab", "eval")
+STAGES = ("lora", "distill", "collab", "sella", "eval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="launcher/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/ml-1m.yaml")
-    p.add_argument("--stage", required=True, choices=STAGES, help="training stage to run")
+    p.add_argument("--stage", required=True, choices=(*STAGES, "all"), help="stage to run, or all")
     p.add_argument("--data", help="prep output directory (default: data_dir of the config, else out/<name>)")
     p.add_argument("--run-dir", help="artifacts directory (default: run_dir of the config, else runs/<name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set collab.align.weight=0 (YAML value; repeatable)")
-    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and outputs of the stage")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore existing checkpoints and outputs of the stage (with all: of every stage)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     return p.parse_args(argv)
 
@@ -65,15 +71,27 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.dist import setup
 
     d = setup(cfg.deepspeed)
+    stages = STAGES if args.stage == "all" else (args.stage,)
     if args.fresh and d.main:
-        shutil.rmtree(run_dir / args.stage, ignore_errors=True)
+        for stage in stages:
+            shutil.rmtree(run_dir / stage, ignore_errors=True)
+            if stage == "distill":
+                (run_dir / SEMANTIC_FILE).unlink(missing_ok=True)
     import torch.distributed as dist
 
     dist.barrier()
-    recipe = importlib.import_module(f"launcher.{args.stage}")
-    summary = recipe.run(cfg, data_dir, run_dir, d)
-    if d.main:
-        print(json.dumps(summary, indent=1))
+    for stage in stages:
+        if args.stage == "all" and done(cfg, run_dir, stage):
+            if d.main:
+                print(f"[all] {stage}: finished artifacts found ({DONE[stage]}), skipped", flush=True)
+            continue
+        summary = importlib.import_module(f"launcher.{stage}").run(cfg, data_dir, run_dir, d)
+        if d.main:
+            print(json.dumps(summary, indent=1) if args.stage != "all" else f"[all] {stage}: finished", flush=True)
+        gc.collect()
+        dist.barrier()
+    if d.main and args.stage == "all":
+        print(results_table(json.loads((run_dir / DONE["eval"]).read_text())))
     dist.destroy_process_group()
     return 0
 

@@ -3,7 +3,8 @@
 Projector A maps a collab vector (d_c) to the LLM's input space: d_c -> hidden -> GELU -> d_llm. It is
 shared by <User_ID> (user vector) and <Item_ID> (target item vector) and starts from stage 2b's Proj_C->L
 by default. Projector B maps the aligned semantic vector of the target item for <Warm_ID>: Linear(d_sem,
-d_llm). Injection overwrites each special token's input-embedding row with its projected vector.
+d_llm), absent when the prompt has no <Warm_ID>. Injection overwrites each special token's input-embedding
+row with its projected vector.
 """
 from __future__ import annotations
 
@@ -18,14 +19,28 @@ STAGE2_PREFIX = "projector."  # Proj_C->L's keys in stage 2b's collab.safetensor
 class HybridProjector(nn.Module):
     """Projectors A (collab -> LLM) and B (semantic -> LLM)."""
 
-    def __init__(self, collab_dim: int, semantic_dim: int, llm_dim: int, hidden: int = 1024) -> None:
+    def __init__(self, collab_dim: int, semantic_dim: int | None, llm_dim: int, hidden: int = 1024) -> None:
         super().__init__()
         self.a = nn.Sequential(nn.Linear(collab_dim, hidden), nn.GELU(), nn.Linear(hidden, llm_dim))
-        self.b = nn.Linear(semantic_dim, llm_dim)
+        self.b = nn.Linear(semantic_dim, llm_dim) if semantic_dim else None
 
-    def forward(self, user: torch.Tensor, item: torch.Tensor, semantic: torch.Tensor) -> torch.Tensor:
-        """[batch, 3, d_llm]: the vectors of <User_ID>, <Item_ID>, <Warm_ID>, in SPECIAL_TOKENS order."""
-        return torch.stack([self.a(user), self.a(item), self.b(semantic)], dim=1)
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> HybridProjector:
+        """A projector shaped and filled from its saved state dict (B present when `b.weight` is)."""
+        hidden, collab_dim = tensors["a.0.weight"].shape
+        llm_dim = tensors["a.2.weight"].shape[0]
+        semantic_dim = tensors["b.weight"].shape[1] if "b.weight" in tensors else None
+        proj = cls(collab_dim, semantic_dim, llm_dim, hidden)
+        proj.load_state_dict(tensors)
+        return proj
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, k, d_llm]: the vectors of <User_ID>, <Item_ID> and, with B, <Warm_ID> (SPECIAL_TOKENS order)."""
+        dtype = self.a[0].weight.dtype
+        out = [self.a(user.to(dtype)), self.a(item.to(dtype))]
+        if self.b is not None:
+            out.append(self.b(semantic.to(dtype)))
+        return torch.stack(out, dim=1)
 
     @torch.no_grad()
     def load_stage2(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -39,16 +54,16 @@ class HybridProjector(nn.Module):
         self.a.load_state_dict(state)
 
 
-def special_token_ids(tokenizer) -> list[int]:
-    """Token ids of <User_ID>, <Item_ID>, <Warm_ID>."""
-    return tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+def special_token_ids(tokenizer, warm: bool = True) -> list[int]:
+    """Token ids of <User_ID>, <Item_ID> and (when `warm`) <Warm_ID>."""
+    return tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS[:3 if warm else 2]))
 
 
 def inject(embeds: torch.Tensor, input_ids: torch.Tensor, token_ids: list[int], vectors: torch.Tensor,
            row_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Input embeddings with each special token's row replaced by its vector (not added to).
 
-    embeds [batch, seq, d], input_ids [batch, seq], vectors [batch, 3, d] in `token_ids` order. Every prompt
+    embeds [batch, seq, d], input_ids [batch, seq], vectors [batch, k, d] in `token_ids` order. Every prompt
     must hold exactly one of each token; otherwise a ValueError names the row and the token.
     """
     hits = input_ids.unsqueeze(-1) == torch.tensor(token_ids, device=input_ids.device)  # [batch, seq, 3]

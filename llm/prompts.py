@@ -32,8 +32,9 @@ SYSTEM = {
 USER = {
     "lora": "{list}: {titles}, {target}: {title}",
     "sella": ("The {list}: {titles}. The user's feature is <User_ID>. The target {item}'s feature is "
-              "<Item_ID>, <Warm_ID>. {target}: {title}."),
+              "<Item_ID>{warm}. {target}: {title}."),
 }
+WARM = ", <Warm_ID>"  # dropped from the stage-3 prompt when sella.warm_token is off
 DISTILL = "{Item}: {title}"
 
 
@@ -47,8 +48,9 @@ class Encoded:
     titles_used: int
 
 
-def user_text(kind: Kind, domain: Domain, titles: list[str], title: str) -> str:
-    return USER[kind].format(titles=", ".join(f'"{t}"' for t in titles), title=f'"{title}"', **WORDS[domain])
+def user_text(kind: Kind, domain: Domain, titles: list[str], title: str, warm: bool = True) -> str:
+    return USER[kind].format(titles=", ".join(f'"{t}"' for t in titles), title=f'"{title}"',
+                             warm=WARM if warm else "", **WORDS[domain])
 
 
 def system_text(kind: Kind, domain: Domain) -> str:
@@ -83,12 +85,15 @@ def answer_ids(tokenizer: Tokenizer, label: int) -> list[int]:
 
 
 def encode(tokenizer: Tokenizer, sample: Sample, kind: Kind, domain: Domain, max_length: int,
-           history_titles: int = 10, chat: bool = True, with_answer: bool = True) -> Encoded:
-    """Tokenize one sample; drops the oldest history titles until prompt + answer fit in `max_length`."""
+           history_titles: int = 10, chat: bool = True, with_answer: bool = True, warm: bool = True) -> Encoded:
+    """Tokenize one sample; drops the oldest history titles until prompt + answer fit in `max_length`.
+
+    `warm` keeps <Warm_ID> in the stage-3 prompt.
+    """
     titles = list(sample["history_titles"])[-history_titles:] if history_titles else []
     answer = answer_ids(tokenizer, int(sample["label"])) if with_answer else []
     while True:
-        text = render(tokenizer, system_text(kind, domain), user_text(kind, domain, titles, sample["title"]), chat)
+        text = render(tokenizer, system_text(kind, domain), user_text(kind, domain, titles, sample["title"], warm), chat)
         prompt = tokenizer(text, add_special_tokens=False).input_ids
         if len(prompt) + len(answer) <= max_length or not titles:
             break

@@ -275,9 +275,30 @@ class CollabConfig(_Strict):
     seed: int = 0
 
 
-class EvalConfig(_Strict):
-    """Stage `eval`: Yes/No scoring of valid and test with the tuned LLM."""
+class SellaConfig(TrainConfig):
+    """Stage 3 (`sella`): the LLM reads the projected collab and semantic vectors through the special tokens.
 
+    Trained: projectors A and B, the collab user/item tables and the semantic table (TorchRec-sharded,
+    fused optimizers), and the stage-1 LoRA when `train_lora`; the base LLM stays frozen.
+    """
+
+    lr: float = Field(1e-4, gt=0, description="AdamW lr of the projectors (and LoRA when trained)")
+    train_lora: bool = Field(False, description="also train the stage-1 LoRA (the authors' code freezes it)")
+    projector_init: Literal["stage2", "random"] = Field(
+        "stage2", description="projector A starts from stage 2b's Proj_C->L, or random (CoLLM-like)")
+    warm_token: bool = Field(True, description="put <Warm_ID> (projector B of the semantic vector) in the prompt")
+    collab: str | None = Field(None, description="stage-2b tables (default <run>/collab/collab.safetensors)")
+    table_lr: float = Field(1e-3, gt=0, description="fused optimizer lr of the user and item tables")
+    semantic_lr: float = Field(1e-3, ge=0, description="fused optimizer lr of the semantic table")
+    eval_rows: int | None = Field(256, ge=1, description="valid rows used for checkpoint selection; null = all")
+
+
+class EvalConfig(_Strict):
+    """Stage `eval`: Yes/No scoring of valid and test with the tuned LLM (or MF scores), per row."""
+
+    model: Literal["sella", "lora", "mf"] = Field(
+        "sella", description="sella: stage-3 model; lora: the text-only stage-1 model (TALLRec-like); "
+        "mf: sigmoid(<e_u, e_i>) of the stage-2b tables")
     splits: list[Literal["valid", "test"]] = ["valid", "test"]
     rows: int | None = Field(None, ge=1, description="rows per split (a fixed subset by row id); null = all")
     batch: int = Field(16, ge=1)
@@ -293,11 +314,14 @@ class Config(_Strict):
     data_dir: str | None = Field(None, description="prep output read by the training stages "
                                  "(default out/<name>); --data overrides")
     run_dir: str | None = Field(None, description="training artifacts (default runs/<name>); --run-dir overrides")
+    upstream: str | None = Field(None, description="run directory whose artifacts of earlier stages (adapter, "
+                                 "semantic vectors, collab tables) are used when this run has none")
     llm: LLMConfig = LLMConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     lora: LoraConfig = LoraConfig()
     distill: DistillConfig = DistillConfig()
     collab: CollabConfig = CollabConfig()
+    sella: SellaConfig = SellaConfig()
     eval: EvalConfig = EvalConfig()
 
 
@@ -334,15 +358,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load and validate one YAML config file, with optional `KEY=VALUE` overrides."""
-    path = Path(path)
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid on `base`, section by section."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping; a top-level `base: other.yaml` (relative to the file) is read first and overlaid."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base` chain loops back to itself")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return parse_config(apply_overrides(data, overrides), path)
+    base = data.pop("base", None)
+    return merge(_read(path.parent / base, (*seen, path.resolve())), data) if base else data
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load and validate one YAML config file (with its `base` chain), with optional `KEY=VALUE` overrides."""
+    path = Path(path)
+    return parse_config(apply_overrides(_read(path), overrides), path)

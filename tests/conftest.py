@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import Config, load_config, parse_config
+from pipeline.config import Config, load_config, merge, parse_config
 from pipeline.spark import get_spark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,16 +22,9 @@ def needs_shared(*parts: str) -> pytest.MarkDecorator:
                               "../shared/data beside the repository and never shipped with it")
 
 
-def merged(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def config(name: str, **overrides: Any) -> Config:
     """A config from configs/ with nested overrides (dicts merge, other values replace)."""
-    return parse_config(merged(load_config(CONFIGS / f"{name}.yaml").model_dump(mode="json"), overrides))
+    return parse_config(merge(load_config(CONFIGS / f"{name}.yaml").model_dump(mode="json"), overrides))
 
 
 @pytest.fixture(scope="session")

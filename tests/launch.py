@@ -71,3 +71,24 @@ def tiny_adapter(run: Path, llm: dict[str, Any]) -> None:
     peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft.save_pretrained(str(run / "lora" / "adapter"))
 
+
+
+def tiny_collab(path: Path, data_dir: Path, dim: int, llm_dim: int, hidden: int = 32, semantic: bool = True) -> Path:
+    """A stage-2b collab.safetensors for the prep output `data_dir`: seeded random user/item tables and,
+    with `semantic`, a semantic table and Proj_C->L (the shapes stage 3 reads)."""
+    import pandas as pd
+    import torch
+
+    from embeddings.collab import projector
+    from embeddings.tables import save_tensors
+
+    users = int(pd.read_parquet(data_dir / "tables" / "users").user_id.max())
+    items = int(pd.read_parquet(data_dir / "tables" / "items").item_id.max())
+    g = torch.Generator().manual_seed(0)
+    tensors = {"user": torch.randn(users + 1, dim, generator=g) * 0.1, "item": torch.randn(items + 1, dim, generator=g) * 0.1}
+    if semantic:
+        tensors["semantic"] = torch.randn(items + 1, llm_dim, generator=g)
+        torch.manual_seed(0)
+        tensors |= {f"projector.{k}": v for k, v in projector(dim, hidden, llm_dim).state_dict().items()}
+    save_tensors(path, tensors, {})
+    return path

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config, parse_config
-from tests.conftest import CONFIGS, merged
+from pipeline.config import merge as merged
+from tests.conftest import CONFIGS
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

@@ -1,0 +1,56 @@
+"""Where the stages' finished artifacts live inside a run directory: the one table every stage reads.
+
+A run looks for an earlier stage's artifact in its own directory first, then in the config's `upstream`
+run directory, so the comparison rows can share one stage-1 adapter and one set of stage-2b tables.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import Config
+
+ADAPTER = "lora/adapter"                # stage 1: PEFT adapter + tokenizer
+SEMANTIC_FILE = "semantic.safetensors"       # stage 2a: `semantic` [max item id + 1, d_llm]
+COLLAB_FILE = "collab/collab.safetensors"    # stage 2b: tables user/item/semantic and projector.*
+SELLA_TABLES = "sella/collab.safetensors"      # stage 3: the tables after stage 3
+SELLA_PROJECTOR = "sella/projector.safetensors"  # stage 3: projectors A (a.*) and B (b.*)
+SELLA_ADAPTER = "sella/adapter"         # stage 3 with sella.train_lora: the retrained adapter
+DONE = {  # a stage is finished when this file exists
+    "lora": "lora/summary.json",
+    "distill": SEMANTIC_FILE,
+    "collab": "collab/summary.json",
+    "sella": "sella/summary.json",
+    "eval": "eval/metrics.json",
+}
+HINT = {ADAPTER: "run --stage lora first", SEMANTIC_FILE: "run --stage distill first",
+        COLLAB_FILE: "run --stage collab first", SELLA_TABLES: "run --stage sella first",
+        SELLA_PROJECTOR: "run --stage sella first"}
+
+
+def lookup(cfg: Config, run_dir: Path, rel: str) -> Path | None:
+    """<run>/<rel>, else <upstream>/<rel>, else None."""
+    for base in (run_dir, Path(cfg.upstream) if cfg.upstream else None):
+        if base is not None and (base / rel).exists():
+            return base / rel
+    return None
+
+
+def find(cfg: Config, run_dir: Path, rel: str) -> Path:
+    """Like `lookup`, with a clear error naming where it looked when the artifact is missing."""
+    path = lookup(cfg, run_dir, rel)
+    if path is None:
+        where = run_dir / rel if not cfg.upstream else f"{run_dir / rel} or {Path(cfg.upstream) / rel}"
+        raise FileNotFoundError(f"{where}: not found; {HINT.get(rel, 'run the stage that writes it first')}")
+    return path
+
+
+def adapter_dir(cfg: Config, run_dir: Path) -> Path:
+    """The stage-1 adapter (a directory with adapter_config.json)."""
+    path = find(cfg, run_dir, ADAPTER)
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path}: no adapter_config.json; run --stage lora first")
+    return path
+
+
+def done(cfg: Config, run_dir: Path, stage: str) -> bool:
+    return lookup(cfg, run_dir, DONE[stage]) is not None

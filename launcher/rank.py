@@ -1,0 +1,138 @@
+"""Rank candidate items for one user with a trained SeLLa-Rec model, new items included.
+
+    python launcher/rank.py --config configs/ml-100k.yaml --user 12 --candidates candidates.csv \\
+        --out runs/ml-100k/rank-12.parquet
+
+Candidates: a CSV or Parquet file with an `item_id` column, a `title` column, or both. A known item id
+brings its title, collab row and semantic row from the run's tables. A row with a title and no item id
+(or one the data does not know) is a new item without interactions: its collab vector is the padding
+row 0 and its semantic vector is distilled from the title with the stage-2a prompt through the stage-1
+model, so <Warm_ID> carries what the LLM knows of it (cold start). The user's history is their last
+positively rated items in the prep output. One process, no launcher needed.
+Writes Parquet: rank, item_id (0 for new items), title, new_item, score (P(Yes)), best first.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from embeddings.collab import ITEM, SEMANTIC, USER
+from launcher.artifacts import SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find, lookup
+from launcher.data import read_items
+from llm.model import load_tuned
+from llm.projector import HybridProjector
+from llm.prompts import Encoded, encode, encode_distill
+from llm.scorer import collate, last_hidden
+from llm.sella import SellaLM
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.schema import Sample
+
+BATCH = 16
+
+
+def read_candidates(path: Path, items: pd.DataFrame) -> pd.DataFrame:
+    """item_id (0 = new), title, new_item per candidate; errors name the file and line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: candidates file not found")
+    table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    if not {"item_id", "title"} & set(table.columns):
+        raise ValueError(f"{path}: needs an item_id or a title column, found {list(table.columns)}")
+    titles = dict(zip(items.item_id, items.title, strict=True))
+    rows = []
+    for line, rec in enumerate(table.to_dict("records"), start=2 if path.suffix != ".parquet" else 0):
+        item = rec.get("item_id")
+        item = int(item) if item is not None and not pd.isna(item) else 0
+        title = rec.get("title")
+        title = str(title) if title is not None and not pd.isna(title) and str(title).strip() else None
+        known = item in titles
+        if not known and title is None:
+            raise ValueError(f"{path}, line {line}: item_id {item or '(empty)'} is not in the data and there "
+                             "is no title to score it as a new item")
+        rows.append({"item_id": item if known else 0, "title": titles[item] if known else title, "new_item": not known})
+    return pd.DataFrame(rows)
+
+
+def user_history(data_dir: Path, user: int, length: int) -> list[str]:
+    """Titles of the user's last `length` positively rated items, oldest first."""
+    rows = pd.read_parquet(data_dir / "tables" / "interactions",
+                           columns=["row_id", "user_id", "label", "timestamp", "title"], filters=[("user_id", "==", user)])
+    if rows.empty:
+        raise ValueError(f"user {user} has no interactions in {data_dir}")
+    liked = rows[rows.label == 1].sort_values(["timestamp", "row_id"])
+    return liked.title.tolist()[-length:] if length else []
+
+
+@torch.no_grad()
+def rank(cfg: Config, data_dir: Path, run_dir: Path, user: int, candidates: pd.DataFrame) -> pd.DataFrame:
+    """Scores of the candidates for `user` with the run's stage-3 model, best first."""
+    lc = cfg.llm
+    sella_adapter = lookup(cfg, run_dir, SELLA_ADAPTER)
+    llm, tokenizer = load_tuned(lc, sella_adapter or adapter_dir(cfg, run_dir))
+    model = SellaLM(llm, HybridProjector.from_tensors(load_file(str(find(cfg, run_dir, SELLA_PROJECTOR)))),
+                    tokenizer).eval()
+    tables = load_file(str(find(cfg, run_dir, SELLA_TABLES)))
+    if user <= 0 or user >= len(tables[USER]):
+        raise ValueError(f"user {user} is outside the trained user table (1..{len(tables[USER]) - 1})")
+    items = torch.tensor(candidates.item_id.to_numpy(), dtype=torch.long)
+    semantic = tables[SEMANTIC][items].clone() if model.warm else None
+    new = candidates.index[candidates.new_item].tolist()
+    if model.warm and new:
+        distiller = llm if sella_adapter is None and cfg.distill.use_lora else load_tuned(
+            lc, adapter_dir(cfg, run_dir) if cfg.distill.use_lora else None)[0]
+        for lo in range(0, len(new), BATCH):
+            part = new[lo:lo + BATCH]
+            prompts = [Encoded(encode_distill(tokenizer, cfg.domain, candidates.title[i], lc.max_length,
+                                              cfg.distill.chat_template), [], i, 0) for i in part]
+            semantic[part] = last_hidden(distiller, collate(prompts, tokenizer.pad_token_id)).float()
+    history = user_history(data_dir, user, lc.history_titles)
+    scores = []
+    for lo in range(0, len(candidates), BATCH):
+        idx = list(range(lo, min(lo + BATCH, len(candidates))))
+        samples = [Sample(row_id=i, user_id=user, item_id=int(items[i]), label=0, timestamp=0, split="rank", warm=0,
+                          history_ids=[], history_titles=history, title=candidates.title[i]) for i in idx]
+        encoded = [encode(tokenizer, s, "sella", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template,
+                          with_answer=False, warm=model.warm) for s in samples]
+        rows = [tables[USER][torch.full((len(idx),), user)], tables[ITEM][items[idx]]]
+        if model.warm:
+            rows.append(semantic[idx])
+        scores.append(model(collate(encoded, tokenizer.pad_token_id), *rows, score=True).float())
+    out = candidates.assign(score=torch.cat(scores).numpy()).sort_values("score", ascending=False, kind="stable")
+    return out.assign(rank=range(1, len(out) + 1))[["rank", "item_id", "title", "new_item", "score"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="launcher/rank.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the YAML config the run was trained with")
+    p.add_argument("--user", required=True, type=int, help="user id (remapped id of the prep output)")
+    p.add_argument("--candidates", required=True, type=Path, help="CSV or Parquet with item_id and/or title")
+    p.add_argument("--out", required=True, type=Path, help="Parquet file for the ranked scores")
+    p.add_argument("--data", help="prep output directory (default: data_dir of the config, else out/<name>)")
+    p.add_argument("--run-dir", help="trained run (default: run_dir of the config, else runs/<name>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        data_dir = Path(args.data or cfg.data_dir or f"out/{cfg.name}")
+        run_dir = Path(args.run_dir or cfg.run_dir or f"runs/{cfg.name}")
+        candidates = read_candidates(args.candidates, read_items(data_dir))
+        ranked = rank(cfg, data_dir, run_dir, args.user, candidates)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    ranked.to_parquet(args.out, index=False)
+    print(ranked.to_string(index=False, max_colwidth=48))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

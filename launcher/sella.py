@@ -1,0 +1,220 @@
+"""Stage 3 (`sella`): SeLLa-Rec training, the LLM reading collab and semantic vectors at special tokens.
+
+One job, one process group. A DeepSpeed engine (ZeRO-3 by default) holds SellaLM: the frozen base LLM,
+the stage-1 LoRA (trained too with `sella.train_lora`) and the hybrid projector. The collab user/item
+tables and the semantic table stay TorchRec-sharded (DistributedModelParallel) with fused optimizers.
+Per micro-batch each rank looks its rows up in the sharded tables, the engine injects their projections at
+<User_ID>, <Item_ID>, <Warm_ID> and computes the answer loss, and engine.backward carries the gradient
+through the projector into the tables, whose fused optimizers update them inside that backward pass.
+
+Equal results on any number of ranks: the data is a seeded order of global micro-batches (micro_batch x
+ranks samples, each rank its slice); DeepSpeed averages dense gradients over ranks while the lookup's
+backward sums the ranks' row gradients, so the rows' gradients are divided by the world size. Tables
+step every micro-batch (fused into the backward), the projector every grad_accum micro-batches.
+
+Checkpoint selection on valid only: every `eval_every` steps and at the end a fixed valid subset is
+scored; the state with the best valid AUC is kept and exported. Test is left to stage `eval`.
+Reads: the prep output's train/valid shards, the stage-1 adapter, stage 2b's collab.safetensors.
+Writes: <run>/sella/{collab.safetensors (tables), projector.safetensors, adapter/ (with train_lora),
+summary.json, ckpt/}; TensorBoard under <run>/tb/sella.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers.integrations import HfDeepSpeedConfig
+
+from embeddings.collab import ITEM, SEMANTIC, USER, Collab, ids_kjt
+from embeddings.sharding import attach_optimizers, resolve, shard
+from embeddings.tables import RankState, gather_tables, init_from_file, local_shards, restore, save_tensors, snapshot
+from launcher import checkpoint
+from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find
+from launcher.data import eval_samples, global_batches
+from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
+from launcher.engine import cosine_schedule, ds_config, planned_steps
+from launcher.lora import save_adapter
+from launcher.metrics import format_report
+from launcher.monitor import Monitor, peak_memory_mb
+from launcher.validate import gather_report, score
+from llm.model import hidden_size, load_base
+from llm.projector import HybridProjector
+from llm.prompts import Encoded, encode
+from llm.scorer import collate
+from llm.sella import SellaLM
+from pipeline.config import Config
+from pipeline.schema import Sample
+
+STAGE = "sella"
+
+
+def read_collab(path: Path, prefix: str | None = None) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
+    """Shapes of every tensor in stage 2b's file, and the tensors whose key starts with `prefix`."""
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())  # noqa: SIM118 (safe_open is not iterable)
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+        picked = {k: f.get_tensor(k) for k in keys if prefix and k.startswith(prefix)}
+    return shapes, picked
+
+
+class EngineAndTables:
+    """Checkpoints the DeepSpeed engine and this rank's table shards together (launcher/checkpoint.py)."""
+
+    def __init__(self, engine: deepspeed.DeepSpeedEngine, tables: RankState) -> None:
+        self.engine, self.tables = engine, tables
+
+    def save_checkpoint(self, ckpt_dir: str, tag: str, save_latest: bool = False) -> None:
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
+        self.tables.save_checkpoint(ckpt_dir, tag)
+
+    def load_checkpoint(self, ckpt_dir: str, tag: str, load_module_strict: bool = False) -> None:
+        self.engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=False)
+        self.tables.load_checkpoint(ckpt_dir, tag)
+
+
+def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
+    """Train SeLLa-Rec; returns the summary written to <run>/sella/summary.json."""
+    sc, lc, cc = cfg.sella, cfg.llm, cfg.collab
+    out = run_dir / STAGE
+    collab_path = Path(sc.collab) if sc.collab else find(cfg, run_dir, COLLAB_FILE)
+    shapes, stage2 = read_collab(collab_path, "projector." if sc.projector_init == "stage2" else None)
+    warm = sc.warm_token
+    if warm and SEMANTIC not in shapes:
+        raise ValueError(f"{collab_path}: no semantic table (stage 2b ran as plain MF); "
+                         "set sella.warm_token: false or use aligned collab tables")
+    names = [USER, ITEM, SEMANTIC] if warm else [USER, ITEM]
+    zero3 = cfg.deepspeed.zero_stage == 3
+
+    torch.manual_seed(sc.seed)
+    config = ds_config(cfg.deepspeed, sc, d, hidden_size(lc))
+    hf_zero3 = HfDeepSpeedConfig(config) if zero3 else None  # load the LLM straight into partitions
+    llm, tokenizer = load_base(lc, d.dtype)
+    llm = PeftModel.from_pretrained(llm, str(adapter_dir(cfg, run_dir)), is_trainable=sc.train_lora)
+    projector = HybridProjector(shapes[USER][1], shapes[SEMANTIC][1] if warm else None, hidden_size(lc), cc.proj_hidden)
+    if sc.projector_init == "stage2":
+        if not stage2:
+            raise ValueError(f"{collab_path}: no stage-2 projector (plain MF); set sella.projector_init: random")
+        projector.load_stage2(stage2)
+    model = SellaLM(llm, projector, tokenizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    collab = Collab(shapes[USER][0] - 1, shapes[ITEM][0] - 1, shapes[USER][1],
+                    shapes[SEMANTIC][1] if warm else None, proj_hidden=0)
+    attach_optimizers(collab.tables, {USER: sc.table_lr, ITEM: sc.table_lr, SEMANTIC: sc.semantic_lr},
+                      cc.table_optimizer)
+    dmp = shard(collab, cc.sharding, d.device)
+    for s in local_shards(dmp):
+        init_from_file(s, collab_path, s.table)
+
+    def keep(sample: Sample) -> bool:
+        return bool(sample["history_titles"]) or not lc.drop_no_history
+
+    def encode_one(sample: Sample, with_answer: bool = True) -> Encoded:
+        return encode(tokenizer, sample, STAGE, cfg.domain, lc.max_length, lc.history_titles, lc.chat_template,
+                      with_answer, warm)
+
+    def rows_of(users: list[int], items: list[int]) -> list[torch.Tensor]:
+        """The looked-up rows (user, item[, semantic]) of a micro-batch from the sharded tables."""
+        u, i = torch.tensor(users, device=d.device), torch.tensor(items, device=d.device)
+        rows = dmp(ids_kjt({USER: u, ITEM: i, SEMANTIC: i} if warm else {USER: u, ITEM: i}))
+        return [rows[n] for n in names]
+
+    train = eval_samples(data_dir, "train", None, 0, 1, keep)
+    total = planned_steps(sc, len(train), d.world)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
+                                      lr_scheduler=cosine_schedule(sc, total))
+    best: dict = {"state": None}
+    both = EngineAndTables(engine, RankState(dmp, [], None, best))
+    state = checkpoint.load(both, out / "ckpt") or {"step": 0, "best_auc": -1.0, "best_step": 0, "best_valid": None}
+    start = state["step"]
+
+    valid = eval_samples(data_dir, "valid", sc.eval_rows, d.rank, d.world, keep)
+    valid_enc = [encode_one(s, with_answer=False) for s in valid]
+    by_row = {s["row_id"]: s for s in valid}
+    monitor = Monitor(d.main, run_dir / "tb" / STAGE, total, start, STAGE)
+
+    def dense_copy() -> list[torch.Tensor]:
+        with deepspeed.zero.GatheredParameters(trainable, enabled=zero3):
+            return [p.detach().cpu().clone() for p in trainable]
+
+    @torch.no_grad()
+    def validate(step: int) -> dict:
+        def forward(batch: dict[str, torch.Tensor], examples: list[Encoded]) -> torch.Tensor:
+            picked = [by_row[e.row_id] for e in examples]
+            return engine(batch, *rows_of([s["user_id"] for s in picked], [s["item_id"] for s in picked]), score=True)
+
+        metrics, _ = gather_report(valid, score(engine, valid_enc, sc.eval_batch, model.no_yes,
+                                                tokenizer.pad_token_id, d, forward))
+        monitor.scalars(step, {f"{g}/{k}": metrics[g][k] for g in metrics for k in ("auc", "uauc")
+                               if metrics[g][k] is not None}, "valid/")
+        monitor.write(f"[{STAGE}] step {step}: valid, {metrics['overall']['rows']} rows\n{format_report(metrics)}")
+        if (metrics["overall"]["auc"] or 0.0) > state["best_auc"]:
+            state.update(best_auc=metrics["overall"]["auc"], best_step=step, best_valid=metrics)
+            best["state"] = (snapshot(dmp), dense_copy())
+        return metrics
+
+    batches = itertools.islice(global_batches(train, sc.micro_batch, d.rank, d.world, sc.seed),
+                               start * sc.grad_accum, None)
+    engine.train()
+    seconds, samples_seen, losses = 0.0, 0, []
+    for step in range(start + 1, total + 1):
+        t0 = time.time()
+        for _ in range(sc.grad_accum):
+            samples = next(batches)
+            batch = {k: v.to(d.device) for k, v in collate([encode_one(s) for s in samples],
+                                                            tokenizer.pad_token_id).items()}
+            rows = rows_of([s["user_id"] for s in samples], [s["item_id"] for s in samples])
+            if d.world > 1:
+                for r in rows:
+                    r.register_hook(lambda g: g / d.world)
+            loss = engine(batch, *rows)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        seconds += max_over_ranks(time.time() - t0)
+        samples_seen += sc.micro_batch * sc.grad_accum * d.world
+        if step % sc.log_every == 0 or step == total:
+            logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / d.world, "lr": engine.get_lr()[0],
+                    "grad_norm": float(engine.get_global_grad_norm() or 0.0), "samples_per_s": samples_seen / seconds}
+            monitor.scalars(step, logs, "train/")
+            monitor.step({"loss": f"{logs['loss']:.4f}"})
+            losses = []
+        else:
+            monitor.step({})
+        if (sc.eval_every and step % sc.eval_every == 0) or step == total:
+            validate(step)
+        if (sc.eval_every and step % sc.eval_every == 0) or step % sc.save_every == 0 or step == total:
+            state["step"] = step
+            checkpoint.save(both, out / "ckpt", step, state, sc.keep_checkpoints)
+
+    tables_best, dense_best = best["state"]
+    restore(dmp, tables_best)
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=0, enabled=zero3), torch.no_grad():
+        for p, v in zip(trainable, dense_best, strict=True):
+            p.copy_(v.to(p.device, p.dtype))
+    tables = gather_tables(dmp)
+    with deepspeed.zero.GatheredParameters(list(projector.parameters()), enabled=zero3):
+        proj = {k: v.detach().float().cpu().clone() for k, v in projector.state_dict().items()}
+    if d.main:
+        meta = {"best_step": str(state["best_step"]), "warm_token": str(warm), "collab": str(collab_path)}
+        save_tensors(run_dir / SELLA_TABLES, tables, meta)
+        save_tensors(run_dir / SELLA_PROJECTOR, proj, meta)
+    if sc.train_lora:
+        save_adapter(engine.module.llm, tokenizer, run_dir / SELLA_ADAPTER, zero3, d)
+    summary = {"stage": STAGE, "steps": total, "resumed_from": start, "best_step": state["best_step"],
+               "world": d.world, "zero_stage": cfg.deepspeed.zero_stage, "sharding": resolve(cc.sharding, d.device),
+               "warm_token": warm, "train_lora": sc.train_lora, "projector_init": sc.projector_init,
+               "collab": str(collab_path), "valid": state["best_valid"], "train_seconds": seconds,
+               "samples_per_s": samples_seen / seconds if seconds else None, "memory_per_rank": gather(peak_memory_mb())}
+    if d.main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    monitor.close()
+    del hf_zero3
+    torch.distributed.barrier()
+    return summary

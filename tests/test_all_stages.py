@@ -1,0 +1,81 @@
+"""`--stage all` through the real `deepspeed --hostfile` launcher (2 CPU ranks, tiny model, ML-100K): every
+stage in one job, a rerun that skips the finished stages, and ranking with the trained run, new items included."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from launcher.artifacts import DONE
+from tests.conftest import REPO
+from tests.launch import finish, launch, write_config
+
+LLM = {"model": "tiny", "max_length": 160}
+BUDGET = {
+    "lora": {"max_steps": 2, "micro_batch": 2, "grad_accum": 1, "eval_every": 0, "eval_rows": 16, "save_every": 2},
+    "distill": {"batch": 64, "chunk_items": 1024},
+    "collab": {"dim": 16, "proj_hidden": 32, "max_steps": 6, "eval_every": 3, "batch": 512, "projector_items": 0},
+    "sella": {"max_steps": 2, "micro_batch": 2, "grad_accum": 1, "eval_every": 0, "eval_rows": 16, "lr": 1e-3},
+    "eval": {"rows": 24, "batch": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def run(ml100k_out: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    base = tmp_path_factory.mktemp("all")
+    cfg = write_config(base / "all.yaml", data_dir=str(ml100k_out), run_dir=str(base / "run"), llm=LLM, **BUDGET)
+    out = finish(launch(cfg, "all", 2), timeout=900)
+    return cfg, base / "run", out
+
+
+def test_all_runs_every_stage_and_prints_the_results(run: tuple[Path, Path, str]) -> None:
+    _, run_dir, out = run
+    for stage, rel in DONE.items():
+        assert (run_dir / rel).is_file(), stage
+        assert f"[all] {stage}: finished" in out
+    metrics = json.loads((run_dir / DONE["eval"]).read_text())
+    assert metrics["model"] == "sella" and metrics["test"]["overall"]["rows"] == 24
+    assert "results of model sella (AUC / UAUC)" in out and f"| test | 24 | {metrics['test']['overall']['auc']:.4f}" in out
+
+
+def test_all_skips_finished_stages(run: tuple[Path, Path, str]) -> None:
+    cfg, run_dir, _ = run
+    before = (run_dir / DONE["sella"]).stat().st_mtime_ns
+    out = finish(launch(cfg, "all", 2))
+    for stage in DONE:
+        assert f"[all] {stage}: finished artifacts found" in out
+    assert (run_dir / DONE["sella"]).stat().st_mtime_ns == before
+    assert "results of model sella" in out
+
+
+def test_rank_scores_a_never_seen_item_from_its_title(run: tuple[Path, Path, str], tmp_path: Path) -> None:
+    cfg, _, _ = run
+    candidates = tmp_path / "candidates.csv"
+    pd.DataFrame({"item_id": [50, 100, None, None],
+                  "title": [None, None, "A Film Nobody Has Rated (2031)", "Another Unseen Picture (2032)"]}
+                 ).to_csv(candidates, index=False)
+    out = tmp_path / "ranked.parquet"
+    proc = subprocess.run([sys.executable, "launcher/rank.py", "--config", str(cfg), "--user", "7",
+                           "--candidates", str(candidates), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranked = pd.read_parquet(out)
+    assert list(ranked["rank"]) == [1, 2, 3, 4] and ranked.score.is_monotonic_decreasing
+    assert ranked.score.between(0, 1).all() and ranked.score.nunique() == 4
+    new = ranked[ranked.new_item]
+    assert sorted(new.title) == ["A Film Nobody Has Rated (2031)", "Another Unseen Picture (2032)"]
+    assert (new.item_id == 0).all()
+    assert set(ranked[~ranked.new_item].item_id) == {50, 100}
+
+
+def test_rank_names_the_bad_candidate_line(run: tuple[Path, Path, str], tmp_path: Path) -> None:
+    cfg, _, _ = run
+    candidates = tmp_path / "bad.csv"
+    candidates.write_text("item_id,title\n50,\n999999,\n")
+    proc = subprocess.run([sys.executable, "launcher/rank.py", "--config", str(cfg), "--user", "7",
+                           "--candidates", str(candidates), "--out", str(tmp_path / "x.parquet")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and f"{candidates}, line 3: item_id 999999 is not in the data" in proc.stderr
