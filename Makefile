@@ -35,10 +35,10 @@ collab-collm: setup         ## stages 2a + 2b on CoLLM's ML-1M splits: distill (
 	$(DEEPSPEED) launcher/train.py --config configs/collm-ml-1m.yaml --stage collab \
 	    --run-dir runs/collm-ml-1m-mf --set collab.align.weight=0
 
-ROWS := mf text-only collm-like sella-no-warm sella
+ROWS := popularity mf text-only collm-like sella-no-warm sella
 results-collm: setup        ## every comparison row on CoLLM's ML-1M splits, then the table in docs/results.md (after collab-collm)
 	for row in $(ROWS); do \
-	    case $$row in mf|text-only) ;; *) $(DEEPSPEED) launcher/train.py --config configs/comparison/$$row.yaml --stage sella || exit 1;; esac; \
+	    case $$row in popularity|mf|text-only) ;; *) $(DEEPSPEED) launcher/train.py --config configs/comparison/$$row.yaml --stage sella || exit 1;; esac; \
 	    $(DEEPSPEED) launcher/train.py --config configs/comparison/$$row.yaml --stage eval || exit 1; \
 	done
 	python scripts/results_table.py $(addprefix configs/comparison/,$(addsuffix .yaml,$(ROWS))) --write docs/results.md

@@ -3,7 +3,9 @@
 `eval.model` picks what scores the rows (one stage for every row of the comparison):
 - sella: the stage-3 model (base + adapter + projectors reading the stage-3 tables), P(Yes);
 - lora: the base LLM with the stage-1 adapter, the text-only, TALLRec-like model, P(Yes);
-- mf: sigmoid(<e_u, e_i>) of stage 2b's tables, on the same rows.
+- mf: sigmoid(<e_u, e_i>) of stage 2b's tables;
+- popularity: the item's positive rate in train (items unseen in train: the global rate), the trivial
+  baseline method.md asks every results table to carry.
 LLM rows are scored over all ranks (left-padded batches, softmax over {No, Yes} at the answer position);
 rows without history are skipped when `llm.drop_no_history` (authors' code), for every model alike.
 Writes <run>/eval/scores-<split>.parquet (row_id, user_id, item_id, label, warm, score),
@@ -56,8 +58,14 @@ def roc_figure(labels: pd.Series, scores: pd.Series, title: str):
 class Scorer:
     """Scores one rank's samples with the configured model."""
 
-    def __init__(self, cfg: Config, run_dir: Path, d: Dist) -> None:
+    def __init__(self, cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> None:
         self.cfg, self.d, self.model = cfg, d, cfg.eval.model
+        if self.model == "popularity":
+            rows = pd.read_parquet(data_dir / "tables" / "interactions", columns=["item_id", "label"],
+                                   filters=[("split", "==", "train")])
+            self.rate, self.prior = rows.groupby("item_id").label.mean().to_dict(), float(rows.label.mean())
+            self.source = str(data_dir / "tables" / "interactions")
+            return
         if self.model == "mf":
             self.tables = load_file(str(find(cfg, run_dir, COLLAB_FILE)))
             self.source = str(find(cfg, run_dir, COLLAB_FILE))
@@ -76,6 +84,8 @@ class Scorer:
 
     def __call__(self, samples: list[Sample]) -> np.ndarray:
         ec, lc = self.cfg.eval, self.cfg.llm
+        if self.model == "popularity":
+            return np.array([self.rate.get(s["item_id"], self.prior) for s in samples], dtype=np.float32)
         if self.model == "mf":
             users, items = (torch.tensor([s[k] for s in samples], dtype=torch.long) for k in ("user_id", "item_id"))
             return torch.sigmoid((self.tables[USER][users] * self.tables[ITEM][items]).sum(-1)).numpy()
@@ -102,7 +112,7 @@ class Scorer:
 def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     """Score the configured splits; returns the metrics written to <run>/eval/metrics.json."""
     ec, lc = cfg.eval, cfg.llm
-    scorer = Scorer(cfg, run_dir, d)
+    scorer = Scorer(cfg, data_dir, run_dir, d)
     out = run_dir / STAGE
     monitor = Monitor(d.main, run_dir / "tb" / STAGE, len(ec.splits), 0, STAGE)
 

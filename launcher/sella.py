@@ -57,7 +57,7 @@ STAGE = "sella"
 def read_collab(path: Path, prefix: str | None = None) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
     """Shapes of every tensor in stage 2b's file, and the tensors whose key starts with `prefix`."""
     with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())  # noqa: SIM118 (safe_open is not iterable)
+        keys = list(f.keys())
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
         picked = {k: f.get_tensor(k) for k in keys if prefix and k.startswith(prefix)}
     return shapes, picked
@@ -190,8 +190,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         if (sc.eval_every and step % sc.eval_every == 0) or step == total:
             validate(step)
         if (sc.eval_every and step % sc.eval_every == 0) or step % sc.save_every == 0 or step == total:
-            state["step"] = step
-            checkpoint.save(both, out / "ckpt", step, state, sc.keep_checkpoints)
+            checkpoint.save(both, out / "ckpt", step, {k: state[k] for k in ("best_auc", "best_step", "best_valid")},
+                            sc.keep_checkpoints)
 
     tables_best, dense_best = best["state"]
     restore(dmp, tables_best)

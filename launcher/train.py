@@ -30,7 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by a launcher: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launcher.artifacts import DONE, SEMANTIC_FILE, done
+from launcher.artifacts import DONE, SEMANTIC_FILE, done, lookup
 from launcher.metrics import results_table
 from pipeline.config import ConfigError, load_config
 from pipeline.schema import load_manifest
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         dist.barrier()
     if d.main and args.stage == "all":
-        print(results_table(json.loads((run_dir / DONE["eval"]).read_text())))
+        print(results_table(json.loads(lookup(cfg, run_dir, DONE["eval"]).read_text())))
     dist.destroy_process_group()
     return 0
 

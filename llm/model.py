@@ -146,8 +146,8 @@ def load_base(cfg: LLMConfig, dtype: torch.dtype = torch.float32,
                            intermediate_size=t.intermediate, max_position_embeddings=cfg.max_length * 2,
                            tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
         with torch.random.fork_rng():  # drawn in fp32, then cast: the same weights in every precision
-            torch.manual_seed(t.seed)
-            model = LlamaForCausalLM._from_config(arch, dtype=torch.float32).to(dtype)
+            torch.manual_seed(t.seed)  # the plain constructor: ZeRO-3's zero.Init would draw other weights
+            model = LlamaForCausalLM(arch).to(dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir(cfg.model, cache), dtype=dtype, local_files_only=True)
     add_special_tokens(model, tokenizer)

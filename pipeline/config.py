@@ -296,9 +296,9 @@ class SellaConfig(TrainConfig):
 class EvalConfig(_Strict):
     """Stage `eval`: Yes/No scoring of valid and test with the tuned LLM (or MF scores), per row."""
 
-    model: Literal["sella", "lora", "mf"] = Field(
+    model: Literal["sella", "lora", "mf", "popularity"] = Field(
         "sella", description="sella: stage-3 model; lora: the text-only stage-1 model (TALLRec-like); "
-        "mf: sigmoid(<e_u, e_i>) of the stage-2b tables")
+        "mf: sigmoid(<e_u, e_i>) of the stage-2b tables; popularity: the item's positive rate in train")
     splits: list[Literal["valid", "test"]] = ["valid", "test"]
     rows: int | None = Field(None, ge=1, description="rows per split (a fixed subset by row id); null = all")
     batch: int = Field(16, ge=1)

@@ -52,6 +52,12 @@ def test_all_skips_finished_stages(run: tuple[Path, Path, str]) -> None:
     assert "results of model sella" in out
 
 
+def rank(cfg: Path, candidates: Path, out: Path) -> subprocess.CompletedProcess:
+    """launcher/rank.py for user 7 of the run."""
+    return subprocess.run([sys.executable, "launcher/rank.py", "--config", str(cfg), "--user", "7", "--candidates",
+                           str(candidates), "--out", str(out)], cwd=REPO, capture_output=True, text=True, check=False)
+
+
 def test_rank_scores_a_never_seen_item_from_its_title(run: tuple[Path, Path, str], tmp_path: Path) -> None:
     cfg, _, _ = run
     candidates = tmp_path / "candidates.csv"
@@ -59,8 +65,7 @@ def test_rank_scores_a_never_seen_item_from_its_title(run: tuple[Path, Path, str
                   "title": [None, None, "A Film Nobody Has Rated (2031)", "Another Unseen Picture (2032)"]}
                  ).to_csv(candidates, index=False)
     out = tmp_path / "ranked.parquet"
-    proc = subprocess.run([sys.executable, "launcher/rank.py", "--config", str(cfg), "--user", "7",
-                           "--candidates", str(candidates), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    proc = rank(cfg, candidates, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranked = pd.read_parquet(out)
     assert list(ranked["rank"]) == [1, 2, 3, 4] and ranked.score.is_monotonic_decreasing
@@ -75,7 +80,5 @@ def test_rank_names_the_bad_candidate_line(run: tuple[Path, Path, str], tmp_path
     cfg, _, _ = run
     candidates = tmp_path / "bad.csv"
     candidates.write_text("item_id,title\n50,\n999999,\n")
-    proc = subprocess.run([sys.executable, "launcher/rank.py", "--config", str(cfg), "--user", "7",
-                           "--candidates", str(candidates), "--out", str(tmp_path / "x.parquet")],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = rank(cfg, candidates, tmp_path / "x.parquet")
     assert proc.returncode == 2 and f"{candidates}, line 3: item_id 999999 is not in the data" in proc.stderr

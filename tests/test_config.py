@@ -67,3 +67,28 @@ def test_command_line_overrides_set_nested_keys_and_name_bad_ones() -> None:
         load_config(CONFIGS / "collm-ml-1m.yaml", ["collab.align.weight"])
     with pytest.raises(ConfigError, match=r"collab\.colab_dim: Extra inputs are not permitted"):
         load_config(CONFIGS / "collm-ml-1m.yaml", ["collab.colab_dim=8"])
+
+
+def test_comparison_rows_inherit_the_benchmark_config() -> None:
+    """configs/comparison/*.yaml: one `base` each, overlaid section by section."""
+    rows = {p.stem: load_config(p) for p in sorted((CONFIGS / "comparison").glob("*.yaml"))}
+    assert set(rows) == {"popularity", "mf", "text-only", "collm-like", "sella-no-warm", "sella"}
+    base = load_config(CONFIGS / "collm-ml-1m.yaml")
+    for cfg in rows.values():
+        assert cfg.name == base.name and cfg.protocol == base.protocol and cfg.eval.rows == base.eval.rows
+        assert cfg.sella.max_steps == base.sella.max_steps
+    assert [rows[r].eval.model for r in ("mf", "text-only", "sella")] == ["mf", "lora", "sella"]
+    collm = rows["collm-like"].sella
+    assert (collm.projector_init, collm.warm_token, collm.collab) == (
+        "random", False, "runs/collm-ml-1m-mf/collab/collab.safetensors")
+    assert rows["sella-no-warm"].sella.warm_token is False and rows["sella"].sella.warm_token is True
+
+
+def test_base_chain_errors_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing\.yaml: config file not found"):
+        load_config(tmp_path / "c.yaml")

@@ -27,7 +27,7 @@ def test_eval_writes_scores_metrics_and_curves(ml100k_out: Path, tmp_path: Path)
     run = tmp_path / "run"
     tiny_adapter(run, LLM)
     cfg = write_config(tmp_path / "eval.yaml", data_dir=str(ml100k_out), run_dir=str(run), llm=LLM,
-                       eval={"rows": 30, "batch": 8})
+                       eval={"rows": 30, "batch": 8, "model": "lora"})
     finish(launch(cfg, "eval", 2))
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     for split in ("valid", "test"):
@@ -40,3 +40,18 @@ def test_eval_writes_scores_metrics_and_curves(ml100k_out: Path, tmp_path: Path)
     assert {"valid/overall/auc", "test/overall/auc"} <= set(tags["scalars"])
     assert {"valid/roc", "test/roc"} <= set(tags["images"])
     assert {"valid/pr", "test/pr"} <= set(tags["tensors"])  # PR curves
+
+
+def test_popularity_scores_are_train_positive_rates(ml100k_out: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "pop.yaml", data_dir=str(ml100k_out), run_dir=str(run), llm=LLM,
+                       eval={"rows": 200, "model": "popularity"})
+    finish(launch(cfg, "eval", 1))
+    rows = pd.read_parquet(ml100k_out / "tables" / "interactions", columns=["item_id", "label", "split"])
+    train = rows[rows.split == "train"]
+    rate = train.groupby("item_id").label.mean()
+    scored = pd.read_parquet(run / "eval" / "scores-test.parquet")
+    want = scored.item_id.map(rate).fillna(train.label.mean())
+    assert len(scored) == 200 and np.allclose(scored.score, want, atol=1e-6)
+    assert scored.item_id.isin(rate.index).any() and json.loads((run / "eval" / "metrics.json").read_text())[
+        "model"] == "popularity"

@@ -30,6 +30,9 @@ def test_special_tokens_are_single_tokens_with_mean_rows(tiny) -> None:
     assert len(set(ids)) == 3 and min(ids) >= len(tokenizer) - 3
     text = user_text("sella", "movie", ["A"], "B")
     assert [i for i in tokenizer(text, add_special_tokens=False).input_ids if i in ids] == ids
+    no_warm = user_text("sella", "movie", ["A"], "B", warm=False)
+    assert [i for i in tokenizer(no_warm, add_special_tokens=False).input_ids if i in ids] == ids[:2]
+    assert no_warm.endswith("The target movie's feature is <Item_ID>. TargetMovie: \"B\".")
     weight = model.get_input_embeddings().weight
     assert torch.allclose(weight[ids[0]], weight[: ids[0]].mean(0), atol=1e-6)
     again, _ = load_base(LLMConfig(model="tiny"))

@@ -46,3 +46,14 @@ def test_projector_a_starts_from_stage2_and_is_shared() -> None:
     assert_close(out[:, 0], out[:, 1].flip(0))  # A is shared by user and item
     with pytest.raises(ValueError, match="collab.dim"):
         HybridProjector(4, 5, 5, hidden=8).load_stage2(tensors)
+
+
+def test_projector_without_b_and_rebuilt_from_its_tensors() -> None:
+    proj = HybridProjector(6, None, 5, hidden=8)
+    x = torch.randn(2, 6)
+    assert proj.b is None and proj(x, x).shape == (2, 2, 5)
+    full = HybridProjector(6, 7, 5, hidden=8)
+    again = HybridProjector.from_tensors(full.state_dict())
+    s = torch.randn(2, 7)
+    assert_close(again(x, x, s), full(x, x, s))
+    assert HybridProjector.from_tensors(proj.state_dict()).b is None
