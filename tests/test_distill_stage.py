@@ -85,4 +85,4 @@ def test_distill_without_adapter_names_the_missing_stage(ml100k_out: Path, tmp_p
     cfg = write_config(tmp_path / "c.yaml", data_dir=str(ml100k_out), run_dir=str(tmp_path / "run"), llm=LLM)
     proc = launch(cfg, "distill", 1)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and "no stage-1 adapter; run --stage lora first" in out
+    assert proc.returncode != 0 and f"{tmp_path / 'run' / 'lora' / 'adapter'}: not found; run --stage lora first" in out

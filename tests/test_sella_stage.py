@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.testing import assert_close
 
 from launcher.artifacts import COLLAB_FILE, SELLA_PROJECTOR, SELLA_TABLES
@@ -85,8 +86,6 @@ def test_collm_like_run_has_no_warm_token_and_keeps_plain_tables(runs: dict[str,
 
 
 def test_checkpoints_and_tensorboard(runs: dict[str, Path]) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     run = runs["two"]
     latest = json.loads((run / "sella" / "ckpt" / "latest.json").read_text())
     assert latest["step"] == 4 and latest["best_step"] in (2, 4)
@@ -95,6 +94,17 @@ def test_checkpoints_and_tensorboard(runs: dict[str, Path]) -> None:
     events = EventAccumulator(str(run / "tb" / "sella")).Reload()
     assert {"train/loss", "train/lr", "valid/overall/auc"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("valid/overall/auc")] == [2, 4]
+
+
+def test_a_larger_budget_resumes_from_the_last_checkpoint(runs: dict[str, Path]) -> None:
+    cfg = runs["two"].parent / "two.yaml"
+    finish(launch(cfg, "sella", 2, "--set", "sella.max_steps=6"))
+    summary = json.loads((runs["two"] / "sella" / "summary.json").read_text())
+    latest = json.loads((runs["two"] / "sella" / "ckpt" / "latest.json").read_text())
+    assert summary["resumed_from"] == 4 and summary["steps"] == 6
+    assert latest["tag"] == "step00000006" and latest["step"] == 6
+    events = EventAccumulator(str(runs["two"] / "tb" / "sella")).Reload()
+    assert [e.step for e in events.Scalars("valid/overall/auc")][-1] == 6
 
 
 def test_missing_semantic_table_is_a_clear_error(runs: dict[str, Path], ml100k_out: Path, tmp_path: Path) -> None:
