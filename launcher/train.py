@@ -26,6 +26,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 if __package__ in (None, ""):  # run as a script by a launcher: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,6 +52,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ignore existing checkpoints and outputs of the stage (with all: of every stage)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     return p.parse_args(argv)
+
+
+def load_recipes(stages: tuple[str, ...]) -> dict[str, ModuleType]:
+    """Import every stage's recipe before any stage runs.
+
+    A model loaded under DeepSpeed's ZeRO-3 zero.Init leaves nn.Module subclassing patched, and TorchRec
+    imported after that fails (`ShardedModule has no attribute __parameters__`), so --stage all must
+    import the collab and sella recipes before the lora stage loads the LLM.
+    """
+    return {stage: importlib.import_module(f"launcher.{stage}") for stage in stages}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,12 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     dist.barrier()
+    recipes = load_recipes(stages)
     for stage in stages:
         if args.stage == "all" and done(cfg, run_dir, stage):
             if d.main:
                 print(f"[all] {stage}: finished artifacts found ({DONE[stage]}), skipped", flush=True)
             continue
-        summary = importlib.import_module(f"launcher.{stage}").run(cfg, data_dir, run_dir, d)
+        summary = recipes[stage].run(cfg, data_dir, run_dir, d)
         if d.main:
             print(json.dumps(summary, indent=1) if args.stage != "all" else f"[all] {stage}: finished", flush=True)
         gc.collect()

@@ -20,11 +20,11 @@ from pipeline.config import load_config
 
 BEGIN, END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
 ROWS = {  # config stem -> (row label, published ML-1M AUC / UAUC of the closest published method)
-    "popularity": ("item popularity (train positive rate)", "0.703 / 0.675 (method.md, all test rows)"),
+    "popularity": ("item popularity (train positive rate)", "0.703 / 0.675 (method.md, measured on all test rows)"),
     "mf": ("MF (stage 2b, no alignment)", "MF: 0.6482 / 0.6361"),
     "text-only": ("text-only, stage 1 (TALLRec-like)", "TALLRec: 0.7097 / 0.6818"),
-    "collm-like": ("CoLLM-like (MF tokens, random projector, no <Warm_ID>)", "CoLLM-MF: 0.7295 / 0.6875"),
-    "sella-no-warm": ("SeLLa-Rec without <Warm_ID>", "-"),
+    "collm-like": ("CoLLM-like (MF tokens, random projector, no `<Warm_ID>`)", "CoLLM-MF: 0.7295 / 0.6875"),
+    "sella-no-warm": ("SeLLa-Rec without `<Warm_ID>`", "-"),
     "sella": ("SeLLa-Rec", "about +4% over CoLLM (paper)"),
 }
 
@@ -35,7 +35,8 @@ def cell(metrics: dict, group: str) -> str:
 
 
 def table(configs: list[Path]) -> str:
-    lines = ["| row | config | test rows | overall | warm | cold | published (Vicuna-7B) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| row | config | test rows | overall | warm | cold | reference: CoLLM paper, Vicuna-7B |",
+             "|---|---|---|---|---|---|---|"]
     for path in configs:
         cfg = load_config(path)
         metrics_file = Path(cfg.run_dir or f"runs/{cfg.name}") / DONE["eval"]

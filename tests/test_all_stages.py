@@ -3,6 +3,7 @@ stage in one job, a rerun that skips the finished stages, and ranking with the t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from launcher.artifacts import DONE
 from tests.conftest import REPO
-from tests.launch import finish, launch, write_config
+from tests.launch import finish, free_port, launch, write_config
 
 LLM = {"model": "tiny", "max_length": 160}
 BUDGET = {
@@ -82,3 +83,33 @@ def test_rank_names_the_bad_candidate_line(run: tuple[Path, Path, str], tmp_path
     candidates.write_text("item_id,title\n50,\n999999,\n")
     proc = rank(cfg, candidates, tmp_path / "x.parquet")
     assert proc.returncode == 2 and f"{candidates}, line 3: item_id 999999 is not in the data" in proc.stderr
+
+
+ZERO3_THEN_TORCHREC = """
+import sys
+from transformers.integrations import HfDeepSpeedConfig
+from launcher.dist import setup
+from launcher.engine import ds_config
+from launcher.train import load_recipes
+from llm.model import hidden_size, load_base
+from pipeline.config import load_config
+cfg = load_config("configs/ml-100k.yaml")
+d = setup(cfg.deepspeed)
+if sys.argv[1] == "recipes-first":
+    load_recipes(("lora", "collab"))
+keep = HfDeepSpeedConfig(ds_config(cfg.deepspeed, cfg.lora, d, hidden_size(cfg.llm)))
+load_base(cfg.llm, d.dtype)
+import embeddings.collab
+print("torchrec imported")
+"""
+
+
+@pytest.mark.parametrize("order, ok", [("recipes-first", True), ("model-first", False)])
+def test_recipes_are_imported_before_a_zero3_model_load(order: str, ok: bool) -> None:
+    """The DeepSpeed trap --stage all avoids (load_recipes): SmolLM2 loaded under zero.Init, then TorchRec."""
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", ZERO3_THEN_TORCHREC, order], cwd=REPO, env=env,
+                          capture_output=True, text=True, check=False)
+    assert ("torchrec imported" in proc.stdout) is ok, proc.stderr[-2000:]
+    if not ok:
+        assert "ShardedModule' has no attribute '__parameters__'" in proc.stderr
