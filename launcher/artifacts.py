@@ -9,12 +9,12 @@ from pathlib import Path
 
 from pipeline.config import Config
 
-ADAPTER = "lora/adapter"                # stage 1: PEFT adapter + tokenizer
-SEMANTIC_FILE = "semantic.safetensors"       # stage 2a: `semantic` [max item id + 1, d_llm]
-COLLAB_FILE = "collab/collab.safetensors"    # stage 2b: tables user/item/semantic and projector.*
-SELLA_TABLES = "sella/collab.safetensors"      # stage 3: the tables after stage 3
+ADAPTER = "lora/adapter"                         # stage 1: PEFT adapter + tokenizer
+SEMANTIC_FILE = "semantic.safetensors"           # stage 2a: `semantic` [max item id + 1, d_llm]
+COLLAB_FILE = "collab/collab.safetensors"        # stage 2b: tables user/item/semantic and projector.*
+SELLA_TABLES = "sella/collab.safetensors"        # stage 3: the tables after stage 3
 SELLA_PROJECTOR = "sella/projector.safetensors"  # stage 3: projectors A (a.*) and B (b.*)
-SELLA_ADAPTER = "sella/adapter"         # stage 3 with sella.train_lora: the retrained adapter
+SELLA_ADAPTER = "sella/adapter"                  # stage 3 with sella.train_lora: the retrained adapter
 DONE = {  # a stage is finished when this file exists
     "lora": "lora/summary.json",
     "distill": SEMANTIC_FILE,
