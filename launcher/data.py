@@ -119,6 +119,12 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T 
             raise ValueError(f"rank {rank}: its shards of split {split!r} hold fewer than {micro_batch} usable samples")
 
 
+def usable(drop_no_history: bool) -> Callable[[Sample], bool]:
+    """The sample filter of every LLM stage: samples without history are dropped when `llm.drop_no_history`
+    (the authors' code)."""
+    return lambda sample: bool(sample["history_titles"]) or not drop_no_history
+
+
 def global_batches(samples: list[T], micro_batch: int, rank: int, world: int, seed: int) -> Iterator[list[T]]:
     """An endless, seeded stream of this rank's parts of global micro-batches (micro_batch x world samples).
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from embeddings.collab import ITEM, SEMANTIC, USER
 from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find, lookup
-from launcher.data import eval_samples
+from launcher.data import eval_samples, usable
 from launcher.dist import Dist
 from launcher.metrics import format_report, roc_points
 from launcher.monitor import Monitor
@@ -116,9 +116,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     out = run_dir / STAGE
     monitor = Monitor(d.main, run_dir / "tb" / STAGE, len(ec.splits), 0, STAGE)
 
-    def keep(sample: Sample) -> bool:
-        return bool(sample["history_titles"]) or not lc.drop_no_history
-
+    keep = usable(lc.drop_no_history)
     results = {}
     for split in ec.splits:
         samples = eval_samples(data_dir, split, ec.rows, d.rank, d.world, keep)

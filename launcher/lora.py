@@ -19,7 +19,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from launcher import checkpoint
 from launcher.artifacts import ADAPTER
-from launcher.data import eval_samples, train_batches
+from launcher.data import eval_samples, train_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import cosine_schedule, ds_config, planned_steps
 from launcher.metrics import format_report
@@ -53,8 +53,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         model.print_trainable_parameters()
     pad, no_yes = tokenizer.pad_token_id, yes_no_ids(tokenizer)
 
-    def keep(sample: Sample) -> bool:
-        return bool(sample["history_titles"]) or not lc.drop_no_history
+    keep = usable(lc.drop_no_history)
 
     def encode_train(sample: Sample) -> Encoded | None:
         if not keep(sample):

@@ -36,7 +36,7 @@ from embeddings.sharding import attach_optimizers, resolve, shard
 from embeddings.tables import RankState, gather_tables, init_from_file, local_shards, restore, save_tensors, snapshot
 from launcher import checkpoint
 from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find
-from launcher.data import eval_samples, global_batches
+from launcher.data import eval_samples, global_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import cosine_schedule, ds_config, planned_steps
 from launcher.lora import save_adapter
@@ -112,8 +112,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     for s in local_shards(dmp):
         init_from_file(s, collab_path, s.table)
 
-    def keep(sample: Sample) -> bool:
-        return bool(sample["history_titles"]) or not lc.drop_no_history
+    keep = usable(lc.drop_no_history)
 
     def encode_one(sample: Sample, with_answer: bool = True) -> Encoded:
         return encode(tokenizer, sample, STAGE, cfg.domain, lc.max_length, lc.history_titles, lc.chat_template,
