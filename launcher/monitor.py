@@ -33,7 +33,9 @@ class Monitor:
         self.bar.update(1)
 
     def write(self, text: str) -> None:
-        self.bar.write(text)
+        """Print above the bar, on rank 0 only (tqdm.write prints even for a disabled bar)."""
+        if self.writer:
+            self.bar.write(text)
 
     def close(self) -> None:
         self.bar.close()
