@@ -2,13 +2,15 @@
 
 Each rank reads a disjoint subset of shards (split_by_node) and each DataLoader worker a disjoint subset
 of its rank's shards (split_by_worker), so every sample is seen exactly once per epoch across the job.
+SampleIndex gives random access to a split (global micro-batches) at a few bytes per sample.
 """
 from __future__ import annotations
 
 import itertools
 import random
 import tarfile
-from collections.abc import Callable, Iterator
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -119,13 +121,42 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T 
             raise ValueError(f"rank {rank}: its shards of split {split!r} hold fewer than {micro_batch} usable samples")
 
 
+class SampleIndex(Sequence):
+    """The kept samples of a split as positions in their shards (shard, byte offset, size): 20 bytes per
+    sample instead of the decoded sample; item i is read back by one seek into the uncompressed tar.
+
+    Lets every rank draw any sample of the split (global_batches) without holding the split in memory.
+    """
+
+    def __init__(self, out_dir: str | Path, split: str, keep: Callable[[Sample], bool] = lambda s: True) -> None:
+        self.urls = shard_urls(out_dir, split)
+        if not self.urls:
+            raise ValueError(f"{out_dir}: split {split!r} has no shards")
+        self.shard, self.offset, self.size = array("i"), array("q"), array("q")
+        for k, url in enumerate(self.urls):
+            with tarfile.open(url) as tar:
+                for member in tar:
+                    if member.name.endswith("." + SAMPLE_EXT) and keep(decode_sample(tar.extractfile(member).read())):
+                        self.shard.append(k)
+                        self.offset.append(member.offset_data)
+                        self.size.append(member.size)
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    def __getitem__(self, i: int) -> Sample:
+        with open(self.urls[self.shard[i]], "rb") as f:
+            f.seek(int(self.offset[i]))
+            return decode_sample(f.read(int(self.size[i])))
+
+
 def usable(drop_no_history: bool) -> Callable[[Sample], bool]:
     """The sample filter of every LLM stage: samples without history are dropped when `llm.drop_no_history`
     (the authors' code)."""
     return lambda sample: bool(sample["history_titles"]) or not drop_no_history
 
 
-def global_batches(samples: list[T], micro_batch: int, rank: int, world: int, seed: int) -> Iterator[list[T]]:
+def global_batches(samples: Sequence[T], micro_batch: int, rank: int, world: int, seed: int) -> Iterator[list[T]]:
     """An endless, seeded stream of this rank's parts of global micro-batches (micro_batch x world samples).
 
     Epoch e permutes all samples with (seed, e); global micro-batch b is the b-th slice of that order and

@@ -36,7 +36,7 @@ from embeddings.sharding import attach_optimizers, resolve, shard
 from embeddings.tables import RankState, gather_tables, init_from_file, local_shards, restore, save_tensors, snapshot
 from launcher import checkpoint
 from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find
-from launcher.data import eval_samples, global_batches, usable
+from launcher.data import SampleIndex, eval_samples, global_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import cosine_schedule, ds_config, planned_steps
 from launcher.lora import save_adapter
@@ -124,7 +124,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         rows = dmp(ids_kjt({USER: u, ITEM: i, SEMANTIC: i} if warm else {USER: u, ITEM: i}))
         return [rows[n] for n in names]
 
-    train = eval_samples(data_dir, "train", None, 0, 1, keep)
+    train = SampleIndex(data_dir, "train", keep)
     total = planned_steps(sc, len(train), d.world)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
                                       lr_scheduler=cosine_schedule(sc, total))

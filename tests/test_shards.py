@@ -1,6 +1,8 @@
-"""The shards read back with webdataset over 2 ranks x 2 DataLoader workers yield every sample once."""
+"""The shards read back: webdataset over 2 ranks x 2 DataLoader workers yields every sample once; the
+random-access SampleIndex reads the same samples; global micro-batches split the same way on 1 and 2 ranks."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -10,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, get_worker_info
 
-from launcher.data import sample_stream
-from pipeline.schema import SAMPLE_FIELDS, load_manifest
+from launcher.data import SampleIndex, global_batches, read_shard, sample_stream, usable
+from pipeline.schema import SAMPLE_FIELDS, load_manifest, shard_urls
 
 
 def _tag(sample: dict) -> tuple[int, str, int]:
@@ -53,3 +55,22 @@ def test_sample_fields_and_history_bound(ml100k_out: Path) -> None:
         assert [f for f in s if not f.startswith("__")] == list(SAMPLE_FIELDS)  # webdataset keeps __key__
         assert s["split"] == "valid" and s["label"] in (0, 1) and s["warm"] in (0, 1)
         assert len(s["history_ids"]) == len(s["history_titles"]) <= 10
+
+
+def test_sample_index_reads_the_kept_samples_in_shard_order(ml100k_out: Path) -> None:
+    keep = usable(drop_no_history=True)
+    expected = [s for url in shard_urls(ml100k_out, "valid") for s in read_shard(url) if keep(s)]
+    index = SampleIndex(ml100k_out, "valid", keep)
+    dropped = load_manifest(ml100k_out)["splits"]["valid"]["rows"] - len(expected)
+    assert len(index) == len(expected) and dropped > 0
+    assert [index[i] for i in range(len(index))] == expected
+    assert index[len(index) - 1] == expected[-1] and index[0] == expected[0]
+
+
+def test_global_micro_batches_are_the_same_on_one_and_two_ranks(ml100k_out: Path) -> None:
+    index = SampleIndex(ml100k_out, "valid")
+    one = list(itertools.islice(global_batches(index, 4, 0, 1, seed=3), 5))
+    two = [list(itertools.islice(global_batches(index, 2, r, 2, seed=3), 5)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*two)] == one
+    ids = [s["row_id"] for batch in one for s in batch]
+    assert len(set(ids)) == len(ids) == 20
