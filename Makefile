@@ -41,7 +41,8 @@ results-collm: setup        ## every comparison row on CoLLM's ML-1M splits, the
 	    case $$row in popularity|mf|text-only) ;; *) $(DEEPSPEED) launcher/train.py --config configs/comparison/$$row.yaml --stage sella || exit 1;; esac; \
 	    $(DEEPSPEED) launcher/train.py --config configs/comparison/$$row.yaml --stage eval || exit 1; \
 	done
-	python scripts/results_table.py $(addprefix configs/comparison/,$(addsuffix .yaml,$(ROWS))) --write docs/results.md
+	python scripts/results_table.py $(addprefix configs/comparison/,$(addsuffix .yaml,$(ROWS))) --write docs/results.md \
+	    --figure docs/figures/comparison.png
 
 bench-prep: setup           ## pipeline benchmark vs pandas (see docs/benchmarks.md)
 	python bench/prep.py

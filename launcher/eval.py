@@ -23,7 +23,16 @@ import torch
 from safetensors.torch import load_file
 
 from embeddings.collab import ITEM, SEMANTIC, USER
-from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find, lookup
+from launcher.artifacts import (
+    COLLAB_FILE,
+    EVAL_SCORES,
+    SELLA_ADAPTER,
+    SELLA_PROJECTOR,
+    SELLA_TABLES,
+    adapter_dir,
+    find,
+    lookup,
+)
 from launcher.data import eval_samples, usable
 from launcher.dist import Dist
 from launcher.metrics import format_report, roc_points
@@ -127,7 +136,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         if d.main:
             table = pd.DataFrame(rows)
             out.mkdir(parents=True, exist_ok=True)
-            table.to_parquet(out / f"scores-{split}.parquet", index=False)
+            table.to_parquet(run_dir / EVAL_SCORES.format(split=split), index=False)
             monitor.scalars(0, {f"{g}/{k}": metrics[g][k] for g in metrics for k in ("auc", "uauc")
                                 if metrics[g][k] is not None}, f"{split}/")
             monitor.writer.add_pr_curve(f"{split}/pr", table.label.to_numpy(), table.score.to_numpy(), 0)

@@ -56,6 +56,20 @@ def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.n
     return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
 
 
+def auc_interval(labels: np.ndarray, scores: np.ndarray, level: float = 0.95, resamples: int = 1000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUC: rows resampled with replacement (resamples holding one class
+    are skipped); (NaN, NaN) when no resample has both classes."""
+    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    values = [auc(labels[i], scores[i]) for i in (rng.integers(0, len(labels), len(labels)) for _ in range(resamples))]
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def report(users: np.ndarray, labels: np.ndarray, scores: np.ndarray, warm: np.ndarray) -> dict[str, dict]:
     """AUC and UAUC overall, on warm rows (user and item seen in train) and on cold rows (None: undefined)."""
     users, labels, scores, warm = (np.asarray(a) for a in (users, labels, scores, warm))
@@ -81,17 +95,17 @@ def format_report(metrics: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def pair(m: dict) -> str:
+    """One group of a report() as "AUC / UAUC" ("-" where undefined)."""
+    return " / ".join(f"{m[k]:.4f}" if m[k] is not None else "-" for k in ("auc", "uauc"))
+
+
 def results_table(summary: dict) -> str:
     """The eval stage's metrics.json as a Markdown table: AUC / UAUC per split, overall, warm and cold."""
-    groups = ("overall", "warm", "cold")
-
-    def cell(m: dict) -> str:
-        return " / ".join(f"{m[k]:.4f}" if m[k] is not None else "-" for k in ("auc", "uauc"))
-
     lines = [f"results of model {summary.get('model', '?')} (AUC / UAUC)",
-             "| split | rows | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
+             "| split | rows | " + " | ".join(GROUPS) + " |", "|---|---|" + "---|" * len(GROUPS)]
     for split in ("valid", "test"):
         if split in summary:
             lines.append(f"| {split} | {summary[split]['overall']['rows']} | "
-                         + " | ".join(cell(summary[split][g]) for g in groups) + " |")
+                         + " | ".join(pair(summary[split][g]) for g in GROUPS) + " |")
     return "\n".join(lines)

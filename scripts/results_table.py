@@ -1,10 +1,12 @@
-"""The comparison table: test AUC / UAUC (overall, warm, cold) of each row's stage-eval metrics, with the
-published reference numbers beside them (method.md: CoLLM paper, Vicuna-7B, same ML-1M splits).
+"""The comparison table: test AUC / UAUC (overall, warm, cold) of each row's stage-eval metrics, a 95%
+bootstrap interval of the overall AUC from the per-row scores, and the published reference numbers beside
+them (method.md: CoLLM paper, Vicuna-7B, same ML-1M splits).
 
-    python scripts/results_table.py configs/comparison/*.yaml [--write docs/results.md]
+    python scripts/results_table.py configs/comparison/*.yaml [--write docs/results.md] [--figure F.png]
 
 With --write, the table replaces the block between the comparison markers of that file (appended when the
-file has none); it is printed either way.
+file has none); it is printed either way. --figure draws test AUC overall / warm / cold per row with their
+95% bootstrap intervals.
 """
 from __future__ import annotations
 
@@ -13,9 +15,14 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launcher.artifacts import DONE
+from launcher.artifacts import DONE, EVAL_SCORES
+from launcher.metrics import GROUPS, auc, auc_interval, pair
 from pipeline.config import load_config
 
 BEGIN, END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
@@ -29,31 +36,68 @@ ROWS = {  # config stem -> (row label, published ML-1M AUC / UAUC of the closest
 }
 
 
-def cell(metrics: dict, group: str) -> str:
-    m = metrics[group]
-    return " / ".join(f"{m[k]:.4f}" if m[k] is not None else "-" for k in ("auc", "uauc"))
+def run_dir(config: Path) -> Path:
+    cfg = load_config(config)
+    return Path(cfg.run_dir or f"runs/{cfg.name}")
+
+
+def test_scores(config: Path) -> pd.DataFrame | None:
+    """The row's per-row test scores (label, warm, score), None when its eval has not run."""
+    path = run_dir(config) / EVAL_SCORES.format(split="test")
+    return pd.read_parquet(path, columns=["label", "warm", "score"]) if path.is_file() else None
+
+
+def interval(scores: pd.DataFrame | None) -> str:
+    if scores is None:
+        return "-"
+    lo, hi = auc_interval(scores.label.to_numpy(), scores.score.to_numpy())
+    return f"{lo:.3f} - {hi:.3f}"
 
 
 def table(configs: list[Path]) -> str:
-    lines = ["| row | config | test rows | overall | warm | cold | reference: CoLLM paper, Vicuna-7B |",
-             "|---|---|---|---|---|---|---|"]
+    head = "| row | config | test rows | overall | warm | cold | overall AUC, 95% CI | reference: CoLLM paper, Vicuna-7B |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for path in configs:
-        cfg = load_config(path)
-        metrics_file = Path(cfg.run_dir or f"runs/{cfg.name}") / DONE["eval"]
+        metrics_file = run_dir(path) / DONE["eval"]
         label, published = ROWS.get(path.stem, (path.stem, "-"))
         if not metrics_file.is_file():
-            lines.append(f"| {label} | `{path}` | not run | | | | {published} |")
+            lines.append(f"| {label} | `{path}` | not run | | | | | {published} |")
             continue
         test = json.loads(metrics_file.read_text())["test"]
-        lines.append(f"| {label} | `{path}` | {test['overall']['rows']:,} | {cell(test, 'overall')} | "
-                     f"{cell(test, 'warm')} | {cell(test, 'cold')} | {published} |")
+        lines.append(f"| {label} | `{path}` | {test['overall']['rows']:,} | "
+                     + " | ".join(pair(test[g]) for g in GROUPS) + f" | {interval(test_scores(path))} | {published} |")
     return "\n".join(lines)
+
+
+def figure(configs: list[Path], path: Path) -> None:
+    """Test AUC overall / warm / cold per row (dots) with 95% bootstrap intervals (bars); chance at 0.5."""
+    fig = Figure(figsize=(9, 0.7 * len(configs) + 1.2))
+    ax = fig.subplots()
+    offsets = dict(zip(GROUPS, (-0.22, 0.0, 0.22), strict=True))
+    for y, config in enumerate(configs):
+        scores = test_scores(config)
+        if scores is None:
+            continue
+        for group, keep in zip(GROUPS, (np.ones(len(scores), bool), scores.warm == 1, scores.warm == 0), strict=True):
+            labels, s = scores.label.to_numpy()[keep], scores.score.to_numpy()[keep]
+            lo, hi = auc_interval(labels, s)
+            ax.errorbar(auc(labels, s), y + offsets[group], xerr=[[auc(labels, s) - lo], [hi - auc(labels, s)]],
+                        fmt="o", color=f"C{GROUPS.index(group)}", capsize=3, label=group if y == 0 else None)
+    ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(configs)), [ROWS.get(c.stem, (c.stem,))[0].replace("`", "") for c in configs])
+    ax.invert_yaxis()
+    ax.set_xlabel("test AUC (95% bootstrap interval; dashed: chance)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+", type=Path, help="comparison configs, in row order")
     p.add_argument("--write", type=Path, help="Markdown file whose comparison block is replaced")
+    p.add_argument("--figure", type=Path, help="PNG of test AUC per row and group with 95% intervals")
     args = p.parse_args()
     text = table(args.configs)
     print(text)
@@ -65,6 +109,8 @@ def main() -> int:
         else:
             doc = doc.rstrip("\n") + "\n\n" + block + "\n"
         args.write.write_text(doc)
+    if args.figure:
+        figure(args.configs, args.figure)
     return 0
 
 

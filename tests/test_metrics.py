@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from launcher.metrics import auc, report, uauc
+from launcher.metrics import auc, auc_interval, report, uauc
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -61,3 +61,16 @@ def test_report_splits_warm_and_cold() -> None:
     m = warm == 0
     assert r["cold"]["auc"] == pytest.approx(roc_auc_score(labels[m], scores[m]))
     assert r["warm"]["uauc"] == pytest.approx(_sklearn_uauc(users[~m], labels[~m], scores[~m])[0])
+
+
+def test_auc_interval_brackets_the_auc_and_narrows_with_rows() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 4000)
+    scores = 0.5 * labels + rng.random(4000)
+    lo, hi = auc_interval(labels, scores)
+    small_lo, small_hi = auc_interval(labels[:200], scores[:200])
+    assert lo < auc(labels, scores) < hi and small_lo < auc(labels[:200], scores[:200]) < small_hi
+    assert 0 < hi - lo < (small_hi - small_lo) / 2  # width ~ 1 / sqrt(rows): 20x the rows, ~1/4.5 the width
+    assert auc_interval(labels, scores) == (lo, hi)  # seeded
+    assert auc_interval([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]) == (1.0, 1.0)
+    assert all(math.isnan(x) for x in auc_interval([1, 1, 1], [0.1, 0.2, 0.3]))

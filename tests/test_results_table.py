@@ -1,0 +1,54 @@
+"""scripts/results_table.py: the comparison block of a Markdown file, bootstrap intervals and the figure,
+from the eval stage's metrics.json and per-row scores of each row's run directory."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from launcher.artifacts import DONE, EVAL_SCORES
+from launcher.metrics import auc_interval, report
+from tests.conftest import CONFIGS, REPO
+
+
+def _row(tmp: Path, name: str, signal: float) -> Path:
+    """A comparison config whose run holds eval output of scores with the given signal strength."""
+    rng = np.random.default_rng(len(name))
+    labels = rng.integers(0, 2, 400)
+    table = pd.DataFrame({"row_id": range(400), "user_id": rng.integers(1, 30, 400), "item_id": rng.integers(1, 90, 400),
+                          "label": labels, "warm": rng.integers(0, 2, 400), "score": signal * labels + rng.random(400)})
+    run = tmp / "runs" / name
+    (run / "eval").mkdir(parents=True)
+    table.to_parquet(run / EVAL_SCORES.format(split="test"))
+    test = report(table.user_id, table.label, table.score, table.warm)
+    (run / DONE["eval"]).write_text(json.dumps({"stage": "eval", "test": test}))
+    config = tmp / f"{name}.yaml"
+    config.write_text(yaml.safe_dump({"base": str(CONFIGS / "collm-ml-1m.yaml"), "run_dir": str(run)}))
+    return config
+
+
+def test_block_intervals_and_figure(tmp_path: Path) -> None:
+    rows = [_row(tmp_path, "strong", 0.8), _row(tmp_path, "chance", 0.0), tmp_path / "absent.yaml"]
+    rows[2].write_text(yaml.safe_dump({"base": str(CONFIGS / "collm-ml-1m.yaml"), "run_dir": str(tmp_path / "none")}))
+    doc = tmp_path / "results.md"
+    doc.write_text("intro\n<!-- comparison:begin -->\nold table\n<!-- comparison:end -->\noutro\n")
+    figure = tmp_path / "fig" / "comparison.png"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py"), *map(str, rows),
+                    "--write", str(doc), "--figure", str(figure)], check=True, cwd=REPO, capture_output=True)
+    text = doc.read_text()
+    assert text.startswith("intro\n<!-- comparison:begin -->\n| row |") and text.endswith("<!-- comparison:end -->\noutro\n")
+    assert "old table" not in text and "| absent | " in text and "not run" in text
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    for name in ("strong", "chance"):
+        scores = pd.read_parquet(tmp_path / "runs" / name / EVAL_SCORES.format(split="test"))
+        lo, hi = auc_interval(scores.label, scores.score)
+        assert cells[name][6] == f"{lo:.3f} - {hi:.3f}"
+    strong_lo = float(cells["strong"][6].split(" - ")[0])
+    chance_lo, chance_hi = (float(x) for x in cells["chance"][6].split(" - "))
+    assert chance_lo < 0.5 < chance_hi < strong_lo
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
