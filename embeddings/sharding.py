@@ -17,8 +17,9 @@ from torchrec import optim as trec_optim
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
@@ -65,7 +66,9 @@ def shard(model: nn.Module, sharding: Sharding, device: torch.device) -> Distrib
     constraints = {n: ParameterConstraints(sharding_types=[kind], compute_kernels=[EmbeddingComputeKernel.FUSED.value])
                    for n in model.names}
     sharder = CPURowWiseSharder() if device.type == "cpu" and kind in ROW_SHARDED else EmbeddingBagCollectionSharder()
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device=device.type),
+    topology = TopologyFactory.create_topology(TrainerConfig(world_size=world),
+                                               kernel_config=KernelConfig(compute_device=device.type))
+    planner = EmbeddingShardingPlanner(topology=topology,
                                        constraints=constraints,
                                        storage_reservation=FixedPercentageStorageReservation(percentage=0.15))
     plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
