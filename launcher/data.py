@@ -55,6 +55,39 @@ def _stable_key(row_id: int) -> int:
     return z ^ (z >> 31)
 
 
+class SampleIndex(Sequence):
+    """The kept samples of a split as their row ids and positions in the shards (shard, byte offset, size):
+    28 bytes per sample instead of the decoded sample; item i is read back by one seek into the tar.
+
+    Lets every rank draw any sample of the split (global_batches) without holding the split in memory.
+    """
+
+    def __init__(self, out_dir: str | Path, split: str, keep: Callable[[Sample], bool] = lambda s: True) -> None:
+        self.urls = shard_urls(out_dir, split)
+        if not self.urls:
+            raise ValueError(f"{out_dir}: split {split!r} has no shards")
+        self.shard, self.offset, self.size, self.row_id = array("i"), array("q"), array("q"), array("q")
+        for k, url in enumerate(self.urls):
+            with tarfile.open(url) as tar:
+                for member in tar:
+                    if not member.name.endswith("." + SAMPLE_EXT):
+                        continue
+                    sample = decode_sample(tar.extractfile(member).read())
+                    if keep(sample):
+                        self.row_id.append(sample["row_id"])
+                        self.shard.append(k)
+                        self.offset.append(member.offset_data)
+                        self.size.append(member.size)
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    def __getitem__(self, i: int) -> Sample:
+        with open(self.urls[self.shard[i]], "rb") as f:
+            f.seek(int(self.offset[i]))
+            return decode_sample(f.read(int(self.size[i])))
+
+
 def eval_samples(out_dir: str | Path, split: str, rows: int | None, rank: int, world: int,
                  keep: Callable[[Sample], bool] = lambda s: True) -> list[Sample]:
     """This rank's share of a fixed subset of `rows` samples of a split (all when None).
@@ -62,12 +95,10 @@ def eval_samples(out_dir: str | Path, split: str, rows: int | None, rank: int, w
     The subset depends only on the row ids, so runs with any world size score the same rows; ranks
     take every world-th selected row, so their shares differ in size by at most one.
     """
-    urls = shard_urls(out_dir, split)
-    if not urls:
-        raise ValueError(f"{out_dir}: split {split!r} has no shards")
-    kept = sorted((s for u in urls for s in read_shard(u) if keep(s)), key=lambda s: _stable_key(s["row_id"]))
-    chosen = sorted(kept if rows is None else kept[:rows], key=lambda s: s["row_id"])
-    return chosen[rank::world]
+    index = SampleIndex(out_dir, split, keep)
+    kept = sorted(range(len(index)), key=lambda i: _stable_key(index.row_id[i]))
+    chosen = sorted(kept if rows is None else kept[:rows], key=lambda i: index.row_id[i])
+    return [index[i] for i in chosen[rank::world]]
 
 
 def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T | None], micro_batch: int,
@@ -119,35 +150,6 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T 
         yield from batches
         if not produced + len(batches):
             raise ValueError(f"rank {rank}: its shards of split {split!r} hold fewer than {micro_batch} usable samples")
-
-
-class SampleIndex(Sequence):
-    """The kept samples of a split as positions in their shards (shard, byte offset, size): 20 bytes per
-    sample instead of the decoded sample; item i is read back by one seek into the uncompressed tar.
-
-    Lets every rank draw any sample of the split (global_batches) without holding the split in memory.
-    """
-
-    def __init__(self, out_dir: str | Path, split: str, keep: Callable[[Sample], bool] = lambda s: True) -> None:
-        self.urls = shard_urls(out_dir, split)
-        if not self.urls:
-            raise ValueError(f"{out_dir}: split {split!r} has no shards")
-        self.shard, self.offset, self.size = array("i"), array("q"), array("q")
-        for k, url in enumerate(self.urls):
-            with tarfile.open(url) as tar:
-                for member in tar:
-                    if member.name.endswith("." + SAMPLE_EXT) and keep(decode_sample(tar.extractfile(member).read())):
-                        self.shard.append(k)
-                        self.offset.append(member.offset_data)
-                        self.size.append(member.size)
-
-    def __len__(self) -> int:
-        return len(self.offset)
-
-    def __getitem__(self, i: int) -> Sample:
-        with open(self.urls[self.shard[i]], "rb") as f:
-            f.seek(int(self.offset[i]))
-            return decode_sample(f.read(int(self.size[i])))
 
 
 def usable(drop_no_history: bool) -> Callable[[Sample], bool]:

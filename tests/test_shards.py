@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, get_worker_info
 
-from launcher.data import SampleIndex, global_batches, read_shard, sample_stream, usable
+from launcher.data import SampleIndex, eval_samples, global_batches, read_shard, sample_stream, usable
 from pipeline.schema import SAMPLE_FIELDS, load_manifest, shard_urls
 
 
@@ -74,3 +74,16 @@ def test_global_micro_batches_are_the_same_on_one_and_two_ranks(ml100k_out: Path
     assert [a + b for a, b in zip(*two)] == one
     ids = [s["row_id"] for batch in one for s in batch]
     assert len(set(ids)) == len(ids) == 20
+
+
+def test_eval_rows_are_fixed_by_row_id_and_split_over_ranks(ml100k_out: Path) -> None:
+    keep = usable(drop_no_history=True)
+    one = eval_samples(ml100k_out, "test", 100, 0, 1, keep)
+    shares = [eval_samples(ml100k_out, "test", 100, r, 2, keep) for r in (0, 1)]
+    ids = [s["row_id"] for s in one]
+    assert len(ids) == 100 and ids == sorted(ids) and all(keep(s) for s in one)
+    assert sorted(s["row_id"] for share in shares for s in share) == ids and abs(len(shares[0]) - len(shares[1])) <= 1
+    fewer = {s["row_id"] for s in eval_samples(ml100k_out, "test", 40, 0, 1, keep)}
+    assert len(fewer) == 40 and fewer < set(ids)  # a smaller budget scores a subset of the same rows
+    every = [s["row_id"] for s in eval_samples(ml100k_out, "test", None, 0, 1, keep)]
+    assert every == sorted(every) and set(ids) < set(every) and ids != every[:100]  # spread, not the first rows
