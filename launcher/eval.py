@@ -9,8 +9,8 @@
 LLM rows are scored over all ranks (left-padded batches, softmax over {No, Yes} at the answer position);
 rows without history are skipped when `llm.drop_no_history` (authors' code), for every model alike.
 Writes <run>/eval/scores-<split>.parquet (row_id, user_id, item_id, label, warm, score),
-<run>/eval/metrics.json (AUC, UAUC; overall, warm, cold) and, under <run>/tb/eval, the AUC/UAUC scalars,
-PR curves and ROC curves (figures).
+<run>/eval/metrics.json (AUC, UAUC and a 95% bootstrap AUC interval; overall, warm, cold) and, under
+<run>/tb/eval, the AUC/UAUC scalars, PR curves and ROC curves (figures).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from embeddings.collab import ITEM, SEMANTIC, USER
 from launcher.artifacts import (
     COLLAB_FILE,
+    DONE,
     EVAL_SCORES,
     SELLA_ADAPTER,
     SELLA_PROJECTOR,
@@ -35,7 +36,7 @@ from launcher.artifacts import (
 )
 from launcher.data import eval_samples, usable
 from launcher.dist import Dist
-from launcher.metrics import format_report, roc_points
+from launcher.metrics import add_intervals, format_report, roc_points
 from launcher.monitor import Monitor
 from launcher.validate import Forward, gather_report, score
 from llm.model import load_tuned
@@ -130,11 +131,12 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     for split in ec.splits:
         samples = eval_samples(data_dir, split, ec.rows, d.rank, d.world, keep)
         metrics, rows = gather_report(samples, scorer(samples))
+        table = pd.DataFrame(rows)
+        add_intervals(metrics, table.label, table.score, table.warm)
         results[split] = metrics
         monitor.write(f"[{STAGE}] {ec.model}, {split}: {metrics['overall']['rows']} rows\n{format_report(metrics)}")
         monitor.step({})
         if d.main:
-            table = pd.DataFrame(rows)
             out.mkdir(parents=True, exist_ok=True)
             table.to_parquet(run_dir / EVAL_SCORES.format(split=split), index=False)
             monitor.scalars(0, {f"{g}/{k}": metrics[g][k] for g in metrics for k in ("auc", "uauc")
@@ -143,6 +145,6 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
             monitor.writer.add_figure(f"{split}/roc", roc_figure(table.label, table.score, f"ROC, {split}"), 0)
     summary = {"stage": STAGE, "model": ec.model, "llm": lc.model, "from": scorer.source, "world": d.world, **results}
     if d.main:
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / DONE["eval"]).write_text(json.dumps(summary, indent=2))
     monitor.close()
     return summary

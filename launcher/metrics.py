@@ -70,11 +70,17 @@ def auc_interval(labels: np.ndarray, scores: np.ndarray, level: float = 0.95, re
     return float(lo), float(hi)
 
 
+def group_masks(warm: np.ndarray) -> dict[str, np.ndarray]:
+    """Row masks of the report groups: overall, warm (user and item seen in train) and cold."""
+    warm = np.asarray(warm)
+    return dict(zip(GROUPS, (np.ones(len(warm), bool), warm == 1, warm == 0), strict=True))
+
+
 def report(users: np.ndarray, labels: np.ndarray, scores: np.ndarray, warm: np.ndarray) -> dict[str, dict]:
     """AUC and UAUC overall, on warm rows (user and item seen in train) and on cold rows (None: undefined)."""
-    users, labels, scores, warm = (np.asarray(a) for a in (users, labels, scores, warm))
+    users, labels, scores = (np.asarray(a) for a in (users, labels, scores))
     out = {}
-    for group, keep in zip(GROUPS, (np.ones(len(labels), bool), warm == 1, warm == 0), strict=True):
+    for group, keep in group_masks(warm).items():
         u, n_users = uauc(users[keep], labels[keep], scores[keep])
         out[group] = {"auc": _or_none(auc(labels[keep], scores[keep])), "uauc": _or_none(u),
                       "rows": int(keep.sum()), "uauc_users": n_users}
@@ -85,13 +91,26 @@ def _or_none(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
+def add_intervals(metrics: dict[str, dict], labels: np.ndarray, scores: np.ndarray, warm: np.ndarray) -> None:
+    """Put each group's 95% bootstrap AUC interval into a report() as `auc_ci` (None where undefined)."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    for group, keep in group_masks(warm).items():
+        lo, hi = auc_interval(labels[keep], scores[keep])
+        metrics[group]["auc_ci"] = None if math.isnan(lo) else [lo, hi]
+
+
 def format_report(metrics: dict[str, dict]) -> str:
-    """A small table of a report()."""
-    lines = [f"{'':8} {'AUC':>7} {'UAUC':>7} {'rows':>8}"]
+    """A small table of a report() (with the AUC intervals when add_intervals put them there)."""
+    ci = all("auc_ci" in metrics[g] for g in GROUPS)
+    lines = [f"{'':8} {'AUC':>7} {'UAUC':>7} {'rows':>8}" + (f" {'AUC 95% CI':>15}" if ci else "")]
     for group in GROUPS:
         m = metrics[group]
         a, u = (f"{m[k]:.4f}" if m[k] is not None else "-" for k in ("auc", "uauc"))
-        lines.append(f"{group:8} {a:>7} {u:>7} {m['rows']:>8,}")
+        line = f"{group:8} {a:>7} {u:>7} {m['rows']:>8,}"
+        if ci:
+            interval = f"{m['auc_ci'][0]:.3f} - {m['auc_ci'][1]:.3f}" if m["auc_ci"] else "-"
+            line += f" {interval:>15}"
+        lines.append(line)
     return "\n".join(lines)
 
 

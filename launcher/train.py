@@ -9,8 +9,9 @@ Stages (../shared/docs/method.md): lora (stage 1, LoRA tuning on text-only promp
 semantic item vectors from the tuned LLM), collab (stage 2b, the TorchRec-sharded Collab model aligned to
 them; `--set collab.align.weight=0` gives plain MF), sella (stage 3, the LLM reading the projected collab
 and semantic vectors at <User_ID>, <Item_ID>, <Warm_ID>; the tables stay TorchRec-sharded), eval (Yes/No
-scores of valid and test: per-row Parquet, metrics JSON, ROC/PR curves; eval.model picks sella, lora or
-mf), all (every stage in that order, skipping those whose finished artifacts exist, then a results table).
+scores of valid and test: per-row Parquet, metrics JSON, ROC/PR curves; eval.model picks sella, lora,
+mf or popularity), all (every stage in that order, skipping those whose finished artifacts exist, then a
+results table).
 Each stage reads the prep output (--data, default out/<config name>) and writes under the run directory
 (--run-dir, default runs/<config name>); a killed run resumes from its latest checkpoint when started
 again. Exit status 2 on a bad config or missing input.

@@ -15,14 +15,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher.artifacts import DONE, EVAL_SCORES
-from launcher.metrics import GROUPS, auc, auc_interval, pair
+from launcher.metrics import GROUPS, auc, auc_interval, group_masks, pair
 from pipeline.config import load_config
 
 BEGIN, END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
@@ -78,7 +77,7 @@ def figure(configs: list[Path], path: Path) -> None:
         scores = test_scores(config)
         if scores is None:
             continue
-        for group, keep in zip(GROUPS, (np.ones(len(scores), bool), scores.warm == 1, scores.warm == 0), strict=True):
+        for group, keep in group_masks(scores.warm).items():
             labels, s = scores.label.to_numpy()[keep], scores.score.to_numpy()[keep]
             lo, hi = auc_interval(labels, s)
             ax.errorbar(auc(labels, s), y + offsets[group], xerr=[[auc(labels, s) - lo], [hi - auc(labels, s)]],

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from launcher.metrics import auc, report, roc_points
+from launcher.metrics import add_intervals, auc, report, roc_points
 from tests.launch import finish, launch, tiny_adapter, write_config
 
 LLM = {"model": "tiny", "max_length": 160}
@@ -34,7 +34,11 @@ def test_eval_writes_scores_metrics_and_curves(ml100k_out: Path, tmp_path: Path)
         table = pd.read_parquet(run / "eval" / f"scores-{split}.parquet")
         assert len(table) == 30 == metrics[split]["overall"]["rows"] and table.row_id.is_unique
         assert table.score.between(0, 1).all() and table.score.nunique() > 1
-        assert metrics[split] == report(table.user_id, table.label, table.score, table.warm)
+        expected = report(table.user_id, table.label, table.score, table.warm)
+        add_intervals(expected, table.label, table.score, table.warm)
+        assert metrics[split] == expected
+        lo, hi = metrics[split]["overall"]["auc_ci"]
+        assert lo <= metrics[split]["overall"]["auc"] <= hi
     events = EventAccumulator(str(run / "tb" / "eval"), size_guidance={"tensors": 0, "images": 0}).Reload()
     tags = events.Tags()
     assert {"valid/overall/auc", "test/overall/auc"} <= set(tags["scalars"])

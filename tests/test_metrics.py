@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from launcher.metrics import auc, auc_interval, report, uauc
+from launcher.metrics import add_intervals, auc, auc_interval, format_report, report, uauc
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -74,3 +74,18 @@ def test_auc_interval_brackets_the_auc_and_narrows_with_rows() -> None:
     assert auc_interval(labels, scores) == (lo, hi)  # seeded
     assert auc_interval([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]) == (1.0, 1.0)
     assert all(math.isnan(x) for x in auc_interval([1, 1, 1], [0.1, 0.2, 0.3]))
+
+
+def test_intervals_join_the_report_and_its_table() -> None:
+    rng = np.random.default_rng(1)
+    labels, warm = rng.integers(0, 2, 300), np.r_[np.ones(150, int), np.zeros(150, int)]
+    scores = labels * (warm == 1) + rng.random(300)  # signal on warm rows only
+    metrics = report(rng.integers(1, 20, 300), labels, scores, warm)
+    assert "AUC 95% CI" not in format_report(metrics)
+    add_intervals(metrics, labels, scores, warm)
+    assert metrics["warm"]["auc_ci"][0] > 0.5 and metrics["cold"]["auc_ci"][0] < 0.5 < metrics["cold"]["auc_ci"][1]
+    text = format_report(metrics)
+    assert "AUC 95% CI" in text and f"{metrics['warm']['auc_ci'][0]:.3f} - {metrics['warm']['auc_ci'][1]:.3f}" in text
+    one_class = report([1, 2], [1, 1], [0.2, 0.3], [1, 0])
+    add_intervals(one_class, [1, 1], [0.2, 0.3], [1, 0])
+    assert one_class["overall"]["auc_ci"] is None and format_report(one_class).splitlines()[1].endswith("-")
