@@ -82,7 +82,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     from peft import get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from launcher.data import read_shard
+    from launcher.data import read_shard, usable
     from launcher.lora import peft_config
     from llm.model import load_base
     from llm.prompts import encode
@@ -95,10 +95,10 @@ def hf_worker(args: argparse.Namespace) -> None:
     model, tokenizer = load_base(lc)
     model = get_peft_model(model, peft_config(tc))
     need = args.steps * args.micro_batch * args.grad_accum * int(os.environ["WORLD_SIZE"])
-    rows = []
+    rows, keep = [], usable(lc.drop_no_history)
     for url in shard_urls(args.data, "train"):
         for s in read_shard(url):
-            if len(rows) < need and (s["history_titles"] or not lc.drop_no_history):
+            if len(rows) < need and keep(s):
                 e = encode(tokenizer, s, "lora", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template)
                 rows.append({"input_ids": e.prompt + e.answer, "labels": [IGNORE] * len(e.prompt) + e.answer})
 

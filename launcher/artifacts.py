@@ -23,6 +23,7 @@ DONE = {  # a stage is finished when this file exists
     "sella": "sella/summary.json",
     "eval": "eval/metrics.json",
 }
+SHARED_BY_UPSTREAM = ("lora", "distill", "collab")
 HINT = {ADAPTER: "run --stage lora first", SEMANTIC_FILE: "run --stage distill first",
         COLLAB_FILE: "run --stage collab first", SELLA_TABLES: "run --stage sella first",
         SELLA_PROJECTOR: "run --stage sella first"}
@@ -54,4 +55,9 @@ def adapter_dir(cfg: Config, run_dir: Path) -> Path:
 
 
 def done(cfg: Config, run_dir: Path, stage: str) -> bool:
-    return lookup(cfg, run_dir, DONE[stage]) is not None
+    """Whether `--stage all` may skip `stage`: its finished artifact is in this run, or, for the stages whose
+    artifacts `upstream` shares (lora, distill, collab), in the upstream run. The stage-3 model and the
+    eval results are always this run's own."""
+    if (run_dir / DONE[stage]).exists():
+        return True
+    return stage in SHARED_BY_UPSTREAM and lookup(cfg, run_dir, DONE[stage]) is not None

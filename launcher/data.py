@@ -1,8 +1,9 @@
-"""Shard data loading: the pipeline's WebDataset shards as a stream of schema samples.
+"""Reading the pipeline's WebDataset shards (plain tar files) as schema samples, three ways:
 
-Each rank reads a disjoint subset of shards (split_by_node) and each DataLoader worker a disjoint subset
-of its rank's shards (split_by_worker), so every sample is seen exactly once per epoch across the job.
-SampleIndex gives random access to a split (global micro-batches) at a few bytes per sample.
+- train_batches: stage 1's endless seeded stream; each rank reads every world-th shard of an epoch.
+- SampleIndex + global_batches: stage 3's random access to the whole split at a few bytes per sample, so
+  that 1 and n ranks see the same global micro-batches.
+- eval_samples: the fixed valid/test rows every stage scores, chosen by row id, split over ranks.
 """
 from __future__ import annotations
 
@@ -16,27 +17,10 @@ from typing import TypeVar
 
 import numpy as np
 import pandas as pd
-import webdataset as wds
 
 from pipeline.schema import SAMPLE_EXT, Sample, decode_sample, shard_urls
 
 T = TypeVar("T")
-
-
-def _decode(raw: dict) -> Sample:
-    return decode_sample(raw[SAMPLE_EXT])
-
-
-def sample_stream(out_dir: str | Path, split: str, shuffle_buffer: int = 0, seed: int = 0) -> wds.WebDataset:
-    """Samples of one split; with `shuffle_buffer` > 0, shards and samples are shuffled (seeded)."""
-    urls = shard_urls(out_dir, split)
-    if not urls:
-        raise ValueError(f"{out_dir}: split {split!r} has no shards")
-    ds = wds.WebDataset(urls, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
-                        shardshuffle=len(urls) if shuffle_buffer else False, seed=seed, empty_check=False)
-    if shuffle_buffer:
-        ds = ds.shuffle(shuffle_buffer)
-    return ds.map(_decode)
 
 
 def read_shard(url: str) -> Iterator[Sample]:

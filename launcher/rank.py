@@ -36,8 +36,6 @@ from llm.sella import SellaLM
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.schema import Sample
 
-BATCH = 16
-
 
 def read_candidates(path: Path, items: pd.DataFrame) -> pd.DataFrame:
     """item_id (0 = new), title, new_item per candidate; errors name the file and line."""
@@ -88,15 +86,15 @@ def rank(cfg: Config, data_dir: Path, run_dir: Path, user: int, candidates: pd.D
     if model.warm and new:
         distiller = llm if sella_adapter is None and cfg.distill.use_lora else load_tuned(
             lc, adapter_dir(cfg, run_dir) if cfg.distill.use_lora else None)[0]
-        for lo in range(0, len(new), BATCH):
-            part = new[lo:lo + BATCH]
+        for lo in range(0, len(new), cfg.distill.batch):
+            part = new[lo:lo + cfg.distill.batch]
             prompts = [Encoded(encode_distill(tokenizer, cfg.domain, candidates.title[i], lc.max_length,
                                               cfg.distill.chat_template), [], i, 0) for i in part]
             semantic[part] = last_hidden(distiller, collate(prompts, tokenizer.pad_token_id)).float()
     history = user_history(data_dir, user, lc.history_titles)
     scores = []
-    for lo in range(0, len(candidates), BATCH):
-        idx = list(range(lo, min(lo + BATCH, len(candidates))))
+    for lo in range(0, len(candidates), cfg.eval.batch):
+        idx = list(range(lo, min(lo + cfg.eval.batch, len(candidates))))
         samples = [Sample(row_id=i, user_id=user, item_id=int(items[i]), label=0, timestamp=0, split="rank", warm=0,
                           history_ids=[], history_titles=history, title=candidates.title[i]) for i in idx]
         encoded = [encode(tokenizer, s, "sella", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template,

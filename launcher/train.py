@@ -32,7 +32,7 @@ from types import ModuleType
 if __package__ in (None, ""):  # run as a script by a launcher: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launcher.artifacts import DONE, SEMANTIC_FILE, done, lookup
+from launcher.artifacts import DONE, SEMANTIC_FILE, done
 from launcher.metrics import results_table
 from pipeline.config import ConfigError, load_config
 from pipeline.schema import load_manifest
@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set collab.align.weight=0 (YAML value; repeatable)")
     p.add_argument("--fresh", action="store_true",
-                   help="ignore existing checkpoints and outputs of the stage (with all: of every stage)")
+                   help="delete the stage's checkpoints, outputs and TensorBoard events first (with all: of every "
+                        "stage); artifacts of an upstream run are never touched")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     return p.parse_args(argv)
 
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and d.main:
         for stage in stages:
             shutil.rmtree(run_dir / stage, ignore_errors=True)
+            shutil.rmtree(run_dir / "tb" / stage, ignore_errors=True)
             if stage == "distill":
                 (run_dir / SEMANTIC_FILE).unlink(missing_ok=True)
     import torch.distributed as dist
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         dist.barrier()
     if d.main and args.stage == "all":
-        print(results_table(json.loads(lookup(cfg, run_dir, DONE["eval"]).read_text())))
+        print(results_table(json.loads((run_dir / DONE["eval"]).read_text())))
     dist.destroy_process_group()
     return 0
 

@@ -66,7 +66,7 @@ def inject(embeds: torch.Tensor, input_ids: torch.Tensor, token_ids: list[int], 
     embeds [batch, seq, d], input_ids [batch, seq], vectors [batch, k, d] in `token_ids` order. Every prompt
     must hold exactly one of each token; otherwise a ValueError names the row and the token.
     """
-    hits = input_ids.unsqueeze(-1) == torch.tensor(token_ids, device=input_ids.device)  # [batch, seq, 3]
+    hits = input_ids.unsqueeze(-1) == torch.tensor(token_ids, device=input_ids.device)  # [batch, seq, k tokens]
     counts = hits.sum(1)
     if (counts != 1).any():
         b, k = (int(x) for x in (counts != 1).nonzero()[0])

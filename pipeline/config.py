@@ -203,8 +203,6 @@ class TrainConfig(_Strict):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=0, description="optimizer steps; the budget that ends first wins")
     max_samples: int | None = Field(None, ge=1, description="training samples over all ranks")
-    shuffle_buffer: int = Field(1000, ge=0)
-    length_grouping: bool = Field(True, description="batch samples of similar length to cut padding")
     eval_every: int = Field(50, ge=0, description="validate every N steps (0: only at the end)")
     eval_rows: int | None = Field(512, ge=1, description="valid rows used for validation; null = all")
     eval_batch: int = Field(8, ge=1)
@@ -215,7 +213,10 @@ class TrainConfig(_Strict):
 
 
 class LoraConfig(TrainConfig):
-    """Stage 1: TALLRec-style LoRA tuning on the text-only prompts."""
+    """Stage 1: TALLRec-style LoRA tuning on the text-only prompts, streamed from the train shards."""
+
+    shuffle_buffer: int = Field(1000, ge=0)
+    length_grouping: bool = Field(True, description="batch samples of similar length to cut padding")
 
     r: int = Field(64, ge=1)
     alpha: int = Field(16, ge=1)
@@ -294,7 +295,8 @@ class SellaConfig(TrainConfig):
 
 
 class EvalConfig(_Strict):
-    """Stage `eval`: Yes/No scoring of valid and test with the tuned LLM (or MF scores), per row."""
+    """Stage `eval`: per-row scores of valid and test (Yes/No probability of the tuned LLM, or the MF or
+    popularity baselines) and their metrics."""
 
     model: Literal["sella", "lora", "mf", "popularity"] = Field(
         "sella", description="sella: stage-3 model; lora: the text-only stage-1 model (TALLRec-like); "

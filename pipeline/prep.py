@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -25,8 +25,15 @@ from pipeline.protocol import ProtocolResult, apply_protocol
 from pipeline.schema import SCHEMA_VERSION, SPLITS
 from pipeline.sources import READERS, SourceError
 from pipeline.spark import get_spark
-from pipeline.writers import (OutputExistsError, atomic_output, check_output, summarize, write_manifest,
-                              write_shards, write_tables)
+from pipeline.writers import (
+    OutputExistsError,
+    atomic_output,
+    check_output,
+    summarize,
+    write_manifest,
+    write_shards,
+    write_tables,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,7 +95,7 @@ def _write(spark: SparkSession, cfg: Config, result: ProtocolResult, files: list
             "schema_version": SCHEMA_VERSION,
             "name": cfg.name,
             "domain": cfg.domain,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "spark": {"version": spark.version, "master": spark.sparkContext.master},
             "inputs": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
             "seconds": round(time.time() - t0, 1),
@@ -100,8 +107,8 @@ def _write(spark: SparkSession, cfg: Config, result: ProtocolResult, files: list
 
 
 def format_summary(m: dict, output: Path) -> str:
-    lines = [f"{m['name']}: {m['rows_in']:,} rows in = {m['rows_out']:,} out + {m['rejected']:,} rejected "
-             f"+ {m['excluded']:,} excluded   ({m['users']:,} users, {m['items']:,} items, {m['seconds']}s)",
+    lines = [(f"{m['name']}: {m['rows_in']:,} rows in = {m['rows_out']:,} out + {m['rejected']:,} rejected "
+             f"+ {m['excluded']:,} excluded   ({m['users']:,} users, {m['items']:,} items, {m['seconds']}s)"),
              f"{'split':<6} {'rows':>10} {'pos.rate':>9} {'warm':>7} {'users':>8} {'items':>8} {'shards':>7}"]
     for split in SPLITS:
         s = m["splits"][split]

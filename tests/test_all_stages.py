@@ -37,7 +37,7 @@ def test_all_runs_every_stage_and_prints_the_results(run: tuple[Path, Path, str]
     _, run_dir, out = run
     for stage, rel in DONE.items():
         assert (run_dir / rel).is_file(), stage
-        assert f"[all] {stage}: finished" in out
+        assert f"[all] {stage}: finished\n" in out and "finished artifacts found" not in out
     metrics = json.loads((run_dir / DONE["eval"]).read_text())
     assert metrics["model"] == "sella" and metrics["test"]["overall"]["rows"] == 24
     assert "results of model sella (AUC / UAUC)" in out and f"| test | 24 | {metrics['test']['overall']['auc']:.4f}" in out

@@ -1,5 +1,6 @@
-"""The shards read back: webdataset over 2 ranks x 2 DataLoader workers yields every sample once; the
-random-access SampleIndex reads the same samples; global micro-batches split the same way on 1 and 2 ranks."""
+"""The shards read back: they are WebDataset shards (the webdataset library over 2 ranks x 2 DataLoader workers
+yields every sample once), the random-access SampleIndex reads the same samples, and global micro-batches split
+the same way on 1 and 2 ranks."""
 from __future__ import annotations
 
 import itertools
@@ -10,20 +11,23 @@ from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
-from launcher.data import SampleIndex, eval_samples, global_batches, read_shard, sample_stream, usable
-from pipeline.schema import SAMPLE_FIELDS, load_manifest, shard_urls
+from launcher.data import SampleIndex, eval_samples, global_batches, read_shard, usable
+from pipeline.schema import SAMPLE_EXT, SAMPLE_FIELDS, decode_sample, load_manifest, shard_urls
 
 
-def _tag(sample: dict) -> tuple[int, str, int]:
-    return sample["row_id"], os.environ["RANK"], get_worker_info().id
+def _tag(raw: dict) -> tuple[int, str, int]:
+    return decode_sample(raw[SAMPLE_EXT])["row_id"], os.environ["RANK"], get_worker_info().id
 
 
 def _read(rank: int, world: int, out_dir: str, port: int, result: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    loader = DataLoader(sample_stream(out_dir, "train").map(_tag), batch_size=None, num_workers=2)
+    shards = wds.WebDataset(shard_urls(out_dir, "train"), nodesplitter=wds.split_by_node,
+                            workersplitter=wds.split_by_worker, shardshuffle=False, empty_check=False)
+    loader = DataLoader(shards.map(_tag), batch_size=None, num_workers=2)
     mine = [tuple(x) for x in loader]
     gathered: list = [None] * world
     dist.all_gather_object(gathered, mine)
@@ -49,10 +53,10 @@ def test_two_ranks_two_workers_read_each_sample_once(ml100k_out: Path, tmp_path:
 
 
 def test_sample_fields_and_history_bound(ml100k_out: Path) -> None:
-    samples = list(sample_stream(ml100k_out, "valid"))
+    samples = [s for url in shard_urls(ml100k_out, "valid") for s in read_shard(url)]
     assert len(samples) == load_manifest(ml100k_out)["splits"]["valid"]["rows"]
     for s in samples[:500]:
-        assert [f for f in s if not f.startswith("__")] == list(SAMPLE_FIELDS)  # webdataset keeps __key__
+        assert list(s) == list(SAMPLE_FIELDS)
         assert s["split"] == "valid" and s["label"] in (0, 1) and s["warm"] in (0, 1)
         assert len(s["history_ids"]) == len(s["history_titles"]) <= 10
 
