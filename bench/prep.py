@@ -1,6 +1,6 @@
 """Benchmark: the Spark pipeline vs a plain pandas implementation of the same protocol, same run.
 
-    python bench/prep.py [--sizes 1000000,5000000,20000000] [--pandas-max 20000000] [--mem-cap-gb 20]
+    python bench/prep.py [--sizes 200000,2000000,20000000] [--pandas-max 20000000] [--mem-cap-gb 20]
 
 For each size a synthetic log is generated (pipeline/synth.py; users = rows/20, items = rows/100,
 so 20M rows = 1M users x 200k items), then both implementations process it. Reported per size: wall
@@ -51,7 +51,7 @@ def measure(cmd: list[str], mem_cap_gb: float | None = None) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="1000000,5000000,20000000")
+    ap.add_argument("--sizes", default="200000,2000000,20000000")
     ap.add_argument("--pandas-max", type=int, default=20_000_000, help="largest size to try with pandas")
     ap.add_argument("--mem-cap-gb", type=float, default=20.0)
     ap.add_argument("--only", choices=("spark", "pandas"), help="run one side only (results merge by size)")

@@ -42,7 +42,7 @@ from launcher import checkpoint
 from launcher.artifacts import COLLAB_FILE, SEMANTIC_FILE, lookup
 from launcher.data import read_items
 from launcher.dist import Dist, gather, sum_over_ranks
-from launcher.metrics import format_report, report
+from launcher.metrics import format_report, report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
 from pipeline.config import Config
 
@@ -142,7 +142,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         """Validate; keep the state if valid AUC improved; True when patience has run out."""
         nonlocal stale
         metrics = evaluate("valid")
-        logs = {f"{g}/{k}": metrics[g][k] for g in metrics for k in ("auc", "uauc") if metrics[g][k] is not None}
+        logs = scalars(metrics)
         if aligned:
             logs["align_acc"] = align_accuracy(align_items)
         monitor.scalars(step, logs, "valid/")

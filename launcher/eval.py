@@ -36,7 +36,7 @@ from launcher.artifacts import (
 )
 from launcher.data import eval_samples, usable
 from launcher.dist import Dist
-from launcher.metrics import add_intervals, format_report, roc_points
+from launcher.metrics import add_intervals, format_report, roc_points, scalars
 from launcher.monitor import Monitor
 from launcher.validate import Forward, gather_report, score
 from llm.model import load_tuned
@@ -139,8 +139,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         if d.main:
             out.mkdir(parents=True, exist_ok=True)
             table.to_parquet(run_dir / EVAL_SCORES.format(split=split), index=False)
-            monitor.scalars(0, {f"{g}/{k}": metrics[g][k] for g in metrics for k in ("auc", "uauc")
-                                if metrics[g][k] is not None}, f"{split}/")
+            monitor.scalars(0, scalars(metrics), f"{split}/")
             monitor.writer.add_pr_curve(f"{split}/pr", table.label.to_numpy(), table.score.to_numpy(), 0)
             monitor.writer.add_figure(f"{split}/roc", roc_figure(table.label, table.score, f"ROC, {split}"), 0)
     summary = {"stage": STAGE, "model": ec.model, "llm": lc.model, "from": scorer.source, "world": d.world, **results}

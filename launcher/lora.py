@@ -22,7 +22,7 @@ from launcher.artifacts import ADAPTER
 from launcher.data import eval_samples, train_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import cosine_schedule, ds_config, planned_steps
-from launcher.metrics import format_report
+from launcher.metrics import format_report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
 from launcher.validate import gather_report, score
 from llm.model import hidden_size, load_base
@@ -74,8 +74,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
 
     def validate(step: int) -> dict:
         metrics, _ = gather_report(valid, score(engine, valid_enc, tc.eval_batch, no_yes, pad, d))
-        monitor.scalars(step, {f"{g}/{k}": metrics[g][k] for g in metrics for k in ("auc", "uauc")
-                               if metrics[g][k] is not None}, "valid/")
+        monitor.scalars(step, scalars(metrics), "valid/")
         monitor.write(f"[{STAGE}] step {step}: valid, {metrics['overall']['rows']} rows\n{format_report(metrics)}")
         return metrics
 

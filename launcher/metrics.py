@@ -114,6 +114,11 @@ def format_report(metrics: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def scalars(metrics: dict[str, dict]) -> dict[str, float]:
+    """A report() as TensorBoard scalars: {"overall/auc": ..., "warm/uauc": ...}, undefined ones left out."""
+    return {f"{g}/{k}": metrics[g][k] for g in GROUPS for k in ("auc", "uauc") if metrics[g][k] is not None}
+
+
 def pair(m: dict) -> str:
     """One group of a report() as "AUC / UAUC" ("-" where undefined)."""
     return " / ".join(f"{m[k]:.4f}" if m[k] is not None else "-" for k in ("auc", "uauc"))

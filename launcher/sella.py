@@ -40,7 +40,7 @@ from launcher.data import SampleIndex, eval_samples, global_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import cosine_schedule, ds_config, planned_steps
 from launcher.lora import save_adapter
-from launcher.metrics import format_report
+from launcher.metrics import format_report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
 from launcher.validate import gather_report, score
 from llm.model import hidden_size, load_base
@@ -150,8 +150,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
 
         metrics, _ = gather_report(valid, score(engine, valid_enc, sc.eval_batch, model.no_yes,
                                                 tokenizer.pad_token_id, d, forward))
-        monitor.scalars(step, {f"{g}/{k}": metrics[g][k] for g in metrics for k in ("auc", "uauc")
-                               if metrics[g][k] is not None}, "valid/")
+        monitor.scalars(step, scalars(metrics), "valid/")
         monitor.write(f"[{STAGE}] step {step}: valid, {metrics['overall']['rows']} rows\n{format_report(metrics)}")
         if (metrics["overall"]["auc"] or 0.0) > state["best_auc"]:
             state.update(best_auc=metrics["overall"]["auc"], best_step=step, best_valid=metrics)

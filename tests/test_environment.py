@@ -15,7 +15,9 @@ def test_pinned_versions(package: str, expected: str) -> None:
 
 def test_deepspeed_and_torchrec_import() -> None:
     import deepspeed
+    import torch
     import torchrec
 
-    assert deepspeed.__version__.startswith("0.19.8")
-    assert hasattr(torchrec, "EmbeddingBagCollection")
+    assert deepspeed.__version__.startswith("0.19.8") and torchrec.EmbeddingBagCollection
+    # fbgemm's CPU operators are loaded (the torchrec --no-deps / fbgemm-gpu-cpu trap of stack.md)
+    assert torch.ops.fbgemm.asynchronous_complete_cumsum(torch.tensor([1, 2, 3])).tolist() == [0, 1, 3, 6]
