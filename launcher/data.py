@@ -40,17 +40,18 @@ def _stable_key(row_id: int) -> int:
 
 
 class SampleIndex(Sequence):
-    """The kept samples of a split as their row ids and positions in the shards (shard, byte offset, size):
-    28 bytes per sample instead of the decoded sample; item i is read back by one seek into the tar.
+    """The kept samples of a split in row-id order, as (shard, byte offset, size, row id): 32 bytes per
+    sample instead of the decoded sample; item i is read back by one seek into its uncompressed tar.
 
-    Lets every rank draw any sample of the split (global_batches) without holding the split in memory.
+    Lets every rank draw any sample of the split (global_batches) without holding the split in memory; the
+    row-id order makes the sample order independent of how prep laid the shards out.
     """
 
     def __init__(self, out_dir: str | Path, split: str, keep: Callable[[Sample], bool] = lambda s: True) -> None:
         self.urls = shard_urls(out_dir, split)
         if not self.urls:
             raise ValueError(f"{out_dir}: split {split!r} has no shards")
-        self.shard, self.offset, self.size, self.row_id = array("i"), array("q"), array("q"), array("q")
+        where = array("q")  # shard, offset, size, row id per kept sample
         for k, url in enumerate(self.urls):
             with tarfile.open(url) as tar:
                 for member in tar:
@@ -58,18 +59,19 @@ class SampleIndex(Sequence):
                         continue
                     sample = decode_sample(tar.extractfile(member).read())
                     if keep(sample):
-                        self.row_id.append(sample["row_id"])
-                        self.shard.append(k)
-                        self.offset.append(member.offset_data)
-                        self.size.append(member.size)
+                        where.extend((k, member.offset_data, member.size, sample["row_id"]))
+        where = np.frombuffer(where, dtype=np.int64).reshape(-1, 4)
+        self.where = where[np.argsort(where[:, 3], kind="stable")]
+        self.row_id = self.where[:, 3]
 
     def __len__(self) -> int:
-        return len(self.offset)
+        return len(self.where)
 
     def __getitem__(self, i: int) -> Sample:
-        with open(self.urls[self.shard[i]], "rb") as f:
-            f.seek(int(self.offset[i]))
-            return decode_sample(f.read(int(self.size[i])))
+        shard, offset, size, _ = (int(x) for x in self.where[i])
+        with open(self.urls[shard], "rb") as f:
+            f.seek(offset)
+            return decode_sample(f.read(size))
 
 
 def eval_samples(out_dir: str | Path, split: str, rows: int | None, rank: int, world: int,
@@ -80,8 +82,9 @@ def eval_samples(out_dir: str | Path, split: str, rows: int | None, rank: int, w
     take every world-th selected row, so their shares differ in size by at most one.
     """
     index = SampleIndex(out_dir, split, keep)
-    kept = sorted(range(len(index)), key=lambda i: _stable_key(index.row_id[i]))
-    chosen = sorted(kept if rows is None else kept[:rows], key=lambda i: index.row_id[i])
+    row_ids = index.row_id.tolist()
+    kept = sorted(range(len(index)), key=lambda i: _stable_key(row_ids[i]))
+    chosen = sorted(kept if rows is None else kept[:rows])  # the index is in row-id order
     return [index[i] for i in chosen[rank::world]]
 
 
