@@ -131,8 +131,9 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     for split in ec.splits:
         samples = eval_samples(data_dir, split, ec.rows, d.rank, d.world, keep)
         metrics, rows = gather_report(samples, scorer(samples))
-        table = pd.DataFrame(rows)
-        add_intervals(metrics, table.label, table.score, table.warm)
+        if d.main:  # only rank 0 reports and writes
+            table = pd.DataFrame(rows)
+            add_intervals(metrics, table.label, table.score, table.warm)
         results[split] = metrics
         monitor.write(f"[{STAGE}] {ec.model}, {split}: {metrics['overall']['rows']} rows\n{format_report(metrics)}")
         monitor.step({})

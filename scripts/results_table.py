@@ -1,5 +1,5 @@
 """The comparison table: test AUC / UAUC (overall, warm, cold) of each row's stage-eval metrics, a 95%
-bootstrap interval of the overall AUC from the per-row scores, and the published reference numbers beside
+bootstrap interval of the overall AUC (stage eval's, or from the per-row scores), and the published reference numbers beside
 them (method.md: CoLLM paper, Vicuna-7B, same ML-1M splits).
 
     python scripts/results_table.py configs/comparison/*.yaml [--write docs/results.md] [--figure F.png]
@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher.artifacts import DONE, EVAL_SCORES
-from launcher.metrics import GROUPS, auc, auc_interval, group_masks, pair
+from launcher.metrics import GROUPS, add_intervals, pair
 from pipeline.config import load_config
 
 BEGIN, END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
@@ -40,31 +40,32 @@ def run_dir(config: Path) -> Path:
     return Path(cfg.run_dir or f"runs/{cfg.name}")
 
 
-def test_scores(config: Path) -> pd.DataFrame | None:
-    """The row's per-row test scores (label, warm, score), None when its eval has not run."""
-    path = run_dir(config) / EVAL_SCORES.format(split="test")
-    return pd.read_parquet(path, columns=["label", "warm", "score"]) if path.is_file() else None
-
-
-def interval(scores: pd.DataFrame | None) -> str:
-    if scores is None:
-        return "-"
-    lo, hi = auc_interval(scores.label.to_numpy(), scores.score.to_numpy())
-    return f"{lo:.3f} - {hi:.3f}"
+def test_metrics(config: Path) -> dict | None:
+    """The row's test report with 95% AUC intervals (from metrics.json, or added from the per-row scores for
+    runs evaluated before eval wrote them); None when its eval has not run."""
+    metrics_file = run_dir(config) / DONE["eval"]
+    if not metrics_file.is_file():
+        return None
+    test = json.loads(metrics_file.read_text())["test"]
+    if not all("auc_ci" in test[g] for g in GROUPS):
+        scores = pd.read_parquet(run_dir(config) / EVAL_SCORES.format(split="test"), columns=["label", "warm", "score"])
+        add_intervals(test, scores.label, scores.score, scores.warm)
+    return test
 
 
 def table(configs: list[Path]) -> str:
     head = "| row | config | test rows | overall | warm | cold | overall AUC, 95% CI | reference: CoLLM paper, Vicuna-7B |"
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for path in configs:
-        metrics_file = run_dir(path) / DONE["eval"]
+        test = test_metrics(path)
         label, published = ROWS.get(path.stem, (path.stem, "-"))
-        if not metrics_file.is_file():
+        if test is None:
             lines.append(f"| {label} | `{path}` | not run | | | | | {published} |")
             continue
-        test = json.loads(metrics_file.read_text())["test"]
+        ci = test["overall"]["auc_ci"]
         lines.append(f"| {label} | `{path}` | {test['overall']['rows']:,} | "
-                     + " | ".join(pair(test[g]) for g in GROUPS) + f" | {interval(test_scores(path))} | {published} |")
+                     + " | ".join(pair(test[g]) for g in GROUPS)
+                     + f" | {f'{ci[0]:.3f} - {ci[1]:.3f}' if ci else '-'} | {published} |")
     return "\n".join(lines)
 
 
@@ -74,13 +75,12 @@ def figure(configs: list[Path], path: Path) -> None:
     ax = fig.subplots()
     offsets = dict(zip(GROUPS, (-0.22, 0.0, 0.22), strict=True))
     for y, config in enumerate(configs):
-        scores = test_scores(config)
-        if scores is None:
-            continue
-        for group, keep in group_masks(scores.warm).items():
-            labels, s = scores.label.to_numpy()[keep], scores.score.to_numpy()[keep]
-            lo, hi = auc_interval(labels, s)
-            ax.errorbar(auc(labels, s), y + offsets[group], xerr=[[auc(labels, s) - lo], [hi - auc(labels, s)]],
+        test = test_metrics(config)
+        for group in GROUPS if test else ():
+            m = test[group]
+            if m["auc"] is None or m["auc_ci"] is None:
+                continue
+            ax.errorbar(m["auc"], y + offsets[group], xerr=[[m["auc"] - m["auc_ci"][0]], [m["auc_ci"][1] - m["auc"]]],
                         fmt="o", color=f"C{GROUPS.index(group)}", capsize=3, label=group if y == 0 else None)
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(configs)), [ROWS.get(c.stem, (c.stem,))[0].replace("`", "") for c in configs])

@@ -52,3 +52,15 @@ def test_block_intervals_and_figure(tmp_path: Path) -> None:
     chance_lo, chance_hi = (float(x) for x in cells["chance"][6].split(" - "))
     assert chance_lo < 0.5 < chance_hi < strong_lo
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_intervals_written_by_eval_are_used(tmp_path: Path) -> None:
+    row = _row(tmp_path, "evaluated", 0.5)
+    metrics_file = tmp_path / "runs" / "evaluated" / DONE["eval"]
+    metrics = json.loads(metrics_file.read_text())
+    for group in metrics["test"]:
+        metrics["test"][group]["auc_ci"] = [0.1, 0.2]  # what stage eval wrote, not recomputed
+    metrics_file.write_text(json.dumps(metrics))
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py"), str(row)], check=True, cwd=REPO,
+                         capture_output=True, text=True).stdout
+    assert "| 0.100 - 0.200 |" in out
