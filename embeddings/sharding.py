@@ -4,7 +4,9 @@ Sharding types: table_wise and column_wise run on CPU and GPU with the stock sha
 table_row_wise are offered by TorchRec's stock sharder on CUDA only, so on CPU they use `CPURowWiseSharder`,
 which declares them too (the fused CPU kernel handles row shards; see ../shared/docs/stack.md).
 Tables are updated inside the backward pass by FBGEMM's fused optimizers (row-wise Adagrad, Adagrad or
-SGD: the CPU kernels support these, not Adam); dense parts use a torch optimizer outside.
+SGD: the CPU kernels support these, not Adam); dense parts use a torch optimizer outside. A table that must
+follow a torch optimizer (stage 3's one AdamW) is `data_parallel`: TorchRec's dense kernel, replicated on
+every rank (TorchRec allows the dense kernel with data_parallel only), its gradients summed by the caller.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, Tr
 from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-Sharding = Literal["auto", "table_wise", "column_wise", "row_wise", "table_row_wise"]
+Sharding = Literal["auto", "table_wise", "column_wise", "row_wise", "table_row_wise", "data_parallel"]
 TableOptimizer = Literal["rowwise_adagrad", "adagrad", "sgd"]
 OPTIMIZERS = {"rowwise_adagrad": trec_optim.RowWiseAdagrad, "adagrad": trec_optim.Adagrad, "sgd": trec_optim.SGD}
 ROW_SHARDED = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
@@ -56,15 +58,16 @@ def attach_optimizers(tables: nn.Module, lrs: dict[str, float], kind: TableOptim
 
 
 def shard(model: nn.Module, sharding: Sharding, device: torch.device) -> DistributedModelParallel:
-    """Plan (every table with the same sharding type, fused kernel) and shard `model` over the world.
+    """Plan (every table with the same sharding type; fused kernel, or dense for data_parallel) and shard
+    `model` over the world.
 
     Dense modules are not wrapped in DDP: each rank's loss is its share of the global-batch loss, so the
     caller sums their gradients over ranks (`sum_dense_grads`), which keeps 1-rank and n-rank runs equal.
     """
     kind = resolve(sharding, device)
     world = dist.get_world_size()
-    constraints = {n: ParameterConstraints(sharding_types=[kind], compute_kernels=[EmbeddingComputeKernel.FUSED.value])
-                   for n in model.names}
+    kernel = EmbeddingComputeKernel.DENSE if kind == ShardingType.DATA_PARALLEL.value else EmbeddingComputeKernel.FUSED
+    constraints = {n: ParameterConstraints(sharding_types=[kind], compute_kernels=[kernel.value]) for n in model.names}
     sharder = CPURowWiseSharder() if device.type == "cpu" and kind in ROW_SHARDED else EmbeddingBagCollectionSharder()
     topology = TopologyFactory.create_topology(TrainerConfig(world_size=world),
                                                kernel_config=KernelConfig(compute_device=device.type))

@@ -115,7 +115,7 @@ def gather_tables(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full tables on rank 0 (empty dict on the other ranks); every rank must call it."""
     out = {}
     for name, weight in table_state(model).items():
-        if not hasattr(weight, "gather"):
+        if not hasattr(weight, "local_shards"):  # a replicated (data_parallel) table: every rank has it whole
             out[name] = weight.detach().cpu().clone()
             continue
         full = torch.empty(tuple(weight.size()), dtype=weight.dtype) if dist.get_rank() == 0 else None

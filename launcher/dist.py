@@ -18,6 +18,7 @@ class Dist:
     rank: int
     world: int
     local_rank: int
+    local_world: int  # ranks on this host
     device: torch.device
     dtype: torch.dtype
     backend: str
@@ -25,6 +26,10 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def one_host(self) -> bool:
+        return self.local_world == self.world
 
 
 def setup(cfg: DeepSpeedConfig) -> Dist:
@@ -48,7 +53,7 @@ def setup(cfg: DeepSpeedConfig) -> Dist:
     device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(device)
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device,
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, local_ranks, device,
                 torch.bfloat16 if precision == "bf16" else torch.float32, backend)
 
 

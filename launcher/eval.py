@@ -6,6 +6,8 @@
 - mf: sigmoid(<e_u, e_i>) of stage 2b's tables;
 - popularity: the item's positive rate in train (items unseen in train: the global rate), the trivial
   baseline method.md asks every results table to carry.
+`eval.baselines` (popularity, mf) are scored on the same rows beside the model, so a reader sees at once
+whether the model is above them; they go into metrics.json under `baselines`.
 LLM rows are scored over all ranks (left-padded batches, softmax over {No, Yes} at the answer position);
 rows without history are skipped when `llm.drop_no_history` (authors' code), for every model alike.
 Writes <run>/eval/scores-<split>.parquet (row_id, user_id, item_id, label, warm, score),
@@ -15,6 +17,7 @@ Writes <run>/eval/scores-<split>.parquet (row_id, user_id, item_id, label, warm,
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +38,15 @@ from launcher.artifacts import (
     lookup,
 )
 from launcher.data import eval_samples, usable
-from launcher.dist import Dist
+from launcher.dist import Dist, max_over_ranks
 from launcher.metrics import add_intervals, format_report, roc_points, scalars
 from launcher.monitor import Monitor
 from launcher.validate import Forward, gather_report, score
 from llm.model import load_tuned
-from llm.projector import HybridProjector
 from llm.prompts import Encoded, encode
 from llm.scorer import yes_no_ids
 from llm.sella import SellaLM
-from pipeline.config import Config
+from pipeline.config import Config, EvalModel
 from pipeline.schema import Sample
 
 STAGE = "eval"
@@ -66,10 +68,10 @@ def roc_figure(labels: pd.Series, scores: pd.Series, title: str):
 
 
 class Scorer:
-    """Scores one rank's samples with the configured model."""
+    """Scores one rank's samples with one model (`eval.model` or a baseline)."""
 
-    def __init__(self, cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> None:
-        self.cfg, self.d, self.model = cfg, d, cfg.eval.model
+    def __init__(self, cfg: Config, data_dir: Path, run_dir: Path, d: Dist, model: EvalModel) -> None:
+        self.cfg, self.d, self.model = cfg, d, model
         if self.model == "popularity":
             rows = pd.read_parquet(data_dir / "tables" / "interactions", columns=["item_id", "label"],
                                    filters=[("split", "==", "train")])
@@ -86,8 +88,8 @@ class Scorer:
         self.source = str(adapter)
         if sella:
             self.tables = load_file(str(find(cfg, run_dir, SELLA_TABLES)))
-            projector = HybridProjector.from_tensors(load_file(str(find(cfg, run_dir, SELLA_PROJECTOR))))
-            self.lm = SellaLM(llm, projector, self.tokenizer).to(d.device, d.dtype).eval()
+            projector_file = find(cfg, run_dir, SELLA_PROJECTOR)
+            self.lm = SellaLM.from_export(llm, self.tokenizer, projector_file).to(d.device, d.dtype).eval()
             self.source += f" + {find(cfg, run_dir, SELLA_PROJECTOR).parent}"
         else:
             self.lm = llm.to(d.device)
@@ -122,20 +124,27 @@ class Scorer:
 def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     """Score the configured splits; returns the metrics written to <run>/eval/metrics.json."""
     ec, lc = cfg.eval, cfg.llm
-    scorer = Scorer(cfg, data_dir, run_dir, d)
+    scorer = Scorer(cfg, data_dir, run_dir, d, ec.model)
+    baselines = {name: Scorer(cfg, data_dir, run_dir, d, name) for name in ec.baselines if name != ec.model}
     out = run_dir / STAGE
     monitor = Monitor(d.main, run_dir / "tb" / STAGE, len(ec.splits), 0, STAGE)
 
     keep = usable(lc.drop_no_history)
-    results = {}
+    results: dict[str, dict] = {}
+    compared: dict[str, dict] = {name: {} for name in baselines}
+    seconds: dict[str, float] = {}
     for split in ec.splits:
         samples = eval_samples(data_dir, split, ec.rows, d.rank, d.world, keep)
-        metrics, rows = gather_report(samples, scorer(samples))
-        if d.main:  # only rank 0 reports and writes
-            table = pd.DataFrame(rows)
-            add_intervals(metrics, table.label, table.score, table.warm)
+        t0 = time.time()
+        scores = scorer(samples)
+        seconds[split] = max_over_ranks(time.time() - t0)
+        metrics, table = scored(samples, scores, d.main)
         results[split] = metrics
-        monitor.write(f"[{STAGE}] {ec.model}, {split}: {metrics['overall']['rows']} rows\n{format_report(metrics)}")
+        for name, baseline in baselines.items():
+            compared[name][split], _ = scored(samples, baseline(samples), d.main)
+        monitor.write(f"[{STAGE}] {ec.model}, {split}: {metrics['overall']['rows']} rows\n{format_report(metrics)}"
+                      + "".join(f"\n[{STAGE}] baseline {name} on the same rows\n{format_report(m[split])}"
+                                for name, m in compared.items()))
         monitor.step({})
         if d.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -143,8 +152,22 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
             monitor.scalars(0, scalars(metrics), f"{split}/")
             monitor.writer.add_pr_curve(f"{split}/pr", table.label.to_numpy(), table.score.to_numpy(), 0)
             monitor.writer.add_figure(f"{split}/roc", roc_figure(table.label, table.score, f"ROC, {split}"), 0)
-    summary = {"stage": STAGE, "model": ec.model, "llm": lc.model, "from": scorer.source, "world": d.world, **results}
+    summary = {"stage": STAGE, "model": ec.model, "llm": lc.model, "from": scorer.source, "world": d.world,
+               "score_seconds": seconds, **results}
+    if compared:
+        summary["baselines"] = compared
     if d.main:
         (run_dir / DONE["eval"]).write_text(json.dumps(summary, indent=2))
     monitor.close()
     return summary
+
+
+def scored(samples: list[Sample], scores: np.ndarray, main: bool) -> tuple[dict, pd.DataFrame | None]:
+    """Every rank's scores gathered: the report with its 95% AUC intervals (rank 0 bootstraps) and, on rank 0,
+    the per-row table."""
+    metrics, rows = gather_report(samples, scores)
+    if not main:
+        return metrics, None
+    table = pd.DataFrame(rows)
+    add_intervals(metrics, table.label, table.score, table.warm)
+    return metrics, table

@@ -21,8 +21,8 @@ from launcher import checkpoint
 from launcher.artifacts import ADAPTER
 from launcher.data import eval_samples, train_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
-from launcher.engine import cosine_schedule, ds_config, planned_steps
-from launcher.metrics import format_report, scalars
+from launcher.engine import cosine_schedule, ds_config, engine_step, planned_steps
+from launcher.metrics import curve_point, format_report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
 from launcher.validate import gather_report, score
 from llm.model import hidden_size, load_base
@@ -62,10 +62,13 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
 
     train_rows = load_manifest(data_dir)["splits"]["train"]["rows"]
     total = planned_steps(tc, train_rows, d.world)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=config, lr_scheduler=cosine_schedule(tc, total))
-    state = checkpoint.load(engine, out / "ckpt") or {"step": 0, "zero_shot": None}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
+                                      lr_scheduler=cosine_schedule(tc, total))
+    state = checkpoint.load(engine, out / "ckpt") or {"step": 0, "zero_shot": None, "curve": [], "seconds": 0.0,
+                                                      "tokens": 0.0}
     start = state["step"]
+    per_step = tc.micro_batch * tc.grad_accum * d.world
 
     valid = eval_samples(data_dir, "valid", tc.eval_rows, d.rank, d.world, keep)
     valid_enc = [encode(tokenizer, s, "lora", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template,
@@ -74,6 +77,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
 
     def validate(step: int) -> dict:
         metrics, _ = gather_report(valid, score(engine, valid_enc, tc.eval_batch, no_yes, pad, d))
+        state["curve"].append(curve_point(step, step * per_step, state["seconds"], metrics))
         monitor.scalars(step, scalars(metrics), "valid/")
         monitor.write(f"[{STAGE}] step {step}: valid, {metrics['overall']['rows']} rows\n{format_report(metrics)}")
         return metrics
@@ -87,22 +91,22 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     engine.train()
     answer_only = tc.loss == "answer"
     window_time, tokens, losses = 0.0, 0.0, []
-    train_time, train_tokens = 0.0, 0.0
     for step in range(start + 1, total + 1):
         t0 = time.time()
         for _ in range(tc.grad_accum):
             batch = {k: v.to(d.device) for k, v in collate(next(batches), pad).items()}
             loss = lm_loss(engine, batch, answer_only)
             engine.backward(loss)
-            engine.step()
+            grad_norm = engine_step(engine, trainable)
             losses.append(loss.item())
             tokens += float(batch["attention_mask"].sum())
         window_time += time.time() - t0
         if step % tc.log_every == 0 or step == total:
             all_tokens, elapsed = sum_over_ranks(tokens), max_over_ranks(window_time)
-            train_time, train_tokens = train_time + elapsed, train_tokens + all_tokens
+            state["seconds"] += elapsed
+            state["tokens"] += all_tokens
             logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / d.world, "lr": engine.get_lr()[0],
-                    "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": all_tokens / elapsed}
+                    "grad_norm": grad_norm, "tokens_per_s": all_tokens / elapsed}
             monitor.scalars(step, logs, "train/")
             monitor.step({"loss": f"{logs['loss']:.4f}", "tok/s": f"{logs['tokens_per_s']:.0f}"})
             window_time, tokens, losses = 0.0, 0.0, []
@@ -111,14 +115,18 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         if tc.eval_every and step % tc.eval_every == 0 and step != total:
             validate(step)
         if step % tc.save_every == 0 and step != total:
-            checkpoint.save(engine, out / "ckpt", step, {"zero_shot": state["zero_shot"]}, tc.keep_checkpoints)
+            checkpoint.save(engine, out / "ckpt", step, {k: state[k] for k in ("zero_shot", "curve", "seconds", "tokens")},
+                            tc.keep_checkpoints)
     metrics = validate(total)
     save_adapter(engine.module, tokenizer, run_dir / ADAPTER, cfg.deepspeed.zero_stage == 3, d)
     memory = gather(peak_memory_mb())
     summary = {"stage": STAGE, "steps": total, "resumed_from": start, "world": d.world,
-               "zero_stage": cfg.deepspeed.zero_stage, "valid": metrics, "zero_shot_valid": state["zero_shot"],
-               "train_tokens": train_tokens, "train_seconds": train_time,
-               "tokens_per_s": train_tokens / train_time if train_time else None, "memory_per_rank": memory}
+               "zero_stage": cfg.deepspeed.zero_stage, "loss": tc.loss, "valid": metrics,
+               "zero_shot_valid": state["zero_shot"], "curve": state["curve"], "train_prompts": total * per_step,
+               "train_tokens": state["tokens"], "train_seconds": state["seconds"],
+               "tokens_per_s": state["tokens"] / state["seconds"] if state["seconds"] else None,
+               "samples_per_s": total * per_step / state["seconds"] if state["seconds"] else None,
+               "memory_per_rank": memory}
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     monitor.close()

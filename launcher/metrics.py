@@ -119,17 +119,31 @@ def scalars(metrics: dict[str, dict]) -> dict[str, float]:
     return {f"{g}/{k}": metrics[g][k] for g in GROUPS for k in ("auc", "uauc") if metrics[g][k] is not None}
 
 
+def curve_point(step: int, prompts: int, seconds: float, metrics: dict[str, dict]) -> dict:
+    """One point of a learning curve: valid AUC / UAUC (overall, warm, cold) after `prompts` training prompts."""
+    return {"step": step, "prompts": prompts, "train_seconds": seconds,
+            **{f"{g}_{k}": metrics[g][k] for g in GROUPS for k in ("auc", "uauc")}}
+
+
 def pair(m: dict) -> str:
     """One group of a report() as "AUC / UAUC" ("-" where undefined)."""
     return " / ".join(f"{m[k]:.4f}" if m[k] is not None else "-" for k in ("auc", "uauc"))
 
 
 def results_table(summary: dict) -> str:
-    """The eval stage's metrics.json as a Markdown table: AUC / UAUC per split, overall, warm and cold."""
-    lines = [f"results of model {summary.get('model', '?')} (AUC / UAUC)",
-             "| split | rows | " + " | ".join(GROUPS) + " |", "|---|---|" + "---|" * len(GROUPS)]
-    for split in ("valid", "test"):
-        if split in summary:
-            lines.append(f"| {split} | {summary[split]['overall']['rows']} | "
-                         + " | ".join(pair(summary[split][g]) for g in GROUPS) + " |")
+    """The eval stage's metrics.json as a Markdown table: AUC / UAUC per split and model (the evaluated model,
+    then the baselines scored on the same rows), overall, warm and cold, with the overall AUC's 95% interval."""
+    model = summary.get("model", "?")
+    models = {model: summary} | summary.get("baselines", {})
+    lines = [f"results of model {model} and its baselines on the same rows (AUC / UAUC)",
+             "| split | model | rows | " + " | ".join(GROUPS) + " | overall AUC, 95% CI |",
+             "|---|---|---|" + "---|" * len(GROUPS) + "---|"]
+    for split in ("train", "valid", "test"):
+        for name, result in models.items():
+            if split in result:
+                m = result[split]
+                ci = m["overall"].get("auc_ci")
+                lines.append(f"| {split} | {name} | {m['overall']['rows']} | "
+                             + " | ".join(pair(m[g]) for g in GROUPS)
+                             + f" | {f'{ci[0]:.3f} - {ci[1]:.3f}' if ci else '-'} |")
     return "\n".join(lines)

@@ -29,7 +29,6 @@ from embeddings.collab import ITEM, SEMANTIC, USER
 from launcher.artifacts import SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find, lookup
 from launcher.data import read_items
 from llm.model import load_tuned
-from llm.projector import HybridProjector
 from llm.prompts import Encoded, encode, encode_distill
 from llm.scorer import collate, last_hidden
 from llm.sella import SellaLM
@@ -75,8 +74,7 @@ def rank(cfg: Config, data_dir: Path, run_dir: Path, user: int, candidates: pd.D
     lc = cfg.llm
     sella_adapter = lookup(cfg, run_dir, SELLA_ADAPTER)
     llm, tokenizer = load_tuned(lc, sella_adapter or adapter_dir(cfg, run_dir))
-    model = SellaLM(llm, HybridProjector.from_tensors(load_file(str(find(cfg, run_dir, SELLA_PROJECTOR)))),
-                    tokenizer).eval()
+    model = SellaLM.from_export(llm, tokenizer, find(cfg, run_dir, SELLA_PROJECTOR)).eval()
     tables = load_file(str(find(cfg, run_dir, SELLA_TABLES)))
     if user <= 0 or user >= len(tables[USER]):
         raise ValueError(f"user {user} is outside the trained user table (1..{len(tables[USER]) - 1})")

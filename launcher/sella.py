@@ -7,10 +7,17 @@ Per micro-batch each rank looks its rows up in the sharded tables, the engine in
 <User_ID>, <Item_ID>, <Warm_ID> and computes the answer loss, and engine.backward carries the gradient
 through the projector into the tables, whose fused optimizers update them inside that backward pass.
 
+The authors' recipe is the default (docs/method.md): one AdamW, one lr, over projectors and tables. FBGEMM's
+CPU kernels have no fused Adam, so with `table_optimizer: adamw` the tables are TorchRec `data_parallel`
+tables (the dense kernel, replicated on every rank) stepped by a torch AdamW with the engine's lr, betas,
+weight decay and schedule, after the same grad_accum micro-batches; the other table optimizers are fused
+into the backward of tables sharded by `collab.sharding` and step every micro-batch. The loss covers the
+whole sequence (authors) or the answer only (`sella.loss`).
+
 Equal results on any number of ranks: the data is a seeded order of global micro-batches (micro_batch x
 ranks samples, each rank its slice); DeepSpeed averages dense gradients over ranks while the lookup's
-backward sums the ranks' row gradients, so the rows' gradients are divided by the world size. Tables
-step every micro-batch (fused into the backward), the projector every grad_accum micro-batches.
+backward (or, for replicated tables, the all-reduce here) sums the ranks' row gradients, so the rows'
+gradients are divided by the world size.
 
 Checkpoint selection on valid only: every `eval_every` steps and at the end a fixed valid subset is
 scored; the state with the best valid AUC is kept and exported. Test is left to stage `eval`.
@@ -32,15 +39,15 @@ from safetensors import safe_open
 from transformers.integrations import HfDeepSpeedConfig
 
 from embeddings.collab import ITEM, SEMANTIC, USER, Collab, ids_kjt
-from embeddings.sharding import attach_optimizers, resolve, shard
+from embeddings.sharding import attach_optimizers, resolve, shard, sum_dense_grads
 from embeddings.tables import RankState, gather_tables, init_from_file, local_shards, restore, save_tensors, snapshot
 from launcher import checkpoint
 from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find
 from launcher.data import SampleIndex, eval_samples, global_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
-from launcher.engine import cosine_schedule, ds_config, planned_steps
+from launcher.engine import cosine_schedule, ds_config, engine_step, planned_steps
 from launcher.lora import save_adapter
-from launcher.metrics import format_report, scalars
+from launcher.metrics import curve_point, format_report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
 from launcher.validate import gather_report, score
 from llm.model import hidden_size, load_base
@@ -78,6 +85,28 @@ class EngineAndTables:
         self.tables.load_checkpoint(ckpt_dir, tag)
 
 
+TABLE_OPTIMIZER = {
+    True: "adamw: TorchRec dense kernel, data_parallel (replicated) tables, torch AdamW with the projectors' lr, "
+          "betas, weight decay and schedule (FBGEMM's CPU kernels have no fused Adam)",
+    False: "{}: FBGEMM fused in-backward optimizer on sharded tables",
+}
+
+
+CARRIED = ("best_auc", "best_step", "best_valid", "seconds", "curve")  # loop state kept in checkpoints
+
+
+def step_tables(opt: torch.optim.Optimizer, params: list[torch.Tensor], lr: float, clip: float) -> None:
+    """One AdamW step of the replicated tables: their gradients summed over ranks (each rank's row gradients
+    are already divided by the world size), clipped to `clip` like the engine's, at the engine's lr."""
+    sum_dense_grads(params)
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+
+
 def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     """Train SeLLa-Rec; returns the summary written to <run>/sella/summary.json."""
     sc, lc, cc = cfg.sella, cfg.llm, cfg.collab
@@ -90,6 +119,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
                          "set sella.warm_token: false or use aligned collab tables")
     names = [USER, ITEM, SEMANTIC] if warm else [USER, ITEM]
     zero3 = cfg.deepspeed.zero_stage == 3
+    adamw_tables = sc.table_optimizer == "adamw"
 
     torch.manual_seed(sc.seed)
     config = ds_config(cfg.deepspeed, sc, d, hidden_size(lc))
@@ -101,16 +131,24 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         if not stage2:
             raise ValueError(f"{collab_path}: no stage-2 projector (plain MF); set sella.projector_init: random")
         projector.load_stage2(stage2)
-    model = SellaLM(llm, projector, tokenizer)
+    model = SellaLM(llm, projector, tokenizer, sc.inject_norm)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     collab = Collab(shapes[USER][0] - 1, shapes[ITEM][0] - 1, shapes[USER][1],
                     shapes[SEMANTIC][1] if warm else None, proj_hidden=0)
-    attach_optimizers(collab.tables, {USER: sc.table_lr, ITEM: sc.table_lr, SEMANTIC: sc.semantic_lr},
-                      cc.table_optimizer)
-    dmp = shard(collab, cc.sharding, d.device)
+    if adamw_tables:
+        sharding = "data_parallel"
+    else:
+        sharding = resolve(cc.sharding, d.device)
+        attach_optimizers(collab.tables, {USER: sc.table_lr, ITEM: sc.table_lr, SEMANTIC: sc.semantic_lr},
+                          sc.table_optimizer)
+    dmp = shard(collab, sharding, d.device)
     for s in local_shards(dmp):
         init_from_file(s, collab_path, s.table)
+    table_params = [p for _, p in sorted(dmp.named_parameters())] if adamw_tables else []
+    table_opt = torch.optim.AdamW(table_params, lr=sc.lr, betas=sc.betas, weight_decay=sc.weight_decay) \
+        if adamw_tables else None
+    answer_only = sc.loss == "answer"
 
     keep = usable(lc.drop_no_history)
 
@@ -129,9 +167,11 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
                                       lr_scheduler=cosine_schedule(sc, total))
     best: dict = {"state": None}
-    both = EngineAndTables(engine, RankState(dmp, [], None, best))
-    state = checkpoint.load(both, out / "ckpt") or {"step": 0, "best_auc": -1.0, "best_step": 0, "best_valid": None}
+    both = EngineAndTables(engine, RankState(dmp, [], table_opt, best))
+    state = checkpoint.load(both, out / "ckpt") or {"step": 0, "best_auc": -1.0, "best_step": 0, "best_valid": None,
+                                                     "seconds": 0.0, "curve": []}
     start = state["step"]
+    per_step = sc.micro_batch * sc.grad_accum * d.world
 
     valid = eval_samples(data_dir, "valid", sc.eval_rows, d.rank, d.world, keep)
     valid_enc = [encode_one(s, with_answer=False) for s in valid]
@@ -152,17 +192,22 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
                                                 tokenizer.pad_token_id, d, forward))
         monitor.scalars(step, scalars(metrics), "valid/")
         monitor.write(f"[{STAGE}] step {step}: valid, {metrics['overall']['rows']} rows\n{format_report(metrics)}")
+        state["curve"].append(curve_point(step, step * per_step, state["seconds"], metrics))
         if (metrics["overall"]["auc"] or 0.0) > state["best_auc"]:
             state.update(best_auc=metrics["overall"]["auc"], best_step=step, best_valid=metrics)
             best["state"] = (snapshot(dmp), dense_copy())
         return metrics
 
+    if start == 0 and sc.eval_every:
+        validate(0)  # where training starts: the stage-1 adapter with stage 2b's tables and Proj_C->L
     batches = itertools.islice(global_batches(train, sc.micro_batch, d.rank, d.world, sc.seed),
                                start * sc.grad_accum, None)
     engine.train()
-    seconds, samples_seen, losses = 0.0, 0, []
+    losses: list[float] = []
+    norms: list[dict[str, float]] = []
     for step in range(start + 1, total + 1):
         t0 = time.time()
+        lr = engine.get_lr()[0]  # this step's lr, before the engine's scheduler moves on
         for _ in range(sc.grad_accum):
             samples = next(batches)
             batch = {k: v.to(d.device) for k, v in collate([encode_one(s) for s in samples],
@@ -171,25 +216,28 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
             if d.world > 1:
                 for r in rows:
                     r.register_hook(lambda g: g / d.world)
-            loss = engine(batch, *rows)
+            loss = engine(batch, *rows, answer_only=answer_only)
             engine.backward(loss)
-            engine.step()
+            grad_norm = engine_step(engine, trainable)
             losses.append(loss.item())
-        seconds += max_over_ranks(time.time() - t0)
-        samples_seen += sc.micro_batch * sc.grad_accum * d.world
+            norms.append(engine.module.injected_norms)
+        if table_opt is not None:
+            step_tables(table_opt, table_params, lr, sc.grad_clip)
+        state["seconds"] += max_over_ranks(time.time() - t0)
         if step % sc.log_every == 0 or step == total:
-            logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / d.world, "lr": engine.get_lr()[0],
-                    "grad_norm": float(engine.get_global_grad_norm() or 0.0), "samples_per_s": samples_seen / seconds}
+            logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / d.world, "lr": lr, "grad_norm": grad_norm,
+                    "samples_per_s": step * per_step / state["seconds"]}
             monitor.scalars(step, logs, "train/")
+            monitor.scalars(step, {k: sum(n[k] for n in norms) / len(norms) for k in norms[0]}
+                            | {"token_embedding_rms": model.token_rms}, "inject/norm/")
             monitor.step({"loss": f"{logs['loss']:.4f}"})
-            losses = []
+            losses, norms = [], []
         else:
             monitor.step({})
         if (sc.eval_every and step % sc.eval_every == 0) or step == total:
             validate(step)
         if (sc.eval_every and step % sc.eval_every == 0) or step % sc.save_every == 0 or step == total:
-            checkpoint.save(both, out / "ckpt", step, {k: state[k] for k in ("best_auc", "best_step", "best_valid")},
-                            sc.keep_checkpoints)
+            checkpoint.save(both, out / "ckpt", step, {k: state[k] for k in CARRIED}, sc.keep_checkpoints)
 
     tables_best, dense_best = best["state"]
     restore(dmp, tables_best)
@@ -200,16 +248,22 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     with deepspeed.zero.GatheredParameters(list(projector.parameters()), enabled=zero3):
         proj = {k: v.detach().float().cpu().clone() for k, v in projector.state_dict().items()}
     if d.main:
-        meta = {"best_step": str(state["best_step"]), "warm_token": str(warm), "collab": str(collab_path)}
+        meta = {"best_step": str(state["best_step"]), "warm_token": str(warm), "collab": str(collab_path),
+                "inject_norm": sc.inject_norm}
         save_tensors(run_dir / SELLA_TABLES, tables, meta)
         save_tensors(run_dir / SELLA_PROJECTOR, proj, meta)
     if sc.train_lora:
         save_adapter(engine.module.llm, tokenizer, run_dir / SELLA_ADAPTER, zero3, d)
     summary = {"stage": STAGE, "steps": total, "resumed_from": start, "best_step": state["best_step"],
-               "world": d.world, "zero_stage": cfg.deepspeed.zero_stage, "sharding": resolve(cc.sharding, d.device),
-               "warm_token": warm, "train_lora": sc.train_lora, "projector_init": sc.projector_init,
-               "collab": str(collab_path), "valid": state["best_valid"], "train_seconds": seconds,
-               "samples_per_s": samples_seen / seconds if seconds else None, "memory_per_rank": gather(peak_memory_mb())}
+               "world": d.world, "zero_stage": cfg.deepspeed.zero_stage, "sharding": sharding,
+               "table_optimizer": TABLE_OPTIMIZER[adamw_tables].format(sc.table_optimizer), "loss": sc.loss,
+               "lr": sc.lr, "inject_norm": sc.inject_norm, "token_embedding_rms": model.token_rms,
+               "train_prompts": total * per_step, "warm_token": warm, "train_lora": sc.train_lora,
+               "projector_init": sc.projector_init,
+               "collab": str(collab_path), "valid": state["best_valid"], "curve": state["curve"],
+               "train_seconds": state["seconds"],
+               "samples_per_s": total * per_step / state["seconds"] if state["seconds"] else None,
+               "memory_per_rank": gather(peak_memory_mb())}
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     monitor.close()

@@ -82,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     warnings.filterwarnings("ignore", message="Please use DTensor instead")  # TorchRec's ShardedTensor state
     from launcher.dist import setup
+    from launcher.engine import resolve
 
     d = setup(cfg.deepspeed)
+    cfg = resolve(cfg, d)
     stages = STAGES if args.stage == "all" else (args.stage,)
     if args.fresh and d.main:
         for stage in stages:

@@ -1,5 +1,9 @@
-"""Stage `sella` through the real `deepspeed --hostfile` launcher: a ZeRO-3 engine and TorchRec tables in one
-process group (gloo, CPU ranks), the tiny model with a stage-1 adapter and stage-2b tables for ML-100K."""
+"""Stage `sella` through the real `deepspeed --hostfile` launcher: a DeepSpeed engine and TorchRec tables in one
+process group (gloo, CPU ranks), the tiny model with a stage-1 adapter and stage-2b tables for ML-100K.
+
+Two table set-ups: the authors' recipe (default: replicated dense-kernel tables in the projectors' AdamW,
+whole-sequence loss, ZeRO `auto` = 0 on one CPU host) on 1 and 2 ranks, and a CoLLM-like run with fused
+row-wise Adagrad on row_wise-sharded tables under ZeRO-3."""
 from __future__ import annotations
 
 import json
@@ -20,23 +24,25 @@ SELLA = {"max_steps": 4, "grad_accum": 2, "eval_every": 2, "eval_rows": 24, "eva
          "lr": 1e-3, "table_lr": 0.05, "semantic_lr": 0.05}
 
 
-def prepare(run: Path, data: Path, cfg_path: Path, semantic: bool = True, **sella) -> Path:
+def prepare(run: Path, data: Path, cfg_path: Path, semantic: bool = True, zero_stage: int | str = "auto",
+            **sella) -> Path:
     tiny_adapter(run, LLM)
     tiny_collab(run / COLLAB_FILE, data, COLLAB["dim"], 64, COLLAB["proj_hidden"], semantic)
     return write_config(cfg_path, data_dir=str(data), run_dir=str(run), llm=LLM, collab=COLLAB,
-                        sella=SELLA | sella, eval={"rows": 24, "batch": 8})
+                        sella=SELLA | sella, eval={"rows": 24, "batch": 8}, deepspeed={"zero_stage": zero_stage})
 
 
 @pytest.fixture(scope="module")
 def runs(ml100k_out: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same global micro-batch of 4 on 1 rank (4 each) and on 2 ranks (2 each), plus a CoLLM-like run
-    (plain MF tables, random projector, no <Warm_ID>) on 2 ranks."""
+    """The same global micro-batch of 4 on 1 rank (4 each) and on 2 ranks (2 each) with the default recipe, plus
+    a CoLLM-like run (plain MF tables, random projector, no <Warm_ID>) with fused tables on 2 ranks, ZeRO-3."""
     base = tmp_path_factory.mktemp("sella")
     jobs = {
         "one": (prepare(base / "one", ml100k_out, base / "one.yaml", micro_batch=4), 1),
         "two": (prepare(base / "two", ml100k_out, base / "two.yaml", micro_batch=2), 2),
-        "collm": (prepare(base / "collm", ml100k_out, base / "collm.yaml", semantic=False, micro_batch=2,
-                          warm_token=False, projector_init="random", max_steps=2), 2),
+        "collm": (prepare(base / "collm", ml100k_out, base / "collm.yaml", semantic=False, zero_stage=3,
+                          micro_batch=2, warm_token=False, projector_init="random", max_steps=2,
+                          table_optimizer="rowwise_adagrad", loss="answer"), 2),
     }
     for cfg, ranks in jobs.values():
         finish(launch(cfg, "sella", ranks))
@@ -44,14 +50,38 @@ def runs(ml100k_out: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def test_llm_loss_updates_the_sharded_tables_on_both_ranks(runs: dict[str, Path]) -> None:
+    """row_wise on 2 ranks: rank 0 holds rows [0, half), rank 1 the rest; after 2 steps both ranks' shards hold
+    rows the LLM loss changed, and only the rows the batches looked up."""
+    before = load_file(runs["collm"] / COLLAB_FILE)
+    assert set(load_file(runs["collm"] / SELLA_TABLES)) == {"user", "item"}
+    for rank in (0, 1):
+        saved = torch.load(runs["collm"] / "sella" / "ckpt" / "step00000002" / f"collab_rank{rank}.pt", weights_only=False)
+        for name in ("user", "item"):
+            half = -(-len(before[name]) // 2)
+            start = before[name][:half] if rank == 0 else before[name][half:]
+            shard, = (t for t in saved["tensors"] if t.shape == start.shape)
+            changed = (shard != start).any(1)
+            assert 0 < int(changed.sum()) < len(shard), (name, rank)
+    summary = json.loads((runs["collm"] / "sella" / "summary.json").read_text())
+    assert summary["sharding"] == "row_wise" and summary["zero_stage"] == 3
+    assert summary["table_optimizer"].startswith("rowwise_adagrad: FBGEMM fused")
+
+
+def test_authors_recipe_one_adamw_over_tables_and_projectors(runs: dict[str, Path]) -> None:
+    """Replicated tables in the AdamW: after 4 steps the looked-up rows moved by the LLM loss and every other
+    row by weight decay alone ((1 - lr x 0.01) per step), as torch's AdamW treats the authors' nn.Embedding rows."""
+    summary = json.loads((runs["two"] / "sella" / "summary.json").read_text())
+    assert summary["sharding"] == "data_parallel" and summary["zero_stage"] == 0 and summary["loss"] == "sequence"
+    assert summary["table_optimizer"].startswith("adamw: TorchRec dense kernel")
     before = load_file(runs["two"] / COLLAB_FILE)
-    after = load_file(runs["two"] / SELLA_TABLES)
-    assert set(after) == {"user", "item", "semantic"}
-    for name, table in after.items():
-        changed = (table != before[name]).any(1)
-        half = -(-len(table) // 2)  # row_wise on 2 ranks: rank 0 holds rows [0, half), rank 1 the rest
-        assert changed[:half].any() and changed[half:].any(), name
-        assert 0 < int(changed.sum()) < len(table), name  # only the rows the batches looked up
+    for rank in (0, 1):  # every rank holds the same replica
+        saved = torch.load(runs["two"] / "sella" / "ckpt" / "step00000004" / f"collab_rank{rank}.pt", weights_only=False)
+        for name in ("user", "item", "semantic"):
+            table, = (t for t in saved["tensors"][:3] if t.shape == before[name].shape)
+            shrunk = before[name] * (1 - SELLA["lr"] * 0.01) ** 4
+            untouched = torch.isclose(table, shrunk, rtol=1e-6, atol=1e-7).all(1)
+            assert 0 < int((~untouched).sum()) < len(table), name  # the looked-up rows, and only those, learned
+            assert (table - shrunk).abs()[~untouched].max() > 1e-4, name
 
 
 def test_two_ranks_match_one_rank(runs: dict[str, Path]) -> None:
@@ -59,12 +89,13 @@ def test_two_ranks_match_one_rank(runs: dict[str, Path]) -> None:
         one, two = load_file(runs["one"] / rel), load_file(runs["two"] / rel)
         assert set(one) == set(two)
         for key in one:
-            assert_close(two[key], one[key], rtol=1e-4, atol=1e-4)  # row-wise Adagrad steps are ~0.05
+            assert_close(two[key], one[key], rtol=1e-4, atol=1e-4)  # AdamW steps are ~lr = 1e-3
     start = load_file(runs["two"] / COLLAB_FILE)
-    projector = load_file(runs["two"] / SELLA_PROJECTOR)
-    assert not torch.equal(projector["a.0.weight"], start["projector.0.weight"])  # A trained from Proj_C->L
+    engine = torch.load(runs["two"] / "sella" / "ckpt" / "step00000004" / "mp_rank_00_model_states.pt",
+                        weights_only=False)["module"]
+    assert not torch.equal(engine["projector.a.0.weight"], start["projector.0.weight"])  # A trained from Proj_C->L
     s1, s2 = (json.loads((runs[n] / "sella" / "summary.json").read_text()) for n in ("one", "two"))
-    assert s1["best_step"] == s2["best_step"] in (2, 4)
+    assert s1["best_step"] == s2["best_step"] in (0, 2, 4)
     assert s1["valid"]["overall"]["auc"] == pytest.approx(s2["valid"]["overall"]["auc"], abs=1e-6)
 
 
@@ -88,12 +119,17 @@ def test_collm_like_run_has_no_warm_token_and_keeps_plain_tables(runs: dict[str,
 def test_checkpoints_and_tensorboard(runs: dict[str, Path]) -> None:
     run = runs["two"]
     latest = json.loads((run / "sella" / "ckpt" / "latest.json").read_text())
-    assert latest["step"] == 4 and latest["best_step"] in (2, 4)
+    assert latest["step"] == 4 and latest["best_step"] in (0, 2, 4)
     assert sorted(p.name for p in (run / "sella" / "ckpt" / latest["tag"]).glob("collab_rank*.pt")) == \
         ["collab_rank0.pt", "collab_rank1.pt"]
     events = EventAccumulator(str(run / "tb" / "sella")).Reload()
     assert {"train/loss", "train/lr", "valid/overall/auc"} <= set(events.Tags()["scalars"])
-    assert [e.step for e in events.Scalars("valid/overall/auc")] == [2, 4]
+    assert [e.step for e in events.Scalars("valid/overall/auc")] == [0, 2, 4]
+    assert {"inject/norm/<User_ID>", "inject/norm/<Item_ID>", "inject/norm/<Warm_ID>",
+            "inject/norm/token_embedding_rms"} <= set(events.Tags()["scalars"])
+    summary = json.loads((run / "sella" / "summary.json").read_text())
+    assert [p["prompts"] for p in summary["curve"]] == [0, 16, 32]  # steps 0, 2, 4 x 8 prompts (2 x 2 x 2 ranks)
+    assert summary["train_prompts"] == 32 and summary["train_seconds"] > 0
 
 
 def test_a_larger_budget_resumes_from_the_last_checkpoint(runs: dict[str, Path]) -> None:
