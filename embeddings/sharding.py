@@ -6,7 +6,8 @@ which declares them too (the fused CPU kernel handles row shards; see ../shared/
 Tables are updated inside the backward pass by FBGEMM's fused optimizers (row-wise Adagrad, Adagrad or
 SGD: the CPU kernels support these, not Adam); dense parts use a torch optimizer outside. A table that must
 follow a torch optimizer (stage 3's one AdamW) is `data_parallel`: TorchRec's dense kernel, replicated on
-every rank (TorchRec allows the dense kernel with data_parallel only), its gradients summed by the caller.
+every rank (TorchRec allows the dense kernel with data_parallel only), its gradients averaged over ranks by
+the DDP wrapper TorchRec puts around data_parallel lookups.
 """
 from __future__ import annotations
 

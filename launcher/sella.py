@@ -16,8 +16,8 @@ whole sequence (authors) or the answer only (`sella.loss`).
 
 Equal results on any number of ranks: the data is a seeded order of global micro-batches (micro_batch x
 ranks samples, each rank its slice); DeepSpeed averages dense gradients over ranks while the lookup's
-backward (or, for replicated tables, the all-reduce here) sums the ranks' row gradients, so the rows'
-gradients are divided by the world size.
+backward sums the ranks' row gradients of sharded tables, so those are divided by the world size (replicated
+tables are averaged by TorchRec's DDP, like the projectors).
 
 Checkpoint selection on valid only: every `eval_every` steps and at the end a fixed valid subset is
 scored; the state with the best valid AUC is kept and exported. Test is left to stage `eval`.
@@ -39,7 +39,7 @@ from safetensors import safe_open
 from transformers.integrations import HfDeepSpeedConfig
 
 from embeddings.collab import ITEM, SEMANTIC, USER, Collab, ids_kjt
-from embeddings.sharding import attach_optimizers, resolve, shard, sum_dense_grads
+from embeddings.sharding import attach_optimizers, resolve, shard
 from embeddings.tables import RankState, gather_tables, init_from_file, local_shards, restore, save_tensors, snapshot
 from launcher import checkpoint
 from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find
@@ -53,7 +53,7 @@ from launcher.validate import gather_report, score
 from llm.model import hidden_size, load_base
 from llm.projector import HybridProjector
 from llm.prompts import Encoded, encode
-from llm.scorer import collate
+from llm.scorer import collate, loss_tokens
 from llm.sella import SellaLM
 from pipeline.config import Config
 from pipeline.schema import Sample
@@ -95,16 +95,16 @@ TABLE_OPTIMIZER = {
 CARRIED = ("best_auc", "best_step", "best_valid", "seconds", "curve")  # loop state kept in checkpoints
 
 
-def step_tables(opt: torch.optim.Optimizer, params: list[torch.Tensor], lr: float, clip: float) -> None:
-    """One AdamW step of the replicated tables: their gradients summed over ranks (each rank's row gradients
-    are already divided by the world size), clipped to `clip` like the engine's, at the engine's lr."""
-    sum_dense_grads(params)
-    if clip:
-        torch.nn.utils.clip_grad_norm_(params, clip)
+def step_tables(opt: torch.optim.Optimizer, params: list[torch.Tensor], lr: float, clip: float) -> float:
+    """One AdamW step of the replicated tables, at the engine's lr, their gradients clipped to `clip` like the
+    engine's. TorchRec wraps data_parallel lookups in DDP, so the gradients arrive averaged over ranks, as
+    DeepSpeed averages the projectors'. Returns the tables' gradient norm before clipping."""
+    norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf")))
     for group in opt.param_groups:
         group["lr"] = lr
     opt.step()
     opt.zero_grad(set_to_none=False)
+    return norm
 
 
 def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
@@ -213,20 +213,23 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
             batch = {k: v.to(d.device) for k, v in collate([encode_one(s) for s in samples],
                                                             tokenizer.pad_token_id).items()}
             rows = rows_of([s["user_id"] for s in samples], [s["item_id"] for s in samples])
-            if d.world > 1:
+            if d.world > 1 and not adamw_tables:  # replicated tables: TorchRec's DDP already averages
                 for r in rows:
                     r.register_hook(lambda g: g / d.world)
-            loss = engine(batch, *rows, answer_only=answer_only)
+            # the global micro-batch's token mean, whatever its split over ranks (DeepSpeed averages the ranks)
+            tokens = sum_over_ranks(loss_tokens(batch, answer_only)) / d.world
+            loss = engine(batch, *rows, answer_only=answer_only, tokens=tokens)
             engine.backward(loss)
             grad_norm = engine_step(engine, trainable)
             losses.append(loss.item())
             norms.append(engine.module.injected_norms)
-        if table_opt is not None:
-            step_tables(table_opt, table_params, lr, sc.grad_clip)
+        table_norm = step_tables(table_opt, table_params, lr, sc.grad_clip) if table_opt is not None else None
         state["seconds"] += max_over_ranks(time.time() - t0)
         if step % sc.log_every == 0 or step == total:
             logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / d.world, "lr": lr, "grad_norm": grad_norm,
                     "samples_per_s": step * per_step / state["seconds"]}
+            if table_norm is not None:
+                logs["table_grad_norm"] = table_norm
             monitor.scalars(step, logs, "train/")
             monitor.scalars(step, {k: sum(n[k] for n in norms) / len(norms) for k in norms[0]}
                             | {"token_embedding_rms": model.token_rms}, "inject/norm/")

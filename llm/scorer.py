@@ -41,19 +41,37 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
             "row_id": torch.tensor([e.row_id for e in examples])}
 
 
+def _targets(batch: dict[str, torch.Tensor], answer_only: bool) -> torch.Tensor:
+    """The next-token targets: the answer tokens, or every non-pad token that follows another non-pad token
+    (a left-padded row's first token would be predicted from padding); IGNORE elsewhere."""
+    if answer_only:
+        return batch["labels"]
+    mask = batch["attention_mask"].bool()
+    after_pad = F.pad(~mask[:, :-1], (1, 0), value=True)
+    return batch["input_ids"].masked_fill(~mask | after_pad, IGNORE)
+
+
+def loss_tokens(batch: dict[str, torch.Tensor], answer_only: bool = True) -> int:
+    """How many tokens lm_loss averages over in this batch (every target but each row's first token)."""
+    return int((_targets(batch, answer_only)[:, 1:] != IGNORE).sum())
+
+
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], answer_only: bool = True,
-            inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+            inputs_embeds: torch.Tensor | None = None, tokens: float | None = None) -> torch.Tensor:
     """Next-token cross-entropy on the answer (answer_only) or on every non-pad token.
 
-    answer_only keeps the LM-head logits of the last answer_len + 1 positions only.
+    The mean over this batch's target tokens, or their sum divided by `tokens` (a count over several ranks'
+    batches, so that the ranks' average is the mean over all of them whatever the split). answer_only keeps
+    the LM-head logits of the last answer_len + 1 positions only.
     """
-    labels = batch["labels"] if answer_only else batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
     keep = int(batch["answer_len"]) + 1 if answer_only else 0
     inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch["input_ids"]}
     logits = model(**inputs, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                    logits_to_keep=keep, use_cache=False).logits
-    labels = labels[:, -logits.shape[1]:]
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    labels = _targets(batch, answer_only)[:, -logits.shape[1]:]
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
+                         reduction="mean" if tokens is None else "sum")
+    return ce if tokens is None else ce / tokens
 
 
 @torch.no_grad()

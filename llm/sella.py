@@ -79,8 +79,9 @@ class SellaLM(nn.Module):
         return inject(embeds, ids, self.token_ids, self.vectors(user, item, semantic), batch["row_id"])
 
     def forward(self, batch: dict[str, torch.Tensor], user: torch.Tensor, item: torch.Tensor,
-                semantic: torch.Tensor | None = None, score: bool = False, answer_only: bool = True) -> torch.Tensor:
+                semantic: torch.Tensor | None = None, score: bool = False, answer_only: bool = True,
+                tokens: float | None = None) -> torch.Tensor:
         embeds = self.embeds(batch, user, item, semantic)
         if score:
             return yes_prob(self.llm, batch, self.no_yes, embeds)
-        return lm_loss(self.llm, batch, answer_only, embeds)
+        return lm_loss(self.llm, batch, answer_only, embeds, tokens)

@@ -48,7 +48,7 @@ def data(spark, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     base = tmp_path_factory.mktemp("learn")
     per_item_log(base / "raw")
-    cfg = config("synthetic", name="per-item", source={"input_dir": str(base / "raw")}, output={"shard_size": 64},
+    cfg = config("synthetic", source={"input_dir": str(base / "raw")}, output={"shard_size": 64},
                  protocol={"split": {"origin": "2024-01", "train": [0, 1], "valid": [2, 2], "test": [3, 3]}})
     run(cfg, base / "raw", base / "out")
     return base / "out"

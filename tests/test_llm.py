@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from llm.model import SPECIAL_TOKENS, ModelSourceError, load_base, model_dir
 from llm.prompts import encode, system_text, user_text
-from llm.scorer import IGNORE, collate, lm_loss, yes_no_ids, yes_prob
+from llm.scorer import IGNORE, collate, lm_loss, loss_tokens, yes_no_ids, yes_prob
 from pipeline.config import LLMConfig
 
 SAMPLES = [
@@ -61,10 +61,22 @@ def test_answer_only_loss_equals_full_logits_loss(tiny) -> None:
                  position_ids=batch["position_ids"]).logits
     ref = F.cross_entropy(full[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
     assert torch.allclose(lm_loss(model, batch, answer_only=True), ref, atol=1e-5)
-    seq_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
-    seq_ref = F.cross_entropy(full[:, :-1].flatten(0, 1), seq_labels[:, 1:].flatten(), ignore_index=IGNORE)
-    assert torch.allclose(lm_loss(model, batch, answer_only=False), seq_ref, atol=1e-5)
     assert (batch["labels"] != IGNORE).sum() == sum(len(tokenizer(a).input_ids) + 1 for a in ("Yes.", "No."))
+
+
+def test_sequence_loss_does_not_depend_on_padding_or_the_split_of_a_batch(tiny) -> None:
+    """Whole-sequence loss of a left-padded batch = the token-weighted mean of each row alone (a row's first token
+    is never predicted from padding), and two halves each divided by the batch's token count add up to it."""
+    model, tokenizer = tiny
+    enc = [encode(tokenizer, s, "lora", "movie", 512) for s in SAMPLES]
+    batch = collate(enc, tokenizer.pad_token_id)
+    alone = [collate([e], tokenizer.pad_token_id) for e in enc]
+    counts = [loss_tokens(b, answer_only=False) for b in alone]
+    assert counts == [len(e.prompt) + len(e.answer) - 1 for e in enc] and loss_tokens(batch, False) == sum(counts)
+    ref = sum(lm_loss(model, b, answer_only=False) * n for b, n in zip(alone, counts, strict=True)) / sum(counts)
+    assert torch.allclose(lm_loss(model, batch, answer_only=False), ref, atol=1e-5)
+    halves = sum(lm_loss(model, b, answer_only=False, tokens=sum(counts)) for b in alone)
+    assert torch.allclose(halves, ref, atol=1e-5)
 
 
 def test_left_padded_scores_equal_single_row_scores(tiny) -> None:

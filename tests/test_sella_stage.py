@@ -94,6 +94,10 @@ def test_two_ranks_match_one_rank(runs: dict[str, Path]) -> None:
     engine = torch.load(runs["two"] / "sella" / "ckpt" / "step00000004" / "mp_rank_00_model_states.pt",
                         weights_only=False)["module"]
     assert not torch.equal(engine["projector.a.0.weight"], start["projector.0.weight"])  # A trained from Proj_C->L
+    for tag in ("train/grad_norm", "train/table_grad_norm", "train/loss"):  # the gradients' scale, not just Adam's steps
+        one, two = ([e.value for e in EventAccumulator(str(runs[n] / "tb" / "sella")).Reload().Scalars(tag)][:4]
+                    for n in ("one", "two"))
+        assert two == pytest.approx(one, rel=1e-4) and min(one) > 0, tag
     s1, s2 = (json.loads((runs[n] / "sella" / "summary.json").read_text()) for n in ("one", "two"))
     assert s1["best_step"] == s2["best_step"] in (0, 2, 4)
     assert s1["valid"]["overall"]["auc"] == pytest.approx(s2["valid"]["overall"]["auc"], abs=1e-6)
