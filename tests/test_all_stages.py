@@ -40,7 +40,12 @@ def test_all_runs_every_stage_and_prints_the_results(run: tuple[Path, Path, str]
         assert f"[all] {stage}: finished\n" in out and "finished artifacts found" not in out
     metrics = json.loads((run_dir / DONE["eval"]).read_text())
     assert metrics["model"] == "sella" and metrics["test"]["overall"]["rows"] == 24
-    assert "results of model sella (AUC / UAUC)" in out and f"| test | 24 | {metrics['test']['overall']['auc']:.4f}" in out
+    assert "results of model sella and its baselines on the same rows (AUC / UAUC)" in out
+    assert f"| test | sella | 24 | {metrics['test']['overall']['auc']:.4f}" in out
+    for baseline in ("popularity", "mf"):  # configs/ml-100k.yaml: eval.baselines, scored on the same rows
+        m = metrics["baselines"][baseline]["test"]["overall"]
+        ci = m["auc_ci"]
+        assert m["rows"] == 24 and f"| test | {baseline} | 24 | {m['auc']:.4f}" in out and f"{ci[0]:.3f} - {ci[1]:.3f}" in out
 
 
 def test_all_skips_finished_stages(run: tuple[Path, Path, str]) -> None:
@@ -93,7 +98,7 @@ from launcher.engine import ds_config
 from launcher.train import load_recipes
 from llm.model import hidden_size, load_base
 from pipeline.config import load_config
-cfg = load_config("configs/ml-100k.yaml")
+cfg = load_config("configs/ml-100k.yaml", ["deepspeed.zero_stage=3"])
 d = setup(cfg.deepspeed)
 if sys.argv[1] == "recipes-first":
     load_recipes(("lora", "collab"))

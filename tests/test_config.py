@@ -61,7 +61,7 @@ def test_unsupported_encoding_is_named() -> None:
 
 def test_command_line_overrides_set_nested_keys_and_name_bad_ones() -> None:
     cfg = load_config(CONFIGS / "collm-ml-1m.yaml", ["collab.align.weight=0", "collab.sharding=row_wise"])
-    assert cfg.collab.align.weight == 0 and cfg.collab.sharding == "row_wise" and cfg.lora.max_steps == 40
+    assert cfg.collab.align.weight == 0 and cfg.collab.sharding == "row_wise" and cfg.lora.max_steps == 128
     with pytest.raises(ConfigError, match=r"collab\.align\.weight: .*got 'heavy'"):
         load_config(CONFIGS / "collm-ml-1m.yaml", ["collab.align.weight=heavy"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):

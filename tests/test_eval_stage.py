@@ -27,7 +27,7 @@ def test_eval_writes_scores_metrics_and_curves(ml100k_out: Path, tmp_path: Path)
     run = tmp_path / "run"
     tiny_adapter(run, LLM)
     cfg = write_config(tmp_path / "eval.yaml", data_dir=str(ml100k_out), run_dir=str(run), llm=LLM,
-                       eval={"rows": 30, "batch": 8, "model": "lora"})
+                       eval={"rows": 30, "batch": 8, "model": "lora", "baselines": []})
     finish(launch(cfg, "eval", 2))
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     for split in ("valid", "test"):
@@ -49,7 +49,7 @@ def test_eval_writes_scores_metrics_and_curves(ml100k_out: Path, tmp_path: Path)
 def test_popularity_scores_are_train_positive_rates(ml100k_out: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "pop.yaml", data_dir=str(ml100k_out), run_dir=str(run), llm=LLM,
-                       eval={"rows": 200, "model": "popularity"})
+                       eval={"rows": 200, "model": "popularity", "baselines": []})
     finish(launch(cfg, "eval", 1))
     rows = pd.read_parquet(ml100k_out / "tables" / "interactions", columns=["item_id", "label", "split"])
     train = rows[rows.split == "train"]

@@ -68,7 +68,7 @@ def test_stage3_fits_labels_only_the_collab_tokens_carry(data: Path, tmp_path: P
     tiny_adapter(run, LLM)
     tiny_collab(run / COLLAB_FILE, data, 16, 64, 32)
     cfg = write_config(tmp_path / "sella.yaml", data_dir=str(data), run_dir=str(run), llm=LLM,
-                       collab={"dim": 16, "proj_hidden": 32}, eval={"batch": 16},
+                       collab={"dim": 16, "proj_hidden": 32}, eval={"batch": 16, "baselines": []},
                        sella=STEPS | {"projector_init": "random"})
     finish(launch(cfg, "sella", 2))
     assert train_auc(cfg, run, "sella") >= 0.95
@@ -76,7 +76,8 @@ def test_stage3_fits_labels_only_the_collab_tokens_carry(data: Path, tmp_path: P
 
 def test_without_collab_tokens_the_same_budget_cannot_fit_them(data: Path, tmp_path: Path) -> None:
     run = tmp_path / "text"
-    cfg = write_config(tmp_path / "text.yaml", data_dir=str(data), run_dir=str(run), llm=LLM, eval={"batch": 16},
+    cfg = write_config(tmp_path / "text.yaml", data_dir=str(data), run_dir=str(run), llm=LLM,
+                       eval={"batch": 16, "baselines": []},
                        lora=STEPS | {"r": 8})
     finish(launch(cfg, "lora", 2))
     assert train_auc(cfg, run, "lora") < 0.7
