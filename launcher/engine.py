@@ -60,6 +60,11 @@ def cosine_schedule(tc: TrainConfig, total_steps: int) -> Callable[[torch.optim.
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def out_of_time(tc: TrainConfig, train_seconds: float) -> bool:
+    """Whether the `max_minutes` budget is spent (train_seconds is the same on every rank: a max over ranks)."""
+    return tc.max_minutes is not None and train_seconds >= 60 * tc.max_minutes
+
+
 def planned_steps(tc: TrainConfig, train_rows: int, world: int) -> int:
     """Optimizer steps allowed by the first budget to run out: epochs, max_samples, max_steps."""
     per_step = tc.micro_batch * tc.grad_accum * world

@@ -21,7 +21,7 @@ from launcher import checkpoint
 from launcher.artifacts import ADAPTER
 from launcher.data import eval_samples, train_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
-from launcher.engine import cosine_schedule, ds_config, engine_step, planned_steps
+from launcher.engine import cosine_schedule, ds_config, engine_step, out_of_time, planned_steps
 from launcher.metrics import curve_point, format_report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
 from launcher.validate import gather_report, score
@@ -91,6 +91,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     engine.train()
     answer_only = tc.loss == "answer"
     window_time, tokens, losses = 0.0, 0.0, []
+    stop = total
     for step in range(start + 1, total + 1):
         t0 = time.time()
         for _ in range(tc.grad_accum):
@@ -100,32 +101,37 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
             grad_norm = engine_step(engine, trainable)
             losses.append(loss.item())
             tokens += float(batch["attention_mask"].sum())
-        window_time += time.time() - t0
-        if step % tc.log_every == 0 or step == total:
-            all_tokens, elapsed = sum_over_ranks(tokens), max_over_ranks(window_time)
-            state["seconds"] += elapsed
+        elapsed = max_over_ranks(time.time() - t0)
+        state["seconds"] += elapsed
+        window_time += elapsed
+        if out_of_time(tc, state["seconds"]):
+            stop = step
+        if step % tc.log_every == 0 or step == stop:
+            all_tokens = sum_over_ranks(tokens)
             state["tokens"] += all_tokens
             logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / d.world, "lr": engine.get_lr()[0],
-                    "grad_norm": grad_norm, "tokens_per_s": all_tokens / elapsed}
+                    "grad_norm": grad_norm, "tokens_per_s": all_tokens / window_time}
             monitor.scalars(step, logs, "train/")
             monitor.step({"loss": f"{logs['loss']:.4f}", "tok/s": f"{logs['tokens_per_s']:.0f}"})
             window_time, tokens, losses = 0.0, 0.0, []
         else:
             monitor.step({})
-        if tc.eval_every and step % tc.eval_every == 0 and step != total:
+        if step == stop:
+            break
+        if tc.eval_every and step % tc.eval_every == 0:
             validate(step)
-        if step % tc.save_every == 0 and step != total:
+        if step % tc.save_every == 0:
             checkpoint.save(engine, out / "ckpt", step, {k: state[k] for k in ("zero_shot", "curve", "seconds", "tokens")},
                             tc.keep_checkpoints)
-    metrics = validate(total)
+    metrics = validate(stop)
     save_adapter(engine.module, tokenizer, run_dir / ADAPTER, cfg.deepspeed.zero_stage == 3, d)
     memory = gather(peak_memory_mb())
-    summary = {"stage": STAGE, "steps": total, "resumed_from": start, "world": d.world,
+    summary = {"stage": STAGE, "steps": stop, "planned_steps": total, "resumed_from": start, "world": d.world,
                "zero_stage": cfg.deepspeed.zero_stage, "loss": tc.loss, "valid": metrics,
-               "zero_shot_valid": state["zero_shot"], "curve": state["curve"], "train_prompts": total * per_step,
+               "zero_shot_valid": state["zero_shot"], "curve": state["curve"], "train_prompts": stop * per_step,
                "train_tokens": state["tokens"], "train_seconds": state["seconds"],
                "tokens_per_s": state["tokens"] / state["seconds"] if state["seconds"] else None,
-               "samples_per_s": total * per_step / state["seconds"] if state["seconds"] else None,
+               "samples_per_s": stop * per_step / state["seconds"] if state["seconds"] else None,
                "memory_per_rank": memory}
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

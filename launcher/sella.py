@@ -45,7 +45,7 @@ from launcher import checkpoint
 from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find
 from launcher.data import SampleIndex, eval_samples, global_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
-from launcher.engine import cosine_schedule, ds_config, engine_step, planned_steps
+from launcher.engine import cosine_schedule, ds_config, engine_step, out_of_time, planned_steps
 from launcher.lora import save_adapter
 from launcher.metrics import curve_point, format_report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
@@ -205,6 +205,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     engine.train()
     losses: list[float] = []
     norms: list[dict[str, float]] = []
+    stop = total
     for step in range(start + 1, total + 1):
         t0 = time.time()
         lr = engine.get_lr()[0]  # this step's lr, before the engine's scheduler moves on
@@ -225,7 +226,9 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
             norms.append(engine.module.injected_norms)
         table_norm = step_tables(table_opt, table_params, lr, sc.grad_clip) if table_opt is not None else None
         state["seconds"] += max_over_ranks(time.time() - t0)
-        if step % sc.log_every == 0 or step == total:
+        if out_of_time(sc, state["seconds"]):
+            stop = step
+        if step % sc.log_every == 0 or step == stop:
             logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / d.world, "lr": lr, "grad_norm": grad_norm,
                     "samples_per_s": step * per_step / state["seconds"]}
             if table_norm is not None:
@@ -237,10 +240,12 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
             losses, norms = [], []
         else:
             monitor.step({})
-        if (sc.eval_every and step % sc.eval_every == 0) or step == total:
+        if (sc.eval_every and step % sc.eval_every == 0) or step == stop:
             validate(step)
-        if (sc.eval_every and step % sc.eval_every == 0) or step % sc.save_every == 0 or step == total:
+        if (sc.eval_every and step % sc.eval_every == 0) or step % sc.save_every == 0 or step == stop:
             checkpoint.save(both, out / "ckpt", step, {k: state[k] for k in CARRIED}, sc.keep_checkpoints)
+        if step == stop:
+            break
 
     tables_best, dense_best = best["state"]
     restore(dmp, tables_best)
@@ -257,15 +262,16 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         save_tensors(run_dir / SELLA_PROJECTOR, proj, meta)
     if sc.train_lora:
         save_adapter(engine.module.llm, tokenizer, run_dir / SELLA_ADAPTER, zero3, d)
-    summary = {"stage": STAGE, "steps": total, "resumed_from": start, "best_step": state["best_step"],
+    summary = {"stage": STAGE, "steps": stop, "planned_steps": total, "resumed_from": start,
+               "best_step": state["best_step"],
                "world": d.world, "zero_stage": cfg.deepspeed.zero_stage, "sharding": sharding,
                "table_optimizer": TABLE_OPTIMIZER[adamw_tables].format(sc.table_optimizer), "loss": sc.loss,
                "lr": sc.lr, "inject_norm": sc.inject_norm, "token_embedding_rms": model.token_rms,
-               "train_prompts": total * per_step, "warm_token": warm, "train_lora": sc.train_lora,
+               "train_prompts": stop * per_step, "warm_token": warm, "train_lora": sc.train_lora,
                "projector_init": sc.projector_init,
                "collab": str(collab_path), "valid": state["best_valid"], "curve": state["curve"],
                "train_seconds": state["seconds"],
-               "samples_per_s": total * per_step / state["seconds"] if state["seconds"] else None,
+               "samples_per_s": stop * per_step / state["seconds"] if state["seconds"] else None,
                "memory_per_rank": gather(peak_memory_mb())}
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -208,6 +208,8 @@ class TrainConfig(_Strict):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=0, description="optimizer steps; the budget that ends first wins")
     max_samples: int | None = Field(None, ge=1, description="training samples over all ranks")
+    max_minutes: float | None = Field(None, gt=0, description="stop after this much training time (start-up and "
+                                      "validation not counted); the lr schedule is planned on the other budgets")
     eval_every: int = Field(50, ge=0, description="validate every N steps (0: only at the end)")
     eval_rows: int | None = Field(512, ge=1, description="valid rows used for validation; null = all")
     eval_batch: int = Field(8, ge=1)
@@ -391,7 +393,8 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A YAML mapping; a top-level `base: other.yaml` (relative to the file) is read first and overlaid."""
+    """A YAML mapping; a top-level `base: other.yaml` (relative to the file), or a list of them merged in order,
+    is read first and overlaid by the file's own keys."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     if path.resolve() in seen:
@@ -402,8 +405,11 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    base = data.pop("base", None)
-    return merge(_read(path.parent / base, (*seen, path.resolve())), data) if base else data
+    bases = data.pop("base", None) or []
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = merge(merged, _read(path.parent / base, (*seen, path.resolve())))
+    return merge(merged, data)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

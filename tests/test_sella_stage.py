@@ -7,6 +7,9 @@ row-wise Adagrad on row_wise-sharded tables under ZeRO-3."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.testing import assert_close
 
 from launcher.artifacts import COLLAB_FILE, SELLA_PROJECTOR, SELLA_TABLES
-from tests.launch import finish, launch, tiny_adapter, tiny_collab, write_config
+from tests.conftest import REPO
+from tests.launch import finish, free_port, launch, tiny_adapter, tiny_collab, write_config
 
 LLM = {"model": "tiny", "max_length": 160}
 COLLAB = {"dim": 16, "proj_hidden": 32, "sharding": "row_wise"}
@@ -101,6 +105,31 @@ def test_two_ranks_match_one_rank(runs: dict[str, Path]) -> None:
     s1, s2 = (json.loads((runs[n] / "sella" / "summary.json").read_text()) for n in ("one", "two"))
     assert s1["best_step"] == s2["best_step"] in (0, 2, 4)
     assert s1["valid"]["overall"]["auc"] == pytest.approx(s2["valid"]["overall"]["auc"], abs=1e-6)
+
+
+def test_two_nodes_match_one_node_with_two_ranks(runs: dict[str, Path], ml100k_out: Path, tmp_path: Path) -> None:
+    """A real two-node launch: `deepspeed --hostfile` listing two hosts (loopback addresses, one slot each),
+    started once per node with `--no_ssh --node_rank 0/1`. ZeRO auto picks 3 across hosts; the model equals
+    the one node's with 2 ranks (ZeRO auto = 0 there)."""
+    cfg = prepare(tmp_path / "nodes", ml100k_out, tmp_path / "nodes.yaml", micro_batch=2)
+    hostfile = tmp_path / "hostfile-nodes"
+    hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    port = str(free_port())
+    nodes = [subprocess.Popen(
+        [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(n),
+         "--master_addr", "127.0.0.1", "--master_port", port, str(REPO / "launcher" / "train.py"), "--config", str(cfg),
+         "--stage", "sella"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True) for n in (0, 1)]
+    for node in nodes:
+        finish(node)
+    summary = json.loads((tmp_path / "nodes" / "sella" / "summary.json").read_text())
+    two = json.loads((runs["two"] / "sella" / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["zero_stage"] == 3 and two["zero_stage"] == 0
+    assert summary["best_step"] == two["best_step"]
+    for rel in (SELLA_TABLES, SELLA_PROJECTOR):
+        nodes_out, one_node = load_file(tmp_path / "nodes" / rel), load_file(runs["two"] / rel)
+        for key in one_node:
+            assert_close(nodes_out[key], one_node[key], rtol=1e-4, atol=1e-4)
 
 
 def test_eval_of_the_exported_model_reproduces_the_selected_valid_auc(runs: dict[str, Path]) -> None:

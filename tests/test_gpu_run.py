@@ -1,0 +1,75 @@
+"""The GPU run's script path on CPU: `make gpu-payload`'s builder, then scripts/gpu/run.sh --dry-run (the tiny model,
+2 gloo ranks) unpacking those parts, checking the table kernel and running every comparison row, so that the
+one-command GPU run cannot rot between the sessions that have a GPU host."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, SHARED_DATA
+
+KIT = SHARED_DATA.parent / "gpu-host"
+ROWS = ["sella", "text-only", "popularity", "mf", "collm-like", "sella-no-warm"]
+
+
+@pytest.fixture(scope="module")
+def payload(ml100k_out: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The parts for ML-100K's prep output, with the real kit when ../shared/gpu-host is there."""
+    out = tmp_path_factory.mktemp("gpu") / "payload"
+    kit = ["--kit", str(KIT)] if KIT.is_dir() else ["--no-kit"]
+    proc = subprocess.run([sys.executable, "scripts/gpu/payload.py", "build", "--out", str(out), "--data",
+                           str(ml100k_out), *kit], cwd=REPO, capture_output=True, text=True, check=True)
+    return out, proc.stdout
+
+
+def test_payload_parts_fit_one_transfer_each(payload: tuple[Path, str]) -> None:
+    out, printed = payload
+    manifest = json.loads((out / "part-1" / "MANIFEST.json").read_text())
+    parts = sorted(out.glob("part-*"))
+    assert len(parts) >= 2 and all(f"{p.name}:" in printed for p in parts)
+    tracked = sum((REPO / f).stat().st_size for f in subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split() if (REPO / f).is_file())
+    for part in parts:
+        assert sum(f.stat().st_size for f in part.iterdir()) + tracked < 60 * 2**20, part.name
+    pieces = [e for e in manifest["files"] if e["joins"] == manifest["model"]]
+    assert len(pieces) >= 2 and manifest["data"] == ["data-ml-100k.tar.xz"]
+    assert manifest["kit"] is KIT.is_dir()
+
+
+def test_dry_run_runs_every_row_from_the_parts(payload: tuple[Path, str], tmp_path: Path) -> None:
+    out, _ = payload
+    results = tmp_path / "results"
+    proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--dry-run", "--data-name", "ml-100k", "--payload", str(out),
+                           "--target", str(tmp_path / "target"), "--results", str(results)],
+                          cwd=REPO, capture_output=True, text=True, check=False, env={
+                              **os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "match the reference" in (results / "check.txt").read_text()
+    timing = [line.split("\t") for line in (results / "timing.tsv").read_text().splitlines()[1:]]
+    assert [row for row, *_ in timing] == ["sella", "text-only", "popularity", "mf", "mf", "collm-like", "collm-like",
+                                           "sella-no-warm", "sella-no-warm"]
+    assert all(status == "ok" for *_, status in timing)
+    table = (results / "table.md").read_text().splitlines()
+    assert len(table) == 2 + len(ROWS) and all("| 24 |" in line for line in table[2:])
+    with tarfile.open(results / "results.tar.gz") as tar:
+        names = tar.getnames()
+    assert "runs/gpu/collm-ml-1m/eval/metrics.json" in names and "runs/gpu/collm-ml-1m/sella/summary.json" in names
+    assert any(n.startswith("runs/gpu/collm-ml-1m/tb/sella/events.") for n in names)
+    assert not any(n.endswith(".safetensors") or "/ckpt/" in n for n in names)
+
+
+def test_a_damaged_part_is_named(payload: tuple[Path, str], tmp_path: Path) -> None:
+    out, _ = payload
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(out), str(broken)], check=True)
+    piece = next(broken.glob("part-*/*.gguf.*"))
+    piece.write_bytes(piece.read_bytes()[:-1])
+    proc = subprocess.run([sys.executable, "scripts/gpu/payload.py", "unpack", "--payload", str(broken), "--target",
+                           str(tmp_path / "t"), "--no-install"], cwd=REPO, capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and f"{piece} is missing or damaged" in proc.stderr and piece.parent.name in proc.stderr
