@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)
 SUBMIT := spark-submit --driver-memory 4g
 DEEPSPEED := deepspeed --hostfile scripts/hostfile.local --no_ssh_check --master_addr 127.0.0.1
 
-.PHONY: setup demo test prep-ml1m prep-collm lora-collm collab-collm results-collm bench-prep bench-llm bench-collab clean
+.PHONY: setup demo test prep-ml1m prep-collm lora-collm collab-collm results-collm gpu-payload bench-prep bench-llm bench-sella bench-collab clean
 
 setup:                      ## create .venv with the pinned stack and fetch the embedded default assets
 	scripts/setup.sh $(TARGET)
@@ -44,11 +44,19 @@ results-collm: setup        ## every comparison row on CoLLM's ML-1M splits, the
 	python scripts/results_table.py $(addprefix configs/comparison/,$(addsuffix .yaml,$(ROWS))) --write docs/results.md \
 	    --figure docs/figures/comparison.png
 
+gpu-payload: setup         ## the parts to carry to the offline GPU host, printed in sending order (then scripts/gpu/run.sh there)
+	test -f out/collm-ml-1m/manifest.json || $(SUBMIT) pipeline/prep.py --config configs/collm-ml-1m.yaml --overwrite
+	test -f out/ml-100k/manifest.json || $(SUBMIT) pipeline/prep.py --config configs/ml-100k.yaml --output out/ml-100k --overwrite
+	python scripts/gpu/payload.py build
+
 bench-prep: setup           ## pipeline benchmark vs pandas (see docs/benchmarks.md)
 	python bench/prep.py
 
 bench-llm: setup            ## stage-1 tokens/s vs HF Trainer + PEFT, memory ZeRO-3 vs ZeRO-0 (after prep-collm)
 	python bench/llm_train.py
+
+bench-sella: setup          ## stage-3 and eval prompts/s: the old settings against ZeRO auto, the authors' recipe, 3 titles (after prep-collm)
+	python bench/sella.py
 
 bench-collab: setup         ## stage-2b samples/s vs plain PyTorch MF, memory per rank 1 vs 2 ranks
 	python bench/collab.py

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SIZES = {"ml-1m": (6040, 3706), "1m-x-200k": (1_000_000, 200_000)}
+CUDA = torch.cuda.is_available()  # on a GPU host every run uses the GPUs (NCCL); 2-rank runs need 2 GPUs
 DIM, BATCH, L2 = 256, 1024, 0.03
 
 
@@ -54,17 +55,25 @@ def loss_fn(e_u: torch.Tensor, e_i: torch.Tensor, y: torch.Tensor, n: int) -> to
 def plain(users: int, items: int, steps: int, warmup: int, sparse: bool = False) -> dict:
     """nn.Embedding tables and torch.optim.Adam over all parameters (SparseAdam on the looked-up rows with
     `sparse`), one process."""
-    user, item = nn.Embedding(users + 1, DIM, sparse=sparse), nn.Embedding(items + 1, DIM, sparse=sparse)
+    device = torch.device("cuda" if CUDA else "cpu")
+    user, item = (nn.Embedding(n + 1, DIM, sparse=sparse, device=device) for n in (users, items))
     params = [*user.parameters(), *item.parameters()]
     opt = torch.optim.SparseAdam(params, lr=1e-2) if sparse else torch.optim.Adam(params, lr=1e-2)
     start = 0.0
     for step, (u, i, y) in enumerate(batches(users, items, warmup + steps)):
         if step == warmup:
+            sync()
             start = time.perf_counter()
         opt.zero_grad()
-        loss_fn(user(u), item(i), y, BATCH).backward()
+        loss_fn(user(u.to(device)), item(i.to(device)), y.to(device), BATCH).backward()
         opt.step()
+    sync()
     return {"seconds": time.perf_counter() - start}
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
 
 
 def sharded(users: int, items: int, steps: int, warmup: int, sharding: str) -> dict:
@@ -75,11 +84,14 @@ def sharded(users: int, items: int, steps: int, warmup: int, sharding: str) -> d
     from embeddings.sharding import attach_optimizers, shard
     from embeddings.tables import init_normal, local_shards
 
-    dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if CUDA else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if CUDA else torch.device("cpu")
+    if CUDA:
+        torch.cuda.set_device(device)
     model = Collab(users, items, DIM)
     attach_optimizers(model.tables, {USER: 0.05, ITEM: 0.05}, "rowwise_adagrad")
-    dmp = shard(model, sharding, torch.device("cpu"))
+    dmp = shard(model, sharding, device)
     for s in local_shards(dmp):
         init_normal(s, 0, 0.1)
     start = 0.0
@@ -88,8 +100,8 @@ def sharded(users: int, items: int, steps: int, warmup: int, sharding: str) -> d
             dist.barrier()
             start = time.perf_counter()
         part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-        rows = dmp(ids_kjt({USER: u[part], ITEM: i[part]}))
-        loss_fn(rows[USER], rows[ITEM], y[part], BATCH).backward()
+        rows = dmp(ids_kjt({USER: u[part].to(device), ITEM: i[part].to(device)}))
+        loss_fn(rows[USER], rows[ITEM], y[part].to(device), BATCH).backward()
     dist.barrier()
     seconds = time.perf_counter() - start
     dist.destroy_process_group()
@@ -146,9 +158,12 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    report = {"dim": DIM, "batch": BATCH, "threads": args.threads, "sizes": {}}
-    runs = [("plain", "plain", 1), ("plain-sparse", "plain-sparse", 1), ("torchrec-1", "table_wise", 1), ("table_wise-2", "table_wise", 2),
-            ("row_wise-2", "row_wise", 2)]
+    gpus = torch.cuda.device_count()
+    report = {"dim": DIM, "batch": BATCH, "threads": args.threads, "sizes": {},
+              "device": torch.cuda.get_device_name(0) if gpus else "cpu"}
+    runs = [("plain", "plain", 1), ("plain-sparse", "plain-sparse", 1), ("torchrec-1", "table_wise", 1),
+            ("table_wise-2", "table_wise", 2), ("row_wise-2", "row_wise", 2)]
+    runs = [r for r in runs if not gpus or r[2] <= gpus]  # on a GPU host, one rank per GPU
     tmp = Path(tempfile.mkdtemp(prefix="bench-collab-"))
     for size in args.sizes:
         res = {}

@@ -29,6 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config, parse_config
 
+GPUS = __import__("torch").cuda.device_count()  # on a GPU host: one rank per GPU, bf16 + NCCL on both sides
+
 
 def _port() -> int:
     with socket.socket() as s:
@@ -40,9 +42,13 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def overrides(args: argparse.Namespace) -> list[str]:
+    return [f"llm.model={args.model}"] if args.model else []
+
+
 def run_ours(args: argparse.Namespace, zero_stage: int, tmp: Path) -> dict:
     """launcher/train.py under the deepspeed launcher with a localhost hostfile."""
-    base = load_config(args.config).model_dump(mode="json")
+    base = load_config(args.config, overrides(args)).model_dump(mode="json")
     base["run_dir"] = str(tmp / f"ours-zero{zero_stage}")
     base["deepspeed"]["zero_stage"] = zero_stage
     base["lora"].update(max_steps=args.steps, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
@@ -55,7 +61,9 @@ def run_ours(args: argparse.Namespace, zero_stage: int, tmp: Path) -> dict:
            "--master_port", str(_port()), str(REPO / "launcher" / "train.py"), "--config", str(cfg_path),
            "--stage", "lora", "--data", args.data]
     t0 = time.time()
-    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    if GPUS:
+        cmd[1:3] = ["--num_gpus", str(args.ranks)]  # the GPUs of this host, no hostfile
+    subprocess.run(cmd, cwd=REPO, check=True, env=os.environ if GPUS else {**os.environ, "DS_ACCELERATOR": "cpu"})
     summary = json.loads((tmp / f"ours-zero{zero_stage}" / "lora" / "summary.json").read_text())
     return {"tokens_per_s": summary["tokens_per_s"], "train_tokens": summary["train_tokens"],
             "train_seconds": summary["train_seconds"], "wall_seconds": time.time() - t0,
@@ -66,6 +74,7 @@ def run_hf(args: argparse.Namespace, tmp: Path) -> dict:
     out = tmp / "hf.json"
     cmd = [_bin("torchrun"), "--nproc_per_node", str(args.ranks), "--master_addr", "127.0.0.1",
            "--master_port", str(_port()), __file__, "--hf-worker", str(out), "--config", args.config,
+           *(["--model", args.model] if args.model else []),
            "--data", args.data, "--steps", str(args.steps), "--micro-batch", str(args.micro_batch),
            "--grad-accum", str(args.grad_accum)]
     t0 = time.time()
@@ -89,7 +98,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     from llm.scorer import IGNORE
     from pipeline.schema import shard_urls
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, overrides(args))
     lc, tc = cfg.llm, cfg.lora
     torch.manual_seed(tc.seed)
     model, tokenizer = load_base(lc)
@@ -127,7 +136,8 @@ def hf_worker(args: argparse.Namespace) -> None:
                               per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=args.grad_accum,
                               learning_rate=tc.lr, lr_scheduler_type="cosine", warmup_steps=tc.warmup_steps,
                               adam_beta2=tc.betas[1], max_grad_norm=tc.grad_clip, save_strategy="no",
-                              report_to=[], logging_steps=1, use_cpu=True, ddp_backend="gloo",
+                              report_to=[], logging_steps=1, use_cpu=not GPUS, ddp_backend="nccl" if GPUS else "gloo",
+                              bf16=bool(GPUS),
                               dataloader_num_workers=0, remove_unused_columns=False, seed=tc.seed)
     Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[StepTimer()]).train()
     mine = {"tokens": counted["tokens"], "seconds": counted["seconds"],
@@ -148,7 +158,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--ranks", type=int, default=GPUS or 2)
+    p.add_argument("--model", help="llm.model for both sides (default: the config's), e.g. a .gguf file")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "llm_train.json"))
     p.add_argument("--hf-worker", help=argparse.SUPPRESS)
     args = p.parse_args()

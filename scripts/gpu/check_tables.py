@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         problems = check(args.device)
-    except Exception as err:  # a missing or unloadable kernel surfaces as any error; report it and fail the check
+    except Exception as err:  # noqa: BLE001 (a missing or unloadable kernel surfaces as any error: report, fail)
         problems = [f"{type(err).__name__}: {err}"]
     if problems:
         print(f"table kernel check on {args.device}: FAILED\n  " + "\n  ".join(problems[:10]), file=sys.stderr)

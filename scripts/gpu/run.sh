@@ -4,6 +4,7 @@
 #   make gpu-payload                      # here: the parts to carry (.gpu-payload/part-N), sent back to back
 #   scripts/gpu/run.sh --results "$OUT"   # there, in the repository copy, after the last part arrived
 #   scripts/gpu/run.sh --dry-run --data-name ml-100k --results DIR   # the same path on CPU: tiny model, gloo
+#   scripts/gpu/run.sh --bench ...        # then bench/llm_train.py and bench/collab.py (each with its baseline)
 #
 # Steps: (1) check the parts against their manifest, join the model, unpack the prep output and install the kit
 # (scripts/gpu/payload.py unpack); (2) check FBGEMM's CUDA table kernels against a reference on a few fused
@@ -11,11 +12,13 @@
 # the timing table says so; (3) the rows of configs/gpu/comparison/ in priority order (SeLLa-Rec by --stage
 # all, then text-only, popularity, MF, CoLLM-like, SeLLa-Rec without <Warm_ID>), skipping a row whose estimate
 # does not fit the --minutes left; (4) the results folder: timing.tsv, table.md (scripts/results_table.py),
-# results.tar.gz (every summary, metrics.json, per-row scores and TensorBoard events) and run.log.
+# results.tar.gz (every summary, metrics.json, per-row scores and TensorBoard events) and run.log; with
+# --bench, llm_train.json and collab.json of the two benchmarks when the time left allows.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
 PAYLOAD=$REPO/.gpu-payload TARGET=/tmp/sellarec RESULTS=${OUT:-$REPO/results/gpu} MINUTES=9 DRY=0 DATA_NAME=collm-ml-1m
+BENCH=0
 while [ $# -gt 0 ]; do
   case $1 in
     --payload) PAYLOAD=$(realpath "$2"); shift 2;;
@@ -24,6 +27,7 @@ while [ $# -gt 0 ]; do
     --minutes) MINUTES=$2; shift 2;;
     --data-name) DATA_NAME=$2; shift 2;;
     --dry-run) DRY=1; shift;;
+    --bench) BENCH=1; shift;;
     -h|--help) sed -n 2,16p "$0"; exit 0;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
@@ -101,6 +105,17 @@ for entry in "${ROWS[@]}"; do
     launch $row "$config" $stage || { say "$row: --stage $stage failed, the row stops here"; break; }
   done
 done
+
+if [ $BENCH = 1 ] && [ $DRY = 0 ]; then
+  if [ $(( $(minutes) + 3 )) -le "$MINUTES" ]; then
+    say "bench/llm_train.py (stage-1 tokens/s against HF Trainer + PEFT, same run)"
+    $PY bench/llm_train.py --data "$DATA" --model "${SETS[0]#llm.model=}" --out "$RESULTS/llm_train.json" || say "failed"
+  else skip bench-llm "$(( MINUTES - $(minutes) )) min left"; fi
+  if [ $(( $(minutes) + 2 )) -le "$MINUTES" ] && [ $TABLES = 1 ]; then
+    say "bench/collab.py (TorchRec tables against plain PyTorch MF, same run)"
+    $PY bench/collab.py --out "$RESULTS/collab.json" || say "failed"
+  else skip bench-collab "$(( MINUTES - $(minutes) )) min left or no table kernels"; fi
+fi
 
 say "collecting results"
 (cd "$WORK" && $PY "$REPO/scripts/results_table.py" $(printf "$REPO/configs/gpu/comparison/%s.yaml " \
