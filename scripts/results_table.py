@@ -3,10 +3,13 @@ bootstrap interval of the overall AUC (stage eval's, or from the per-row scores)
 them (method.md: CoLLM paper, Vicuna-7B, same ML-1M splits).
 
     python scripts/results_table.py configs/comparison/*.yaml [--write docs/results.md] [--figure F.png]
+        [--json F.json] [--curves F.png] [--stages]
 
 With --write, the table replaces the block between the comparison markers of that file (appended when the
 file has none); it is printed either way. --figure draws test AUC overall / warm / cold per row with their
-95% bootstrap intervals.
+95% bootstrap intervals; --json writes one record per row (test metrics, and the prompts and seconds of the
+stage that trained it); --curves draws valid AUC against training prompts for the rows that have a curve;
+--stages prints the training stages of each row (prompts, seconds, prompts/s, tokens/s, peak memory).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launcher.artifacts import DONE, EVAL_SCORES
+from launcher.artifacts import DONE, EVAL_SCORES, lookup
 from launcher.metrics import GROUPS, add_intervals, pair
 from pipeline.config import load_config
 
@@ -38,6 +41,39 @@ ROWS = {  # config stem -> (row label, published ML-1M AUC / UAUC of the closest
 def run_dir(config: Path) -> Path:
     cfg = load_config(config)
     return Path(cfg.run_dir or f"runs/{cfg.name}")
+
+
+TRAINED_BY = {"lora": "lora", "sella": "sella", "mf": "collab", "popularity": None}  # eval.model -> its stage
+
+
+def training(config: Path) -> dict | None:
+    """The summary of the stage that trained the row's model (stage 1 for text-only, found through `upstream`
+    like every artifact), or None for popularity."""
+    cfg = load_config(config)
+    stage = TRAINED_BY[cfg.eval.model]
+    path = lookup(cfg, run_dir(config), DONE[stage]) if stage else None
+    return json.loads(path.read_text()) if path else None
+
+
+def prompts(summary: dict) -> int:
+    """Training samples a stage saw (the collab stage reports its rate and time only)."""
+    if "train_prompts" in summary:
+        return int(summary["train_prompts"])
+    return round(summary["samples_per_s"] * summary["train_seconds"])
+
+
+def record(config: Path) -> dict | None:
+    """One row of docs/results/*.json: test metrics with the AUC interval, and what its training cost."""
+    test = test_metrics(config)
+    if test is None:
+        return None
+    trained = training(config)
+    label = ROWS.get(config.stem, (config.stem,))[0].replace("`", "")
+    return {"name": label, "config": str(config), "test_rows": test["overall"]["rows"], "auc": test["overall"]["auc"],
+            "auc_ci": test["overall"]["auc_ci"], "uauc": test["overall"]["uauc"], "warm_auc": test["warm"]["auc"],
+            "cold_auc": test["cold"]["auc"], "trained_by": trained["stage"] if trained else None,
+            "train_prompts": prompts(trained) if trained else 0,
+            "train_seconds": trained["train_seconds"] if trained else 0.0}
 
 
 def test_metrics(config: Path) -> dict | None:
@@ -92,14 +128,64 @@ def figure(configs: list[Path], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def curves(configs: list[Path], path: Path) -> None:
+    """Valid AUC (fixed valid rows, overall) against training prompts, one line per row that has a curve."""
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    for k, config in enumerate(configs):
+        trained = training(config)
+        points = [p for p in (trained or {}).get("curve", []) if p["overall_auc"] is not None]
+        if points:
+            label = ROWS.get(config.stem, (config.stem,))[0].replace("`", "")
+            ax.plot([p["prompts"] for p in points], [p["overall_auc"] for p in points], "o-", color=f"C{k}",
+                    label=f"{label} ({trained['stage']})")
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="training prompts seen (stage 1 for text-only, stage 3 for the others)",
+           ylabel="valid AUC (fixed valid rows)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def stages(configs: list[Path]) -> str:
+    """Every training stage of each row's run (its own and its upstream's, once each): what it cost."""
+    lines = ["| run | stage | steps | train prompts | train seconds | prompts/s | tokens/s | peak memory per rank (MiB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    seen = set()
+    for config in configs:
+        cfg = load_config(config)
+        for stage in ("lora", "collab", "sella"):
+            path = lookup(cfg, run_dir(config), DONE[stage])
+            if path is None or path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            s = json.loads(path.read_text())
+            memory = ", ".join(f"{m.get('peak_gpu_mb', m['peak_rss_mb']):,.0f}" for m in s["memory_per_rank"])
+            tokens = f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "-"
+            lines.append(f"| `{path.parent.parent}` | {stage} | {s['steps']} | {prompts(s):,} | {s['train_seconds']:,.0f} | "
+                         f"{prompts(s) / s['train_seconds']:,.2f} | {tokens} | {memory} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+", type=Path, help="comparison configs, in row order")
     p.add_argument("--write", type=Path, help="Markdown file whose comparison block is replaced")
     p.add_argument("--figure", type=Path, help="PNG of test AUC per row and group with 95% intervals")
+    p.add_argument("--json", type=Path, help="JSON file of one record per row")
+    p.add_argument("--curves", type=Path, help="PNG of valid AUC against training prompts")
+    p.add_argument("--stages", action="store_true", help="also print the training stages of the rows")
     args = p.parse_args()
     text = table(args.configs)
     print(text)
+    if args.stages:
+        print("\n" + stages(args.configs))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": [r for r in map(record, args.configs) if r]}, indent=1))
+    if args.curves:
+        curves(args.configs, args.curves)
     if args.write:
         doc = args.write.read_text() if args.write.is_file() else ""
         block = f"{BEGIN}\n{text}\n{END}"

@@ -55,8 +55,10 @@ def test_dry_run_runs_every_row_from_the_parts(payload: tuple[Path, str], tmp_pa
     assert [row for row, *_ in timing] == ["sella", "text-only", "popularity", "mf", "mf", "collm-like", "collm-like",
                                            "sella-no-warm", "sella-no-warm"]
     assert all(status == "ok" for *_, status in timing)
-    table = (results / "table.md").read_text().splitlines()
-    assert len(table) == 2 + len(ROWS) and all("| 24 |" in line for line in table[2:])
+    table, stage_table = (results / "table.md").read_text().split("\n\n")
+    rows = table.splitlines()[2:]
+    assert len(rows) == len(ROWS) and all("| 24 |" in line for line in rows)
+    assert "| `runs/gpu/collm-ml-1m` | sella | 2 |" in stage_table and "| `runs/gpu/collm-ml-1m` | lora | 2 |" in stage_table
     with tarfile.open(results / "results.tar.gz") as tar:
         names = tar.getnames()
     assert "runs/gpu/collm-ml-1m/eval/metrics.json" in names and "runs/gpu/collm-ml-1m/sella/summary.json" in names

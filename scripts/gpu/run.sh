@@ -119,7 +119,7 @@ fi
 
 say "collecting results"
 (cd "$WORK" && $PY "$REPO/scripts/results_table.py" $(printf "$REPO/configs/gpu/comparison/%s.yaml " \
-    sella text-only popularity mf collm-like sella-no-warm) > "$RESULTS/table.md") || say "no results table"
+    sella text-only popularity mf collm-like sella-no-warm) --stages > "$RESULTS/table.md") || say "no results table"
 tar -czf "$RESULTS/results.tar.gz" -C "$WORK" --exclude='ckpt' --exclude='*.safetensors' --exclude='adapter' runs
 cat "$RESULTS/timing.tsv"
 say "done in $(minutes) min: $RESULTS"
