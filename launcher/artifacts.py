@@ -15,6 +15,7 @@ COLLAB_FILE = "collab/collab.safetensors"        # stage 2b: tables user/item/se
 SELLA_TABLES = "sella/collab.safetensors"        # stage 3: the tables after stage 3
 SELLA_PROJECTOR = "sella/projector.safetensors"  # stage 3: projectors A (a.*) and B (b.*)
 SELLA_ADAPTER = "sella/adapter"                  # stage 3 with sella.train_lora: the retrained adapter
+SELLA_EXPORT = "sella/export"                    # stage 3: the self-describing folder (launcher/export.py)
 EVAL_SCORES = "eval/scores-{split}.parquet"      # stage eval: per-row scores of one split
 DONE = {  # a stage is finished when this file exists
     "lora": "lora/summary.json",

@@ -26,11 +26,13 @@ import torch
 from safetensors.torch import load_file
 
 from embeddings.collab import ITEM, SEMANTIC, USER
+from launcher import export
 from launcher.artifacts import (
     COLLAB_FILE,
     DONE,
     EVAL_SCORES,
     SELLA_ADAPTER,
+    SELLA_EXPORT,
     SELLA_PROJECTOR,
     SELLA_TABLES,
     adapter_dir,
@@ -158,6 +160,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         summary["baselines"] = compared
     if d.main:
         (run_dir / DONE["eval"]).write_text(json.dumps(summary, indent=2))
+        if ec.model == "sella" and (run_dir / SELLA_EXPORT).is_dir():  # this run's own export: its card's metrics
+            export.card(run_dir / SELLA_EXPORT, cfg, results)
     monitor.close()
     return summary
 

@@ -41,7 +41,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from embeddings.collab import ITEM, SEMANTIC, USER, Collab, ids_kjt
 from embeddings.sharding import attach_optimizers, resolve, shard
 from embeddings.tables import RankState, gather_tables, init_from_file, local_shards, restore, save_tensors, snapshot
-from launcher import checkpoint
+from launcher import checkpoint, export
 from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find
 from launcher.data import SampleIndex, eval_samples, global_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
@@ -274,6 +274,9 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
                "samples_per_s": stop * per_step / state["seconds"] if state["seconds"] else None,
                "memory_per_rank": gather(peak_memory_mb())}
     if d.main:
+        export.write(cfg, data_dir, run_dir, tokenizer, run_dir / SELLA_ADAPTER if sc.train_lora else
+                     adapter_dir(cfg, run_dir), run_dir / SELLA_TABLES, run_dir / SELLA_PROJECTOR, warm, sc.inject_norm,
+                     model.token_rms, summary)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     monitor.close()
     del hf_zero3

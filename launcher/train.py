@@ -32,6 +32,7 @@ from types import ModuleType
 if __package__ in (None, ""):  # run as a script by a launcher: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from launcher import provenance
 from launcher.artifacts import DONE, SEMANTIC_FILE, done
 from launcher.metrics import results_table
 from pipeline.config import ConfigError, load_config
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true",
                    help="delete the stage's checkpoints, outputs and TensorBoard events first (with all: of every "
                         "stage); artifacts of an upstream run are never touched")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="continue a stage whose earlier run (checkpoints or finished artifacts) used settings that change "
+                        "its model; without it such a run stops and names the keys")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     return p.parse_args(argv)
 
@@ -96,12 +100,21 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     dist.barrier()
+    try:
+        changes = {stage: provenance.check(cfg, run_dir, stage, args.allow_config_change) for stage in stages}
+    except provenance.ConfigChanged as err:
+        if d.main:
+            print(f"error: {err}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 2
     recipes = load_recipes(stages)
     for stage in stages:
         if args.stage == "all" and done(cfg, run_dir, stage):
             if d.main:
                 print(f"[all] {stage}: finished artifacts found ({DONE[stage]}), skipped", flush=True)
             continue
+        if d.main:
+            provenance.record(cfg, run_dir, stage, d.world, changes[stage])
         summary = recipes[stage].run(cfg, data_dir, run_dir, d)
         if d.main:
             print(json.dumps(summary, indent=1) if args.stage != "all" else f"[all] {stage}: finished", flush=True)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -140,6 +141,89 @@ def test_eval_of_the_exported_model_reproduces_the_selected_valid_auc(runs: dict
     summary = json.loads((runs["two"] / "sella" / "summary.json").read_text())
     assert metrics["model"] == "sella" and metrics["valid"]["overall"]["rows"] == SELLA["eval_rows"]
     assert metrics["valid"]["overall"]["auc"] == pytest.approx(summary["valid"]["overall"]["auc"], abs=1e-6)
+
+
+def independent_scores(export: Path, data: Path, row_ids: list[int]) -> dict[int, float]:
+    """P(Yes) of the given rows from the export folder alone: plain transformers + peft + safetensors + json, the
+    samples read from the prep output's tar shards with tarfile; none of the project's modules."""
+    import tarfile as tar_module
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = json.loads((export / "prompt.json").read_text())
+    tok = AutoTokenizer.from_pretrained(export / "tokenizer")
+    base = AutoModelForCausalLM.from_pretrained(export / "base", dtype=torch.float32)
+    base.resize_token_embeddings(len(tok))
+    model = PeftModel.from_pretrained(base, str(export / "adapter")).eval()
+    tables, proj = load_file(export / "tables.safetensors"), load_file(export / "projector.safetensors")
+
+    def a(x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.nn.functional.gelu(torch.nn.functional.linear(x, proj["a.0.weight"], proj["a.0.bias"]))
+        return torch.nn.functional.linear(hidden, proj["a.2.weight"], proj["a.2.bias"])
+
+    samples = {}
+    for shard in sorted(data.glob("shards/*.tar")):
+        with tar_module.open(shard) as tar:
+            for member in tar:
+                sample = json.loads(tar.extractfile(member).read())
+                if sample["row_id"] in row_ids:
+                    samples[sample["row_id"]] = sample
+    out = {}
+    with torch.no_grad():
+        for row in row_ids:
+            sample = samples[row]
+            titles = sample["history_titles"][-spec["history_titles"]:]
+            while True:
+                user = spec["user"].format(titles=", ".join(f'"{t}"' for t in titles), title=f'"{sample["title"]}"')
+                text = tok.apply_chat_template([{"role": "system", "content": spec["system"]},
+                                                {"role": "user", "content": user}], tokenize=False,
+                                               add_generation_prompt=True)
+                ids = tok(text, add_special_tokens=False).input_ids
+                if len(ids) <= spec["max_length"] or not titles:
+                    break
+                titles = titles[1:]
+            ids = torch.tensor([ids])
+            emb = model.get_input_embeddings()(ids)
+            vectors = {"<User_ID>": a(tables["user"][sample["user_id"]]), "<Item_ID>": a(tables["item"][sample["item_id"]]),
+                       "<Warm_ID>": torch.nn.functional.linear(tables["semantic"][sample["item_id"]], proj["b.weight"],
+                                                               proj["b.bias"])}
+            for token, token_id in spec["special_tokens"].items():
+                emb[ids == token_id] = vectors[token]
+            logits = model(inputs_embeds=emb).logits[0, -1]
+            no_yes = [spec["answer"]["no_token_id"], spec["answer"]["yes_token_id"]]
+            out[row] = float(logits[no_yes].softmax(-1)[1])
+    return out
+
+
+def test_the_export_scores_anywhere(runs: dict[str, Path], ml100k_out: Path) -> None:
+    """An independent scorer written here, reading only the export folder (and the data), reproduces stage eval's
+    scores; the folder carries its model card, prompt description, id maps and config."""
+    export = runs["two"] / "sella" / "export"
+    scores = pd.read_parquet(runs["two"] / "eval" / "scores-valid.parquet")  # written by the eval test above
+    mine = independent_scores(export, ml100k_out, scores.row_id.tolist())
+    assert max(abs(mine[r] - s) for r, s in zip(scores.row_id, scores.score, strict=True)) < 1e-5
+    card = (export / "README.md").read_text()
+    assert "| valid | 24 |" in card and "Scoring with this folder alone" in card
+    assert {p.name for p in export.iterdir()} >= {"README.md", "prompt.json", "config.yaml", "tokenizer", "adapter",
+                                                  "projector.safetensors", "tables.safetensors", "ids", "base"}
+    assert json.loads((export / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "../base"
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(export / "tokenizer").padding_side == "left"
+    assert len(pd.read_parquet(export / "ids" / "items.parquet")) == len(pd.read_parquet(ml100k_out / "tables" / "items").dropna())
+
+
+def test_resuming_with_settings_that_change_the_model_stops_and_names_them(runs: dict[str, Path]) -> None:
+    cfg = runs["two"].parent / "two.yaml"
+    proc = launch(cfg, "sella", 2, "--set", "sella.lr=0.5", "--set", "llm.history_titles=5")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert "sella.lr: 0.001 -> 0.5" in out and "llm.history_titles: 3 -> 5" in out and "--allow-config-change" in out
+    recorded = runs["two"] / "sella"
+    provenance = json.loads((recorded / "provenance.json").read_text())
+    assert provenance["versions"]["torch"] and provenance["versions"]["deepspeed"] and provenance["code"]["commit"]
+    assert (recorded / "config.yaml").read_text().count("lr: 0.001") >= 1
 
 
 def test_collm_like_run_has_no_warm_token_and_keeps_plain_tables(runs: dict[str, Path]) -> None:

@@ -1,0 +1,119 @@
+"""What a run records about itself, and the guard against resuming it with other settings.
+
+Every stage writes into its folder of the run directory the config it ran with, resolved (after `base:` and
+`--set`, with `auto` values made concrete) as `config.yaml` (loadable again with --config), and
+`provenance.json`: the versions of the stack, the git commit of the code, the command line, the world size.
+
+A stage that finds its own earlier `config.yaml` (a resumed or a skipped, finished stage) compares the keys
+that shape its model: its data, the LLM and prompt settings, its own section, and for stage 3 the collab
+dimensions. Budget and bookkeeping keys (max_steps, eval_every, ...) may change, so a finished run can be
+continued to a larger budget; any other difference stops the job with the keys named, unless
+`--allow-config-change` (the new config is then recorded, with the changed keys in provenance.json).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import Config
+
+RUN_CONFIG = "config.yaml"
+PROVENANCE = "provenance.json"
+STACK = ("torch", "torchrec", "fbgemm-gpu", "fbgemm-gpu-cpu", "deepspeed", "transformers", "peft", "safetensors",
+         "pyspark", "numpy", "pydantic")
+# what shapes each stage's model: top-level keys and sections (budget keys inside them excepted)
+SHAPES = {
+    "lora": ("data_dir", "domain", "llm", "lora", "deepspeed.precision"),
+    "distill": ("data_dir", "upstream", "domain", "llm", "distill"),
+    "collab": ("data_dir", "upstream", "collab"),
+    "sella": ("data_dir", "upstream", "domain", "llm", "sella", "collab.dim", "collab.proj_hidden",
+              "collab.sharding", "deepspeed.precision"),
+    "eval": (),
+}
+BUDGET = {"max_steps", "epochs", "max_samples", "max_minutes", "eval_every", "eval_rows", "eval_batch", "save_every",
+          "keep_checkpoints", "log_every", "patience", "max_epochs", "projector_items", "align_eval_items",
+          "distill.batch", "distill.chunk_items"}  # leaf names in any section, or full keys
+
+
+class ConfigChanged(ValueError):
+    """A stage would continue from artifacts made with settings that shape its model differently."""
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out |= _flat(value, f"{prefix}.{key}" if prefix else key)
+    return out
+
+
+def shaping(config: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The flattened keys of `config` that shape `stage`'s model."""
+    flat = _flat(config)
+    keep = SHAPES[stage]
+    return {k: v for k, v in flat.items()
+            if any(k == s or k.startswith(s + ".") for s in keep) and k.rsplit(".", 1)[-1] not in BUDGET
+            and k not in BUDGET}
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], stage: str) -> list[str]:
+    a, b = shaping(old, stage), shaping(new, stage)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def git_commit(repo: Path) -> dict[str, Any]:
+    """HEAD of the repository the code runs from, and whether its tracked files differ from it."""
+    def git(*args: str) -> str | None:
+        proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=False)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in STACK:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def check(cfg: Config, run_dir: Path, stage: str, allow_change: bool) -> list[str]:
+    """Compare `cfg` with the config recorded by this stage's earlier run; the changed shaping keys (raises
+    ConfigChanged on any, unless `allow_change`)."""
+    recorded = run_dir / stage / RUN_CONFIG
+    if not recorded.is_file():
+        return []
+    old = yaml.safe_load(recorded.read_text())
+    changed = changed_keys(old, cfg.model_dump(mode="json"), stage)
+    if changed and not allow_change:
+        new = _flat(cfg.model_dump(mode="json"))
+        was = _flat(old)
+        detail = "; ".join(f"{k}: {was.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ConfigChanged(f"{recorded}: stage {stage} ran with other settings that change its model ({detail}). "
+                            "Start it over with --fresh, use another --run-dir, or continue anyway with "
+                            "--allow-config-change")
+    return changed
+
+
+def record(cfg: Config, run_dir: Path, stage: str, world: int, changed: list[str]) -> None:
+    """Write <run>/<stage>/config.yaml and provenance.json (rank 0 calls this)."""
+    folder = run_dir / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    repo = Path(__file__).resolve().parents[1]
+    (folder / PROVENANCE).write_text(json.dumps({
+        "stage": stage, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "world": world,
+        "code": git_commit(repo), "versions": versions(), "changed_on_resume": changed}, indent=2))
