@@ -35,8 +35,8 @@ def ds_config(ds: DeepSpeedConfig, tc: TrainConfig, d: Dist, hidden_size: int) -
     if ds.offload_param != "none":
         zero["offload_param"] = {"device": ds.offload_param}
     adam = {"lr": tc.lr, "betas": list(tc.betas), "weight_decay": tc.weight_decay}
-    if d.device.type == "cpu" and ds.offload_optimizer == "none":
-        adam["torch_adam"] = True  # DeepSpeed's fused kernels are CUDA-only or need a JIT build
+    if ds.offload_optimizer == "none":
+        adam["torch_adam"] = True  # torch's AdamW: DeepSpeed's FusedAdam would JIT-build for minutes on a fresh GPU host
     return {
         "train_micro_batch_size_per_gpu": tc.micro_batch,
         "gradient_accumulation_steps": tc.grad_accum,

@@ -1,34 +1,22 @@
-"""The one metrics module: AUC, UAUC (CoLLM's rule) and the overall / warm / cold report used by every stage."""
+"""The one metrics module: AUC and ROC points (scikit-learn), UAUC (CoLLM's rule: the mean of per-user AUC over
+users with more than one row and both labels), and the overall / warm / cold report every stage uses."""
 from __future__ import annotations
 
 import itertools
 import math
 
 import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
 
 GROUPS = ("overall", "warm", "cold")
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of x with ties given their average rank."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    ends = np.r_[starts[1:], len(xs)]
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return ranks
-
-
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties count half); NaN when only one class is present."""
+    """Area under the ROC curve (scikit-learn; ties count half); NaN when only one class is present."""
     labels = np.asarray(labels).astype(bool)
-    n_pos = int(labels.sum())
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if labels.all() or not labels.any():
         return math.nan
-    ranks = _average_ranks(np.asarray(scores, dtype=np.float64))
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
 
 
 def uauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
@@ -48,12 +36,9 @@ def uauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[flo
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate) at every distinct score threshold, from (0, 0) to (1, 1)."""
-    labels = np.asarray(labels).astype(bool)
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
-    s, y = np.asarray(scores, dtype=np.float64)[order], labels[order]
-    last = np.r_[s[1:] != s[:-1], True]  # the last row of each run of tied scores
-    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
-    return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
+    fpr, tpr, _ = roc_curve(np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64),
+                            drop_intermediate=False)
+    return fpr, tpr
 
 
 def auc_interval(labels: np.ndarray, scores: np.ndarray, level: float = 0.95, resamples: int = 1000,
