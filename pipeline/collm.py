@@ -8,6 +8,7 @@ Only load these known files: pickles can run code.
 from __future__ import annotations
 
 import io
+import numbers
 import zipfile
 from pathlib import Path
 
@@ -21,6 +22,35 @@ from pipeline.schema import SPLITS
 from pipeline.sources import SourceError, resolve
 
 COLUMNS = ("uid", "iid", "label", "timestamp", "his", "his_title", "title", "not_cold")
+
+
+def _whole(x: object) -> bool:
+    """An integer, or a float holding one (pandas stores ints as floats next to NaN)."""
+    return isinstance(x, numbers.Integral) or (isinstance(x, float) and x.is_integer())
+
+
+# The types CoLLM's columns declare: (column, check, what it must be)
+CHECKS = (
+    ("uid", lambda x: _whole(x) and x > 0, "a positive integer"),
+    ("iid", lambda x: _whole(x) and x > 0, "a positive integer"),
+    ("label", lambda x: _whole(x) and x in (0, 1), "0 or 1"),
+    ("timestamp", _whole, "an integer"),
+    ("not_cold", lambda x: _whole(x) and x in (0, 1), "0 or 1"),
+    ("his", lambda x: all(_whole(i) and i >= 0 for i in x), "a list of item ids"),
+)
+
+
+def bad_type(row: object) -> str | None:
+    """The first declared-type violation of a CoLLM row, as a reject reason; None when the row is good."""
+    for column, ok, what in CHECKS:
+        value = getattr(row, column)
+        try:
+            good = bool(ok(value))
+        except TypeError:
+            good = False
+        if not good:
+            return f"bad type: {column} {value!r} is not {what} (CoLLM)"
+    return None
 
 
 def _load_frames(path: Path) -> dict[str, tuple[str, pd.DataFrame]]:
@@ -48,9 +78,15 @@ def collm_result(spark: SparkSession, cfg: Config, input_dir: Path) -> tuple[Pro
     """Read CoLLM's splits. `source.interactions` names the zip (or '' for a directory of pickles)."""
     path = resolve(input_dir, cfg.source.interactions, "CoLLM benchmark")[0] if cfg.source.interactions else input_dir
     k = cfg.protocol.history_len
-    rows, pos = [], 0
-    for split, (_, df) in _load_frames(path).items():
-        for r in df.itertuples(index=False):
+    rows, rejected, pos = [], [], 0
+    for split, (name, df) in _load_frames(path).items():
+        for line, r in enumerate(df.itertuples(index=False), 1):
+            reason = bad_type(r)
+            if reason:  # row `line` of that pickle
+                raw = repr(r._asdict())
+                rejected.append((name, line, pos, "interactions", "invalid", "bad_type", reason, raw, raw.encode()))
+                pos += 1
+                continue
             his = [int(i) for i in r.his[1:]]
             titles = [str(t) for t in r.his_title[1:]]
             rows.append((pos, int(r.uid), int(r.iid), int(r.label), int(r.timestamp), split, int(r.not_cold),
@@ -67,7 +103,7 @@ def collm_result(spark: SparkSession, cfg: Config, input_dir: Path) -> tuple[Pro
     )
     users = df.select("user_id", F.col("user_raw").alias("raw_id")).distinct()
     items = df.groupBy("item_id").agg(F.first("item_raw").alias("raw_id"), F.first("title").alias("title"))
-    rejects = spark.createDataFrame([], REJECT_SCHEMA)
+    rejects = spark.createDataFrame(rejected, REJECT_SCHEMA)
     result = ProtocolResult(interactions=df, users=users, items=items, rejects=rejects,
-                            rows_in=df, item_rows_in=items)
+                            rows_in=spark.range(pos), item_rows_in=items)
     return result, [path]

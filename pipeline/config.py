@@ -52,6 +52,18 @@ class ColumnMap(_Strict):
     item_title: str = "title"
 
 
+IdType = Literal["string", "int", "positive_int"]
+
+
+class ColumnTypes(_Strict):
+    """Declared types of a generic table's fields, checked on every row (a row that breaks one is rejected)."""
+
+    user: IdType = "string"
+    item: IdType = "string"
+    rating: Literal["number", "whole"] = Field("number", description="whole: whole stars (no 3.5)")
+    timestamp: Literal["int"] = "int"
+
+
 class SourceConfig(_Strict):
     """Where the raw logs are and how to read them.
 
@@ -69,6 +81,8 @@ class SourceConfig(_Strict):
     encoding: str = "utf-8"
     items_encoding: str = "utf-8"
     columns: ColumnMap = ColumnMap()
+    types: ColumnTypes = Field(ColumnTypes(), description="field types of the table format (the other formats "
+                               "declare their own)")
     delimiter: str = ","
     title_year_field: str = ""
     missing_titles: tuple[str, ...] = ()

@@ -10,7 +10,6 @@ in order of first appearance while walking users in that order.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from pyspark.sql import Column, DataFrame, Window
@@ -20,7 +19,7 @@ from pipeline.config import ProtocolConfig
 from pipeline.sources import RawLog, mark_first_failure
 
 REJECT_SCHEMA = ("file string, line long, pos long, source string, category string, code string, reason string, "
-                 "raw string")
+                 "raw string, raw_bytes binary")
 ORDER = ("timestamp", "_first_pos", "_pos")
 
 
@@ -58,7 +57,8 @@ def _as_rejects(df: DataFrame, source: str, category: str) -> DataFrame:
     return df.select(
         F.col("_file").alias("file"), F.col("_line").alias("line"), F.col("_pos").alias("pos"),
         F.lit(source).alias("source"), F.lit(category).alias("category"), F.col("_code").alias("code"),
-        F.col("_reason").alias("reason"), F.col("_raw").alias("raw"),
+        F.col("_reason").alias("reason"), F.make_valid_utf8("_raw").alias("raw"),
+        F.col("_raw").cast("binary").alias("raw_bytes"),
     )
 
 
@@ -139,10 +139,12 @@ def _split(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
     if not s.halve_heldout:
         return df.withColumn("split", F.when(within(s.train), "train").when(within(s.valid), "valid")
                              .when(within(s.test), "test"))
+    # CoLLM's Amazon code: the held-out rows sorted by time, the first n // 2 (floor) valid, the rest test. Ties
+    # at the cut keep the input's line order here; CoLLM's unstable sort leaves them to the pandas version.
     heldout = df.where(within(s.valid))
     n = heldout.count()
     heldout = index_in_order(heldout, ["timestamp", "_pos"], "_h", start=0)
-    heldout = heldout.withColumn("split", F.when(F.col("_h") < math.ceil(n / 2), "valid").otherwise("test")).drop("_h")
+    heldout = heldout.withColumn("split", F.when(F.col("_h") < n // 2, "valid").otherwise("test")).drop("_h")
     return df.where(within(s.train)).withColumn("split", F.lit("train")).unionByName(heldout)
 
 

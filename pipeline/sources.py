@@ -21,7 +21,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipeline.config import SourceConfig, spark_charset
+from pipeline.config import ColumnTypes, SourceConfig, spark_charset
 
 
 class SourceError(ValueError):
@@ -124,10 +124,19 @@ def _fields(df: DataFrame, delimiter: str, n: int, names: dict[str, int], what: 
     return df.select("_file", "_line", "_pos", "_raw", "_code", "_reason", *cols)
 
 
-def _typed_interactions(df: DataFrame, src: str) -> DataFrame:
-    """Null, numeric and type checks on user_raw/item_raw/rating/timestamp strings."""
+def _typed_interactions(df: DataFrame, types: ColumnTypes, names: dict[str, str]) -> DataFrame:
+    """Null, number and declared-type checks on the user_raw/item_raw/rating/timestamp strings.
+
+    `types` are the fields' types as the format declares them; `names` their names in the format (for the
+    reasons: "UserID 'abc' is not a positive integer (ML-1M)")."""
     def blank(c: str) -> Column:
         return F.col(c).isNull() | (F.col(c) == "")
+
+    def id_check(c: str, kind: str) -> tuple[Column, str, Column]:
+        pattern = {"string": ".", "int": r"^[+-]?[0-9]+$", "positive_int": r"^\+?0*[1-9][0-9]*$"}[kind]
+        what = {"string": "a non-empty string", "int": "an integer", "positive_int": "a positive integer"}[kind]
+        return (~F.col(c).rlike(pattern), "bad_type",
+                F.format_string(f"bad type: {names[c]} %s is not {what}", F.col(c)))
 
     rating = F.col("rating").try_cast("double")
     ts_d = F.col("timestamp").try_cast("double")
@@ -136,16 +145,28 @@ def _typed_interactions(df: DataFrame, src: str) -> DataFrame:
         (blank("item_raw"), "null_field", F.lit("null field: item")),
         (blank("rating"), "null_field", F.lit("null field: rating")),
         (blank("timestamp"), "null_field", F.lit("null field: timestamp")),
+        id_check("user_raw", types.user),
+        id_check("item_raw", types.item),
         (rating.isNull() | F.isnan(rating), "bad_number",
          F.format_string("bad number: rating %s is not a number", F.col("rating"))),
         (ts_d.isNull() | (ts_d != F.floor(ts_d)), "bad_number",
          F.format_string("bad number: timestamp %s is not an integer", F.col("timestamp"))),
+        *([(rating != F.floor(rating), "bad_type", F.format_string(
+            f"bad type: {names['rating']} %s is not a whole number of stars", F.col("rating")))]
+          if types.rating == "whole" else []),
     ])
     ok = F.col("_code").isNull()
     return df.select(
         "_file", "_line", "_pos", "_raw", "_code", "_reason", "user_raw", "item_raw",
         F.when(ok, rating).alias("rating"), F.when(ok, ts_d.cast("long")).alias("timestamp"),
     )
+
+
+# Field types each built-in format declares (user, item, rating, timestamp); RecBole's come from its header,
+# the table format's from the config (source.types).
+MOVIELENS = ColumnTypes(user="positive_int", item="positive_int", rating="whole", timestamp="int")
+AMAZON = ColumnTypes(user="string", item="string", rating="whole", timestamp="int")
+RECBOLE_TYPES = {"token": "string", "float": "number"}  # a RecBole field type -> the check it gets
 
 
 def _items(df: DataFrame, title_year: Column | None, missing: tuple[str, ...]) -> DataFrame:
@@ -169,7 +190,7 @@ def _expect(path: Path, ok: bool, expected: str, line: str) -> None:
 
 def _delimited(spark: SparkSession, cfg: SourceConfig, input_dir: Path, *, inter_delim: str, inter_fields: int,
                inter_names: dict[str, int], item_delim: str, item_fields: int, item_names: dict[str, int],
-               fmt: str) -> RawLog:
+               fmt: str, field_names: tuple[str, str, str, str]) -> RawLog:
     inter_files = resolve(input_dir, cfg.interactions, "interactions")
     item_files = resolve(input_dir, cfg.items, "items")
     line = first_line(inter_files[0], cfg.encoding)
@@ -178,33 +199,40 @@ def _delimited(spark: SparkSession, cfg: SourceConfig, input_dir: Path, *, inter
             for p in parts), f"{fmt} ratings (user{inter_delim}item{inter_delim}rating{inter_delim}timestamp)", line)
     inter = _fields(read_lines(spark, inter_files, cfg.encoding, False), inter_delim, inter_fields, inter_names, fmt)
     items = _fields(read_lines(spark, item_files, cfg.items_encoding, False), item_delim, item_fields, item_names, fmt)
-    return RawLog(_typed_interactions(inter, fmt), _items(items, None, cfg.missing_titles), inter_files, item_files)
+    names = dict(zip(("user_raw", "item_raw", "rating", "timestamp"), (f"{n} ({fmt})" for n in field_names), strict=True))
+    return RawLog(_typed_interactions(inter, MOVIELENS, names), _items(items, None, cfg.missing_titles),
+                  inter_files, item_files)
 
 
 def read_ml1m(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawLog:
     """ML-1M: ratings.dat (`UserID::MovieID::Rating::Timestamp`) and movies.dat (`MovieID::Title::Genres`)."""
     names = {"user_raw": 0, "item_raw": 1, "rating": 2, "timestamp": 3}
     return _delimited(spark, cfg, input_dir, inter_delim="::", inter_fields=4, inter_names=names,
-                      item_delim="::", item_fields=3, item_names={"item_raw": 0, "title": 1}, fmt="ML-1M")
+                      item_delim="::", item_fields=3, item_names={"item_raw": 0, "title": 1}, fmt="ML-1M",
+                      field_names=("UserID", "MovieID", "Rating", "Timestamp"))
 
 
 def read_ml100k(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawLog:
     """ML-100K: u.data (tab-separated user, item, rating, timestamp) and u.item ('|', 24 fields)."""
     names = {"user_raw": 0, "item_raw": 1, "rating": 2, "timestamp": 3}
     return _delimited(spark, cfg, input_dir, inter_delim="\t", inter_fields=4, inter_names=names,
-                      item_delim="|", item_fields=24, item_names={"item_raw": 0, "title": 1}, fmt="ML-100K")
+                      item_delim="|", item_fields=24, item_names={"item_raw": 0, "title": 1}, fmt="ML-100K",
+                      field_names=("user id", "item id", "rating", "timestamp"))
 
 
-def _atomic_header(path: Path, encoding: str, wanted: dict[str, str]) -> tuple[int, dict[str, int]]:
-    """Column positions in a RecBole atomic header (`name:type` tab-separated)."""
+def _atomic_header(path: Path, encoding: str, wanted: dict[str, str]) -> tuple[int, dict[str, int], dict[str, str]]:
+    """Column count, positions and declared types of the wanted columns in a RecBole atomic header
+    (`name:type` tab-separated)."""
     line = first_line(path, encoding)
-    names = [h.split(":", 1)[0] for h in line.split("\t")]
-    if not all(":" in h for h in line.split("\t")):
+    fields = [h.split(":", 1) for h in line.split("\t")]
+    if not all(len(f) == 2 for f in fields):
         raise SourceError(f"{path}: line 1 is not a RecBole atomic header ('name:type' fields); got {line[:120]!r}")
+    names = [f[0] for f in fields]
     missing = [col for col in wanted.values() if col not in names]
     if missing:
         raise SourceError(f"{path}: missing column(s) {missing}; header has {names}")
-    return len(names), {key: names.index(col) for key, col in wanted.items()}
+    return len(names), {key: names.index(col) for key, col in wanted.items()}, \
+        {key: fields[names.index(col)][1] for key, col in wanted.items()}
 
 
 def read_recbole(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawLog:
@@ -212,16 +240,22 @@ def read_recbole(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> Raw
     c = cfg.columns
     inter_files = resolve(input_dir, cfg.interactions, "RecBole .inter")
     item_files = resolve(input_dir, cfg.items, "RecBole .item")
-    n_i, pos_i = _atomic_header(inter_files[0], cfg.encoding, {
-        "user_raw": c.user, "item_raw": c.item, "rating": c.rating, "timestamp": c.timestamp})
+    wanted = {"user_raw": c.user, "item_raw": c.item, "rating": c.rating, "timestamp": c.timestamp}
+    n_i, pos_i, declared = _atomic_header(inter_files[0], cfg.encoding, wanted)
+    unknown = {k: t for k, t in declared.items() if t not in RECBOLE_TYPES}
+    if unknown:
+        raise SourceError(f"{inter_files[0]}: column type(s) {unknown} are not token or float (RecBole atomic)")
+    types = ColumnTypes(user=RECBOLE_TYPES[declared["user_raw"]].replace("number", "int"),
+                        item=RECBOLE_TYPES[declared["item_raw"]].replace("number", "int"), rating="number")
     item_cols = {"item_raw": c.item, "title": c.item_title}
     if cfg.title_year_field:
         item_cols["year"] = cfg.title_year_field
-    n_t, pos_t = _atomic_header(item_files[0], cfg.items_encoding, item_cols)
+    n_t, pos_t, _ = _atomic_header(item_files[0], cfg.items_encoding, item_cols)
     inter = _fields(read_lines(spark, inter_files, cfg.encoding, True), "\t", n_i, pos_i, "RecBole .inter")
     items = _fields(read_lines(spark, item_files, cfg.items_encoding, True), "\t", n_t, pos_t, "RecBole .item")
     year = F.col("year") if cfg.title_year_field else None
-    return RawLog(_typed_interactions(inter, "recbole"), _items(items, year, cfg.missing_titles),
+    names = {k: f"{v}:{declared[k]} (RecBole)" for k, v in wanted.items()}
+    return RawLog(_typed_interactions(inter, types, names), _items(items, year, cfg.missing_titles),
                   inter_files, item_files)
 
 
@@ -266,8 +300,9 @@ def read_amazon(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawL
     items = _json_lines(spark, item_files, AMAZON_META, cfg.items_encoding).select(
         "_file", "_line", "_pos", "_raw", "_code", "_reason",
         F.trim(F.col("_j.asin")).alias("item_raw"), F.col("_j.title").alias("title"))
-    return RawLog(_typed_interactions(inter, "amazon"), _items(items, None, cfg.missing_titles),
-                  inter_files, item_files)
+    names = {"user_raw": "reviewerID", "item_raw": "asin", "rating": "overall", "timestamp": "unixReviewTime"}
+    return RawLog(_typed_interactions(inter, AMAZON, {k: f"{v} (Amazon)" for k, v in names.items()}),
+                  _items(items, None, cfg.missing_titles), inter_files, item_files)
 
 
 def _table(spark: SparkSession, paths: list[Path], delimiter: str, wanted: list[str]) -> DataFrame:
@@ -308,7 +343,8 @@ def read_table(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawLo
     inter = _typed_interactions(inter.select(
         "_file", "_line", "_pos", "_raw", "_code", "_reason",
         F.trim(F.col(c.user)).alias("user_raw"), F.trim(F.col(c.item)).alias("item_raw"),
-        F.col(c.rating).alias("rating"), F.col(c.timestamp).alias("timestamp")), "table")
+        F.col(c.rating).alias("rating"), F.col(c.timestamp).alias("timestamp")), cfg.types,
+        {"user_raw": c.user, "item_raw": c.item, "rating": c.rating, "timestamp": c.timestamp})
     item_files = resolve(input_dir, cfg.items, "item table")
     items = _table(spark, item_files, cfg.delimiter, [c.item, c.item_title]).select(
         "_file", "_line", "_pos", "_raw", "_code", "_reason",

@@ -36,7 +36,11 @@ RATINGS = [
     (b"2::2::4::900000000", "outside_window"),
     (b"2::\xff\xfe::4::1000000000", "undecodable_text"),
     (b"2::5::4::1000000500", None),
-    (b"3::1::4.5::1000000600", None),
+    (b"3::1::4.5::1000000600", "bad_type"),       # ML-1M ratings are whole stars
+    (b"ab::1::4::1000000600", "bad_type"),        # UserIDs are positive integers
+    (b"1.5::1::4::1000000600", "bad_type"),
+    (b"-3::1::4::1000000600", "bad_type"),
+    (b"4::x1::4::1000000600", "bad_type"),        # MovieIDs too
 ]
 
 
@@ -81,6 +85,11 @@ def test_each_bad_row_has_its_reason_file_and_line(spark, bad_run) -> None:
     assert "expected 4 fields separated by '::'" in rejects[("interactions", 9)]["reason"]
     assert rejects[("interactions", 10)]["reason"] == "null field: user"
     assert "not valid UTF-8" in rejects[("interactions", 13)]["reason"]
+    assert rejects[("interactions", 15)]["reason"] == "bad type: Rating (ML-1M) 4.5 is not a whole number of stars"
+    assert rejects[("interactions", 16)]["reason"] == "bad type: UserID (ML-1M) ab is not a positive integer"
+    assert rejects[("interactions", 17)]["reason"] == "bad type: UserID (ML-1M) 1.5 is not a positive integer"
+    assert rejects[("interactions", 18)]["reason"] == "bad type: UserID (ML-1M) -3 is not a positive integer"
+    assert rejects[("interactions", 19)]["reason"] == "bad type: MovieID (ML-1M) x1 is not a positive integer"
     assert rejects[("items", 3)]["code"] == "malformed_line"
     assert rejects[("items", 5)]["reason"] == "duplicate item id 1 (first on line 1)"
 
@@ -88,10 +97,63 @@ def test_each_bad_row_has_its_reason_file_and_line(spark, bad_run) -> None:
 def test_kept_rows_and_latin1_titles(spark, bad_run) -> None:
     _, out = bad_run
     rows = spark.read.parquet(str(out / "tables" / "interactions")).orderBy("row_id").collect()
-    assert [(r["user_raw"], r["item_raw"], r["label"]) for r in rows] == [
-        ("1", "1", 1), ("1", "2", 0), ("2", "5", 1), ("3", "1", 1)]
+    assert [(r["user_raw"], r["item_raw"], r["label"]) for r in rows] == [("1", "1", 1), ("1", "2", 0), ("2", "5", 1)]
     assert rows[2]["title"] == "Café au lait (1993)"
     assert rows[1]["history"] == [rows[0]["item_id"]]
+
+
+def test_undecodable_lines_keep_their_bytes_and_every_reader_opens_the_rejects(bad_run) -> None:
+    """The rejects table stores each line as valid text and its bytes (binary): pyarrow and pandas read it."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    _, out = bad_run
+    table = pq.read_table(out / "rejects")
+    assert table.schema.field("raw_bytes").type == "binary"
+    rows = pd.read_parquet(out / "rejects")
+    bad = rows[(rows.source == "interactions") & (rows.line == 13)].iloc[0]
+    assert bad.raw_bytes == RATINGS[12][0] and bad.raw == "2::\ufffd\ufffd::4::1000000000"
+
+
+def test_every_format_checks_the_types_it_declares(spark, tmp_path) -> None:
+    """ML-100K (u.data), the generic table (types from the config) and CoLLM's pickles reject what their formats
+    do not allow, each with a reason (ML-1M above, Amazon in test_sources.py)."""
+    import pandas as pd
+
+    d = tmp_path / "ml100k"
+    d.mkdir()
+    (d / "u.item").write_bytes(b"1|A (1995)" + b"|x" * 22 + b"\n2|B (1995)" + b"|x" * 22 + b"\n")
+    (d / "u.data").write_text("1\t1\t4\t880000000\n1\t2\t3.5\t880000100\nz\t2\t3\t880000100\n")
+    m = run(config("ml-100k-raw", source={"input_dir": str(d)}), d, tmp_path / "out100k")
+    assert m["rejects"]["interactions"]["invalid"] == {"bad_type": 2}
+    reasons = {r["line"]: r["reason"] for r in spark.read.parquet(str(tmp_path / "out100k" / "rejects")).collect()}
+    assert reasons[2] == "bad type: rating (ML-100K) 3.5 is not a whole number of stars"
+    assert reasons[3] == "bad type: user id (ML-100K) z is not a positive integer"
+
+    t = tmp_path / "table"
+    t.mkdir()
+    (t / "log.csv").write_text("user,item,stars,time\n1,i1,5,1710000000\n0,i1,4,1710000100\n2,i1,2.5,1710000200\n")
+    (t / "items.csv").write_text("item,name\ni1,One (2001)\n")
+    cfg = config("synthetic", source={"interactions": "log.csv", "items": "items.csv", "types": {
+        "user": "positive_int", "rating": "whole"}, "columns": {"user": "user", "item": "item", "rating": "stars",
+                                                                 "timestamp": "time", "item_title": "name"}})
+    m = run(cfg, t, tmp_path / "out-table")
+    assert m["rejects"]["interactions"]["invalid"] == {"bad_type": 2} and m["rows_out"] == 1
+    reasons = {r["line"]: r["reason"] for r in spark.read.parquet(str(tmp_path / "out-table" / "rejects")).collect()}
+    assert reasons == {3: "bad type: user 0 is not a positive integer", 4: "bad type: stars 2.5 is not a whole number of stars"}
+
+    c = tmp_path / "collm"
+    c.mkdir()
+    frame = pd.DataFrame({"uid": [1, 2, 3], "iid": [1, 1, 2], "label": [1, 0, 2], "timestamp": [1e9, 1e9 + 1, 1e9 + 2],
+                          "his": [[0], [0], [0]], "his_title": [[""], [""], [""]], "title": ["A", "A", "B"],
+                          "not_cold": [1, 1, 1]})
+    for split in ("train", "valid", "test"):
+        frame.to_pickle(c / f"{split}_ood2.pkl")
+    m = run(config("collm-ml-1m", source={"input_dir": str(c), "interactions": ""}), c, tmp_path / "out-collm")
+    assert m["rows_in"] == 9 and m["rows_out"] == 6 and m["rejects"]["interactions"]["invalid"] == {"bad_type": 3}
+    rejected = spark.read.parquet(str(tmp_path / "out-collm" / "rejects")).collect()
+    assert {(r["file"], r["line"]) for r in rejected} == {(f"{s}_ood2.pkl", 3) for s in ("train", "valid", "test")}
+    assert rejected[0]["reason"] == "bad type: label 2 is not 0 or 1 (CoLLM)"
 
 
 def test_wrong_path_fails_fast(spark, tmp_path) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -54,8 +53,33 @@ def test_amazon_source_year_filter_and_december_halves(spark, tmp_path: Path) ->
     assert (rows.label == (rows.rating == 5).astype(int)).all()
     held = rows[rows.split != "train"].sort_values(["timestamp", "row_id"])
     assert (held.month == 11).all() and (rows[rows.split == "train"].month <= 10).all()
-    n_valid = math.ceil(len(held) / 2)
+    n_valid = len(held) // 2
     assert list(held.split) == ["valid"] * n_valid + ["test"] * (len(held) - n_valid)
+
+
+def test_amazon_december_cut_is_floor_and_ties_keep_line_order(spark, tmp_path: Path) -> None:
+    """CoLLM's Amazon code: December sorted by time, the first n // 2 rows valid (floor), the rest test. Here 5
+    December rows, two on the same day at the cut: the one earlier in the file is valid. Ratings must be
+    whole stars (a 4.5 is rejected)."""
+    meta = [{"asin": f"B{i}", "title": f"Book {i}"} for i in range(1, 4)]
+    reviews = [{"reviewerID": "U1", "asin": "B1", "overall": 5.0, "unixReviewTime": _ts(2017, 3, 1)},
+               {"reviewerID": "U2", "asin": "B2", "overall": 4.0, "unixReviewTime": _ts(2017, 12, 20)},
+               {"reviewerID": "U3", "asin": "B3", "overall": 5.0, "unixReviewTime": _ts(2017, 12, 5)},  # line 3: tie
+               {"reviewerID": "U4", "asin": "B1", "overall": 5.0, "unixReviewTime": _ts(2017, 12, 2)},
+               {"reviewerID": "U5", "asin": "B2", "overall": 5.0, "unixReviewTime": _ts(2017, 12, 5)},  # line 5: tie
+               {"reviewerID": "U6", "asin": "B3", "overall": 3.0, "unixReviewTime": _ts(2017, 12, 9)},
+               {"reviewerID": "U7", "asin": "B3", "overall": 4.5, "unixReviewTime": _ts(2017, 12, 10)}]
+    with gzip.open(tmp_path / "Books.json.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in reviews) + "\n")
+    with gzip.open(tmp_path / "meta_Books.json.gz", "wt") as f:
+        f.write("\n".join(json.dumps(m) for m in meta) + "\n")
+    cfg = config("amazon-book", protocol={"filter": {"min_user_count": 0, "min_item_count": 0}})
+    m = run(cfg, tmp_path, tmp_path / "out")
+    assert m["rejects"]["interactions"]["invalid"] == {"bad_type": 1}
+    assert m["reject_examples"][0]["reason"] == "bad type: overall (Amazon) 4.5 is not a whole number of stars"
+    rows = spark.read.parquet(str(tmp_path / "out" / "tables" / "interactions")).toPandas()
+    split = dict(zip(rows.user_raw, rows.split, strict=True))
+    assert split == {"U1": "train", "U4": "valid", "U3": "valid", "U5": "test", "U6": "test", "U2": "test"}
 
 
 def test_generic_csv_with_quotes_and_extra_fields(spark, tmp_path: Path) -> None:
