@@ -1,12 +1,17 @@
 """Reading and writing sharded Collab tables, one rank's shards at a time.
 
 Every rank touches only its own shards: initialisation draws each row from a generator seeded by
-(seed, table, row block), so a table starts the same under any sharding and world size; the semantic
-table is filled from stage 2a's safetensors file by slicing the rows and columns of the local shard.
-Export gathers the full tables on rank 0 only, after training.
+(seed, table, row block), so a table starts the same under any sharding and world size; a table is filled
+from a file by reading only the rows and columns of the local shard.
+
+Export has two forms, read alike through `TableFile`: one safetensors file (the full tables gathered on rank
+0: small tables), or a sharded export for tables larger than one host, like Hugging Face's sharded
+checkpoints: every rank writes its own shards to `<name>-<rank>-of-<world>.safetensors` and rank 0 writes
+`<name>.index.json`, which says for every tensor its shape and which rows and columns each file holds.
 """
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +33,7 @@ class LocalShard:
     row: int              # offset of the shard in the full table
     col: int
     shape: tuple[int, int]  # the full table's shape
+    replicated: bool = False  # a data_parallel table: every rank holds all of it
 
 
 def table_state(model: nn.Module) -> dict[str, object]:
@@ -44,7 +50,7 @@ def local_shards(model: nn.Module) -> Iterator[LocalShard]:
     """This rank's shards of every table (views: writing into them changes the model)."""
     for name, weight in table_state(model).items():
         if isinstance(weight, torch.Tensor) and not hasattr(weight, "local_shards"):
-            yield LocalShard(name, weight, 0, 0, tuple(weight.shape))
+            yield LocalShard(name, weight, 0, 0, tuple(weight.shape), replicated=True)
             continue
         shape = tuple(weight.size())
         for s in weight.local_shards():
@@ -70,20 +76,152 @@ def init_normal(shard: LocalShard, seed: int, std: float) -> None:
         shard.tensor[a - shard.row:b - shard.row].copy_(values[a - lo:b - lo, shard.col:shard.col + cols])
 
 
+INDEX_SUFFIX = ".index.json"  # collab.safetensors -> collab.safetensors.index.json
+AUTO_SHARDED_BYTES = 2 * 2**30  # export: auto shards tables larger than this
+INDEX_FORMAT = "sellarec-sharded-tables/1"
+
+
+class TableFile:
+    """Tensors of an export, one safetensors file or a sharded one (its index found next to the path):
+    shapes, slices of rows and columns, rows by id; only the overlapping pieces are read."""
+
+    def __init__(self, path: Path) -> None:
+        path = Path(path)
+        index = path.with_name(path.name + INDEX_SUFFIX)
+        self.path = path if path.is_file() else index
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                self.metadata = f.metadata() or {}
+                self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            self.pieces = {k: [{"file": path.name, "key": k, "rows": [0, s[0]], "cols": [0, s[1] if len(s) > 1 else 0]}]
+                           for k, s in self.shapes.items()}
+        elif index.is_file():
+            spec = json.loads(index.read_text())
+            if spec.get("format") != INDEX_FORMAT:
+                raise ValueError(f"{index}: not a sharded table export ({INDEX_FORMAT})")
+            self.metadata = spec["metadata"]
+            self.shapes = {k: tuple(t["shape"]) for k, t in spec["tensors"].items()}
+            self.pieces = {k: t["pieces"] for k, t in spec["tensors"].items()}
+        else:
+            raise FileNotFoundError(f"{path}: neither the file nor a sharded export ({index.name}) exists")
+        self.folder = path.parent
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.shapes
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key not in self.shapes:
+            raise KeyError(f"{self.path}: no tensor {key!r} (has {sorted(self.shapes)})")
+        return self.shapes[key]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The whole tensor (for tables: only where it fits in memory)."""
+        shape = self.shape(key)
+        if len(shape) != 2:  # 1-d tensors (biases, ids) are never split
+            with safe_open(str(self.folder / self.pieces[key][0]["file"]), framework="pt") as f:
+                return f.get_tensor(self.pieces[key][0]["key"])
+        return self.slice(key, 0, shape[0], 0, shape[1])
+
+    def slice(self, key: str, row: int, stop: int, col: int, col_stop: int) -> torch.Tensor:
+        """Rows [row, stop) and columns [col, col_stop) of a 2-d tensor."""
+        self.shape(key)
+        out = torch.empty(stop - row, col_stop - col)
+        filled = 0
+        for p in self.pieces[key]:
+            (r0, r1), (c0, c1) = p["rows"], p["cols"]
+            lo, hi, clo, chi = max(row, r0), min(stop, r1), max(col, c0), min(col_stop, c1)
+            if lo >= hi or clo >= chi:
+                continue
+            with safe_open(str(self.folder / p["file"]), framework="pt") as f:
+                part = f.get_slice(p["key"])[lo - r0:hi - r0, clo - c0:chi - c0]
+            out[lo - row:hi - row, clo - col:chi - col] = part.to(out.dtype)
+            filled += (hi - lo) * (chi - clo)
+        if filled != out.numel():
+            raise ValueError(f"{self.path}: {key} rows {row}-{stop} x columns {col}-{col_stop} are not all in its pieces")
+        return out
+
+    def rows(self, key: str, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of `ids` (any order, repeats allowed), reading only the pieces that hold them."""
+        shape = self.shape(key)
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        out = torch.empty(len(ids), shape[1])
+        for p in self.pieces[key]:
+            (r0, r1), (c0, c1) = p["rows"], p["cols"]
+            hit = ((ids >= r0) & (ids < r1)).nonzero().flatten()
+            if len(hit) == 0:
+                continue
+            with safe_open(str(self.folder / p["file"]), framework="pt") as f:
+                lo, hi = int(ids[hit].min()), int(ids[hit].max()) + 1
+                block = f.get_slice(p["key"])[lo - r0:hi - r0]
+            out[hit, c0:c1] = block[ids[hit] - lo].to(out.dtype)
+        return out
+
+
 @torch.no_grad()
 def init_from_file(shard: LocalShard, path: Path, key: str) -> None:
-    """Fill a shard with its rows and columns of tensor `key` of a safetensors file (read by slice)."""
+    """Fill a shard with its rows and columns of tensor `key` of an export (one file or sharded; read by slice).
+
+    A table in the file may have fewer rows than the shard's table (e.g. items added later): those rows are 0.
+    """
     rows, cols = shard.tensor.shape
-    with safe_open(str(path), framework="pt") as f:
-        part = f.get_slice(key)
-        full = tuple(part.get_shape())
-        if full[1] != shard.shape[1] or full[0] > shard.shape[0]:
-            raise ValueError(f"{path}: {key} has shape {full}, the {shard.table} table is {shard.shape}")
-        stop = min(shard.row + rows, full[0])
-        shard.tensor.zero_()
-        if stop > shard.row:
-            values = part[shard.row:stop, shard.col:shard.col + cols]
-            shard.tensor[:stop - shard.row].copy_(values.to(shard.tensor.dtype))
+    tables = TableFile(path)
+    full = tables.shape(key)
+    if full[1] != shard.shape[1] or full[0] > shard.shape[0]:
+        raise ValueError(f"{tables.path}: {key} has shape {full}, the {shard.table} table is {shard.shape}")
+    stop = min(shard.row + rows, full[0])
+    shard.tensor.zero_()
+    if stop > shard.row:
+        values = tables.slice(key, shard.row, stop, shard.col, shard.col + cols)
+        shard.tensor[:stop - shard.row].copy_(values.to(shard.tensor.dtype))
+
+
+def sharded_export(model: nn.Module, mode: str) -> bool:
+    """Whether `export` mode (auto | single | sharded) writes the tables sharded: auto above AUTO_SHARDED_BYTES."""
+    if mode != "auto":
+        return mode == "sharded"
+    size = sum(s.shape[0] * s.shape[1] * 4 for s in {s.table: s for s in local_shards(model)}.values())
+    return size > AUTO_SHARDED_BYTES
+
+
+def export_tables(model: nn.Module, path: Path, extra: dict[str, torch.Tensor], metadata: dict[str, str],
+                  sharded: bool) -> None:
+    """Write the tables (and the unsharded `extra` tensors, e.g. a projector) as one file gathered on rank 0, or
+    `sharded`: each rank its own shards plus rank 0's index. Every rank must call it."""
+    if not sharded:
+        tables = gather_tables(model)
+        if dist.get_rank() == 0:
+            save_tensors(path, tables | extra, metadata)
+        dist.barrier()
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    name = f"{path.stem}-{rank:05d}-of-{world:05d}.safetensors"
+    mine: dict[str, torch.Tensor] = {}
+    pieces: dict[str, list[dict]] = {}
+    for k, s in enumerate(local_shards(model)):
+        if s.replicated and rank != 0:
+            continue  # every rank holds it: rank 0 writes it
+        mine[f"{s.table}.{k}"] = s.tensor.detach().cpu()
+        pieces.setdefault(s.table, []).append({"file": name, "key": f"{s.table}.{k}", "rows": [s.row, s.row + s.tensor.shape[0]],
+                                               "cols": [s.col, s.col + s.tensor.shape[1]], "shape": list(s.shape)})
+    if rank == 0:
+        mine |= extra
+        for key, value in extra.items():
+            pieces[key] = [{"file": name, "key": key, "rows": [0, value.shape[0]],
+                            "cols": [0, value.shape[1] if value.dim() > 1 else 0], "shape": list(value.shape)}]
+    save_tensors(path.with_name(name), mine, metadata)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, pieces)
+    if rank == 0:
+        tensors: dict[str, dict] = {}
+        for part in everyone:
+            for key, ps in part.items():
+                entry = tensors.setdefault(key, {"shape": ps[0]["shape"], "pieces": []})
+                entry["pieces"] += [{k: v for k, v in p.items() if k != "shape"} for p in ps]
+        index = path.with_name(path.name + INDEX_SUFFIX)
+        tmp = index.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"format": INDEX_FORMAT, "metadata": metadata, "tensors": tensors}, indent=1))
+        tmp.replace(index)
+    dist.barrier()
 
 
 def optimizer_shards(model: nn.Module) -> list[torch.Tensor]:

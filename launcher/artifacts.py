@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from embeddings.tables import INDEX_SUFFIX
 from pipeline.config import Config
 
 ADAPTER = "lora/adapter"                         # stage 1: PEFT adapter + tokenizer
@@ -31,9 +32,10 @@ HINT = {ADAPTER: "run --stage lora first", SEMANTIC_FILE: "run --stage distill f
 
 
 def lookup(cfg: Config, run_dir: Path, rel: str) -> Path | None:
-    """<run>/<rel>, else <upstream>/<rel>, else None."""
+    """<run>/<rel>, else <upstream>/<rel>, else None. A table file also counts when it was exported sharded
+    (its index `<rel>.index.json` is there: embeddings.tables.TableFile reads both)."""
     for base in (run_dir, Path(cfg.upstream) if cfg.upstream else None):
-        if base is not None and (base / rel).exists():
+        if base is not None and ((base / rel).exists() or (base / (rel + INDEX_SUFFIX)).exists()):
             return base / rel
     return None
 

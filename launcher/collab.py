@@ -23,19 +23,19 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from embeddings.align import alignment_loss, gather_rows, retrieval_accuracy
 from embeddings.collab import ITEM, SEMANTIC, USER, Collab, ids_kjt, mf_logits
 from embeddings.sharding import attach_optimizers, resolve, shard, sum_dense_grads
 from embeddings.tables import (
     RankState,
-    gather_tables,
+    TableFile,
+    export_tables,
     init_from_file,
     init_normal,
     local_shards,
     restore,
-    save_tensors,
+    sharded_export,
     snapshot,
 )
 from launcher import checkpoint
@@ -59,8 +59,7 @@ def read_data(data_dir: Path) -> tuple[dict[str, pd.DataFrame], int, pd.DataFram
 
 
 def semantic_dim(path: Path) -> int:
-    with safe_open(str(path), framework="pt") as f:
-        return int(f.get_slice(SEMANTIC).get_shape()[1])
+    return TableFile(path).shape(SEMANTIC)[1]
 
 
 @torch.no_grad()
@@ -206,15 +205,14 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     test = evaluate("test")
     monitor.write(f"[{STAGE}] best step {best['step']}: test\n{format_report(test)}")
     accuracy = align_accuracy(align_items) if aligned else None
-    tables = gather_tables(dmp)
-    if cc.projector_items:
-        show = items.iloc[:cc.projector_items]
+    proj = {f"projector.{k}": v.detach().cpu() for k, v in model.projector.state_dict().items()} if aligned else {}
+    export_tables(dmp, run_dir / COLLAB_FILE, proj, {"dim": str(cc.dim), "align_weight": str(cc.align.weight),
+                                                       "best_step": str(best["step"])}, sharded_export(dmp, cc.export))
+    if cc.projector_items and d.main:  # read back only the rows shown
+        show, tables = items.iloc[:cc.projector_items], TableFile(run_dir / COLLAB_FILE)
         for name in (n for n in (ITEM, SEMANTIC) if n in tables):
-            monitor.embedding(tables[name][show.item_id.to_numpy()], show.title.tolist(), f"{STAGE}/{name}", step)
-    if d.main:
-        proj = {f"projector.{k}": v.detach().cpu() for k, v in model.projector.state_dict().items()} if aligned else {}
-        save_tensors(run_dir / COLLAB_FILE, tables | proj,
-                     {"dim": str(cc.dim), "align_weight": str(cc.align.weight), "best_step": str(best["step"])})
+            monitor.embedding(tables.rows(name, torch.as_tensor(show.item_id.to_numpy())), show.title.tolist(),
+                              f"{STAGE}/{name}", step)
     summary = {"stage": STAGE, "steps": step, "resumed_from": resumed_from, "best_step": best["step"], "stopped": stopped, "world": d.world,
                "sharding": resolve(cc.sharding, d.device), "align_weight": cc.align.weight,
                "align_loss": cc.align.loss if aligned else None, "valid": best["valid"], "test": test,

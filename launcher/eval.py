@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
 from embeddings.collab import ITEM, SEMANTIC, USER
+from embeddings.tables import TableFile
 from launcher import export
 from launcher.artifacts import (
     COLLAB_FILE,
@@ -81,15 +81,15 @@ class Scorer:
             self.source = str(data_dir / "tables" / "interactions")
             return
         if self.model == "mf":
-            self.tables = load_file(str(find(cfg, run_dir, COLLAB_FILE)))
-            self.source = str(find(cfg, run_dir, COLLAB_FILE))
+            self.tables = TableFile(find(cfg, run_dir, COLLAB_FILE))
+            self.source = str(self.tables.path)
             return
         sella = self.model == "sella"
         adapter = (lookup(cfg, run_dir, SELLA_ADAPTER) if sella else None) or adapter_dir(cfg, run_dir)
         llm, self.tokenizer = load_tuned(cfg.llm, adapter, d.dtype)
         self.source = str(adapter)
         if sella:
-            self.tables = load_file(str(find(cfg, run_dir, SELLA_TABLES)))
+            self.tables = TableFile(find(cfg, run_dir, SELLA_TABLES))
             projector_file = find(cfg, run_dir, SELLA_PROJECTOR)
             self.lm = SellaLM.from_export(llm, self.tokenizer, projector_file).to(d.device, d.dtype).eval()
             self.source += f" + {find(cfg, run_dir, SELLA_PROJECTOR).parent}"
@@ -102,7 +102,7 @@ class Scorer:
             return np.array([self.rate.get(s["item_id"], self.prior) for s in samples], dtype=np.float32)
         if self.model == "mf":
             users, items = (torch.tensor([s[k] for s in samples], dtype=torch.long) for k in ("user_id", "item_id"))
-            return torch.sigmoid((self.tables[USER][users] * self.tables[ITEM][items]).sum(-1)).numpy()
+            return torch.sigmoid((self.tables.rows(USER, users) * self.tables.rows(ITEM, items)).sum(-1)).numpy()
         sella = self.model == "sella"
         encoded = [encode(self.tokenizer, s, "sella" if sella else "lora", self.cfg.domain, lc.max_length,
                           lc.history_titles, lc.chat_template, with_answer=False,
@@ -114,9 +114,9 @@ class Scorer:
             def forward(batch: dict[str, torch.Tensor], examples: list[Encoded]) -> torch.Tensor:
                 picked = [by_row[e.row_id] for e in examples]
                 users, items = (torch.tensor([s[k] for s in picked], dtype=torch.long) for k in ("user_id", "item_id"))
-                rows = [self.tables[USER][users], self.tables[ITEM][items]]
+                rows = [self.tables.rows(USER, users), self.tables.rows(ITEM, items)]
                 if self.lm.warm:
-                    rows.append(self.tables[SEMANTIC][items])
+                    rows.append(self.tables.rows(SEMANTIC, items))
                 return self.lm(batch, *(r.to(self.d.device) for r in rows), score=True)
 
         no_yes = yes_no_ids(self.tokenizer)

@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from embeddings.tables import INDEX_SUFFIX, TableFile
 from launcher.artifacts import SELLA_EXPORT
 from launcher.metrics import GROUPS
 from launcher.provenance import PROVENANCE, RUN_CONFIG
@@ -95,7 +96,13 @@ def write(cfg: Config, data_dir: Path, run_dir: Path, tokenizer: Tokenizer, adap
     tokenizer.save_pretrained(str(export / "tokenizer"))
     tok_cfg = export / "tokenizer" / "tokenizer_config.json"  # transformers does not save padding_side: any reader
     tok_cfg.write_text(json.dumps(json.loads(tok_cfg.read_text()) | {"padding_side": "left"}, indent=2))  # gets left
-    shutil.copyfile(tables, export / "tables.safetensors")
+    source = TableFile(tables)
+    if source.path == tables:  # one file
+        shutil.copyfile(tables, export / "tables.safetensors")
+    else:  # a sharded export: its index, renamed to go with tables.safetensors, and the files it names
+        shutil.copyfile(source.path, export / ("tables.safetensors" + INDEX_SUFFIX))
+        for name in {p["file"] for pieces in source.pieces.values() for p in pieces}:
+            shutil.copyfile(source.folder / name, export / name)
     shutil.copyfile(projector, export / "projector.safetensors")
     shutil.copyfile(run_dir / "sella" / RUN_CONFIG, export / RUN_CONFIG)
     pd.read_parquet(data_dir / "tables" / "users").to_parquet(export / "ids" / "users.parquet", index=False)

@@ -23,9 +23,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
 from embeddings.collab import ITEM, SEMANTIC, USER
+from embeddings.tables import TableFile
 from launcher.artifacts import SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find, lookup
 from launcher.data import read_items
 from llm.model import load_tuned
@@ -75,11 +75,11 @@ def rank(cfg: Config, data_dir: Path, run_dir: Path, user: int, candidates: pd.D
     sella_adapter = lookup(cfg, run_dir, SELLA_ADAPTER)
     llm, tokenizer = load_tuned(lc, sella_adapter or adapter_dir(cfg, run_dir))
     model = SellaLM.from_export(llm, tokenizer, find(cfg, run_dir, SELLA_PROJECTOR)).eval()
-    tables = load_file(str(find(cfg, run_dir, SELLA_TABLES)))
-    if user <= 0 or user >= len(tables[USER]):
-        raise ValueError(f"user {user} is outside the trained user table (1..{len(tables[USER]) - 1})")
+    tables = TableFile(find(cfg, run_dir, SELLA_TABLES))
+    if user <= 0 or user >= tables.shape(USER)[0]:
+        raise ValueError(f"user {user} is outside the trained user table (1..{tables.shape(USER)[0] - 1})")
     items = torch.tensor(candidates.item_id.to_numpy(), dtype=torch.long)
-    semantic = tables[SEMANTIC][items].clone() if model.warm else None
+    semantic = tables.rows(SEMANTIC, items) if model.warm else None
     new = candidates.index[candidates.new_item].tolist()
     if model.warm and new:
         distiller = llm if sella_adapter is None and cfg.distill.use_lora else load_tuned(
@@ -97,7 +97,7 @@ def rank(cfg: Config, data_dir: Path, run_dir: Path, user: int, candidates: pd.D
                           history_ids=[], history_titles=history, title=candidates.title[i]) for i in idx]
         encoded = [encode(tokenizer, s, "sella", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template,
                           with_answer=False, warm=model.warm) for s in samples]
-        rows = [tables[USER][torch.full((len(idx),), user)], tables[ITEM][items[idx]]]
+        rows = [tables.rows(USER, torch.full((len(idx),), user)), tables.rows(ITEM, items[idx])]
         if model.warm:
             rows.append(semantic[idx])
         scores.append(model(collate(encoded, tokenizer.pad_token_id), *rows, score=True).float())

@@ -35,12 +35,21 @@ from pathlib import Path
 import deepspeed
 import torch
 from peft import PeftModel
-from safetensors import safe_open
 from transformers.integrations import HfDeepSpeedConfig
 
 from embeddings.collab import ITEM, SEMANTIC, USER, Collab, ids_kjt
 from embeddings.sharding import attach_optimizers, resolve, shard
-from embeddings.tables import RankState, gather_tables, init_from_file, local_shards, restore, save_tensors, snapshot
+from embeddings.tables import (
+    RankState,
+    TableFile,
+    export_tables,
+    init_from_file,
+    local_shards,
+    restore,
+    save_tensors,
+    sharded_export,
+    snapshot,
+)
 from launcher import checkpoint, export
 from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find
 from launcher.data import SampleIndex, eval_samples, global_batches, usable
@@ -62,12 +71,10 @@ STAGE = "sella"
 
 
 def read_collab(path: Path, prefix: str | None = None) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
-    """Shapes of every tensor in stage 2b's file, and the tensors whose key starts with `prefix`."""
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-        picked = {k: f.get_tensor(k) for k in keys if prefix and k.startswith(prefix)}
-    return shapes, picked
+    """Shapes of every tensor in stage 2b's export (one file or sharded), and the tensors whose key starts
+    with `prefix`."""
+    tables = TableFile(path)
+    return tables.shapes, {k: tables.tensor(k) for k in tables.shapes if prefix and k.startswith(prefix)}
 
 
 class EngineAndTables:
@@ -252,13 +259,12 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=0, enabled=zero3), torch.no_grad():
         for p, v in zip(trainable, dense_best, strict=True):
             p.copy_(v.to(p.device, p.dtype))
-    tables = gather_tables(dmp)
     with deepspeed.zero.GatheredParameters(list(projector.parameters()), enabled=zero3):
         proj = {k: v.detach().float().cpu().clone() for k, v in projector.state_dict().items()}
+    meta = {"best_step": str(state["best_step"]), "warm_token": str(warm), "collab": str(collab_path),
+            "inject_norm": sc.inject_norm}
+    export_tables(dmp, run_dir / SELLA_TABLES, {}, meta, sharded_export(dmp, cc.export))
     if d.main:
-        meta = {"best_step": str(state["best_step"]), "warm_token": str(warm), "collab": str(collab_path),
-                "inject_norm": sc.inject_norm}
-        save_tensors(run_dir / SELLA_TABLES, tables, meta)
         save_tensors(run_dir / SELLA_PROJECTOR, proj, meta)
     if sc.train_lora:
         save_adapter(engine.module.llm, tokenizer, run_dir / SELLA_ADAPTER, zero3, d)

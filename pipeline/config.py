@@ -292,6 +292,9 @@ class CollabConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1, description="a checkpoint is written at every validation")
     align: AlignConfig = AlignConfig()
     semantic: str | None = Field(None, description="stage-2a vectors (default <run>/semantic.safetensors)")
+    export: Literal["auto", "single", "sharded"] = Field(
+        "auto", description="tables of stages 2b and 3: one file gathered on rank 0, or each rank its rows plus an "
+        "index (tables larger than a host); auto: sharded above 2 GiB of tables")
     align_eval_items: int = Field(10000, ge=1, description="items in the alignment-accuracy retrieval")
     projector_items: int = Field(2000, ge=0, description="item vectors shown in TensorBoard's projector")
     seed: int = 0

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-from tests.launch import finish, launch, write_config
+from embeddings.tables import TableFile
+from tests.launch import finish, launch, tiny_adapter, write_config
 
 COLLAB = {"dim": 16, "proj_hidden": 32, "batch": 256, "max_steps": 12, "eval_every": 4, "eval_batch": 4096,
           "align_eval_items": 500, "projector_items": 100, "table_lr": 0.1, "semantic_lr": 0.05}
@@ -50,7 +51,8 @@ def semantic(ml100k_out: Path, tmp_path_factory) -> Path:
 def runs(ml100k_out: Path, semantic: Path, tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("collab")
     runs = {"one": _run(tmp, ml100k_out, semantic, "one", 1, sharding="table_wise"),
-            **{kind: _run(tmp, ml100k_out, semantic, kind, 2, sharding=kind)
+            **{kind: _run(tmp, ml100k_out, semantic, kind, 2, sharding=kind,
+                          export="sharded" if kind == "row_wise" else "single")  # each rank writes its rows
                for kind in ("table_wise", "column_wise", "row_wise")}}
     cfg = _config(tmp, ml100k_out, semantic, "killed", sharding="table_wise")
     proc = launch(cfg, "collab", 2)
@@ -67,7 +69,9 @@ def runs(ml100k_out: Path, semantic: Path, tmp_path_factory) -> dict[str, Path]:
 
 
 def _tables(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "collab" / "collab.safetensors")
+    """Every tensor of the run's export, one file or sharded."""
+    tables = TableFile(run / "collab" / "collab.safetensors")
+    return {k: tables.tensor(k) for k in tables.shapes}
 
 
 @pytest.mark.parametrize("kind", ["table_wise", "column_wise", "row_wise"])
@@ -79,6 +83,32 @@ def test_two_ranks_train_the_same_tables_as_one(runs: dict[str, Path], kind: str
         assert_close(two[key], one[key], rtol=1e-4, atol=1e-4, msg=f"{kind}: {key}")  # summation order
     summary = json.loads((runs[kind] / "collab" / "summary.json").read_text())
     assert summary["world"] == 2 and summary["sharding"] == kind and summary["steps"] == COLLAB["max_steps"]
+
+
+def test_a_sharded_export_is_read_back_by_stage_3(runs: dict[str, Path], ml100k_out: Path, tmp_path: Path) -> None:
+    """row_wise on 2 ranks with collab.export: sharded: each rank wrote its own rows, rank 0 the index; stage 3
+    starts from it (every reader goes through embeddings.tables.TableFile) and leaves unlooked-up rows as they were."""
+    folder = runs["row_wise"] / "collab"
+    assert not (folder / "collab.safetensors").exists()
+    index = json.loads((folder / "collab.safetensors.index.json").read_text())
+    assert sorted(p.name for p in folder.glob("collab-*.safetensors")) == ["collab-00000-of-00002.safetensors",
+                                                                           "collab-00001-of-00002.safetensors"]
+    user = index["tensors"]["user"]
+    assert [p["file"][-26:] for p in user["pieces"]] == ["00000-of-00002.safetensors", "00001-of-00002.safetensors"]
+    assert user["pieces"][0]["rows"][1] == user["pieces"][1]["rows"][0] and user["pieces"][1]["rows"][1] == user["shape"][0]
+    run = tmp_path / "sella"
+    llm = {"model": "tiny", "max_length": 160}
+    tiny_adapter(run, llm)
+    cfg = write_config(tmp_path / "sella.yaml", data_dir=str(ml100k_out), run_dir=str(run), llm=llm,
+                       collab={"dim": 16, "proj_hidden": 32, "sharding": "row_wise"},
+                       sella={"collab": str(folder / "collab.safetensors"), "max_steps": 1, "micro_batch": 2,
+                              "grad_accum": 1, "eval_every": 0, "eval_rows": 8, "table_optimizer": "rowwise_adagrad",
+                              "loss": "answer", "projector_init": "random"})  # its Proj_C->L maps to d_llm 24
+    finish(launch(cfg, "sella", 2))
+    before, after = _tables(runs["row_wise"]), TableFile(run / "sella" / "collab.safetensors")
+    for name in ("user", "item", "semantic"):
+        same = (after.tensor(name) == before[name]).all(1)
+        assert same.sum() > len(same) - 20 and not same.all(), name  # only the 2 x 2 looked-up rows moved
 
 
 def test_killed_run_resumes_to_the_same_tables(runs: dict[str, Path]) -> None:
