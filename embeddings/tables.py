@@ -12,6 +12,7 @@ checkpoints: every rank writes its own shards to `<name>-<rank>-of-<world>.safet
 from __future__ import annotations
 
 import json
+import shutil
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -224,31 +226,6 @@ def export_tables(model: nn.Module, path: Path, extra: dict[str, torch.Tensor], 
     dist.barrier()
 
 
-def optimizer_shards(model: nn.Module) -> list[torch.Tensor]:
-    """Views of this rank's shards of the fused optimizers' state (e.g. row-wise Adagrad's sums)."""
-    state = model.fused_optimizer.state_dict()["state"]
-    out = []
-    for key in sorted(state):
-        for name in sorted(state[key]):
-            value = state[key][name]
-            if hasattr(value, "local_shards"):
-                out += [s.tensor for s in value.local_shards()]
-            elif isinstance(value, torch.Tensor):
-                out.append(value)
-    return out
-
-
-def snapshot(model: nn.Module) -> list[torch.Tensor]:
-    """A copy of this rank's table shards (to restore the best epoch later)."""
-    return [s.tensor.detach().clone() for s in local_shards(model)]
-
-
-@torch.no_grad()
-def restore(model: nn.Module, saved: list[torch.Tensor]) -> None:
-    for shard, value in zip(local_shards(model), saved, strict=True):
-        shard.tensor.copy_(value)
-
-
 def gather_tables(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full tables on rank 0 (empty dict on the other ranks); every rank must call it."""
     out = {}
@@ -271,34 +248,52 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     tmp.replace(path)
 
 
-class RankState:
-    """This rank's table shards in the shape launcher/checkpoint.py saves (it calls save_checkpoint /
-    load_checkpoint like on a DeepSpeed engine): table and fused-optimizer shards, the best state so far
-    (any picklable value), and dense parameters with their optimizer when given; one file per rank."""
+class TableState:
+    """The tables' part of a checkpoint, independent of the world size and the sharding.
 
-    def __init__(self, model: torch.nn.Module, dense: list[torch.nn.Parameter],
-                 dense_opt: torch.optim.Optimizer | None, best: dict) -> None:
-        self.model, self.dense, self.dense_opt, self.best = model, dense, dense_opt, best
+    Written with torch.distributed.checkpoint: the model's state dict (TorchRec's sharded tables, and any dense
+    module inside the model) and the fused optimizers' state, both as sharded tensors, so a checkpoint saved on
+    2 ranks with row_wise tables loads on 1 rank with table_wise ones and the other way round. A torch optimizer
+    of replicated parameters (`dense_opt`) is the same on every rank: rank 0 writes it. The best state so far is
+    kept the same way in <ckpt_dir>/best, rewritten at each improvement (`save_best`, `load_best`).
+    launcher/checkpoint.py calls save_checkpoint / load_checkpoint as on a DeepSpeed engine.
+    """
 
-    def _tensors(self) -> list[torch.Tensor]:
-        return [s.tensor for s in local_shards(self.model)] + optimizer_shards(self.model) + self.dense
+    def __init__(self, model: nn.Module, dense_opt: torch.optim.Optimizer | None = None) -> None:
+        self.model, self.dense_opt = model, dense_opt
 
-    def _file(self, ckpt_dir: str, tag: str) -> Path:
-        return Path(ckpt_dir) / tag / f"collab_rank{torch.distributed.get_rank()}.pt"
+    def _state(self) -> dict:
+        return {"model": self.model.state_dict(), "fused": self.model.fused_optimizer.state_dict()}
 
     def save_checkpoint(self, ckpt_dir: str, tag: str, save_latest: bool = False) -> None:
-        torch.save({"tensors": [t.detach().clone() for t in self._tensors()], "best": self.best["state"],
-                    "dense_opt": self.dense_opt.state_dict() if self.dense_opt else None}, self._file(ckpt_dir, tag))
+        dcp.save(self._state(), checkpoint_id=Path(ckpt_dir) / tag / "tables")
+        if self.dense_opt is not None and dist.get_rank() == 0:
+            torch.save(self.dense_opt.state_dict(), Path(ckpt_dir) / tag / "dense_opt.pt")
 
     @torch.no_grad()
     def load_checkpoint(self, ckpt_dir: str, tag: str, load_module_strict: bool = False) -> None:
-        saved = torch.load(self._file(ckpt_dir, tag), weights_only=False)
-        mine = self._tensors()
-        if [t.shape for t in mine] != [t.shape for t in saved["tensors"]]:
-            raise ValueError(f"{self._file(ckpt_dir, tag)}: written with another world size or sharding; "
-                             "resume with the same ones or start over with --fresh")
-        for t, v in zip(mine, saved["tensors"], strict=True):
-            t.copy_(v)
-        self.best["state"] = saved["best"]
-        if self.dense_opt:
-            self.dense_opt.load_state_dict(saved["dense_opt"])
+        state = self._state()
+        dcp.load(state, checkpoint_id=Path(ckpt_dir) / tag / "tables")
+        self.model.fused_optimizer.load_state_dict(state["fused"])
+        if self.dense_opt is not None:
+            self.dense_opt.load_state_dict(torch.load(Path(ckpt_dir) / tag / "dense_opt.pt", weights_only=False))
+
+    def save_best(self, ckpt_dir: Path, dense: list[torch.Tensor]) -> None:
+        """Keep the current tables (and the given dense tensors, replicated) as the best state; atomic."""
+        best, tmp = ckpt_dir / "best", ckpt_dir / "best.tmp"
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        dcp.save({"model": self.model.state_dict()}, checkpoint_id=tmp)
+        if dist.get_rank() == 0:
+            torch.save([t.detach().cpu() for t in dense], tmp / "dense.pt")
+            shutil.rmtree(best, ignore_errors=True)
+            tmp.rename(best)
+        dist.barrier()
+
+    @torch.no_grad()
+    def load_best(self, ckpt_dir: Path) -> list[torch.Tensor]:
+        """Restore the best tables into the model; the dense tensors saved with them."""
+        state = {"model": self.model.state_dict()}
+        dcp.load(state, checkpoint_id=ckpt_dir / "best")
+        return torch.load(ckpt_dir / "best" / "dense.pt", weights_only=False)

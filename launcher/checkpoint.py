@@ -43,7 +43,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any], keep: in
         tmp = ckpt_dir / f".{LATEST}.tmp"
         tmp.write_text(json.dumps({"tag": tag, "step": step, **state}))
         tmp.replace(ckpt_dir / LATEST)
-        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
+        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())  # (ckpt_dir/best is kept)
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -56,5 +56,7 @@ def load(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
         return None
     state = json.loads(latest.read_text())
     engine.load_checkpoint(str(ckpt_dir), tag=state["tag"], load_module_strict=False)
-    _set_rng_state(torch.load(ckpt_dir / state["tag"] / f"rng_rank{dist.get_rank()}.pt", weights_only=False))
+    rng = ckpt_dir / state["tag"] / f"rng_rank{dist.get_rank()}.pt"
+    if rng.is_file():  # a rank the saving run did not have starts from its seed (data order does not use it)
+        _set_rng_state(torch.load(rng, weights_only=False))
     return state

@@ -28,15 +28,13 @@ from embeddings.align import alignment_loss, gather_rows, retrieval_accuracy
 from embeddings.collab import ITEM, SEMANTIC, USER, Collab, ids_kjt, mf_logits
 from embeddings.sharding import attach_optimizers, resolve, shard, sum_dense_grads
 from embeddings.tables import (
-    RankState,
     TableFile,
+    TableState,
     export_tables,
     init_from_file,
     init_normal,
     local_shards,
-    restore,
     sharded_export,
-    snapshot,
 )
 from launcher import checkpoint
 from launcher.artifacts import COLLAB_FILE, SEMANTIC_FILE, lookup
@@ -129,9 +127,9 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     per_epoch = -(-len(train) // cc.batch)
     total = min(cc.max_epochs * per_epoch, cc.max_steps or 1 << 62)
     align_items = items.item_id.to_numpy()[:cc.align_eval_items]
-    best = {"auc": -1.0, "step": 0, "state": None, "valid": None}
-    rank_state = RankState(dmp, dense, dense_opt, best)
-    loop = checkpoint.load(rank_state, out / "ckpt") or {}
+    best = {"auc": -1.0, "step": 0, "valid": None}
+    tables_state = TableState(dmp, dense_opt)  # world-size independent: a run may resume on other ranks
+    loop = checkpoint.load(tables_state, out / "ckpt") or {}
     best.update({k[5:]: v for k, v in loop.items() if k.startswith("best_")})
     stale, step, samples, seconds = (loop.get(k, 0) for k in ("stale", "step", "samples", "seconds"))
     stopped, resumed_from = "budget", step
@@ -148,12 +146,12 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         monitor.write(f"[{STAGE}] step {step}: valid\n{format_report(metrics)}"
                       + (f"\nalignment accuracy {logs['align_acc']:.4f}" if aligned else ""))
         if (metrics["overall"]["auc"] or 0.0) > best["auc"]:
-            best.update(auc=metrics["overall"]["auc"], step=step, valid=metrics,
-                        state=(snapshot(dmp), [p.detach().clone() for p in dense]))
+            best.update(auc=metrics["overall"]["auc"], step=step, valid=metrics)
+            tables_state.save_best(out / "ckpt", [])  # the projector is in the model's state dict
             stale = 0
         else:
             stale += 1
-        checkpoint.save(rank_state, out / "ckpt", step, {
+        checkpoint.save(tables_state, out / "ckpt", step, {
             "step": step, "samples": samples, "seconds": seconds, "stale": stale, "best_auc": best["auc"],
             "best_step": best["step"], "best_valid": best["valid"]}, cc.keep_checkpoints)
         return stale >= cc.patience
@@ -198,10 +196,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         if stopped == "early_stop" or step == total:
             break
 
-    restore(dmp, best["state"][0])
-    with torch.no_grad():
-        for p, v in zip(dense, best["state"][1], strict=True):
-            p.copy_(v)
+    tables_state.load_best(out / "ckpt")
     test = evaluate("test")
     monitor.write(f"[{STAGE}] best step {best['step']}: test\n{format_report(test)}")
     accuracy = align_accuracy(align_items) if aligned else None

@@ -40,15 +40,13 @@ from transformers.integrations import HfDeepSpeedConfig
 from embeddings.collab import ITEM, SEMANTIC, USER, Collab, ids_kjt
 from embeddings.sharding import attach_optimizers, resolve, shard
 from embeddings.tables import (
-    RankState,
     TableFile,
+    TableState,
     export_tables,
     init_from_file,
     local_shards,
-    restore,
     save_tensors,
     sharded_export,
-    snapshot,
 )
 from launcher import checkpoint, export
 from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find
@@ -80,7 +78,7 @@ def read_collab(path: Path, prefix: str | None = None) -> tuple[dict[str, tuple[
 class EngineAndTables:
     """Checkpoints the DeepSpeed engine and this rank's table shards together (launcher/checkpoint.py)."""
 
-    def __init__(self, engine: deepspeed.DeepSpeedEngine, tables: RankState) -> None:
+    def __init__(self, engine: deepspeed.DeepSpeedEngine, tables: TableState) -> None:
         self.engine, self.tables = engine, tables
 
     def save_checkpoint(self, ckpt_dir: str, tag: str, save_latest: bool = False) -> None:
@@ -173,8 +171,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     total = planned_steps(sc, len(train), d.world)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
                                       lr_scheduler=cosine_schedule(sc, total))
-    best: dict = {"state": None}
-    both = EngineAndTables(engine, RankState(dmp, [], table_opt, best))
+    tables_state = TableState(dmp, table_opt)  # world-size independent: a run may resume on other ranks
+    both = EngineAndTables(engine, tables_state)
     state = checkpoint.load(both, out / "ckpt") or {"step": 0, "best_auc": -1.0, "best_step": 0, "best_valid": None,
                                                      "seconds": 0.0, "curve": []}
     start = state["step"]
@@ -202,7 +200,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         state["curve"].append(curve_point(step, step * per_step, state["seconds"], metrics))
         if (metrics["overall"]["auc"] or 0.0) > state["best_auc"]:
             state.update(best_auc=metrics["overall"]["auc"], best_step=step, best_valid=metrics)
-            best["state"] = (snapshot(dmp), dense_copy())
+            tables_state.save_best(out / "ckpt", dense_copy())
         return metrics
 
     if start == 0 and sc.eval_every:
@@ -254,8 +252,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         if step == stop:
             break
 
-    tables_best, dense_best = best["state"]
-    restore(dmp, tables_best)
+    dense_best = tables_state.load_best(out / "ckpt")
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=0, enabled=zero3), torch.no_grad():
         for p, v in zip(trainable, dense_best, strict=True):
             p.copy_(v.to(p.device, p.dtype))

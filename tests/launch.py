@@ -92,3 +92,20 @@ def tiny_collab(path: Path, data_dir: Path, dim: int, llm_dim: int, hidden: int 
         tensors |= {f"projector.{k}": v for k, v in projector(dim, hidden, llm_dim).state_dict().items()}
     save_tensors(path, tensors, {})
     return path
+
+
+def read_tables_checkpoint(tag_dir: Path) -> dict:
+    """A TableState checkpoint (torch.distributed.checkpoint) read offline, whatever the world size that wrote it:
+    {"model": {state dict key: full tensor}, "fused": {...}}."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tag_dir.parent / f"{tag_dir.name}-tables.pt"
+    dcp_to_torch_save(tag_dir / "tables", out)
+    return torch.load(out, weights_only=False)
+
+
+def table_weights(state: dict) -> dict:
+    """{table name: full weight} from read_tables_checkpoint's model state dict."""
+    return {k.split(".")[-2]: v for k, v in state["model"].items() if k.endswith(".weight") and "embedding_bags" in k}
+

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from embeddings.tables import TableFile
-from tests.launch import finish, launch, tiny_adapter, write_config
+from tests.launch import finish, launch, read_tables_checkpoint, tiny_adapter, write_config
 
 COLLAB = {"dim": 16, "proj_hidden": 32, "batch": 256, "max_steps": 12, "eval_every": 4, "eval_batch": 4096,
           "align_eval_items": 500, "projector_items": 100, "table_lr": 0.1, "semantic_lr": 0.05}
@@ -117,13 +117,25 @@ def test_killed_run_resumes_to_the_same_tables(runs: dict[str, Path]) -> None:
     whole, resumed = _tables(runs["table_wise"]), _tables(runs["killed"])
     for key in whole:
         assert_close(resumed[key], whole[key], rtol=0, atol=1e-6, msg=key)
-    for rank in (0, 1):  # the last state too (the export is the best one): shards, optimizer state, projector
-        last = [torch.load(run / "collab" / "ckpt" / "step00000012" / f"collab_rank{rank}.pt")["tensors"]
-                for run in (runs["table_wise"], runs["killed"])]
-        assert len(last[0]) == len(last[1]) > 3
-        for a, b in zip(*last, strict=True):
-            assert_close(b, a, rtol=0, atol=1e-6)
+    # the last state too (the export is the best one): tables, fused optimizer state, projector and its Adam
+    last = [read_tables_checkpoint(run / "collab" / "ckpt" / "step00000012") for run in (runs["table_wise"], runs["killed"])]
+    flat = [{f"{part}/{k}": v for part in ("model", "fused") for k, v in _flatten(state[part]).items()} for state in last]
+    assert flat[0].keys() == flat[1].keys() and len(flat[0]) > 6
+    for key in flat[0]:
+        assert_close(flat[1][key], flat[0][key], rtol=0, atol=1e-6, msg=key)
+    adam = [torch.load(run / "collab" / "ckpt" / "step00000012" / "dense_opt.pt") for run in (runs["table_wise"], runs["killed"])]
+    assert_close(adam[1]["state"][0]["exp_avg"], adam[0]["state"][0]["exp_avg"], rtol=0, atol=1e-6)
     assert summary["best_step"] == json.loads((runs["table_wise"] / "collab" / "summary.json").read_text())["best_step"]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}/")
+        elif isinstance(v, torch.Tensor):
+            out[prefix + k] = v
+    return out
 
 
 def test_tables_are_trained_and_exported(runs: dict[str, Path], semantic: Path) -> None:

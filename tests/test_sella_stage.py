@@ -21,7 +21,16 @@ from torch.testing import assert_close
 
 from launcher.artifacts import COLLAB_FILE, SELLA_PROJECTOR, SELLA_TABLES
 from tests.conftest import REPO
-from tests.launch import finish, free_port, launch, tiny_adapter, tiny_collab, write_config
+from tests.launch import (
+    finish,
+    free_port,
+    launch,
+    read_tables_checkpoint,
+    table_weights,
+    tiny_adapter,
+    tiny_collab,
+    write_config,
+)
 
 LLM = {"model": "tiny", "max_length": 160}
 COLLAB = {"dim": 16, "proj_hidden": 32, "sharding": "row_wise"}
@@ -59,14 +68,12 @@ def test_llm_loss_updates_the_sharded_tables_on_both_ranks(runs: dict[str, Path]
     rows the LLM loss changed, and only the rows the batches looked up."""
     before = load_file(runs["collm"] / COLLAB_FILE)
     assert set(load_file(runs["collm"] / SELLA_TABLES)) == {"user", "item"}
-    for rank in (0, 1):
-        saved = torch.load(runs["collm"] / "sella" / "ckpt" / "step00000002" / f"collab_rank{rank}.pt", weights_only=False)
-        for name in ("user", "item"):
-            half = -(-len(before[name]) // 2)
-            start = before[name][:half] if rank == 0 else before[name][half:]
-            shard, = (t for t in saved["tensors"] if t.shape == start.shape)
-            changed = (shard != start).any(1)
-            assert 0 < int(changed.sum()) < len(shard), (name, rank)
+    saved = table_weights(read_tables_checkpoint(runs["collm"] / "sella" / "ckpt" / "step00000002"))
+    for name in ("user", "item"):
+        half = -(-len(before[name]) // 2)
+        changed = (saved[name] != before[name]).any(1)
+        for rank_rows in (changed[:half], changed[half:]):  # each rank's shard
+            assert 0 < int(rank_rows.sum()) < len(rank_rows), name
     summary = json.loads((runs["collm"] / "sella" / "summary.json").read_text())
     assert summary["sharding"] == "row_wise" and summary["zero_stage"] == 3
     assert summary["table_optimizer"].startswith("rowwise_adagrad: FBGEMM fused")
@@ -79,14 +86,13 @@ def test_authors_recipe_one_adamw_over_tables_and_projectors(runs: dict[str, Pat
     assert summary["sharding"] == "data_parallel" and summary["zero_stage"] == 0 and summary["loss"] == "sequence"
     assert summary["table_optimizer"].startswith("adamw: TorchRec dense kernel")
     before = load_file(runs["two"] / COLLAB_FILE)
-    for rank in (0, 1):  # every rank holds the same replica
-        saved = torch.load(runs["two"] / "sella" / "ckpt" / "step00000004" / f"collab_rank{rank}.pt", weights_only=False)
-        for name in ("user", "item", "semantic"):
-            table, = (t for t in saved["tensors"][:3] if t.shape == before[name].shape)
-            shrunk = before[name] * (1 - SELLA["lr"] * 0.01) ** 4
-            untouched = torch.isclose(table, shrunk, rtol=1e-6, atol=1e-7).all(1)
-            assert 0 < int((~untouched).sum()) < len(table), name  # the looked-up rows, and only those, learned
-            assert (table - shrunk).abs()[~untouched].max() > 1e-4, name
+    saved = table_weights(read_tables_checkpoint(runs["two"] / "sella" / "ckpt" / "step00000004"))
+    for name in ("user", "item", "semantic"):
+        table = saved[name]
+        shrunk = before[name] * (1 - SELLA["lr"] * 0.01) ** 4
+        untouched = torch.isclose(table, shrunk, rtol=1e-6, atol=1e-7).all(1)
+        assert 0 < int((~untouched).sum()) < len(table), name  # the looked-up rows, and only those, learned
+        assert (table - shrunk).abs()[~untouched].max() > 1e-4, name
 
 
 def test_two_ranks_match_one_rank(runs: dict[str, Path]) -> None:
@@ -237,8 +243,8 @@ def test_checkpoints_and_tensorboard(runs: dict[str, Path]) -> None:
     run = runs["two"]
     latest = json.loads((run / "sella" / "ckpt" / "latest.json").read_text())
     assert latest["step"] == 4 and latest["best_step"] in (0, 2, 4)
-    assert sorted(p.name for p in (run / "sella" / "ckpt" / latest["tag"]).glob("collab_rank*.pt")) == \
-        ["collab_rank0.pt", "collab_rank1.pt"]
+    assert (run / "sella" / "ckpt" / latest["tag"] / "tables" / ".metadata").is_file()
+    assert (run / "sella" / "ckpt" / "best" / "dense.pt").is_file()
     events = EventAccumulator(str(run / "tb" / "sella")).Reload()
     assert {"train/loss", "train/lr", "valid/overall/auc"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("valid/overall/auc")] == [0, 2, 4]
