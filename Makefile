@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)
 SUBMIT := spark-submit --driver-memory 4g
 DEEPSPEED := deepspeed --hostfile scripts/hostfile.local --no_ssh_check --master_addr 127.0.0.1
 
-.PHONY: setup demo test prep-ml1m prep-collm lora-collm collab-collm results-collm gpu-payload bench-prep bench-llm bench-sella bench-collab clean
+.PHONY: setup demo test test-fast prep-ml1m prep-collm lora-collm collab-collm results-collm gpu-payload bench-prep bench-llm bench-sella bench-collab clean
 
 setup:                      ## create .venv with the pinned stack and fetch the embedded default assets
 	scripts/setup.sh $(TARGET)
@@ -19,6 +19,9 @@ demo: setup                 ## main job on the embedded default (ML-100K from th
 
 test: setup                 ## the test suite (what .ci/run calls)
 	python -m pytest -q tests
+
+test-fast: setup            ## the unit tests that start neither Spark nor the launcher (CI runs everything)
+	python -m pytest -q -m "not integration" tests
 
 prep-ml1m: setup            ## ML-1M raw files from ../shared/data (users 1-2,999)
 	$(SUBMIT) pipeline/prep.py --config configs/ml-1m.yaml --overwrite

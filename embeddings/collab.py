@@ -26,7 +26,7 @@ USER, ITEM, SEMANTIC = "user", "item", "semantic"
 
 
 def projector(dim: int, hidden: int, out: int) -> nn.Sequential:
-    """Proj_C->L: d_c -> hidden -> GELU -> d_llm (method.md's projector A has the same shape)."""
+    """Proj_C->L: d_c -> hidden -> GELU -> d_llm (docs/method.md's projector A has the same shape)."""
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec import optim as trec_optim
-from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed import DistributedModelParallel, comm_ops
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
@@ -64,7 +64,12 @@ def shard(model: nn.Module, sharding: Sharding, device: torch.device) -> Distrib
 
     Dense modules are not wrapped in DDP: each rank's loss is its share of the global-batch loss, so the
     caller sums their gradients over ranks (`sum_dense_grads`), which keeps 1-rank and n-rank runs equal.
+    For the same reason a sharded row's gradient is the sum of every rank's contribution: TorchRec's default
+    divides it by the world size after a pooled all-to-all (table_wise, column_wise, the CPU row_wise) but not
+    after a reduce-scatter (row_wise on GPU), which made the row-wise Adagrad state of a 2-rank run a quarter
+    of a 1-rank run's (found by the reshard test), so division is turned off.
     """
+    comm_ops.set_gradient_division(False)
     kind = resolve(sharding, device)
     world = dist.get_world_size()
     kernel = EmbeddingComputeKernel.DENSE if kind == ShardingType.DATA_PARALLEL.value else EmbeddingComputeKernel.FUSED

@@ -226,6 +226,11 @@ def export_tables(model: nn.Module, path: Path, extra: dict[str, torch.Tensor], 
     dist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where tensors of a collective must live: NCCL takes only CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def gather_tables(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full tables on rank 0 (empty dict on the other ranks); every rank must call it."""
     out = {}
@@ -233,10 +238,11 @@ def gather_tables(model: nn.Module) -> dict[str, torch.Tensor]:
         if not hasattr(weight, "local_shards"):  # a replicated (data_parallel) table: every rank has it whole
             out[name] = weight.detach().cpu().clone()
             continue
-        full = torch.empty(tuple(weight.size()), dtype=weight.dtype) if dist.get_rank() == 0 else None
+        full = (torch.empty(tuple(weight.size()), dtype=weight.dtype, device=collective_device())
+                if dist.get_rank() == 0 else None)
         weight.gather(dst=0, out=full)
         if full is not None:
-            out[name] = full
+            out[name] = full.cpu()
     return out if dist.get_rank() == 0 else {}
 
 
@@ -265,7 +271,9 @@ class TableState:
     def _state(self) -> dict:
         return {"model": self.model.state_dict(), "fused": self.model.fused_optimizer.state_dict()}
 
-    def save_checkpoint(self, ckpt_dir: str, tag: str, save_latest: bool = False) -> None:
+    def save_checkpoint(self, ckpt_dir: str, tag: str, save_latest: bool = False,
+                        exclude_frozen_parameters: bool = True) -> None:
+        """DeepSpeed's signature, so launcher.checkpoint saves both alike (the tables have no frozen part)."""
         dcp.save(self._state(), checkpoint_id=Path(ckpt_dir) / tag / "tables")
         if self.dense_opt is not None and dist.get_rank() == 0:
             torch.save(self.dense_opt.state_dict(), Path(ckpt_dir) / tag / "dense_opt.pt")

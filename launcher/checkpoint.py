@@ -1,4 +1,5 @@
-"""Resumable checkpoints around DeepSpeed's own: engine state (ZeRO partitions, optimizer, scheduler) plus
+"""Resumable checkpoints around DeepSpeed's own: engine state (ZeRO partitions, optimizer, scheduler; the
+trainable parameters only, since every stage rebuilds its frozen weights from their files) plus
 each rank's RNG state and the loop's position, committed by a `latest.json` written after every rank
 has finished, so a crash mid-save leaves the previous checkpoint in charge."""
 from __future__ import annotations
@@ -37,11 +38,14 @@ def save(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any], keep: in
     rank = dist.get_rank()
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    # the frozen base (and a frozen stage-1 adapter) is rebuilt from its files on resume: keep only what trains
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
     dist.barrier()
     if rank == 0:
+        record = json.dumps({"tag": tag, "step": step, **state})
+        (ckpt_dir / tag / "state.json").write_text(record)  # the loop state at this tag (to go back to it)
         tmp = ckpt_dir / f".{LATEST}.tmp"
-        tmp.write_text(json.dumps({"tag": tag, "step": step, **state}))
+        tmp.write_text(record)
         tmp.replace(ckpt_dir / LATEST)
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())  # (ckpt_dir/best is kept)
         for old in tags[:-keep]:

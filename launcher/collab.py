@@ -1,6 +1,6 @@
 """Stage 2b (`collab`): the Collab model (MF) on TorchRec-sharded tables, aligned to the semantic table.
 
-Loss per global batch: BCE(<e_u, e_i>, y) + w * L_align(Proj_C->L(e_i), s_i) (method.md, stage 2b); w = 0
+Loss per global batch: BCE(<e_u, e_i>, y) + w * L_align(Proj_C->L(e_i), s_i) (docs/method.md, stage 2b); w = 0
 is the plain MF baseline, without semantic table or projector. Tables are updated by fused optimizers in
 the backward pass, the projector by Adam. Each rank takes its slice of every global batch and its loss
 is its share of the global loss, so a run gives the same tables on any number of ranks.
@@ -77,8 +77,8 @@ def forward_all(model: torch.nn.Module, ids: dict[str, torch.Tensor], batch: int
         if real == 0:
             part = {k: torch.zeros(1, dtype=torch.long) for k in ids}
         rows = model(ids_kjt({k: v.to(d.device) for k, v in part.items()}))
-        out.append(fn(rows)[:real].float().cpu())
-    return gather_rows(torch.cat(out))
+        out.append(fn(rows)[:real].float())
+    return gather_rows(torch.cat(out)).cpu()  # gathered on the device: NCCL has no CPU tensors
 
 
 def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:

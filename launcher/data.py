@@ -18,7 +18,7 @@ from typing import TypeVar
 import numpy as np
 import pandas as pd
 
-from pipeline.schema import SAMPLE_EXT, Sample, decode_sample, shard_urls
+from pipeline.schema import INDEX_COLUMNS, SAMPLE_EXT, Sample, decode_sample, index_path, shard_urls
 
 T = TypeVar("T")
 
@@ -44,23 +44,22 @@ class SampleIndex(Sequence):
     sample instead of the decoded sample; item i is read back by one seek into its uncompressed tar.
 
     Lets every rank draw any sample of the split (global_batches) without holding the split in memory; the
-    row-id order makes the sample order independent of how prep laid the shards out.
+    row-id order makes the sample order independent of how prep laid the shards out. Built from the index
+    files prep writes beside the shards; a prep output without them (written before they existed) is read
+    by decoding every sample once.
     """
 
-    def __init__(self, out_dir: str | Path, split: str, keep: Callable[[Sample], bool] = lambda s: True) -> None:
+    def __init__(self, out_dir: str | Path, split: str, drop_no_history: bool = False) -> None:
         self.urls = shard_urls(out_dir, split)
         if not self.urls:
             raise ValueError(f"{out_dir}: split {split!r} has no shards")
-        where = array("q")  # shard, offset, size, row id per kept sample
+        parts = []
         for k, url in enumerate(self.urls):
-            with tarfile.open(url) as tar:
-                for member in tar:
-                    if not member.name.endswith("." + SAMPLE_EXT):
-                        continue
-                    sample = decode_sample(tar.extractfile(member).read())
-                    if keep(sample):
-                        where.extend((k, member.offset_data, member.size, sample["row_id"]))
-        where = np.frombuffer(where, dtype=np.int64).reshape(-1, 4)
+            per_sample = np.load(index_path(url)) if index_path(url).is_file() else index_from_tar(url)
+            if drop_no_history:
+                per_sample = per_sample[per_sample[:, 3] > 0]
+            parts.append(np.column_stack([np.full(len(per_sample), k), per_sample[:, :3]]))
+        where = np.concatenate(parts).astype(np.int64)  # shard, offset, size, row id per kept sample
         self.where = where[np.argsort(where[:, 3], kind="stable")]
         self.row_id = self.where[:, 3]
 
@@ -74,14 +73,25 @@ class SampleIndex(Sequence):
             return decode_sample(f.read(size))
 
 
+def index_from_tar(url: str) -> np.ndarray:
+    """A shard's index (offset, size, row id, history length per sample) read from the tar itself."""
+    out = array("q")
+    with tarfile.open(url) as tar:
+        for member in tar:
+            if member.name.endswith("." + SAMPLE_EXT):
+                sample = decode_sample(tar.extractfile(member).read())
+                out.extend((member.offset_data, member.size, sample["row_id"], len(sample["history_ids"])))
+    return np.frombuffer(out, dtype=np.int64).reshape(-1, INDEX_COLUMNS)
+
+
 def eval_samples(out_dir: str | Path, split: str, rows: int | None, rank: int, world: int,
-                 keep: Callable[[Sample], bool] = lambda s: True) -> list[Sample]:
+                 drop_no_history: bool = False) -> list[Sample]:
     """This rank's share of a fixed subset of `rows` samples of a split (all when None).
 
     The subset depends only on the row ids, so runs with any world size score the same rows; ranks
     take every world-th selected row, so their shares differ in size by at most one.
     """
-    index = SampleIndex(out_dir, split, keep)
+    index = SampleIndex(out_dir, split, drop_no_history)
     row_ids = index.row_id.tolist()
     kept = sorted(range(len(index)), key=lambda i: _stable_key(row_ids[i]))
     chosen = sorted(kept if rows is None else kept[:rows])  # the index is in row-id order

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from embeddings.tables import collective_device
 from pipeline.config import DeepSpeedConfig
 
 
@@ -77,7 +78,7 @@ def gather(obj: Any) -> list[Any]:
 
 
 def _reduce(x: float, op: dist.ReduceOp) -> float:
-    t = torch.tensor([x], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([x], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=op)
     return float(t.item())
 

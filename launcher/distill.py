@@ -1,7 +1,7 @@
 """Stage 2a (`distill`): semantic item vectors from the LLM.
 
 For every item, the final-layer hidden state at the last position of the distillation prompt
-("Movie: {title}") through the base model and the stage-1 LoRA adapter (method.md, stage 2a). Items are
+("Movie: {title}") through the base model and the stage-1 LoRA adapter (docs/method.md, stage 2a). Items are
 cut into chunks of `distill.chunk_items`; rank r takes chunks r, r + world, ...; each finished chunk is
 written to <run>/distill/chunks/ at once, so a killed run skips the chunks it already has.
 Writes: <run>/semantic.safetensors, float32: `semantic` [max item id + 1, d_llm] indexed by item id (row 0 and

@@ -12,11 +12,16 @@ from pipeline.config import Config, DeepSpeedConfig, TrainConfig
 
 
 def zero_stage(ds: DeepSpeedConfig, d: Dist) -> int:
-    """The ZeRO stage to run: `auto` is 0 on one CPU host, where partitioning only adds gathers (ZeRO-3 measured
-    1.6x slower there), and 3 on GPUs or across hosts, where memory per device is what limits the model."""
+    """The ZeRO stage to run: `auto` is 0 on one host and 3 across hosts.
+
+    On one host ZeRO-3's per-module gather hooks cost more than they save for a model that fits a device: on
+    one CPU host ZeRO-3 measured 2.2x slower (bench/sella.py), on one H200 stage 1 of SmolLM2-135M trained at
+    8.8 prompts/s under ZeRO-3 while the same GPU scored 520 prompts/s forward-only
+    (docs/results/gpu-h200-2026-11-27). A model too large for one device sets `zero_stage: 3` itself.
+    """
     if ds.zero_stage != "auto":
         return ds.zero_stage
-    return 0 if d.device.type == "cpu" and d.one_host else 3
+    return 0 if d.one_host else 3
 
 
 def resolve(cfg: Config, d: Dist) -> Config:

@@ -5,7 +5,7 @@
 - lora: the base LLM with the stage-1 adapter, the text-only, TALLRec-like model, P(Yes);
 - mf: sigmoid(<e_u, e_i>) of stage 2b's tables;
 - popularity: the item's positive rate in train (items unseen in train: the global rate), the trivial
-  baseline method.md asks every results table to carry.
+  baseline docs/method.md asks every results table to carry.
 `eval.baselines` (popularity, mf) are scored on the same rows beside the model, so a reader sees at once
 whether the model is above them; they go into metrics.json under `baselines`.
 LLM rows are scored over all ranks (left-padded batches, softmax over {No, Yes} at the answer position);
@@ -39,7 +39,7 @@ from launcher.artifacts import (
     find,
     lookup,
 )
-from launcher.data import eval_samples, usable
+from launcher.data import eval_samples
 from launcher.dist import Dist, max_over_ranks
 from launcher.metrics import add_intervals, format_report, roc_points, scalars
 from launcher.monitor import Monitor
@@ -131,12 +131,11 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     out = run_dir / STAGE
     monitor = Monitor(d.main, run_dir / "tb" / STAGE, len(ec.splits), 0, STAGE)
 
-    keep = usable(lc.drop_no_history)
     results: dict[str, dict] = {}
     compared: dict[str, dict] = {name: {} for name in baselines}
     seconds: dict[str, float] = {}
     for split in ec.splits:
-        samples = eval_samples(data_dir, split, ec.rows, d.rank, d.world, keep)
+        samples = eval_samples(data_dir, split, ec.rows, d.rank, d.world, lc.drop_no_history)
         t0 = time.time()
         scores = scorer(samples)
         seconds[split] = max_over_ranks(time.time() - t0)

@@ -70,7 +70,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     start = state["step"]
     per_step = tc.micro_batch * tc.grad_accum * d.world
 
-    valid = eval_samples(data_dir, "valid", tc.eval_rows, d.rank, d.world, keep)
+    valid = eval_samples(data_dir, "valid", tc.eval_rows, d.rank, d.world, lc.drop_no_history)
     valid_enc = [encode(tokenizer, s, "lora", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template,
                         with_answer=False) for s in valid]
     monitor = Monitor(d.main, run_dir / "tb" / STAGE, total, start, STAGE)
@@ -132,6 +132,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
                "train_tokens": state["tokens"], "train_seconds": state["seconds"],
                "tokens_per_s": state["tokens"] / state["seconds"] if state["seconds"] else None,
                "samples_per_s": stop * per_step / state["seconds"] if state["seconds"] else None,
+               "skipped_steps": engine.skipped_steps,  # DeepSpeed skipped them: non-finite gradients
                "memory_per_rank": memory}
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

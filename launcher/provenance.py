@@ -35,12 +35,13 @@ SHAPES = {
     "distill": ("data_dir", "upstream", "domain", "llm", "distill"),
     "collab": ("data_dir", "upstream", "collab"),
     "sella": ("data_dir", "upstream", "domain", "llm", "sella", "collab.dim", "collab.proj_hidden",
-              "collab.sharding", "deepspeed.precision"),
+              "deepspeed.precision"),
     "eval": (),
 }
 BUDGET = {"max_steps", "epochs", "max_samples", "max_minutes", "eval_every", "eval_rows", "eval_batch", "save_every",
           "keep_checkpoints", "log_every", "patience", "max_epochs", "projector_items", "align_eval_items",
-          "distill.batch", "distill.chunk_items"}  # leaf names in any section, or full keys
+          "distill.batch", "distill.chunk_items",  # leaf names in any section, or full keys; and the layout:
+          "collab.sharding", "collab.export"}  # checkpoints reshard, so a run may resume with another
 
 
 class ConfigChanged(ValueError):
@@ -56,17 +57,21 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def shaping(config: dict[str, Any], stage: str) -> dict[str, Any]:
-    """The flattened keys of `config` that shape `stage`'s model."""
+def shaping(config: dict[str, Any], stage: str, world: int) -> dict[str, Any]:
+    """The flattened keys of `config` that shape `stage`'s model. A stage's micro-batch counts as the global one
+    (micro_batch x world, `<stage>.global_micro_batch`): stage 3 on 2 ranks x 2 equals 1 rank x 4."""
     flat = _flat(config)
     keep = SHAPES[stage]
-    return {k: v for k, v in flat.items()
-            if any(k == s or k.startswith(s + ".") for s in keep) and k.rsplit(".", 1)[-1] not in BUDGET
-            and k not in BUDGET}
+    out = {k: v for k, v in flat.items()
+           if any(k == s or k.startswith(s + ".") for s in keep) and k.rsplit(".", 1)[-1] not in BUDGET
+           and k not in BUDGET}
+    if f"{stage}.micro_batch" in out:
+        out[f"{stage}.global_micro_batch"] = out.pop(f"{stage}.micro_batch") * world
+    return out
 
 
-def changed_keys(old: dict[str, Any], new: dict[str, Any], stage: str) -> list[str]:
-    a, b = shaping(old, stage), shaping(new, stage)
+def changed_keys(old: dict[str, Any], new: dict[str, Any], stage: str, old_world: int = 1, world: int = 1) -> list[str]:
+    a, b = shaping(old, stage, old_world), shaping(new, stage, world)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
@@ -90,17 +95,18 @@ def versions() -> dict[str, str]:
     return out
 
 
-def check(cfg: Config, run_dir: Path, stage: str, allow_change: bool) -> list[str]:
-    """Compare `cfg` with the config recorded by this stage's earlier run; the changed shaping keys (raises
-    ConfigChanged on any, unless `allow_change`)."""
+def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool) -> list[str]:
+    """Compare `cfg` on `world` ranks with the config recorded by this stage's earlier run; the changed shaping
+    keys (raises ConfigChanged on any, unless `allow_change`)."""
     recorded = run_dir / stage / RUN_CONFIG
     if not recorded.is_file():
         return []
     old = yaml.safe_load(recorded.read_text())
-    changed = changed_keys(old, cfg.model_dump(mode="json"), stage)
+    old_world = json.loads((run_dir / stage / PROVENANCE).read_text())["world"]
+    changed = changed_keys(old, cfg.model_dump(mode="json"), stage, old_world, world)
     if changed and not allow_change:
-        new = _flat(cfg.model_dump(mode="json"))
-        was = _flat(old)
+        new = shaping(cfg.model_dump(mode="json"), stage, world) | _flat(cfg.model_dump(mode="json"))
+        was = shaping(old, stage, old_world) | _flat(old)
         detail = "; ".join(f"{k}: {was.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise ConfigChanged(f"{recorded}: stage {stage} ran with other settings that change its model ({detail}). "
                             "Start it over with --fresh, use another --run-dir, or continue anyway with "

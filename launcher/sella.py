@@ -1,6 +1,6 @@
 """Stage 3 (`sella`): SeLLa-Rec training, the LLM reading collab and semantic vectors at special tokens.
 
-One job, one process group. A DeepSpeed engine (ZeRO-3 by default) holds SellaLM: the frozen base LLM,
+One job, one process group. A DeepSpeed engine (ZeRO auto: 0 on one host, 3 across hosts) holds SellaLM: the frozen base LLM,
 the stage-1 LoRA (trained too with `sella.train_lora`) and the hybrid projector. The collab user/item
 tables and the semantic table stay TorchRec-sharded (DistributedModelParallel) with fused optimizers.
 Per micro-batch each rank looks its rows up in the sharded tables, the engine injects their projections at
@@ -50,7 +50,7 @@ from embeddings.tables import (
 )
 from launcher import checkpoint, export
 from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find
-from launcher.data import SampleIndex, eval_samples, global_batches, usable
+from launcher.data import SampleIndex, eval_samples, global_batches
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import cosine_schedule, ds_config, engine_step, out_of_time, planned_steps
 from launcher.lora import save_adapter
@@ -81,8 +81,10 @@ class EngineAndTables:
     def __init__(self, engine: deepspeed.DeepSpeedEngine, tables: TableState) -> None:
         self.engine, self.tables = engine, tables
 
-    def save_checkpoint(self, ckpt_dir: str, tag: str, save_latest: bool = False) -> None:
-        self.engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
+    def save_checkpoint(self, ckpt_dir: str, tag: str, save_latest: bool = False,
+                        exclude_frozen_parameters: bool = True) -> None:
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False,
+                                    exclude_frozen_parameters=exclude_frozen_parameters)
         self.tables.save_checkpoint(ckpt_dir, tag)
 
     def load_checkpoint(self, ckpt_dir: str, tag: str, load_module_strict: bool = False) -> None:
@@ -155,7 +157,6 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         if adamw_tables else None
     answer_only = sc.loss == "answer"
 
-    keep = usable(lc.drop_no_history)
 
     def encode_one(sample: Sample, with_answer: bool = True) -> Encoded:
         return encode(tokenizer, sample, STAGE, cfg.domain, lc.max_length, lc.history_titles, lc.chat_template,
@@ -167,7 +168,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
         rows = dmp(ids_kjt({USER: u, ITEM: i, SEMANTIC: i} if warm else {USER: u, ITEM: i}))
         return [rows[n] for n in names]
 
-    train = SampleIndex(data_dir, "train", keep)
+    train = SampleIndex(data_dir, "train", lc.drop_no_history)
     total = planned_steps(sc, len(train), d.world)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
                                       lr_scheduler=cosine_schedule(sc, total))
@@ -178,7 +179,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     start = state["step"]
     per_step = sc.micro_batch * sc.grad_accum * d.world
 
-    valid = eval_samples(data_dir, "valid", sc.eval_rows, d.rank, d.world, keep)
+    valid = eval_samples(data_dir, "valid", sc.eval_rows, d.rank, d.world, lc.drop_no_history)
     valid_enc = [encode_one(s, with_answer=False) for s in valid]
     by_row = {s["row_id"]: s for s in valid}
     monitor = Monitor(d.main, run_dir / "tb" / STAGE, total, start, STAGE)
@@ -275,6 +276,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
                "collab": str(collab_path), "valid": state["best_valid"], "curve": state["curve"],
                "train_seconds": state["seconds"],
                "samples_per_s": stop * per_step / state["seconds"] if state["seconds"] else None,
+               "skipped_steps": engine.skipped_steps,  # DeepSpeed skipped them: non-finite gradients
                "memory_per_rank": gather(peak_memory_mb())}
     if d.main:
         export.write(cfg, data_dir, run_dir, tokenizer, run_dir / SELLA_ADAPTER if sc.train_lora else

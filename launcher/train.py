@@ -5,7 +5,7 @@
     deepspeed --num_gpus 8 launcher/train.py --config configs/ml-1m.yaml --stage lora
     torchrun --nproc_per_node 2 launcher/train.py --config configs/ml-1m.yaml --stage lora
 
-Stages (../shared/docs/method.md): lora (stage 1, LoRA tuning on text-only prompts), distill (stage 2a,
+Stages (docs/method.md): lora (stage 1, LoRA tuning on text-only prompts), distill (stage 2a,
 semantic item vectors from the tuned LLM), collab (stage 2b, the TorchRec-sharded Collab model aligned to
 them; `--set collab.align.weight=0` gives plain MF), sella (stage 3, the LLM reading the projected collab
 and semantic vectors at <User_ID>, <Item_ID>, <Warm_ID>; the tables stay TorchRec-sharded), eval (Yes/No
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dist.barrier()
     try:
-        changes = {stage: provenance.check(cfg, run_dir, stage, args.allow_config_change) for stage in stages}
+        changes = {stage: provenance.check(cfg, run_dir, stage, d.world, args.allow_config_change) for stage in stages}
     except provenance.ConfigChanged as err:
         if d.main:
             print(f"error: {err}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Hybrid projection and special-token injection (../shared/docs/method.md, layers 2 and 3).
+"""Hybrid projection and special-token injection (docs/method.md, 'The model', parts 2 and 3).
 
 Projector A maps a collab vector (d_c) to the LLM's input space: d_c -> hidden -> GELU -> d_llm. It is
 shared by <User_ID> (user vector) and <Item_ID> (target item vector) and starts from stage 2b's Proj_C->L

@@ -1,4 +1,4 @@
-"""The prompt templates of ../shared/docs/method.md, in one place, and their tokenization.
+"""The prompt templates of docs/method.md, in one place, and their tokenization.
 
 Three prompts: the text-only stage-1 prompt (`lora`), the stage-3 prompt with the special tokens
 (`sella`), and the semantic distillation prompt (`distill`). The ML-1M wording is the template; Amazon

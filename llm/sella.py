@@ -1,4 +1,4 @@
-"""The SeLLa-Rec model (method.md, layer 3): the LLM reading projected collab vectors at special tokens.
+"""The SeLLa-Rec model (docs/method.md, 'The model', part 3): the LLM reading projected collab vectors at special tokens.
 
 SellaLM = the LLM (base + LoRA adapter) + the hybrid projector. It holds no table: each call gets the
 looked-up rows (user, item and, with <Warm_ID>, semantic), which come from TorchRec's sharded tables in

@@ -143,7 +143,7 @@ class FilterConfig(_Strict):
 
 
 class ProtocolConfig(_Strict):
-    """The CoLLM/SeLLa-Rec data protocol (../shared/docs/method.md, 'Data protocol')."""
+    """The CoLLM/SeLLa-Rec data protocol (docs/method.md, 'Data protocol')."""
 
     label: LabelConfig = LabelConfig()
     rating_range: tuple[float, float] = (1.0, 5.0)
@@ -179,7 +179,7 @@ class TinyModelConfig(_Strict):
 
 
 class LLMConfig(_Strict):
-    """The base LLM and how prompts are built from shard samples (../shared/docs/method.md, 'Prompts')."""
+    """The base LLM and how prompts are built from shard samples (docs/method.md, 'Prompts')."""
 
     model: str = Field("smollm2", description="smollm2 | tiny | HF model directory | .gguf file | hub id "
                        "in the local HF cache")
@@ -195,8 +195,8 @@ class DeepSpeedConfig(_Strict):
     """The DeepSpeed engine: ZeRO stage, offload, precision and communication backend."""
 
     zero_stage: Literal[0, 1, 2, 3, "auto"] = Field(
-        "auto", description="auto: 0 on one CPU host (measured 1.6x faster than ZeRO-3 there), 3 on GPUs or "
-        "across hosts")
+        "auto", description="auto: 0 on one host (ZeRO-3's gather hooks dominate a model that fits one "
+        "device: docs/results.md), 3 across hosts; set 3 for a model too large for one device")
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_param: Literal["none", "cpu"] = "none"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
@@ -258,7 +258,7 @@ class DistillConfig(_Strict):
 
 
 class AlignConfig(_Strict):
-    """L_align between Proj_C->L(e_i) and the semantic vector s_i (../shared/docs/method.md, stage 2b)."""
+    """L_align between Proj_C->L(e_i) and the semantic vector s_i (docs/method.md, stage 2b)."""
 
     weight: float = Field(1.0, ge=0, description="w in BCE + w * L_align; 0 = plain MF (no semantic table)")
     loss: Literal["infonce", "rince"] = "infonce"

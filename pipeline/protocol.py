@@ -1,4 +1,4 @@
-"""The CoLLM / SeLLa-Rec data protocol on Spark DataFrames (../shared/docs/method.md, 'Data protocol').
+"""The CoLLM / SeLLa-Rec data protocol on Spark DataFrames (docs/method.md, 'Data protocol').
 
 raw rows -> validate (ranges, known item with a title, no duplicate (user, item, timestamp))
          -> window (UTC calendar months from a fixed origin) -> optional min-count filter

@@ -61,6 +61,15 @@ def load_manifest(out_dir: str | Path) -> dict:
     return manifest
 
 
+INDEX_SUFFIX = ".index.npy"  # beside each shard: int64 [offset, size, row_id, history length] per sample
+INDEX_COLUMNS = 4
+
+
+def index_path(shard: str | Path) -> Path:
+    """The sample index prep writes beside a shard (launcher.data.SampleIndex reads it instead of the tar)."""
+    return Path(str(shard) + INDEX_SUFFIX)
+
+
 def shard_urls(out_dir: str | Path, split: str) -> list[str]:
     """Paths of a split's shards as listed in the manifest (the one list every reader uses)."""
     manifest = load_manifest(out_dir)

@@ -3,6 +3,7 @@
 Layout of an output directory:
   tables/interactions/split=<split>/*.parquet, tables/users/, tables/items/   (Parquet)
   shards/<split>-%06d.tar      one `<key>.json` sample per interaction (pipeline.schema.Sample)
+  shards/<split>-%06d.tar.index.npy   per sample: byte offset, size, row id, history length (SampleIndex)
   rejects/                     every row that did not make it into the output, with a reason
   manifest.json                schema version, config, counts, shard list with sha256, rejects summary
 """
@@ -13,16 +14,27 @@ import json
 import math
 import shutil
 import uuid
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from pipeline.protocol import ProtocolResult
-from pipeline.schema import SAMPLE_EXT, SAMPLE_FIELDS, SHARD_PATTERN, SPLITS, encode_sample, sample_key
+from pipeline.schema import (
+    INDEX_COLUMNS,
+    SAMPLE_EXT,
+    SAMPLE_FIELDS,
+    SHARD_PATTERN,
+    SPLITS,
+    encode_sample,
+    index_path,
+    sample_key,
+)
 
 SHARD_RESULT = pa.schema([("split", pa.string()), ("name", pa.string()), ("count", pa.int64()),
                           ("sha256", pa.string()), ("bytes", pa.int64())])
@@ -95,14 +107,17 @@ def tar_member(name: str, data: bytes) -> bytes:
 
 
 def _shard_writer(shard_dir: str):
-    """mapInArrow function: write the partition's rows (sorted by split, shard, order), one tar per shard."""
+    """mapInArrow function: write the partition's rows (sorted by split, shard, order), one tar per shard, and
+    beside each its sample index (offset and size of every sample's bytes, row id, history length), so that
+    stage 3 finds any sample without decoding the split."""
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        done, current, f, count = [], None, None, 0
+        done, current, f, count, index = [], None, None, 0, array("q")
 
         def close() -> None:
             f.write(b"\0" * (2 * _BLOCK))
             f.close()
             path = Path(shard_dir) / (SHARD_PATTERN.format(split=current[0]) % current[1])
+            np.save(index_path(path), np.frombuffer(index, dtype=np.int64).reshape(-1, INDEX_COLUMNS))
             done.append({"split": current[0], "name": path.name, "count": count, "sha256": sha256_file(path),
                          "bytes": path.stat().st_size})
 
@@ -112,10 +127,12 @@ def _shard_writer(shard_dir: str):
                 if shard != current:
                     if f is not None:
                         close()
-                    current, count = shard, 0
+                    current, count, index = shard, 0, array("q")
                     f = open(Path(shard_dir) / (SHARD_PATTERN.format(split=shard[0]) % shard[1]), "wb")  # noqa: SIM115 (one shard open across rows; closed by close())
                 key = sample_key(row["split"], row["row_id"])
-                f.write(tar_member(f"{key}.{SAMPLE_EXT}", encode_sample(row)))
+                data = encode_sample(row)
+                index.extend((f.tell() + _BLOCK, len(data), row["row_id"], len(row["history_ids"])))
+                f.write(tar_member(f"{key}.{SAMPLE_EXT}", data))
                 count += 1
         if f is not None:
             close()

@@ -1,6 +1,6 @@
 """The comparison table: test AUC / UAUC (overall, warm, cold) of each row's stage-eval metrics, a 95%
 bootstrap interval of the overall AUC (stage eval's, or from the per-row scores), and the published reference numbers beside
-them (method.md: CoLLM paper, Vicuna-7B, same ML-1M splits).
+them (docs/method.md: CoLLM paper, Vicuna-7B, same ML-1M splits).
 
     python scripts/results_table.py configs/comparison/*.yaml [--write docs/results.md] [--figure F.png]
         [--json F.json] [--curves F.png] [--stages]
@@ -29,7 +29,7 @@ from pipeline.config import load_config
 
 BEGIN, END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
 ROWS = {  # config stem -> (row label, published ML-1M AUC / UAUC of the closest published method)
-    "popularity": ("item popularity (train positive rate)", "0.703 / 0.675 (method.md, measured on all test rows)"),
+    "popularity": ("item popularity (train positive rate)", "0.703 / 0.675 (docs/method.md, measured on all test rows)"),
     "mf": ("MF (stage 2b, no alignment)", "MF: 0.6482 / 0.6361"),
     "text-only": ("text-only, stage 1 (TALLRec-like)", "TALLRec: 0.7097 / 0.6818"),
     "collm-like": ("CoLLM-like (MF tokens, random projector, no `<Warm_ID>`)", "CoLLM-MF: 0.7295 / 0.6875"),

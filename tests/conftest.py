@@ -51,3 +51,11 @@ def ml100k_out(spark, ml100k_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prep") / "ml-100k"
     run(config("ml-100k"), ml100k_dir, out)
     return out
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start Spark, and so every launcher test (its data comes through the pipeline), are marked
+    `integration`; `make test-fast` runs the rest."""
+    for item in items:
+        if "spark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)

@@ -109,3 +109,18 @@ def table_weights(state: dict) -> dict:
     """{table name: full weight} from read_tables_checkpoint's model state dict."""
     return {k.split(".")[-2]: v for k, v in state["model"].items() if k.endswith(".weight") and "embedding_bags" in k}
 
+
+def rewind(src: Path, dst: Path, stage: str, step: int) -> Path:
+    """A copy of run `src` as it stood at its checkpoint of `step`: later checkpoints and the stage's outputs
+    removed, latest.json pointing at that checkpoint again (its loop state is kept beside it)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    ckpt = dst / stage / "ckpt"
+    for tag in ckpt.glob("step*"):
+        if tag.is_dir() and int(tag.name[4:]) > step:
+            shutil.rmtree(tag)
+    (ckpt / "latest.json").write_text((ckpt / f"step{step:08d}" / "state.json").read_text())
+    (dst / stage / "summary.json").unlink(missing_ok=True)
+    return dst
+

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from embeddings.tables import TableFile
-from tests.launch import finish, launch, read_tables_checkpoint, tiny_adapter, write_config
+from tests.launch import finish, launch, read_tables_checkpoint, rewind, table_weights, tiny_adapter, write_config
 
 COLLAB = {"dim": 16, "proj_hidden": 32, "batch": 256, "max_steps": 12, "eval_every": 4, "eval_batch": 4096,
           "align_eval_items": 500, "projector_items": 100, "table_lr": 0.1, "semantic_lr": 0.05}
@@ -109,6 +109,24 @@ def test_a_sharded_export_is_read_back_by_stage_3(runs: dict[str, Path], ml100k_
     for name in ("user", "item", "semantic"):
         same = (after.tensor(name) == before[name]).all(1)
         assert same.sum() > len(same) - 20 and not same.all(), name  # only the 2 x 2 looked-up rows moved
+
+
+@pytest.mark.parametrize("src, ranks, sharding, ref", [("row_wise", 1, "table_wise", "one"),
+                                                      ("one", 2, "row_wise", "row_wise")])
+def test_a_checkpoint_resumes_on_another_world_size_and_sharding(runs: dict[str, Path], ml100k_out: Path,
+                                                               semantic: Path, tmp_path: Path, src: str, ranks: int,
+                                                               sharding: str, ref: str) -> None:
+    """Saved at step 8 on 2 ranks (row_wise) and resumed on 1 (table_wise), or the reverse: the tables and the
+    fused optimizer state reshard, and step 12 equals a run that never changed its world size."""
+    run = rewind(runs[src], tmp_path / "run", "collab", 8)
+    cfg = _config(tmp_path, ml100k_out, semantic, "run", sharding=sharding)
+    finish(launch(cfg, "collab", ranks))
+    summary = json.loads((run / "collab" / "summary.json").read_text())
+    assert summary["resumed_from"] == 8 and summary["world"] == ranks and summary["sharding"] == sharding
+    resumed, straight = (table_weights(read_tables_checkpoint(r / "collab" / "ckpt" / "step00000012"))
+                         for r in (run, runs[ref]))
+    for name in ("user", "item", "semantic"):
+        assert_close(resumed[name], straight[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_killed_run_resumes_to_the_same_tables(runs: dict[str, Path]) -> None:

@@ -1,4 +1,4 @@
-"""The pipeline reproduces CoLLM's published ML-1M benchmark (../shared/docs/method.md, 'Data protocol')."""
+"""The pipeline reproduces CoLLM's published ML-1M benchmark (docs/method.md, 'Data protocol')."""
 from __future__ import annotations
 
 import io

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.testing import assert_close
@@ -26,6 +27,7 @@ from tests.launch import (
     free_port,
     launch,
     read_tables_checkpoint,
+    rewind,
     table_weights,
     tiny_adapter,
     tiny_collab,
@@ -35,7 +37,7 @@ from tests.launch import (
 LLM = {"model": "tiny", "max_length": 160}
 COLLAB = {"dim": 16, "proj_hidden": 32, "sharding": "row_wise"}
 SELLA = {"max_steps": 4, "grad_accum": 2, "eval_every": 2, "eval_rows": 24, "eval_batch": 8, "warmup_steps": 0,
-         "lr": 1e-3, "table_lr": 0.05, "semantic_lr": 0.05}
+         "lr": 1e-3, "table_lr": 0.05, "semantic_lr": 0.05, "save_every": 2}
 
 
 def prepare(run: Path, data: Path, cfg_path: Path, semantic: bool = True, zero_stage: int | str = "auto",
@@ -112,6 +114,27 @@ def test_two_ranks_match_one_rank(runs: dict[str, Path]) -> None:
     s1, s2 = (json.loads((runs[n] / "sella" / "summary.json").read_text()) for n in ("one", "two"))
     assert s1["best_step"] == s2["best_step"] in (0, 2, 4)
     assert s1["valid"]["overall"]["auc"] == pytest.approx(s2["valid"]["overall"]["auc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("src, ranks, micro_batch, ref", [("two", 1, 4, "one"), ("one", 2, 2, "two")])
+def test_a_checkpoint_resumes_on_another_world_size(runs: dict[str, Path], tmp_path: Path, src: str, ranks: int,
+                                                    micro_batch: int, ref: str) -> None:
+    """Saved at step 2 on 2 ranks and resumed on 1 (the same global micro-batch of 4), or the reverse: step 4
+    equals the run that never changed its world size (tables, table optimizer, projectors)."""
+    run = rewind(runs[src], tmp_path / "run", "sella", 2)
+    cfg = tmp_path / "run.yaml"  # the source run's config, pointed at the copy
+    cfg.write_text(yaml.safe_dump(yaml.safe_load((runs[src].parent / f"{src}.yaml").read_text()) | {"run_dir": str(run)}))
+    finish(launch(cfg, "sella", ranks, "--set", f"sella.micro_batch={micro_batch}"))
+    summary = json.loads((run / "sella" / "summary.json").read_text())
+    assert summary["resumed_from"] == 2 and summary["world"] == ranks
+    resumed, straight = (table_weights(read_tables_checkpoint(r / "sella" / "ckpt" / "step00000004"))
+                         for r in (run, runs[ref]))
+    for name in ("user", "item", "semantic"):
+        assert_close(resumed[name], straight[name], rtol=1e-4, atol=1e-4, msg=name)
+    a, b = (torch.load(r / "sella" / "ckpt" / "step00000004" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+            for r in (run, runs[ref]))
+    for key in (k for k in a if k.startswith("projector.")):
+        assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=key)
 
 
 def test_two_nodes_match_one_node_with_two_ranks(runs: dict[str, Path], ml100k_out: Path, tmp_path: Path) -> None:

@@ -9,13 +9,14 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
-from launcher.data import SampleIndex, eval_samples, global_batches, read_shard, usable
-from pipeline.schema import SAMPLE_EXT, SAMPLE_FIELDS, decode_sample, load_manifest, shard_urls
+from launcher.data import SampleIndex, eval_samples, global_batches, index_from_tar, read_shard, usable
+from pipeline.schema import SAMPLE_EXT, SAMPLE_FIELDS, decode_sample, index_path, load_manifest, shard_urls
 
 
 def _tag(raw: dict) -> tuple[int, str, int]:
@@ -66,7 +67,7 @@ def test_sample_index_reads_the_kept_samples_in_row_id_order(ml100k_out: Path) -
     in_shards = [s for url in shard_urls(ml100k_out, "valid") for s in read_shard(url) if keep(s)]
     expected = sorted(in_shards, key=lambda s: s["row_id"])
     assert expected != in_shards  # prep does not write shards in row-id order
-    index = SampleIndex(ml100k_out, "valid", keep)
+    index = SampleIndex(ml100k_out, "valid", drop_no_history=True)
     dropped = load_manifest(ml100k_out)["splits"]["valid"]["rows"] - len(expected)
     assert len(index) == len(expected) and dropped > 0
     assert [index[i] for i in range(len(index))] == expected
@@ -93,3 +94,11 @@ def test_eval_rows_are_fixed_by_row_id_and_split_over_ranks(ml100k_out: Path) ->
     assert len(fewer) == 40 and fewer < set(ids)  # a smaller budget scores a subset of the same rows
     every = [s["row_id"] for s in eval_samples(ml100k_out, "test", None, 0, 1, keep)]
     assert every == sorted(every) and set(ids) < set(every) and ids != every[:100]  # spread, not the first rows
+
+
+def test_prep_writes_each_shards_sample_index(ml100k_out: Path) -> None:
+    """The index beside each shard (offset, size, row id, history length per sample) is what the tar holds."""
+    for split in ("train", "valid", "test"):
+        for url in shard_urls(ml100k_out, split):
+            written = np.load(index_path(url))
+            assert written.shape[1] == 4 and np.array_equal(written, index_from_tar(url)), url
