@@ -20,7 +20,7 @@ demo: setup                 ## main job on the embedded default (ML-100K from th
 test: setup                 ## the test suite (what .ci/run calls)
 	python -m pytest -q tests
 
-test-fast: setup            ## the unit tests that start neither Spark nor the launcher (CI runs everything)
+test-fast: setup            ## the unit tests that start neither Spark nor a subprocess (CI runs everything)
 	python -m pytest -q -m "not integration" tests
 
 prep-ml1m: setup            ## ML-1M raw files from ../shared/data (users 1-2,999)

@@ -55,7 +55,8 @@ def ml100k_out(spark, ml100k_dir, tmp_path_factory) -> Path:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that start Spark, and so every launcher test (its data comes through the pipeline), are marked
-    `integration`; `make test-fast` runs the rest."""
+    `integration`, as are the modules that mark themselves (they start subprocesses); `make test-fast` runs
+    the rest."""
     for item in items:
         if "spark" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)

@@ -15,6 +15,8 @@ from launcher.artifacts import DONE
 from tests.conftest import REPO
 from tests.launch import finish, free_port, launch, write_config
 
+pytestmark = pytest.mark.integration  # starts subprocesses (the launcher or scripts): not in make test-fast
+
 LLM = {"model": "tiny", "max_length": 160}
 BUDGET = {
     "lora": {"max_steps": 2, "micro_batch": 2, "grad_accum": 1, "eval_every": 0, "eval_rows": 16, "save_every": 2},

@@ -20,6 +20,8 @@ from torch.testing import assert_close
 from tests.conftest import REPO
 from tests.launch import finish, launch, rank_pid, write_config
 
+pytestmark = pytest.mark.integration  # starts subprocesses (the launcher or scripts): not in make test-fast
+
 STEPS, SAVE_EVERY = 30, 4
 
 

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 
 from launcher.artifacts import DONE, EVAL_SCORES
 from launcher.metrics import auc_interval, report
 from tests.conftest import CONFIGS, REPO
+
+pytestmark = pytest.mark.integration  # starts subprocesses (the launcher or scripts): not in make test-fast
 
 
 def _row(tmp: Path, name: str, signal: float) -> Path:
