@@ -52,9 +52,15 @@ def test_dry_run_runs_every_row_from_the_parts(payload: tuple[Path, str], tmp_pa
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "match the reference" in (results / "check.txt").read_text()
     timing = [line.split("\t") for line in (results / "timing.tsv").read_text().splitlines()[1:]]
-    assert [row for row, *_ in timing] == ["sella", "text-only", "popularity", "mf", "mf", "collm-like", "collm-like",
-                                           "sella-no-warm", "sella-no-warm"]
+    assert sorted((row, stage) for row, stage, *_ in timing) == sorted([
+        ("sella", "lora"), ("sella", "distill"), ("sella", "collab"), ("sella", "sella"), ("sella", "eval"),
+        ("text-only", "eval"), ("popularity", "eval"), ("mf", "collab"), ("mf", "eval"), ("collm-like", "sella"),
+        ("collm-like", "eval"), ("sella-no-warm", "sella"), ("sella-no-warm", "eval")])
     assert all(status == "ok" for *_, status in timing)
+    order = [(row, stage) for row, stage, *_ in timing]  # the lanes: a stage starts after what it reads
+    assert order.index(("collm-like", "sella")) > max(order.index(("sella", "lora")), order.index(("mf", "collab")))
+    assert order.index(("sella-no-warm", "sella")) > order.index(("sella", "collab"))
+    assert (results / "logs" / "sella-lora.log").stat().st_size > 0
     table, stage_table = (results / "table.md").read_text().split("\n\n")
     rows = table.splitlines()[2:]
     assert len(rows) == len(ROWS) and all("| 24 |" in line for line in rows)

@@ -9,11 +9,11 @@
 # Steps: (1) check the parts against their manifest, join the model, unpack the prep output and install the kit
 # (scripts/gpu/payload.py unpack); (2) check FBGEMM's CUDA table kernels against a reference on a few fused
 # row-wise Adagrad steps (scripts/gpu/check_tables.py): if they fail, only the rows without tables run, and
-# the timing table says so; (3) the rows of configs/gpu/comparison/ in priority order (SeLLa-Rec by --stage
-# all, then text-only, popularity, MF, CoLLM-like, SeLLa-Rec without <Warm_ID>), skipping a row whose estimate
-# does not fit the --minutes left; (4) the results folder: timing.tsv, table.md (scripts/results_table.py),
-# results.tar.gz (every summary, metrics.json, per-row scores and TensorBoard events) and run.log; with
-# --bench, llm_train.json and collab.json of the two benchmarks when the time left allows.
+# the timing table says so; (3) the rows of configs/gpu/comparison/ in three lanes that share the GPU (below),
+# every launch stopped at the --minutes deadline less 30 s; (4) the results folder: timing.tsv, table.md
+# (scripts/results_table.py), results.tar.gz (every summary, metrics.json, per-row scores and TensorBoard
+# events), logs/ROW-STAGE.log and run.log; with --bench, llm_train.json and collab.json of the two
+# benchmarks when the time left allows.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
@@ -36,7 +36,7 @@ mkdir -p "$RESULTS" "$TARGET"
 RESULTS=$(realpath "$RESULTS") TARGET=$(realpath "$TARGET")
 exec > >(tee "$RESULTS/run.log") 2>&1
 START=$(date +%s)
-minutes() { echo $(( ($(date +%s) - START) / 60 )); }
+left() { echo $(( DEADLINE - $(date +%s) )); }  # seconds to the deadline
 say() { echo "[gpu-run +$(( $(date +%s) - START ))s] $*"; }
 
 if [ $DRY = 1 ]; then
@@ -56,6 +56,7 @@ else
   $PY scripts/gpu/payload.py unpack --payload "$PAYLOAD" --target "$TARGET"
   export PYTHONPATH=$TARGET/site:$REPO SELLAREC_CACHE=$TARGET/cache HF_HUB_OFFLINE=1
   export TORCH_CUDA_ARCH_LIST=9.0  # DeepSpeed 0.19.8 cannot parse the image's 9.0a
+  export OMP_NUM_THREADS=4  # three lanes of jobs share the 16 cores
   DEVICE=cuda LAUNCH=(--num_gpus 1)
   SETS=("llm.model=$(ls "$TARGET"/model/*.gguf)")
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/[gpu] /' || true
@@ -72,49 +73,78 @@ if $PY scripts/gpu/check_tables.py --device $DEVICE 2>&1 | tee "$RESULTS/check.t
   say "FBGEMM's table kernels failed the check: only the rows without tables run (text-only, popularity)"
 fi
 
-launch() {  # ROW CONFIG STAGE: one launcher/train.py job, timed into timing.tsv
-  local row=$1 config=$2 stage=$3 t0 status=ok
-  t0=$(date +%s)
-  say "$row: --stage $stage ($config)"
-  (cd "$WORK" && $PY -m deepspeed.launcher.runner "${LAUNCH[@]}" --master_addr 127.0.0.1 \
-      --master_port $((29500 + RANDOM % 1000)) "$REPO/launcher/train.py" --config "$REPO/$config" --stage "$stage" \
-      --data "$DATA" $(printf -- '--set %s ' "${SETS[@]}")) || status=failed
+# every launch is stopped by the deadline, 30 s before --minutes are up, which leaves time for the results
+DEADLINE=$(( START + $(awk -v m="$MINUTES" 'BEGIN { print int(m * 60) }') - 30 ))
+[ $DRY = 0 ] || DEADLINE=$(( START + 86400 ))  # the CPU dry run is a test of the path, not of its time
+mkdir -p "$RESULTS/logs" "$WORK/.marks"
+
+launch() {  # ROW STAGE: one launcher/train.py job under the deadline, its output in logs/ROW-STAGE.log, timed
+  local row=$1 stage=$2 t0 left rc=0 status=ok log=$RESULTS/logs/$1-$2.log
+  t0=$(date +%s) left=$(left)
+  if [ $left -lt 45 ]; then
+    printf '%s\t%s\t0\tskipped: %ss to the deadline\n' "$row" "$stage" $left >> "$RESULTS/timing.tsv"
+    say "$row: --stage $stage skipped (${left}s to the deadline)"; return 1
+  fi
+  say "$row: --stage $stage"
+  (cd "$WORK" && timeout -k 15 $left $PY -m deepspeed.launcher.runner "${LAUNCH[@]}" --master_addr 127.0.0.1 \
+      --master_port $(( 29500 + RANDOM % 3000 )) "$REPO/launcher/train.py" --config "$REPO/configs/gpu/comparison/$row.yaml" \
+      --stage "$stage" --data "$DATA" $(printf -- '--set %s ' "${SETS[@]}")) > "$log" 2>&1 || rc=$?
+  case $rc in 0) ;; 124|137) status="stopped at the deadline";; *) status=failed;; esac
   printf '%s\t%s\t%s\t%s\n' "$row" "$stage" $(( $(date +%s) - t0 )) "$status" >> "$RESULTS/timing.tsv"
-  [ $status = ok ]
+  say "$row: --stage $stage $status in $(( $(date +%s) - t0 ))s"
+  [ $status = ok ] || { grep -v '^\s*$' "$log" | tail -n 25 | sed "s/^/[$row $stage] /"; return 1; }
 }
 
-skip() { printf '%s\t-\t0\tskipped: %s\n' "$1" "$2" >> "$RESULTS/timing.tsv"; say "$1: skipped ($2)"; }
+row() {  # ROW STAGE...: the stages in order, stopping at the first that fails
+  local r=$1 stage; shift
+  for stage in "$@"; do launch "$r" "$stage" || { say "$r: the row stops at --stage $stage"; return 1; }; done
+}
 
-# row, estimated minutes on one H100 (launches and model loading included), stages; highest priority first
-ROWS=("sella 7 all" "text-only 1 eval" "popularity 1 eval" "mf 2 collab,eval" "collm-like 3 sella,eval"
-      "sella-no-warm 3 sella,eval")
-for entry in "${ROWS[@]}"; do
-  read -r row estimate stages <<< "$entry"
-  config=configs/gpu/comparison/$row.yaml
-  if [ $DRY = 0 ] && [ $(( $(minutes) + estimate )) -gt "$MINUTES" ]; then
-    skip $row "estimated ${estimate} min, $(( MINUTES - $(minutes) )) of the ${MINUTES} left"; continue
-  fi
-  if [ $TABLES = 0 ]; then
-    case $row in
-      sella) launch $row "$config" lora || true; continue;;  # stage 1 alone: the adapter text-only needs
-      text-only|popularity) ;;
-      *) skip $row "needs the table kernels"; continue;;
-    esac
-  fi
-  for stage in ${stages//,/ }; do
-    launch $row "$config" $stage || { say "$row: --stage $stage failed, the row stops here"; break; }
-  done
-done
+mark() { touch "$WORK/.marks/$1.$2"; }  # NAME ok|failed: what a lane waiting on NAME reads
 
+await() {  # NAME: wait for another lane's mark; fails when that step failed
+  until [ -e "$WORK/.marks/$1.ok" ] || [ -e "$WORK/.marks/$1.failed" ]; do sleep 2; done
+  [ -e "$WORK/.marks/$1.ok" ]
+}
+
+needs_tables() {  # ROW: false (and the row skipped) when the table kernels failed their check
+  [ $TABLES = 1 ] && return 0
+  printf '%s\t-\t0\tskipped: needs the table kernels\n' "$1" >> "$RESULTS/timing.tsv"; return 1
+}
+
+# The rows of configs/gpu/comparison/ as three lanes sharing the GPU (one small model leaves it mostly idle),
+# each stage starting as soon as the artifacts it reads exist: SeLLa-Rec's stages in lane 1 (the others' upstream),
+# popularity, MF, CoLLM-like (MF tables + lane 1's adapter) and text-only in lane 2, and SeLLa-Rec without
+# <Warm_ID> (lane 1's aligned tables) in lane 3. Every launch stops at the deadline, so the results always come back.
+rm -f "$WORK"/.marks/*
+{ if row sella lora; then
+    mark lora ok
+    if [ $TABLES = 1 ] && row sella distill collab; then mark collab ok; row sella sella eval || true
+    else mark collab failed; fi
+  else mark lora failed; mark collab failed; fi; } &
+LANES=($!)
+{ row popularity eval || true
+  if needs_tables mf && row mf collab eval && await lora; then row collm-like sella eval || true; fi
+  if await lora; then row text-only eval || true; fi; } &
+LANES+=($!)
+{ if needs_tables sella-no-warm && await collab; then row sella-no-warm sella eval || true; fi; } &
+LANES+=($!)
+wait "${LANES[@]}"  # the lanes only: a plain wait would also wait for the log's tee
+
+bench() {  # NAME SECONDS COMMAND...: one benchmark (it measures its own baseline) when SECONDS fit the deadline
+  local name=$1 need=$2 t0 rc=0; shift 2
+  if [ "$(left)" -lt "$need" ]; then
+    printf '%s	-	0	skipped: %ss to the deadline
+' "$name" "$(left)" >> "$RESULTS/timing.tsv"; return
+  fi
+  say "$name: $*"; t0=$(date +%s)
+  timeout -k 15 "$(left)" "$@" > "$RESULTS/logs/$name.log" 2>&1 || rc=$?
+  printf '%s	-	%s	%s
+' "$name" $(( $(date +%s) - t0 )) "$([ $rc = 0 ] && echo ok || echo "failed ($rc)")" >> "$RESULTS/timing.tsv"
+}
 if [ $BENCH = 1 ] && [ $DRY = 0 ]; then
-  if [ $(( $(minutes) + 3 )) -le "$MINUTES" ]; then
-    say "bench/llm_train.py (stage-1 tokens/s against HF Trainer + PEFT, same run)"
-    $PY bench/llm_train.py --data "$DATA" --model "${SETS[0]#llm.model=}" --out "$RESULTS/llm_train.json" || say "failed"
-  else skip bench-llm "$(( MINUTES - $(minutes) )) min left"; fi
-  if [ $(( $(minutes) + 2 )) -le "$MINUTES" ] && [ $TABLES = 1 ]; then
-    say "bench/collab.py (TorchRec tables against plain PyTorch MF, same run)"
-    $PY bench/collab.py --out "$RESULTS/collab.json" || say "failed"
-  else skip bench-collab "$(( MINUTES - $(minutes) )) min left or no table kernels"; fi
+  bench bench-llm 180 $PY bench/llm_train.py --data "$DATA" --model "${SETS[0]#llm.model=}" --out "$RESULTS/llm_train.json"
+  [ $TABLES = 1 ] && bench bench-collab 120 $PY bench/collab.py --out "$RESULTS/collab.json"
 fi
 
 say "collecting results"
@@ -122,4 +152,4 @@ say "collecting results"
     sella text-only popularity mf collm-like sella-no-warm) --stages > "$RESULTS/table.md") || say "no results table"
 tar -czf "$RESULTS/results.tar.gz" -C "$WORK" --exclude='ckpt' --exclude='*.safetensors' --exclude='adapter' runs
 cat "$RESULTS/timing.tsv"
-say "done in $(minutes) min: $RESULTS"
+say "done: $RESULTS"
