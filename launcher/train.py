@@ -11,7 +11,7 @@ them; `--set collab.align.weight=0` gives plain MF), sella (stage 3, the LLM rea
 and semantic vectors at <User_ID>, <Item_ID>, <Warm_ID>; the tables stay TorchRec-sharded), eval (Yes/No
 scores of valid and test: per-row Parquet, metrics JSON, ROC/PR curves; eval.model picks sella, lora,
 mf or popularity), all (every stage in that order, skipping those whose finished artifacts exist, then a
-results table).
+results table). A comma list such as `--stage sella,eval` runs those stages in one launch, in that order.
 Each stage reads the prep output (--data, default out/<config name>) and writes under the run directory
 (--run-dir, default runs/<config name>); a killed run resumes from its latest checkpoint when started
 again. Exit status 2 on a bad config or missing input.
@@ -41,11 +41,23 @@ from pipeline.schema import load_manifest
 STAGES = ("lora", "distill", "collab", "sella", "eval")
 
 
+def stage_list(arg: str) -> str:
+    """`all`, one stage, or a comma list of stages in pipeline order (one launch, one model load per stage)."""
+    names = arg.split(",")
+    unknown = [n for n in names if n not in (*STAGES, "all")]
+    if unknown or ("all" in names and len(names) > 1):
+        raise argparse.ArgumentTypeError(f"{arg!r}: expected all or stages among {', '.join(STAGES)}")
+    if "all" not in names and [STAGES.index(n) for n in names] != sorted({STAGES.index(n) for n in names}):
+        raise argparse.ArgumentTypeError(f"{arg!r}: list each stage once, in pipeline order ({', '.join(STAGES)})")
+    return arg
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="launcher/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/ml-1m.yaml")
-    p.add_argument("--stage", required=True, choices=(*STAGES, "all"), help="stage to run, or all")
+    p.add_argument("--stage", required=True, type=stage_list, metavar="STAGE[,STAGE...]|all",
+                   help=f"stage to run ({', '.join(STAGES)}), a comma list of them in that order, or all")
     p.add_argument("--data", help="prep output directory (default: data_dir of the config, else out/<name>)")
     p.add_argument("--run-dir", help="artifacts directory (default: run_dir of the config, else runs/<name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -90,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     d = setup(cfg.deepspeed)
     cfg = resolve(cfg, d)
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    stages = STAGES if args.stage == "all" else tuple(args.stage.split(","))
     if args.fresh and d.main:
         for stage in stages:
             shutil.rmtree(run_dir / stage, ignore_errors=True)
@@ -117,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             provenance.record(cfg, run_dir, stage, d.world, changes[stage])
         summary = recipes[stage].run(cfg, data_dir, run_dir, d)
         if d.main:
-            print(json.dumps(summary, indent=1) if args.stage != "all" else f"[all] {stage}: finished", flush=True)
+            print(json.dumps(summary, indent=1) if len(stages) == 1 else f"[{args.stage}] {stage}: finished", flush=True)
         gc.collect()
         dist.barrier()
     if d.main and args.stage == "all":

@@ -11,8 +11,8 @@
 # row-wise Adagrad steps (scripts/gpu/check_tables.py): if they fail, only the rows without tables run, and
 # the timing table says so; (3) the rows of configs/gpu/comparison/ in three lanes that share the GPU (below),
 # every launch stopped at the --minutes deadline less 30 s; (4) the results folder: timing.tsv, table.md
-# (scripts/results_table.py), results.tar.gz (every summary, metrics.json, per-row scores and TensorBoard
-# events), logs/ROW-STAGE.log and run.log; with --bench, llm_train.json and collab.json of the two
+# (scripts/results_table.py), results.tar.gz (every summary, metrics.json, per-row scores,
+# TensorBoard scalars, logs/ROW-STAGES.log) and run.log; with --bench, llm_train.json and collab.json of the two
 # benchmarks when the time left allows.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -76,10 +76,11 @@ fi
 # every launch is stopped by the deadline, 30 s before --minutes are up, which leaves time for the results
 DEADLINE=$(( START + $(awk -v m="$MINUTES" 'BEGIN { print int(m * 60) }') - 30 ))
 [ $DRY = 0 ] || DEADLINE=$(( START + 86400 ))  # the CPU dry run is a test of the path, not of its time
-mkdir -p "$RESULTS/logs" "$WORK/.marks"
+mkdir -p "$WORK/logs" "$WORK/.marks"
 
-launch() {  # ROW STAGE: one launcher/train.py job under the deadline, its output in logs/ROW-STAGE.log, timed
-  local row=$1 stage=$2 t0 left rc=0 status=ok log=$RESULTS/logs/$1-$2.log
+launch() {  # ROW STAGES: one launcher/train.py job (STAGES: one stage or a comma list) under the deadline, timed,
+  # its output in logs/ROW-STAGES.log of results.tar.gz
+  local row=$1 stage=$2 t0 left rc=0 status=ok log=$WORK/logs/$1-${2//,/-}.log
   t0=$(date +%s) left=$(left)
   if [ $left -lt 45 ]; then
     printf '%s\t%s\t0\tskipped: %ss to the deadline\n' "$row" "$stage" $left >> "$RESULTS/timing.tsv"
@@ -95,7 +96,7 @@ launch() {  # ROW STAGE: one launcher/train.py job under the deadline, its outpu
   [ $status = ok ] || { grep -v '^\s*$' "$log" | tail -n 25 | sed "s/^/[$row $stage] /"; return 1; }
 }
 
-row() {  # ROW STAGE...: the stages in order, stopping at the first that fails
+row() {  # ROW STAGES...: launches in order (each one stage or a comma list), stopping at the first that fails
   local r=$1 stage; shift
   for stage in "$@"; do launch "$r" "$stage" || { say "$r: the row stops at --stage $stage"; return 1; }; done
 }
@@ -119,15 +120,15 @@ needs_tables() {  # ROW: false (and the row skipped) when the table kernels fail
 rm -f "$WORK"/.marks/*
 { if row sella lora; then
     mark lora ok
-    if [ $TABLES = 1 ] && row sella distill collab; then mark collab ok; row sella sella eval || true
+    if [ $TABLES = 1 ] && row sella distill,collab; then mark collab ok; row sella sella,eval || true
     else mark collab failed; fi
   else mark lora failed; mark collab failed; fi; } &
 LANES=($!)
 { row popularity eval || true
-  if needs_tables mf && row mf collab eval && await lora; then row collm-like sella eval || true; fi
+  if needs_tables mf && row mf collab,eval && await lora; then row collm-like sella,eval || true; fi
   if await lora; then row text-only eval || true; fi; } &
 LANES+=($!)
-{ if needs_tables sella-no-warm && await collab; then row sella-no-warm sella eval || true; fi; } &
+{ if needs_tables sella-no-warm && await collab; then row sella-no-warm sella,eval || true; fi; } &
 LANES+=($!)
 wait "${LANES[@]}"  # the lanes only: a plain wait would also wait for the log's tee
 
@@ -138,7 +139,7 @@ bench() {  # NAME SECONDS COMMAND...: one benchmark (it measures its own baselin
 ' "$name" "$(left)" >> "$RESULTS/timing.tsv"; return
   fi
   say "$name: $*"; t0=$(date +%s)
-  timeout -k 15 "$(left)" "$@" > "$RESULTS/logs/$name.log" 2>&1 || rc=$?
+  timeout -k 15 "$(left)" "$@" > "$WORK/logs/$name.log" 2>&1 || rc=$?
   printf '%s	-	%s	%s
 ' "$name" $(( $(date +%s) - t0 )) "$([ $rc = 0 ] && echo ok || echo "failed ($rc)")" >> "$RESULTS/timing.tsv"
 }
@@ -150,6 +151,10 @@ fi
 say "collecting results"
 (cd "$WORK" && $PY "$REPO/scripts/results_table.py" $(printf "$REPO/configs/gpu/comparison/%s.yaml " \
     sella text-only popularity mf collm-like sella-no-warm) --stages > "$RESULTS/table.md") || say "no results table"
-tar -czf "$RESULTS/results.tar.gz" -C "$WORK" --exclude='ckpt' --exclude='*.safetensors' --exclude='adapter' runs
+# what comes back from the host (8 files at most): summaries, metrics, per-row scores, TensorBoard scalars and the logs;
+# no weights, checkpoints, exports or TensorBoard projector tensors
+(cd "$WORK" && find runs logs -type f \( -path '*/ckpt/*' -o -path '*/export/*' -o -path '*/chunks/*' \
+    -o -path '*/tb/*/[0-9]*/*' -o -name '*.safetensors' -o -name '*.gguf' \) -prune -o -type f -print \
+  | tar -czf "$RESULTS/results.tar.gz" -T -)
 cat "$RESULTS/timing.tsv"
 say "done: $RESULTS"
