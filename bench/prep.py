@@ -25,6 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 SUBMIT = [str(Path(sys.executable).parent / "spark-submit"), "--driver-memory", "12g"]
 
 
+def commit() -> str:
+    """The checkout's commit, with `+dirty` when tracked files differ from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "pipeline", "bench"], cwd=REPO, check=False).returncode != 0
+    return head + ("+dirty" if dirty else "")
+
+
 def measure(cmd: list[str], mem_cap_gb: float | None = None) -> dict:
     """Run cmd; sample the RSS of its process tree every 0.2 s; kill it past mem_cap_gb."""
     t0 = time.time()
@@ -46,7 +53,7 @@ def measure(cmd: list[str], mem_cap_gb: float | None = None) -> dict:
         time.sleep(0.2)
     out = proc.communicate()[0]
     return {"seconds": round(time.time() - t0, 1), "peak_gb": round(peak / 2**30, 2),
-            "ok": proc.returncode == 0 and not killed, "killed_at_cap": killed, "tail": out[-600:]}
+            "ok": proc.returncode == 0 and not killed, "killed_at_cap": killed, "tail": out[-600:], "commit": commit()}
 
 
 def main() -> int:
@@ -75,6 +82,7 @@ def main() -> int:
             manifest = json.loads((out_s / "manifest.json").read_text())
             row["rows_out"] = manifest["rows_out"]
             row["spark"]["prep_seconds"] = manifest["seconds"]
+            row["spark"].update({k: manifest["spark"][k] for k in ("jobs", "stages", "tasks")})
         if rows <= args.pandas_max and args.only != "spark":
             row["pandas"] = measure([sys.executable, "bench/prep_pandas.py", "--input", str(raw),
                                      "--output", str(out_p)], args.mem_cap_gb)
@@ -88,7 +96,7 @@ def main() -> int:
         for d in (out_s, out_p):
             shutil.rmtree(d, ignore_errors=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    if args.only and args.results.exists():  # merge with the other side's earlier results
+    if args.results.exists():  # merge with earlier results: other sizes, and the other side with --only
         earlier = {r["rows"]: r for r in json.loads(args.results.read_text())}
         for r in results:
             merged = {**earlier.pop(r["rows"], {}), **r}

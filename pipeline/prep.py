@@ -24,7 +24,7 @@ from pipeline.config import Config, ConfigError, load_config
 from pipeline.protocol import ProtocolResult, apply_protocol
 from pipeline.schema import SCHEMA_VERSION, SPLITS
 from pipeline.sources import READERS, SourceError
-from pipeline.spark import get_spark
+from pipeline.spark import get_spark, plan_cost
 from pipeline.writers import (
     OutputExistsError,
     atomic_output,
@@ -81,7 +81,7 @@ def run(cfg: Config, input_dir: Path, output: Path, master: str | None = None, o
 def _write(spark: SparkSession, cfg: Config, result: ProtocolResult, files: list[Path], output: Path,
            overwrite: bool, t0: float) -> dict:
     """Write tables, shards and the manifest atomically; the frames it persists are freed by `run`."""
-    result.interactions = result.interactions.persist()
+    result.interactions = result.interactions.localCheckpoint()
     with atomic_output(output, overwrite) as tmp:
         _step(3, 5, "writing Parquet tables and rejects", t0)
         write_tables(result, tmp)
@@ -102,6 +102,7 @@ def _write(spark: SparkSession, cfg: Config, result: ProtocolResult, files: list
             "config": cfg.model_dump(mode="json"),
             **counts,
         }
+        manifest["spark"].update(plan_cost(spark))  # the manifest's own write is not counted
         write_manifest(tmp, manifest)
     return manifest
 

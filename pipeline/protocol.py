@@ -181,7 +181,7 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     spark.conf.set("spark.sql.session.timeZone", "UTC")
     items_ok, item_rejects = validate_items(raw.items)
     items_file = ", ".join(p.name for p in raw.item_files)
-    df = validated = validate_interactions(raw.interactions, items_ok, cfg, items_file).persist()
+    df = validated = validate_interactions(raw.interactions, items_ok, cfg, items_file).localCheckpoint()
     invalid = _as_rejects(df.where(F.col("_code").isNotNull()), "interactions", "invalid")
 
     df = df.where(F.col("_code").isNull())
@@ -191,14 +191,13 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     w_lo, w_hi = cfg.split.window
     df = mark_first_failure(df, [(~F.col("month").between(w_lo, w_hi), "outside_window",
                        F.format_string(f"outside window: month %d not in [{w_lo}, {w_hi}]", F.col("month")))])
-    df = _min_count_filter(df, cfg)
-    df = df.persist()
+    df = _min_count_filter(df, cfg).localCheckpoint()
     excluded = _as_rejects(df.where(F.col("_code").isNotNull()), "interactions", "excluded")
     df = df.where(F.col("_code").isNull())
 
     op = {"ge": F.col("rating") >= cfg.label.threshold, "eq": F.col("rating") == cfg.label.threshold,
           "gt": F.col("rating") > cfg.label.threshold}[cfg.label.op]
-    df = _split(df.withColumn("label", op.cast("int")), cfg).persist()
+    df = _split(df.withColumn("label", op.cast("int")), cfg).localCheckpoint()
 
     user_key = ([F.col("user_raw").try_cast("long").asc_nulls_last(), "user_raw"]
                 if user_id_order == "numeric" else ["user_raw"])

@@ -43,3 +43,14 @@ def get_spark(cfg: SparkConfig, master: str | None = None, app: str = "sellarec-
         )
     spark = builder.getOrCreate()
     return spark
+
+
+def plan_cost(spark: SparkSession) -> dict[str, int]:
+    """Spark jobs and stages this session ran so far (stages that ran tasks; skipped ones reused a shuffle),
+    as the manifest and bench/prep.py report them."""
+    tracker = spark.sparkContext.statusTracker()
+    jobs = [tracker.getJobInfo(j) for j in tracker.getJobIdsForGroup(None)]
+    stage_ids = {s for job in jobs if job is not None for s in job.stageIds}
+    stages = [tracker.getStageInfo(s) for s in stage_ids]
+    return {"jobs": len(jobs), "stages": sum(1 for s in stages if s is not None and s.numCompletedTasks > 0),
+            "tasks": sum(s.numCompletedTasks for s in stages if s is not None)}
