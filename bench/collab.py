@@ -5,11 +5,12 @@ batch 1024 of random (user, item, label) triples, at two sizes: ML-1M (6,040 use
 1M users x 200k items. Runs per size:
   plain        one process, nn.Embedding tables + dense Adam over every parameter (the authors' MF code)
   plain-sparse one process, nn.Embedding(sparse=True) + SparseAdam (a stronger plain-PyTorch reference)
+  kernel       one process, FBGEMM's fused table kernel alone (no TorchRec): the limit of the runs below
   torchrec-1   embeddings/ on 1 rank: fused row-wise Adagrad inside the backward (table_wise)
   table_wise-2 the same on 2 ranks (torchrun), tables placed whole on ranks
   row_wise-2   the same on 2 ranks, rows of every table split over ranks (the CPU row-wise sharder)
-Reported: training samples/s (timed steps after warm-up; all ranks), the ratio to `plain`, and peak RSS
-per rank. Every process gets the same number of CPU threads in total.
+Reported: training samples/s (timed steps after warm-up; all ranks), row lookups/s (two per sample), the
+ratios to `plain` and to `kernel`, and peak RSS per rank. Every process gets the same number of CPU threads in total.
 
     python bench/collab.py                      # both sizes, writes bench/results/collab.json
     python bench/collab.py --sizes ml-1m --steps 50 --plain-steps 50
@@ -71,6 +72,34 @@ def plain(users: int, items: int, steps: int, warmup: int, sparse: bool = False)
     return {"seconds": time.perf_counter() - start}
 
 
+def kernel(users: int, items: int, steps: int, warmup: int) -> dict:
+    """The limit: FBGEMM's fused table kernel alone (the one TorchRec runs), both tables in one
+    SplitTableBatchedEmbeddingBagsCodegen with row-wise Adagrad fused into the backward, the same batches
+    and loss, no TorchRec, no KeyedJaggedTensor, no process group."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    device = torch.device("cuda" if CUDA else "cpu")
+    where = (EmbeddingLocation.DEVICE, ComputeDevice.CUDA) if CUDA else (EmbeddingLocation.HOST, ComputeDevice.CPU)
+    tables = SplitTableBatchedEmbeddingBagsCodegen([(n + 1, DIM, *where) for n in (users, items)],
+                                                   optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.05,
+                                                   pooling_mode=PoolingMode.SUM, device=device)
+    offsets = torch.arange(2 * BATCH + 1, device=device)  # one id per bag: user bags, then item bags
+    start = 0.0
+    for step, (u, i, y) in enumerate(batches(users, items, warmup + steps)):
+        if step == warmup:
+            sync()
+            start = time.perf_counter()
+        rows = tables(torch.cat([u, i]).to(device), offsets)  # (BATCH, 2 * DIM): the user row, then the item row
+        loss_fn(rows[:, :DIM], rows[:, DIM:], y.to(device), BATCH).backward()
+    sync()
+    return {"seconds": time.perf_counter() - start}
+
+
 def sync() -> None:
     if CUDA:
         torch.cuda.synchronize()
@@ -112,6 +141,8 @@ def worker(args: argparse.Namespace) -> None:
     users, items = SIZES[args.size]
     if args.worker.startswith("plain"):
         out = plain(users, items, args.steps, args.warmup, sparse=args.worker == "plain-sparse")
+    elif args.worker == "kernel":
+        out = kernel(users, items, args.steps, args.warmup)
     else:
         out = sharded(users, items, args.steps, args.warmup, args.worker)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -129,7 +160,7 @@ def launch(kind: str, ranks: int, size: str, steps: int, warmup: int, threads: i
     result = tmp / f"{kind}-{ranks}-{size}"
     script = [str(REPO / "bench" / "collab.py"), "--worker", kind, "--size", size, "--steps", str(steps),
               "--warmup", str(warmup), "--result", str(result)]
-    if kind.startswith("plain"):
+    if kind.startswith("plain") or kind == "kernel":
         cmd = [sys.executable, *script]
     else:
         cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(ranks),
@@ -161,7 +192,7 @@ def main() -> None:
     gpus = torch.cuda.device_count()
     report = {"dim": DIM, "batch": BATCH, "threads": args.threads, "sizes": {},
               "device": torch.cuda.get_device_name(0) if gpus else "cpu"}
-    runs = [("plain", "plain", 1), ("plain-sparse", "plain-sparse", 1), ("torchrec-1", "table_wise", 1),
+    runs = [("plain", "plain", 1), ("plain-sparse", "plain-sparse", 1), ("kernel", "kernel", 1), ("torchrec-1", "table_wise", 1),
             ("table_wise-2", "table_wise", 2), ("row_wise-2", "row_wise", 2)]
     runs = [r for r in runs if not gpus or r[2] <= gpus]  # on a GPU host, one rank per GPU
     tmp = Path(tempfile.mkdtemp(prefix="bench-collab-"))
@@ -171,9 +202,12 @@ def main() -> None:
             steps = args.plain_steps if name == "plain" else args.steps
             res[name] = launch(kind, ranks, size, steps, args.warmup, args.threads, tmp)
             res[name]["ratio_to_plain"] = res[name]["samples_per_s"] / res["plain"]["samples_per_s"]
+            res[name]["row_lookups_per_s"] = 2 * res[name]["samples_per_s"]  # one user and one item row per sample
+            if "kernel" in res:
+                res[name]["share_of_kernel"] = res[name]["samples_per_s"] / res["kernel"]["samples_per_s"]
             print(f"{size:10} {name:13} {res[name]['samples_per_s']:12,.0f} samples/s  "
-                  f"{res[name]['ratio_to_plain']:7.1f}x  peak RSS/rank MiB {res[name]['peak_rss_mb_per_rank']}",
-                  flush=True)
+                  f"{res[name]['ratio_to_plain']:7.1f}x plain  {res[name].get('share_of_kernel', float('nan')):5.2f}x kernel  "
+                  f"peak RSS/rank MiB {res[name]['peak_rss_mb_per_rank']}", flush=True)
         report["sizes"][size] = {"users": SIZES[size][0], "items": SIZES[size][1], "runs": res}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

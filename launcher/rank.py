@@ -32,7 +32,7 @@ from llm.model import load_tuned
 from llm.prompts import Encoded, encode, encode_distill
 from llm.scorer import collate, last_hidden
 from llm.sella import SellaLM
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, ConfigError, data_path, load_config, run_path
 from pipeline.schema import Sample
 
 
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        data_dir = Path(args.data or cfg.data_dir or f"out/{cfg.name}")
-        run_dir = Path(args.run_dir or cfg.run_dir or f"runs/{cfg.name}")
+        data_dir = data_path(cfg, args.data)
+        run_dir = run_path(cfg, args.run_dir)
         candidates = read_candidates(args.candidates, read_items(data_dir))
         ranked = rank(cfg, data_dir, run_dir, args.user, candidates)
     except (ConfigError, FileNotFoundError, ValueError) as err:

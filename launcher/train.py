@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the reposit
 from launcher import provenance
 from launcher.artifacts import DONE, SEMANTIC_FILE, done
 from launcher.metrics import results_table
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, data_path, load_config, run_path
 from pipeline.schema import load_manifest
 
 STAGES = ("lora", "distill", "collab", "sella", "eval")
@@ -86,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        data_dir = Path(args.data or cfg.data_dir or f"out/{cfg.name}")
+        data_dir = data_path(cfg, args.data)
         load_manifest(data_dir)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_dir = Path(args.run_dir or cfg.run_dir or f"runs/{cfg.name}")
+    run_dir = run_path(cfg, args.run_dir)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 

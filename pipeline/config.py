@@ -354,8 +354,8 @@ class Config(_Strict):
     protocol: ProtocolConfig
     output: OutputConfig = OutputConfig()
     spark: SparkConfig = SparkConfig()
-    data_dir: str | None = Field(None, description="prep output read by the training stages "
-                                 "(default out/<name>); --data overrides")
+    data_dir: str | None = Field(None, description="prep output, written by prep and read by the training stages "
+                                 "(default out/<name>); --output / --data override (pipeline.config.data_path)")
     run_dir: str | None = Field(None, description="training artifacts (default runs/<name>); --run-dir overrides")
     upstream: str | None = Field(None, description="run directory whose artifacts of earlier stages (adapter, "
                                  "semantic vectors, collab tables) are used when this run has none")
@@ -427,6 +427,17 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     for base in [bases] if isinstance(bases, str) else bases:
         merged = merge(merged, _read(path.parent / base, (*seen, path.resolve())))
     return merge(merged, data)
+
+
+def data_path(cfg: Config, given: str | Path | None = None) -> Path:
+    """The prep output of `cfg`, where prep writes and every stage reads: the command line's --output/--data,
+    else `data_dir`, else out/<name>."""
+    return Path(given or cfg.data_dir or f"out/{cfg.name}")
+
+
+def run_path(cfg: Config, given: str | Path | None = None) -> Path:
+    """The run directory of `cfg`: the command line's --run-dir, else `run_dir`, else runs/<name>."""
+    return Path(given or cfg.run_dir or f"runs/{cfg.name}")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the repos
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.collm import collm_result
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, ConfigError, data_path, load_config
 from pipeline.protocol import ProtocolResult, apply_protocol
 from pipeline.schema import SCHEMA_VERSION, SPLITS
 from pipeline.sources import READERS, SourceError
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--config", required=True, help="dataset config, e.g. configs/ml-1m.yaml")
     p.add_argument("--input", help="input directory (default: source.input_dir of the config)")
-    p.add_argument("--output", help="output directory (default: out/<config name>)")
+    p.add_argument("--output", help="output directory (default: data_dir of the config, else out/<config name>)")
     p.add_argument("--master", help="Spark master URL (default: spark-submit's, else local[*])")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return p.parse_args(argv)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         input_dir = Path(args.input or cfg.source.input_dir)
-        output = Path(args.output or Path("out") / cfg.name)
+        output = data_path(cfg, args.output)
         manifest = run(cfg, input_dir, output, args.master, args.overwrite)
     except (ConfigError, SourceError, OutputExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher.artifacts import DONE, EVAL_SCORES, lookup
 from launcher.metrics import GROUPS, add_intervals, pair
-from pipeline.config import load_config
+from pipeline.config import load_config, run_path
 
 BEGIN, END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
 ROWS = {  # config stem -> (row label, published ML-1M AUC / UAUC of the closest published method)
@@ -40,7 +40,7 @@ ROWS = {  # config stem -> (row label, published ML-1M AUC / UAUC of the closest
 
 def run_dir(config: Path) -> Path:
     cfg = load_config(config)
-    return Path(cfg.run_dir or f"runs/{cfg.name}")
+    return run_path(cfg)
 
 
 TRAINED_BY = {"lora": "lora", "sella": "sella", "mf": "collab", "popularity": None}  # eval.model -> its stage

@@ -93,3 +93,28 @@ def test_base_chain_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match=r"missing\.yaml: config file not found"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_prep_and_training_resolve_one_data_and_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prep writes where the stages read: the command line, else data_dir / run_dir, else out/ and runs/<name>."""
+    from pipeline import prep
+    from pipeline.config import data_path, run_path
+
+    plain = load_config("configs/ml-100k.yaml")
+    assert (data_path(plain), run_path(plain)) == (Path("out/ml-100k"), Path("runs/ml-100k"))
+    cfg = load_config("configs/ml-100k.yaml", [f"data_dir={tmp_path / 'd'}", f"run_dir={tmp_path / 'r'}"])
+    assert (data_path(cfg), run_path(cfg)) == (tmp_path / "d", tmp_path / "r")
+    assert data_path(cfg, "given") == Path("given") and run_path(cfg, "given") == Path("given")
+
+    class Handed(Exception):
+        pass
+
+    def run(cfg: object, input_dir: Path, output: Path, *rest: object) -> dict:
+        raise Handed(output)
+
+    monkeypatch.setattr(prep, "run", run)  # prep's CLI up to the point where it starts Spark
+    config = tmp_path / "c.yaml"
+    config.write_text(f"base: {Path('configs/ml-100k.yaml').resolve()}\ndata_dir: {tmp_path / 'd'}\n")
+    with pytest.raises(Handed) as handed:
+        prep.main(["--config", str(config)])
+    assert handed.value.args[0] == tmp_path / "d"
