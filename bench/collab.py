@@ -120,8 +120,8 @@ def sharded(users: int, items: int, steps: int, warmup: int, sharding: str) -> d
         torch.cuda.set_device(device)
     model = Collab(users, items, DIM)
     attach_optimizers(model.tables, {USER: 0.05, ITEM: 0.05}, "rowwise_adagrad")
-    dmp = shard(model, sharding, device)
-    for s in local_shards(dmp):
+    sharded_model = shard(model, sharding, device)
+    for s in local_shards(sharded_model):
         init_normal(s, 0, 0.1)
     start = 0.0
     for step, (u, i, y) in enumerate(batches(users, items, warmup + steps)):
@@ -129,7 +129,7 @@ def sharded(users: int, items: int, steps: int, warmup: int, sharding: str) -> d
             dist.barrier()
             start = time.perf_counter()
         part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-        rows = dmp(ids_kjt({USER: u[part].to(device), ITEM: i[part].to(device)}))
+        rows = sharded_model(ids_kjt({USER: u[part].to(device), ITEM: i[part].to(device)}))
         loss_fn(rows[USER], rows[ITEM], y[part].to(device), BATCH).backward()
     dist.barrier()
     seconds = time.perf_counter() - start

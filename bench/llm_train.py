@@ -92,7 +92,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from launcher.data import read_shard, usable
-    from launcher.lora import peft_config
+    from launcher.recipes.lora_tuning import peft_config
     from llm.model import load_base
     from llm.prompts import encode
     from llm.scorer import IGNORE

@@ -53,11 +53,11 @@ def upstream(cfg_path: str, data: Path, run: Path) -> None:
     import torch
     from peft import get_peft_model
 
-    from embeddings.collab import projector
     from embeddings.tables import save_tensors
     from launcher.artifacts import ADAPTER, COLLAB_FILE
-    from launcher.lora import peft_config
+    from launcher.recipes.lora_tuning import peft_config
     from llm.model import hidden_size, load_base
+    from llm.projector import proj_c_to_l
 
     cfg = load_config(cfg_path)
     model, tokenizer = load_base(cfg.llm)
@@ -70,7 +70,7 @@ def upstream(cfg_path: str, data: Path, run: Path) -> None:
     tensors = {"user": torch.randn(users + 1, dim, generator=g) * 0.1,
                "item": torch.randn(items + 1, dim, generator=g) * 0.1,
                "semantic": torch.randn(items + 1, d_llm, generator=g)}
-    tensors |= {f"projector.{k}": v for k, v in projector(dim, cfg.collab.proj_hidden, d_llm).state_dict().items()}
+    tensors |= {f"projector.{k}": v for k, v in proj_c_to_l(dim, cfg.collab.proj_hidden, d_llm).state_dict().items()}
     save_tensors(run / COLLAB_FILE, tensors, {})
 
 

@@ -25,11 +25,6 @@ from torchrec import (
 USER, ITEM, SEMANTIC = "user", "item", "semantic"
 
 
-def projector(dim: int, hidden: int, out: int) -> nn.Sequential:
-    """Proj_C->L: d_c -> hidden -> GELU -> d_llm (docs/method.md's projector A has the same shape)."""
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
-
-
 def table_configs(n_users: int, n_items: int, dim: int, semantic_dim: int | None) -> list[EmbeddingBagConfig]:
     """The collab tables; each table has one feature of the same name."""
     sizes = {USER: (n_users + 1, dim), ITEM: (n_items + 1, dim)}
@@ -43,12 +38,13 @@ class Collab(nn.Module):
     """User/item (and semantic) tables and the projector; `forward` returns the looked-up rows per table."""
 
     def __init__(self, n_users: int, n_items: int, dim: int, semantic_dim: int | None = None,
-                 proj_hidden: int = 1024) -> None:
-        """proj_hidden=0: tables only (stage 3 keeps its projectors in the LLM engine)."""
+                 projector: nn.Module | None = None) -> None:
+        """`projector`: Proj_C->L (llm.projector.proj_c_to_l) for the alignment; None for plain MF and in
+        stage 3, which keeps its projectors in the LLM engine."""
         super().__init__()
         self.tables = EmbeddingBagCollection(tables=table_configs(n_users, n_items, dim, semantic_dim),
                                              device=torch.device("meta"))
-        self.projector = projector(dim, proj_hidden, semantic_dim) if semantic_dim and proj_hidden else None
+        self.projector = projector
         self.names = [c.name for c in self.tables.embedding_bag_configs()]
 
     def forward(self, ids: KeyedJaggedTensor) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from launcher.dist import Dist
 from pipeline.config import Config, DeepSpeedConfig, TrainConfig
 
 
-def zero_stage(ds: DeepSpeedConfig, d: Dist) -> int:
+def zero_stage(ds: DeepSpeedConfig, dist_ctx: Dist) -> int:
     """The ZeRO stage to run: `auto` is 0 on one host and 3 across hosts.
 
     On one host ZeRO-3's per-module gather hooks cost more than they save for a model that fits a device: on
@@ -21,15 +22,15 @@ def zero_stage(ds: DeepSpeedConfig, d: Dist) -> int:
     """
     if ds.zero_stage != "auto":
         return ds.zero_stage
-    return 0 if d.one_host else 3
+    return 0 if dist_ctx.one_host else 3
 
 
-def resolve(cfg: Config, d: Dist) -> Config:
+def resolve(cfg: Config, dist_ctx: Dist) -> Config:
     """The config with the values that depend on the machine (`deepspeed.zero_stage: auto`) made concrete."""
-    return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"zero_stage": zero_stage(cfg.deepspeed, d)})})
+    return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"zero_stage": zero_stage(cfg.deepspeed, dist_ctx)})})
 
 
-def ds_config(ds: DeepSpeedConfig, tc: TrainConfig, d: Dist, hidden_size: int) -> dict[str, Any]:
+def ds_config(ds: DeepSpeedConfig, train_cfg: TrainConfig, dist_ctx: Dist, hidden_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config: ZeRO stage, buckets sized to the model, offload, AdamW, clipping, precision."""
     bucket = ds.bucket_size or hidden_size * hidden_size
     zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": bucket}
@@ -39,45 +40,45 @@ def ds_config(ds: DeepSpeedConfig, tc: TrainConfig, d: Dist, hidden_size: int) -
         zero["offload_optimizer"] = {"device": ds.offload_optimizer}
     if ds.offload_param != "none":
         zero["offload_param"] = {"device": ds.offload_param}
-    adam = {"lr": tc.lr, "betas": list(tc.betas), "weight_decay": tc.weight_decay}
+    adam = {"lr": train_cfg.lr, "betas": list(train_cfg.betas), "weight_decay": train_cfg.weight_decay}
     if ds.offload_optimizer == "none":
         adam["torch_adam"] = True  # torch's AdamW: DeepSpeed's FusedAdam would JIT-build for minutes on a fresh GPU host
     return {
-        "train_micro_batch_size_per_gpu": tc.micro_batch,
-        "gradient_accumulation_steps": tc.grad_accum,
-        "gradient_clipping": tc.grad_clip,
+        "train_micro_batch_size_per_gpu": train_cfg.micro_batch,
+        "gradient_accumulation_steps": train_cfg.grad_accum,
+        "gradient_clipping": train_cfg.grad_clip,
         "optimizer": {"type": "AdamW", "params": adam},
         "zero_optimization": zero,
-        "bf16": {"enabled": d.dtype == torch.bfloat16},
+        "bf16": {"enabled": dist_ctx.dtype == torch.bfloat16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
-def cosine_schedule(tc: TrainConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
+def cosine_schedule(train_cfg: TrainConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
     """Linear warmup then cosine decay to lr * min_lr_ratio, as a factory DeepSpeed calls with its optimizer."""
     def factor(step: int) -> float:
-        if step < tc.warmup_steps:
-            return (step + 1) / (tc.warmup_steps + 1)
-        progress = min(1.0, (step - tc.warmup_steps) / max(1, total_steps - tc.warmup_steps))
-        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if step < train_cfg.warmup_steps:
+            return (step + 1) / (train_cfg.warmup_steps + 1)
+        progress = min(1.0, (step - train_cfg.warmup_steps) / max(1, total_steps - train_cfg.warmup_steps))
+        return train_cfg.min_lr_ratio + (1 - train_cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def out_of_time(tc: TrainConfig, train_seconds: float) -> bool:
+def out_of_time(train_cfg: TrainConfig, train_seconds: float) -> bool:
     """Whether the `max_minutes` budget is spent (train_seconds is the same on every rank: a max over ranks)."""
-    return tc.max_minutes is not None and train_seconds >= 60 * tc.max_minutes
+    return train_cfg.max_minutes is not None and train_seconds >= 60 * train_cfg.max_minutes
 
 
-def planned_steps(tc: TrainConfig, train_rows: int, world: int) -> int:
+def planned_steps(train_cfg: TrainConfig, train_rows: int, world: int) -> int:
     """Optimizer steps allowed by the first budget to run out: epochs, max_samples, max_steps."""
-    per_step = tc.micro_batch * tc.grad_accum * world
-    steps = math.ceil(tc.epochs * train_rows / per_step)
-    if tc.max_samples is not None:
-        steps = min(steps, math.ceil(tc.max_samples / per_step))
-    if tc.max_steps is not None:
-        steps = min(steps, tc.max_steps)
+    per_step = train_cfg.micro_batch * train_cfg.grad_accum * world
+    steps = math.ceil(train_cfg.epochs * train_rows / per_step)
+    if train_cfg.max_samples is not None:
+        steps = min(steps, math.ceil(train_cfg.max_samples / per_step))
+    if train_cfg.max_steps is not None:
+        steps = min(steps, train_cfg.max_steps)
     return steps
 
 
@@ -98,3 +99,18 @@ def engine_step(engine: Any, params: list[torch.nn.Parameter]) -> float:
     if engine.zero_optimization_stage() == 0:
         return float(getattr(engine, "last_grad_norm", 0.0))
     return float(engine.get_global_grad_norm() or 0.0)
+
+
+def save_adapter(peft_model: torch.nn.Module, tokenizer, path: Path, zero3: bool, dist_ctx: Dist) -> None:
+    """Gather the LoRA weights (ZeRO-3 partitions them) and save a PEFT adapter with the tokenizer (stages 1 and 3)."""
+    import deepspeed
+    from peft import get_peft_model_state_dict
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, enabled=zero3):
+        if dist_ctx.main:
+            state = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(
+                peft_model, save_embedding_layers=False).items()}
+            peft_model.save_pretrained(str(path), state_dict=state, save_embedding_layers=False)
+            tokenizer.save_pretrained(str(path))
+    torch.distributed.barrier()

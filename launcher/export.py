@@ -38,22 +38,22 @@ CARD = "README.md"
 
 def prompt_spec(cfg: Config, tokenizer: Tokenizer, warm: bool, inject_norm: str, token_rms: float) -> dict[str, Any]:
     """Everything needed to rebuild a stage-3 prompt and its score from a sample."""
-    lc = cfg.llm
+    llm_cfg = cfg.llm
     no, yes = yes_no_ids(tokenizer)
     words = WORDS[cfg.domain]
     return {
         "system": system_text("sella", cfg.domain),
         "user": USER["sella"].replace("{warm}", WARM if warm else "").format(
             titles="{titles}", title="{title}", **words),
-        "titles": f"the user's last {lc.history_titles} positively rated titles before the interaction, oldest "
+        "titles": f"the user's last {llm_cfg.history_titles} positively rated titles before the interaction, oldest "
                   "first, each in double quotes, joined by ', '; {title}: the target title in double quotes",
-        "history_titles": lc.history_titles,
-        "max_length": lc.max_length,
+        "history_titles": llm_cfg.history_titles,
+        "max_length": llm_cfg.max_length,
         "fit": "while the tokenized prompt is longer than max_length, drop the oldest title",
-        "chat_template": bool(lc.chat_template and tokenizer.chat_template),
+        "chat_template": bool(llm_cfg.chat_template and tokenizer.chat_template),
         "render": ("tokenizer.apply_chat_template([{role: system, content: system}, {role: user, content: user}], "
                    "tokenize=False, add_generation_prompt=True), then tokenizer(text, add_special_tokens=False)")
-        if lc.chat_template and tokenizer.chat_template else "f'{system}\\n{user}\\nAnswer: '",
+        if llm_cfg.chat_template and tokenizer.chat_template else "f'{system}\\n{user}\\nAnswer: '",
         "special_tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS[:3 if warm else 2]},
         "inject": {"<User_ID>": "a(tables.user[user_id])", "<Item_ID>": "a(tables.item[item_id])",
                    **({"<Warm_ID>": "b(tables.semantic[item_id])"} if warm else {}),

@@ -71,9 +71,9 @@ def user_history(data_dir: Path, user: int, length: int) -> list[str]:
 @torch.no_grad()
 def rank(cfg: Config, data_dir: Path, run_dir: Path, user: int, candidates: pd.DataFrame) -> pd.DataFrame:
     """Scores of the candidates for `user` with the run's stage-3 model, best first."""
-    lc = cfg.llm
+    llm_cfg = cfg.llm
     sella_adapter = lookup(cfg, run_dir, SELLA_ADAPTER)
-    llm, tokenizer = load_tuned(lc, sella_adapter or adapter_dir(cfg, run_dir))
+    llm, tokenizer = load_tuned(llm_cfg, sella_adapter or adapter_dir(cfg, run_dir))
     model = SellaLM.from_export(llm, tokenizer, find(cfg, run_dir, SELLA_PROJECTOR)).eval()
     tables = TableFile(find(cfg, run_dir, SELLA_TABLES))
     if user <= 0 or user >= tables.shape(USER)[0]:
@@ -83,19 +83,19 @@ def rank(cfg: Config, data_dir: Path, run_dir: Path, user: int, candidates: pd.D
     new = candidates.index[candidates.new_item].tolist()
     if model.warm and new:
         distiller = llm if sella_adapter is None and cfg.distill.use_lora else load_tuned(
-            lc, adapter_dir(cfg, run_dir) if cfg.distill.use_lora else None)[0]
+            llm_cfg, adapter_dir(cfg, run_dir) if cfg.distill.use_lora else None)[0]
         for lo in range(0, len(new), cfg.distill.batch):
             part = new[lo:lo + cfg.distill.batch]
-            prompts = [Encoded(encode_distill(tokenizer, cfg.domain, candidates.title[i], lc.max_length,
+            prompts = [Encoded(encode_distill(tokenizer, cfg.domain, candidates.title[i], llm_cfg.max_length,
                                               cfg.distill.chat_template), [], i, 0) for i in part]
             semantic[part] = last_hidden(distiller, collate(prompts, tokenizer.pad_token_id)).float()
-    history = user_history(data_dir, user, lc.history_titles)
+    history = user_history(data_dir, user, llm_cfg.history_titles)
     scores = []
     for lo in range(0, len(candidates), cfg.eval.batch):
         idx = list(range(lo, min(lo + cfg.eval.batch, len(candidates))))
         samples = [Sample(row_id=i, user_id=user, item_id=int(items[i]), label=0, timestamp=0, split="rank", warm=0,
                           history_ids=[], history_titles=history, title=candidates.title[i]) for i in idx]
-        encoded = [encode(tokenizer, s, "sella", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template,
+        encoded = [encode(tokenizer, s, "sella", cfg.domain, llm_cfg.max_length, llm_cfg.history_titles, llm_cfg.chat_template,
                           with_answer=False, warm=model.warm) for s in samples]
         rows = [tables.rows(USER, torch.full((len(idx),), user)), tables.rows(ITEM, items[idx])]
         if model.warm:

@@ -39,6 +39,8 @@ from pipeline.config import ConfigError, data_path, load_config, run_path
 from pipeline.schema import load_manifest
 
 STAGES = ("lora", "distill", "collab", "sella", "eval")
+RECIPES = {"lora": "lora_tuning", "distill": "distillation", "collab": "collab_alignment", "sella": "sella_training",
+           "eval": "evaluation"}  # stage -> module of launcher/recipes/
 
 
 def stage_list(arg: str) -> str:
@@ -79,7 +81,7 @@ def load_recipes(stages: tuple[str, ...]) -> dict[str, ModuleType]:
     imported after that fails (`ShardedModule has no attribute __parameters__`), so --stage all must
     import the collab and sella recipes before the lora stage loads the LLM.
     """
-    return {stage: importlib.import_module(f"launcher.{stage}") for stage in stages}
+    return {stage: importlib.import_module(f"launcher.recipes.{RECIPES[stage]}") for stage in stages}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.dist import setup
     from launcher.engine import resolve
 
-    d = setup(cfg.deepspeed)
-    cfg = resolve(cfg, d)
+    dist_ctx = setup(cfg.deepspeed)
+    cfg = resolve(cfg, dist_ctx)
     stages = STAGES if args.stage == "all" else tuple(args.stage.split(","))
-    if args.fresh and d.main:
+    if args.fresh and dist_ctx.main:
         for stage in stages:
             shutil.rmtree(run_dir / stage, ignore_errors=True)
             shutil.rmtree(run_dir / "tb" / stage, ignore_errors=True)
@@ -113,26 +115,26 @@ def main(argv: list[str] | None = None) -> int:
 
     dist.barrier()
     try:
-        changes = {stage: provenance.check(cfg, run_dir, stage, d.world, args.allow_config_change) for stage in stages}
+        changes = {stage: provenance.check(cfg, run_dir, stage, dist_ctx.world, args.allow_config_change) for stage in stages}
     except provenance.ConfigChanged as err:
-        if d.main:
+        if dist_ctx.main:
             print(f"error: {err}", file=sys.stderr)
         dist.destroy_process_group()
         return 2
     recipes = load_recipes(stages)
     for stage in stages:
         if args.stage == "all" and done(cfg, run_dir, stage):
-            if d.main:
+            if dist_ctx.main:
                 print(f"[all] {stage}: finished artifacts found ({DONE[stage]}), skipped", flush=True)
             continue
-        if d.main:
-            provenance.record(cfg, run_dir, stage, d.world, changes[stage])
-        summary = recipes[stage].run(cfg, data_dir, run_dir, d)
-        if d.main:
+        if dist_ctx.main:
+            provenance.record(cfg, run_dir, stage, dist_ctx.world, changes[stage])
+        summary = recipes[stage].run(cfg, data_dir, run_dir, dist_ctx)
+        if dist_ctx.main:
             print(json.dumps(summary, indent=1) if len(stages) == 1 else f"[{args.stage}] {stage}: finished", flush=True)
         gc.collect()
         dist.barrier()
-    if d.main and args.stage == "all":
+    if dist_ctx.main and args.stage == "all":
         print(results_table(json.loads((run_dir / DONE["eval"]).read_text())))
     dist.destroy_process_group()
     return 0

@@ -22,7 +22,7 @@ Forward = Callable[[dict[str, torch.Tensor], list[Encoded]], torch.Tensor]
 
 
 def score(model: Any, examples: list[Encoded], batch_size: int, no_yes: tuple[int, int], pad_id: int,
-          d: Dist, forward: Forward | None = None) -> np.ndarray:
+          dist_ctx: Dist, forward: Forward | None = None) -> np.ndarray:
     """P(Yes) for this rank's examples (answers must be empty), in order.
 
     `forward(batch, examples)` replaces the plain text scorer (stage 3 injects vectors there).
@@ -34,7 +34,7 @@ def score(model: Any, examples: list[Encoded], batch_size: int, no_yes: tuple[in
     model.eval()
     for i in range(n_batches):
         chunk = examples[i * batch_size:(i + 1) * batch_size]
-        batch = {k: v.to(d.device) for k, v in collate(chunk or stand_in, pad_id).items()}
+        batch = {k: v.to(dist_ctx.device) for k, v in collate(chunk or stand_in, pad_id).items()}
         p = forward(batch, chunk or stand_in) if forward else yes_prob(model, batch, no_yes)
         if chunk:
             out.append(p.float().cpu())

@@ -16,12 +16,19 @@ from llm.model import SPECIAL_TOKENS
 STAGE2_PREFIX = "projector."  # Proj_C->L's keys in stage 2b's collab.safetensors
 
 
+def proj_c_to_l(collab_dim: int, hidden: int, llm_dim: int) -> nn.Sequential:
+    """Proj_C->L, d_c -> hidden -> GELU -> d_llm: the one definition. Stage 2b trains it to align the item
+    vectors with the semantic ones (the recipe hands it to embeddings.collab.Collab); stage 3 starts projector
+    A from it, so the two share their tensor names by construction."""
+    return nn.Sequential(nn.Linear(collab_dim, hidden), nn.GELU(), nn.Linear(hidden, llm_dim))
+
+
 class HybridProjector(nn.Module):
     """Projectors A (collab -> LLM) and B (semantic -> LLM)."""
 
     def __init__(self, collab_dim: int, semantic_dim: int | None, llm_dim: int, hidden: int = 1024) -> None:
         super().__init__()
-        self.a = nn.Sequential(nn.Linear(collab_dim, hidden), nn.GELU(), nn.Linear(hidden, llm_dim))
+        self.a = proj_c_to_l(collab_dim, hidden, llm_dim)
         self.b = nn.Linear(semantic_dim, llm_dim) if semantic_dim else None
 
     @classmethod

@@ -79,8 +79,8 @@ def tiny_collab(path: Path, data_dir: Path, dim: int, llm_dim: int, hidden: int 
     import pandas as pd
     import torch
 
-    from embeddings.collab import projector
     from embeddings.tables import save_tensors
+    from llm.projector import proj_c_to_l
 
     users = int(pd.read_parquet(data_dir / "tables" / "users").user_id.max())
     items = int(pd.read_parquet(data_dir / "tables" / "items").item_id.max())
@@ -89,7 +89,7 @@ def tiny_collab(path: Path, data_dir: Path, dim: int, llm_dim: int, hidden: int 
     if semantic:
         tensors["semantic"] = torch.randn(items + 1, llm_dim, generator=g)
         torch.manual_seed(0)
-        tensors |= {f"projector.{k}": v for k, v in projector(dim, hidden, llm_dim).state_dict().items()}
+        tensors |= {f"projector.{k}": v for k, v in proj_c_to_l(dim, hidden, llm_dim).state_dict().items()}
     save_tensors(path, tensors, {})
     return path
 

@@ -31,29 +31,29 @@ from pipeline.config import Config
 STAGE = "distill"
 
 
-def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
+def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     """Distill every item's semantic vector; returns the summary written to <run>/distill/summary.json."""
-    dc = cfg.distill
+    distill_cfg = cfg.distill
     chunk_dir = run_dir / STAGE / "chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
     items = read_items(data_dir)
-    n_chunks = -(-len(items) // dc.chunk_items)
+    n_chunks = -(-len(items) // distill_cfg.chunk_items)
 
     def path(chunk: int) -> Path:
         return chunk_dir / f"chunk-{chunk:06d}.safetensors"
 
-    todo = [c for c in range(d.rank, n_chunks, d.world) if not path(c).is_file()]
-    skipped = len(range(d.rank, n_chunks, d.world)) - len(todo)
-    model, tokenizer = load_tuned(cfg.llm, adapter_dir(cfg, run_dir) if dc.use_lora else None, d.dtype)
-    model = model.to(d.device)
+    todo = [c for c in range(dist_ctx.rank, n_chunks, dist_ctx.world) if not path(c).is_file()]
+    skipped = len(range(dist_ctx.rank, n_chunks, dist_ctx.world)) - len(todo)
+    model, tokenizer = load_tuned(cfg.llm, adapter_dir(cfg, run_dir) if distill_cfg.use_lora else None, dist_ctx.dtype)
+    model = model.to(dist_ctx.device)
     start, done = time.time(), 0
-    for c in tqdm(todo, desc=f"[{STAGE}] rank {d.rank}", unit="chunk", disable=not d.main, mininterval=1.0):
-        part = items.iloc[c * dc.chunk_items:(c + 1) * dc.chunk_items]
-        encoded = [Encoded(encode_distill(tokenizer, cfg.domain, title, cfg.llm.max_length, dc.chat_template), [],
+    for c in tqdm(todo, desc=f"[{STAGE}] rank {dist_ctx.rank}", unit="chunk", disable=not dist_ctx.main, mininterval=1.0):
+        part = items.iloc[c * distill_cfg.chunk_items:(c + 1) * distill_cfg.chunk_items]
+        encoded = [Encoded(encode_distill(tokenizer, cfg.domain, title, cfg.llm.max_length, distill_cfg.chat_template), [],
                            int(i), 0) for i, title in zip(part.item_id, part.title, strict=True)]
         vectors = []
-        for lo in range(0, len(encoded), dc.batch):
-            batch = {k: v.to(d.device) for k, v in collate(encoded[lo:lo + dc.batch], tokenizer.pad_token_id).items()}
+        for lo in range(0, len(encoded), distill_cfg.batch):
+            batch = {k: v.to(dist_ctx.device) for k, v in collate(encoded[lo:lo + distill_cfg.batch], tokenizer.pad_token_id).items()}
             vectors.append(last_hidden(model, batch).float().cpu())
         save_tensors(path(c), {"item_ids": torch.tensor(part.item_id.to_numpy(), dtype=torch.long),
                                "vectors": torch.cat(vectors)}, {"chunk": str(c)})
@@ -62,12 +62,12 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     dist.barrier()
     computed = sum(gather(done))
     summary = {"stage": STAGE, "items": len(items), "chunks": n_chunks, "computed_items": computed,
-               "skipped_chunks": sum(gather(skipped)), "seconds": seconds, "world": d.world,
+               "skipped_chunks": sum(gather(skipped)), "seconds": seconds, "world": dist_ctx.world,
                "items_per_s": computed / seconds if computed else None,
                "memory_per_rank": gather(peak_memory_mb())}
-    if d.main:
+    if dist_ctx.main:
         merge([path(c) for c in range(n_chunks)], int(items.item_id.max()), run_dir / SEMANTIC_FILE,
-              {"model": cfg.llm.model, "lora": str(dc.use_lora), "prompt": "distill", "domain": cfg.domain})
+              {"model": cfg.llm.model, "lora": str(distill_cfg.use_lora), "prompt": "distill", "domain": cfg.domain})
         (run_dir / STAGE / "summary.json").write_text(json.dumps(summary, indent=2))
     dist.barrier()
     return summary

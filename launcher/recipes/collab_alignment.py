@@ -42,6 +42,7 @@ from launcher.data import read_items
 from launcher.dist import Dist, gather, sum_over_ranks
 from launcher.metrics import format_report, report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
+from llm.projector import proj_c_to_l
 from pipeline.config import Config
 
 STAGE = "collab"
@@ -61,51 +62,53 @@ def semantic_dim(path: Path) -> int:
 
 
 @torch.no_grad()
-def forward_all(model: torch.nn.Module, ids: dict[str, torch.Tensor], batch: int, d: Dist,
+def forward_all(model: torch.nn.Module, ids: dict[str, torch.Tensor], batch: int, dist_ctx: Dist,
                 fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
     """fn(looked-up rows) for every row of `ids`, computed in slices over the ranks and gathered on all.
 
     The tables are model-parallel, so every rank runs the same number of lookups (padded with id 0).
     """
     n = len(next(iter(ids.values())))
-    per = -(-n // d.world)
-    lo, hi = min(n, d.rank * per), min(n, (d.rank + 1) * per)
+    per = -(-n // dist_ctx.world)
+    lo, hi = min(n, dist_ctx.rank * per), min(n, (dist_ctx.rank + 1) * per)
     out = []
     for start in range(0, max(per, 1), batch):
         part = {k: v[lo + start:min(hi, lo + start + batch)] for k, v in ids.items()}
         real = len(next(iter(part.values())))
         if real == 0:
             part = {k: torch.zeros(1, dtype=torch.long) for k in ids}
-        rows = model(ids_kjt({k: v.to(d.device) for k, v in part.items()}))
+        rows = model(ids_kjt({k: v.to(dist_ctx.device) for k, v in part.items()}))
         out.append(fn(rows)[:real].float())
     return gather_rows(torch.cat(out)).cpu()  # gathered on the device: NCCL has no CPU tensors
 
 
-def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
+def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     """Train the Collab model; returns the summary written to <run>/collab/summary.json."""
-    cc = cfg.collab
+    collab_cfg = cfg.collab
     out = run_dir / STAGE
     splits, max_user, items = read_data(data_dir)
     max_item = int(items.item_id.max())
-    aligned = cc.align.weight > 0
-    sem_path = Path(cc.semantic) if cc.semantic else lookup(cfg, run_dir, SEMANTIC_FILE) or run_dir / SEMANTIC_FILE
+    aligned = collab_cfg.align.weight > 0
+    sem_path = Path(collab_cfg.semantic) if collab_cfg.semantic else lookup(cfg, run_dir, SEMANTIC_FILE) or run_dir / SEMANTIC_FILE
     if aligned and not sem_path.is_file():
         raise FileNotFoundError(f"{sem_path}: no semantic vectors; run --stage distill first, "
                                 "or set collab.align.weight: 0 for plain MF")
-    torch.manual_seed(cc.seed)
-    model = Collab(max_user, max_item, cc.dim, semantic_dim(sem_path) if aligned else None, cc.proj_hidden)
-    lrs = {USER: cc.table_lr, ITEM: cc.table_lr, SEMANTIC: cc.semantic_lr}
-    attach_optimizers(model.tables, lrs, cc.table_optimizer)
+    torch.manual_seed(collab_cfg.seed)
+    sem_dim = semantic_dim(sem_path) if aligned else None
+    proj = proj_c_to_l(collab_cfg.dim, collab_cfg.proj_hidden, sem_dim) if aligned and collab_cfg.proj_hidden else None
+    model = Collab(max_user, max_item, collab_cfg.dim, sem_dim, proj)
+    lrs = {USER: collab_cfg.table_lr, ITEM: collab_cfg.table_lr, SEMANTIC: collab_cfg.semantic_lr}
+    attach_optimizers(model.tables, lrs, collab_cfg.table_optimizer)
     if model.projector is not None:
-        model.projector.to(d.device)
-    dmp = shard(model, cc.sharding, d.device)
-    for s in local_shards(dmp):
+        model.projector.to(dist_ctx.device)
+    sharded_model = shard(model, collab_cfg.sharding, dist_ctx.device)
+    for s in local_shards(sharded_model):
         if s.table == SEMANTIC:
             init_from_file(s, sem_path, SEMANTIC)
         else:
-            init_normal(s, cc.seed, cc.init_std)
+            init_normal(s, collab_cfg.seed, collab_cfg.init_std)
     dense = list(model.projector.parameters()) if aligned else []
-    dense_opt = torch.optim.Adam(dense, lr=cc.dense_lr, weight_decay=cc.weight_decay) if dense else None
+    dense_opt = torch.optim.Adam(dense, lr=collab_cfg.dense_lr, weight_decay=collab_cfg.weight_decay) if dense else None
     names = model.names
 
     def ids(users: np.ndarray, item_ids: np.ndarray) -> dict[str, torch.Tensor]:
@@ -114,26 +117,26 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
 
     def evaluate(split: str) -> dict:
         rows = splits[split]
-        logits = forward_all(dmp, ids(rows.user_id.to_numpy(), rows.item_id.to_numpy()), cc.eval_batch, d, mf_logits)
+        logits = forward_all(sharded_model, ids(rows.user_id.to_numpy(), rows.item_id.to_numpy()), collab_cfg.eval_batch, dist_ctx, mf_logits)
         return report(rows.user_id.to_numpy(), rows.label.to_numpy(), logits.numpy(), rows.warm.to_numpy())
 
     def align_accuracy(item_ids: np.ndarray) -> float:
         """How often an item's projected collab vector retrieves its own semantic vector among `item_ids`."""
-        both = forward_all(dmp, ids(np.zeros_like(item_ids), item_ids), cc.eval_batch, d,
+        both = forward_all(sharded_model, ids(np.zeros_like(item_ids), item_ids), collab_cfg.eval_batch, dist_ctx,
                            lambda r: torch.cat([r[SEMANTIC], model.projector(r[ITEM])], -1))
         return retrieval_accuracy(both[:, :both.shape[1] // 2], both[:, both.shape[1] // 2:])
 
     train = splits["train"]
-    per_epoch = -(-len(train) // cc.batch)
-    total = min(cc.max_epochs * per_epoch, cc.max_steps or 1 << 62)
-    align_items = items.item_id.to_numpy()[:cc.align_eval_items]
+    per_epoch = -(-len(train) // collab_cfg.batch)
+    total = min(collab_cfg.max_epochs * per_epoch, collab_cfg.max_steps or 1 << 62)
+    align_items = items.item_id.to_numpy()[:collab_cfg.align_eval_items]
     best = {"auc": -1.0, "step": 0, "valid": None}
-    tables_state = TableState(dmp, dense_opt)  # world-size independent: a run may resume on other ranks
+    tables_state = TableState(sharded_model, dense_opt)  # world-size independent: a run may resume on other ranks
     loop = checkpoint.load(tables_state, out / "ckpt") or {}
     best.update({k[5:]: v for k, v in loop.items() if k.startswith("best_")})
     stale, step, samples, seconds = (loop.get(k, 0) for k in ("stale", "step", "samples", "seconds"))
     stopped, resumed_from = "budget", step
-    monitor = Monitor(d.main, run_dir / "tb" / STAGE, total, step, STAGE)
+    monitor = Monitor(dist_ctx.main, run_dir / "tb" / STAGE, total, step, STAGE)
 
     def validate() -> bool:
         """Validate; keep the state if valid AUC improved; True when patience has run out."""
@@ -153,28 +156,28 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
             stale += 1
         checkpoint.save(tables_state, out / "ckpt", step, {
             "step": step, "samples": samples, "seconds": seconds, "stale": stale, "best_auc": best["auc"],
-            "best_step": best["step"], "best_valid": best["valid"]}, cc.keep_checkpoints)
-        return stale >= cc.patience
+            "best_step": best["step"], "best_valid": best["valid"]}, collab_cfg.keep_checkpoints)
+        return stale >= collab_cfg.patience
 
     labels_all = torch.as_tensor(train.label.to_numpy(), dtype=torch.float32)
     users_all, items_all = train.user_id.to_numpy(), train.item_id.to_numpy()
-    for epoch in range(step // per_epoch, cc.max_epochs):
-        order = np.random.default_rng([cc.seed, epoch]).permutation(len(train))
+    for epoch in range(step // per_epoch, collab_cfg.max_epochs):
+        order = np.random.default_rng([collab_cfg.seed, epoch]).permutation(len(train))
         for b in range(step - epoch * per_epoch if epoch == step // per_epoch else 0, per_epoch):
             t0 = time.time()
-            glob = order[b * cc.batch:(b + 1) * cc.batch]
-            mine = np.array_split(glob, d.world)[d.rank]
-            batch = {k: v.to(d.device) for k, v in ids(users_all[mine], items_all[mine]).items()}
+            glob = order[b * collab_cfg.batch:(b + 1) * collab_cfg.batch]
+            mine = np.array_split(glob, dist_ctx.world)[dist_ctx.rank]
+            batch = {k: v.to(dist_ctx.device) for k, v in ids(users_all[mine], items_all[mine]).items()}
             if dense_opt:
                 dense_opt.zero_grad(set_to_none=True)
-            rows = dmp(ids_kjt(batch))
-            y = labels_all[mine].to(d.device)
+            rows = sharded_model(ids_kjt(batch))
+            y = labels_all[mine].to(dist_ctx.device)
             bce = F.binary_cross_entropy_with_logits(mf_logits(rows), y, reduction="sum") / len(glob)
-            loss = bce + cc.l2 * (rows[USER].square().sum() + rows[ITEM].square().sum()) / len(glob)
+            loss = bce + collab_cfg.l2 * (rows[USER].square().sum() + rows[ITEM].square().sum()) / len(glob)
             if aligned:
-                align = alignment_loss(rows[SEMANTIC], model.projector(rows[ITEM]), batch[ITEM], cc.align.loss,
-                                       cc.align.tau, cc.align.rince_q, cc.align.rince_lambda, cc.align.dedupe)
-                loss = loss + cc.align.weight * align
+                align = alignment_loss(rows[SEMANTIC], model.projector(rows[ITEM]), batch[ITEM], collab_cfg.align.loss,
+                                       collab_cfg.align.tau, collab_cfg.align.rince_q, collab_cfg.align.rince_lambda, collab_cfg.align.dedupe)
+                loss = loss + collab_cfg.align.weight * align
             loss.backward()
             if dense_opt:
                 sum_dense_grads(dense)
@@ -184,11 +187,11 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
             logs = {"bce": sum_over_ranks(bce.item())}
             if aligned:
                 logs["align"] = sum_over_ranks(align.item())
-                logs["loss"] = logs["bce"] + cc.align.weight * logs["align"]
+                logs["loss"] = logs["bce"] + collab_cfg.align.weight * logs["align"]
             monitor.scalars(step, logs, "train/")
             monitor.step({k: f"{v:.4f}" for k, v in logs.items()} | {"epoch": str(epoch)})
             last = step == total
-            due = (cc.eval_every and step % cc.eval_every == 0) or (not cc.eval_every and b == per_epoch - 1)
+            due = (collab_cfg.eval_every and step % collab_cfg.eval_every == 0) or (not collab_cfg.eval_every and b == per_epoch - 1)
             if (due or last) and validate():
                 stopped = "early_stop"
             if stopped == "early_stop" or last:
@@ -201,20 +204,20 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     monitor.write(f"[{STAGE}] best step {best['step']}: test\n{format_report(test)}")
     accuracy = align_accuracy(align_items) if aligned else None
     proj = {f"projector.{k}": v.detach().cpu() for k, v in model.projector.state_dict().items()} if aligned else {}
-    export_tables(dmp, run_dir / COLLAB_FILE, proj, {"dim": str(cc.dim), "align_weight": str(cc.align.weight),
-                                                       "best_step": str(best["step"])}, sharded_export(dmp, cc.export))
-    if cc.projector_items and d.main:  # read back only the rows shown
-        show, tables = items.iloc[:cc.projector_items], TableFile(run_dir / COLLAB_FILE)
+    export_tables(sharded_model, run_dir / COLLAB_FILE, proj, {"dim": str(collab_cfg.dim), "align_weight": str(collab_cfg.align.weight),
+                                                       "best_step": str(best["step"])}, sharded_export(sharded_model, collab_cfg.export))
+    if collab_cfg.projector_items and dist_ctx.main:  # read back only the rows shown
+        show, tables = items.iloc[:collab_cfg.projector_items], TableFile(run_dir / COLLAB_FILE)
         for name in (n for n in (ITEM, SEMANTIC) if n in tables):
             monitor.embedding(tables.rows(name, torch.as_tensor(show.item_id.to_numpy())), show.title.tolist(),
                               f"{STAGE}/{name}", step)
-    summary = {"stage": STAGE, "steps": step, "resumed_from": resumed_from, "best_step": best["step"], "stopped": stopped, "world": d.world,
-               "sharding": resolve(cc.sharding, d.device), "align_weight": cc.align.weight,
-               "align_loss": cc.align.loss if aligned else None, "valid": best["valid"], "test": test,
+    summary = {"stage": STAGE, "steps": step, "resumed_from": resumed_from, "best_step": best["step"], "stopped": stopped, "world": dist_ctx.world,
+               "sharding": resolve(collab_cfg.sharding, dist_ctx.device), "align_weight": collab_cfg.align.weight,
+               "align_loss": collab_cfg.align.loss if aligned else None, "valid": best["valid"], "test": test,
                "align_accuracy": accuracy, "align_items": len(align_items) if aligned else 0,
                "train_seconds": seconds, "samples_per_s": samples / seconds,
                "memory_per_rank": gather(peak_memory_mb())}
-    if d.main:
+    if dist_ctx.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     monitor.close()
     torch.distributed.barrier()

@@ -52,8 +52,7 @@ from launcher import checkpoint, export
 from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find
 from launcher.data import SampleIndex, eval_samples, global_batches
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
-from launcher.engine import cosine_schedule, ds_config, engine_step, out_of_time, planned_steps
-from launcher.lora import save_adapter
+from launcher.engine import cosine_schedule, ds_config, engine_step, out_of_time, planned_steps, save_adapter
 from launcher.metrics import curve_point, format_report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
 from launcher.validate import gather_report, score
@@ -114,75 +113,75 @@ def step_tables(opt: torch.optim.Optimizer, params: list[torch.Tensor], lr: floa
     return norm
 
 
-def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
+def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     """Train SeLLa-Rec; returns the summary written to <run>/sella/summary.json."""
-    sc, lc, cc = cfg.sella, cfg.llm, cfg.collab
+    sella_cfg, llm_cfg, collab_cfg = cfg.sella, cfg.llm, cfg.collab
     out = run_dir / STAGE
-    collab_path = Path(sc.collab) if sc.collab else find(cfg, run_dir, COLLAB_FILE)
-    shapes, stage2 = read_collab(collab_path, "projector." if sc.projector_init == "stage2" else None)
-    warm = sc.warm_token
+    collab_path = Path(sella_cfg.collab) if sella_cfg.collab else find(cfg, run_dir, COLLAB_FILE)
+    shapes, stage2 = read_collab(collab_path, "projector." if sella_cfg.projector_init == "stage2" else None)
+    warm = sella_cfg.warm_token
     if warm and SEMANTIC not in shapes:
         raise ValueError(f"{collab_path}: no semantic table (stage 2b ran as plain MF); "
                          "set sella.warm_token: false or use aligned collab tables")
     names = [USER, ITEM, SEMANTIC] if warm else [USER, ITEM]
     zero3 = cfg.deepspeed.zero_stage == 3
-    adamw_tables = sc.table_optimizer == "adamw"
+    adamw_tables = sella_cfg.table_optimizer == "adamw"
 
-    torch.manual_seed(sc.seed)
-    config = ds_config(cfg.deepspeed, sc, d, hidden_size(lc))
+    torch.manual_seed(sella_cfg.seed)
+    config = ds_config(cfg.deepspeed, sella_cfg, dist_ctx, hidden_size(llm_cfg))
     hf_zero3 = HfDeepSpeedConfig(config) if zero3 else None  # load the LLM straight into partitions
-    llm, tokenizer = load_base(lc, d.dtype)
-    llm = PeftModel.from_pretrained(llm, str(adapter_dir(cfg, run_dir)), is_trainable=sc.train_lora)
-    projector = HybridProjector(shapes[USER][1], shapes[SEMANTIC][1] if warm else None, hidden_size(lc), cc.proj_hidden)
-    if sc.projector_init == "stage2":
+    llm, tokenizer = load_base(llm_cfg, dist_ctx.dtype)
+    llm = PeftModel.from_pretrained(llm, str(adapter_dir(cfg, run_dir)), is_trainable=sella_cfg.train_lora)
+    projector = HybridProjector(shapes[USER][1], shapes[SEMANTIC][1] if warm else None, hidden_size(llm_cfg), collab_cfg.proj_hidden)
+    if sella_cfg.projector_init == "stage2":
         if not stage2:
             raise ValueError(f"{collab_path}: no stage-2 projector (plain MF); set sella.projector_init: random")
         projector.load_stage2(stage2)
-    model = SellaLM(llm, projector, tokenizer, sc.inject_norm)
+    model = SellaLM(llm, projector, tokenizer, sella_cfg.inject_norm)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     collab = Collab(shapes[USER][0] - 1, shapes[ITEM][0] - 1, shapes[USER][1],
-                    shapes[SEMANTIC][1] if warm else None, proj_hidden=0)
+                    shapes[SEMANTIC][1] if warm else None)
     if adamw_tables:
         sharding = "data_parallel"
     else:
-        sharding = resolve(cc.sharding, d.device)
-        attach_optimizers(collab.tables, {USER: sc.table_lr, ITEM: sc.table_lr, SEMANTIC: sc.semantic_lr},
-                          sc.table_optimizer)
-    dmp = shard(collab, sharding, d.device)
-    for s in local_shards(dmp):
+        sharding = resolve(collab_cfg.sharding, dist_ctx.device)
+        attach_optimizers(collab.tables, {USER: sella_cfg.table_lr, ITEM: sella_cfg.table_lr, SEMANTIC: sella_cfg.semantic_lr},
+                          sella_cfg.table_optimizer)
+    sharded_model = shard(collab, sharding, dist_ctx.device)
+    for s in local_shards(sharded_model):
         init_from_file(s, collab_path, s.table)
-    table_params = [p for _, p in sorted(dmp.named_parameters())] if adamw_tables else []
-    table_opt = torch.optim.AdamW(table_params, lr=sc.lr, betas=sc.betas, weight_decay=sc.weight_decay) \
+    table_params = [p for _, p in sorted(sharded_model.named_parameters())] if adamw_tables else []
+    table_opt = torch.optim.AdamW(table_params, lr=sella_cfg.lr, betas=sella_cfg.betas, weight_decay=sella_cfg.weight_decay) \
         if adamw_tables else None
-    answer_only = sc.loss == "answer"
+    answer_only = sella_cfg.loss == "answer"
 
 
     def encode_one(sample: Sample, with_answer: bool = True) -> Encoded:
-        return encode(tokenizer, sample, STAGE, cfg.domain, lc.max_length, lc.history_titles, lc.chat_template,
+        return encode(tokenizer, sample, STAGE, cfg.domain, llm_cfg.max_length, llm_cfg.history_titles, llm_cfg.chat_template,
                       with_answer, warm)
 
     def rows_of(users: list[int], items: list[int]) -> list[torch.Tensor]:
         """The looked-up rows (user, item[, semantic]) of a micro-batch from the sharded tables."""
-        u, i = torch.tensor(users, device=d.device), torch.tensor(items, device=d.device)
-        rows = dmp(ids_kjt({USER: u, ITEM: i, SEMANTIC: i} if warm else {USER: u, ITEM: i}))
+        u, i = torch.tensor(users, device=dist_ctx.device), torch.tensor(items, device=dist_ctx.device)
+        rows = sharded_model(ids_kjt({USER: u, ITEM: i, SEMANTIC: i} if warm else {USER: u, ITEM: i}))
         return [rows[n] for n in names]
 
-    train = SampleIndex(data_dir, "train", lc.drop_no_history)
-    total = planned_steps(sc, len(train), d.world)
+    train = SampleIndex(data_dir, "train", llm_cfg.drop_no_history)
+    total = planned_steps(sella_cfg, len(train), dist_ctx.world)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
-                                      lr_scheduler=cosine_schedule(sc, total))
-    tables_state = TableState(dmp, table_opt)  # world-size independent: a run may resume on other ranks
+                                      lr_scheduler=cosine_schedule(sella_cfg, total))
+    tables_state = TableState(sharded_model, table_opt)  # world-size independent: a run may resume on other ranks
     both = EngineAndTables(engine, tables_state)
     state = checkpoint.load(both, out / "ckpt") or {"step": 0, "best_auc": -1.0, "best_step": 0, "best_valid": None,
                                                      "seconds": 0.0, "curve": []}
     start = state["step"]
-    per_step = sc.micro_batch * sc.grad_accum * d.world
+    per_step = sella_cfg.micro_batch * sella_cfg.grad_accum * dist_ctx.world
 
-    valid = eval_samples(data_dir, "valid", sc.eval_rows, d.rank, d.world, lc.drop_no_history)
+    valid = eval_samples(data_dir, "valid", sella_cfg.eval_rows, dist_ctx.rank, dist_ctx.world, llm_cfg.drop_no_history)
     valid_enc = [encode_one(s, with_answer=False) for s in valid]
     by_row = {s["row_id"]: s for s in valid}
-    monitor = Monitor(d.main, run_dir / "tb" / STAGE, total, start, STAGE)
+    monitor = Monitor(dist_ctx.main, run_dir / "tb" / STAGE, total, start, STAGE)
 
     def dense_copy() -> list[torch.Tensor]:
         with deepspeed.zero.GatheredParameters(trainable, enabled=zero3):
@@ -194,8 +193,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
             picked = [by_row[e.row_id] for e in examples]
             return engine(batch, *rows_of([s["user_id"] for s in picked], [s["item_id"] for s in picked]), score=True)
 
-        metrics, _ = gather_report(valid, score(engine, valid_enc, sc.eval_batch, model.no_yes,
-                                                tokenizer.pad_token_id, d, forward))
+        metrics, _ = gather_report(valid, score(engine, valid_enc, sella_cfg.eval_batch, model.no_yes,
+                                                tokenizer.pad_token_id, dist_ctx, forward))
         monitor.scalars(step, scalars(metrics), "valid/")
         monitor.write(f"[{STAGE}] step {step}: valid, {metrics['overall']['rows']} rows\n{format_report(metrics)}")
         state["curve"].append(curve_point(step, step * per_step, state["seconds"], metrics))
@@ -204,10 +203,10 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
             tables_state.save_best(out / "ckpt", dense_copy())
         return metrics
 
-    if start == 0 and sc.eval_every:
+    if start == 0 and sella_cfg.eval_every:
         validate(0)  # where training starts: the stage-1 adapter with stage 2b's tables and Proj_C->L
-    batches = itertools.islice(global_batches(train, sc.micro_batch, d.rank, d.world, sc.seed),
-                               start * sc.grad_accum, None)
+    batches = itertools.islice(global_batches(train, sella_cfg.micro_batch, dist_ctx.rank, dist_ctx.world, sella_cfg.seed),
+                               start * sella_cfg.grad_accum, None)
     engine.train()
     losses: list[float] = []
     norms: list[dict[str, float]] = []
@@ -215,27 +214,27 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     for step in range(start + 1, total + 1):
         t0 = time.time()
         lr = engine.get_lr()[0]  # this step's lr, before the engine's scheduler moves on
-        for _ in range(sc.grad_accum):
+        for _ in range(sella_cfg.grad_accum):
             samples = next(batches)
-            batch = {k: v.to(d.device) for k, v in collate([encode_one(s) for s in samples],
+            batch = {k: v.to(dist_ctx.device) for k, v in collate([encode_one(s) for s in samples],
                                                             tokenizer.pad_token_id).items()}
             rows = rows_of([s["user_id"] for s in samples], [s["item_id"] for s in samples])
-            if d.world > 1 and not adamw_tables:  # replicated tables: TorchRec's DDP already averages
+            if dist_ctx.world > 1 and not adamw_tables:  # replicated tables: TorchRec's DDP already averages
                 for r in rows:
-                    r.register_hook(lambda g: g / d.world)
+                    r.register_hook(lambda g: g / dist_ctx.world)
             # the global micro-batch's token mean, whatever its split over ranks (DeepSpeed averages the ranks)
-            tokens = sum_over_ranks(loss_tokens(batch, answer_only)) / d.world
+            tokens = sum_over_ranks(loss_tokens(batch, answer_only)) / dist_ctx.world
             loss = engine(batch, *rows, answer_only=answer_only, tokens=tokens)
             engine.backward(loss)
             grad_norm = engine_step(engine, trainable)
             losses.append(loss.item())
             norms.append(engine.module.injected_norms)
-        table_norm = step_tables(table_opt, table_params, lr, sc.grad_clip) if table_opt is not None else None
+        table_norm = step_tables(table_opt, table_params, lr, sella_cfg.grad_clip) if table_opt is not None else None
         state["seconds"] += max_over_ranks(time.time() - t0)
-        if out_of_time(sc, state["seconds"]):
+        if out_of_time(sella_cfg, state["seconds"]):
             stop = step
-        if step % sc.log_every == 0 or step == stop:
-            logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / d.world, "lr": lr, "grad_norm": grad_norm,
+        if step % sella_cfg.log_every == 0 or step == stop:
+            logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / dist_ctx.world, "lr": lr, "grad_norm": grad_norm,
                     "samples_per_s": step * per_step / state["seconds"]}
             if table_norm is not None:
                 logs["table_grad_norm"] = table_norm
@@ -246,10 +245,10 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
             losses, norms = [], []
         else:
             monitor.step({})
-        if (sc.eval_every and step % sc.eval_every == 0) or step == stop:
+        if (sella_cfg.eval_every and step % sella_cfg.eval_every == 0) or step == stop:
             validate(step)
-        if (sc.eval_every and step % sc.eval_every == 0) or step % sc.save_every == 0 or step == stop:
-            checkpoint.save(both, out / "ckpt", step, {k: state[k] for k in CARRIED}, sc.keep_checkpoints)
+        if (sella_cfg.eval_every and step % sella_cfg.eval_every == 0) or step % sella_cfg.save_every == 0 or step == stop:
+            checkpoint.save(both, out / "ckpt", step, {k: state[k] for k in CARRIED}, sella_cfg.keep_checkpoints)
         if step == stop:
             break
 
@@ -260,27 +259,27 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
     with deepspeed.zero.GatheredParameters(list(projector.parameters()), enabled=zero3):
         proj = {k: v.detach().float().cpu().clone() for k, v in projector.state_dict().items()}
     meta = {"best_step": str(state["best_step"]), "warm_token": str(warm), "collab": str(collab_path),
-            "inject_norm": sc.inject_norm}
-    export_tables(dmp, run_dir / SELLA_TABLES, {}, meta, sharded_export(dmp, cc.export))
-    if d.main:
+            "inject_norm": sella_cfg.inject_norm}
+    export_tables(sharded_model, run_dir / SELLA_TABLES, {}, meta, sharded_export(sharded_model, collab_cfg.export))
+    if dist_ctx.main:
         save_tensors(run_dir / SELLA_PROJECTOR, proj, meta)
-    if sc.train_lora:
-        save_adapter(engine.module.llm, tokenizer, run_dir / SELLA_ADAPTER, zero3, d)
+    if sella_cfg.train_lora:
+        save_adapter(engine.module.llm, tokenizer, run_dir / SELLA_ADAPTER, zero3, dist_ctx)
     summary = {"stage": STAGE, "steps": stop, "planned_steps": total, "resumed_from": start,
                "best_step": state["best_step"],
-               "world": d.world, "zero_stage": cfg.deepspeed.zero_stage, "sharding": sharding,
-               "table_optimizer": TABLE_OPTIMIZER[adamw_tables].format(sc.table_optimizer), "loss": sc.loss,
-               "lr": sc.lr, "inject_norm": sc.inject_norm, "token_embedding_rms": model.token_rms,
-               "train_prompts": stop * per_step, "warm_token": warm, "train_lora": sc.train_lora,
-               "projector_init": sc.projector_init,
+               "world": dist_ctx.world, "zero_stage": cfg.deepspeed.zero_stage, "sharding": sharding,
+               "table_optimizer": TABLE_OPTIMIZER[adamw_tables].format(sella_cfg.table_optimizer), "loss": sella_cfg.loss,
+               "lr": sella_cfg.lr, "inject_norm": sella_cfg.inject_norm, "token_embedding_rms": model.token_rms,
+               "train_prompts": stop * per_step, "warm_token": warm, "train_lora": sella_cfg.train_lora,
+               "projector_init": sella_cfg.projector_init,
                "collab": str(collab_path), "valid": state["best_valid"], "curve": state["curve"],
                "train_seconds": state["seconds"],
                "samples_per_s": stop * per_step / state["seconds"] if state["seconds"] else None,
                "skipped_steps": engine.skipped_steps,  # DeepSpeed skipped them: non-finite gradients
                "memory_per_rank": gather(peak_memory_mb())}
-    if d.main:
-        export.write(cfg, data_dir, run_dir, tokenizer, run_dir / SELLA_ADAPTER if sc.train_lora else
-                     adapter_dir(cfg, run_dir), run_dir / SELLA_TABLES, run_dir / SELLA_PROJECTOR, warm, sc.inject_norm,
+    if dist_ctx.main:
+        export.write(cfg, data_dir, run_dir, tokenizer, run_dir / SELLA_ADAPTER if sella_cfg.train_lora else
+                     adapter_dir(cfg, run_dir), run_dir / SELLA_TABLES, run_dir / SELLA_PROJECTOR, warm, sella_cfg.inject_norm,
                      model.token_rms, summary)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     monitor.close()

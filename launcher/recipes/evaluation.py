@@ -72,8 +72,8 @@ def roc_figure(labels: pd.Series, scores: pd.Series, title: str):
 class Scorer:
     """Scores one rank's samples with one model (`eval.model` or a baseline)."""
 
-    def __init__(self, cfg: Config, data_dir: Path, run_dir: Path, d: Dist, model: EvalModel) -> None:
-        self.cfg, self.d, self.model = cfg, d, model
+    def __init__(self, cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist, model: EvalModel) -> None:
+        self.cfg, self.dist_ctx, self.model = cfg, dist_ctx, model
         if self.model == "popularity":
             rows = pd.read_parquet(data_dir / "tables" / "interactions", columns=["item_id", "label"],
                                    filters=[("split", "==", "train")])
@@ -86,26 +86,26 @@ class Scorer:
             return
         sella = self.model == "sella"
         adapter = (lookup(cfg, run_dir, SELLA_ADAPTER) if sella else None) or adapter_dir(cfg, run_dir)
-        llm, self.tokenizer = load_tuned(cfg.llm, adapter, d.dtype)
+        llm, self.tokenizer = load_tuned(cfg.llm, adapter, dist_ctx.dtype)
         self.source = str(adapter)
         if sella:
             self.tables = TableFile(find(cfg, run_dir, SELLA_TABLES))
             projector_file = find(cfg, run_dir, SELLA_PROJECTOR)
-            self.lm = SellaLM.from_export(llm, self.tokenizer, projector_file).to(d.device, d.dtype).eval()
+            self.lm = SellaLM.from_export(llm, self.tokenizer, projector_file).to(dist_ctx.device, dist_ctx.dtype).eval()
             self.source += f" + {find(cfg, run_dir, SELLA_PROJECTOR).parent}"
         else:
-            self.lm = llm.to(d.device)
+            self.lm = llm.to(dist_ctx.device)
 
     def __call__(self, samples: list[Sample]) -> np.ndarray:
-        ec, lc = self.cfg.eval, self.cfg.llm
+        eval_cfg, llm_cfg = self.cfg.eval, self.cfg.llm
         if self.model == "popularity":
             return np.array([self.rate.get(s["item_id"], self.prior) for s in samples], dtype=np.float32)
         if self.model == "mf":
             users, items = (torch.tensor([s[k] for s in samples], dtype=torch.long) for k in ("user_id", "item_id"))
             return torch.sigmoid((self.tables.rows(USER, users) * self.tables.rows(ITEM, items)).sum(-1)).numpy()
         sella = self.model == "sella"
-        encoded = [encode(self.tokenizer, s, "sella" if sella else "lora", self.cfg.domain, lc.max_length,
-                          lc.history_titles, lc.chat_template, with_answer=False,
+        encoded = [encode(self.tokenizer, s, "sella" if sella else "lora", self.cfg.domain, llm_cfg.max_length,
+                          llm_cfg.history_titles, llm_cfg.chat_template, with_answer=False,
                           warm=sella and self.lm.warm) for s in samples]
         forward: Forward | None = None
         if sella:
@@ -117,49 +117,49 @@ class Scorer:
                 rows = [self.tables.rows(USER, users), self.tables.rows(ITEM, items)]
                 if self.lm.warm:
                     rows.append(self.tables.rows(SEMANTIC, items))
-                return self.lm(batch, *(r.to(self.d.device) for r in rows), score=True)
+                return self.lm(batch, *(r.to(self.dist_ctx.device) for r in rows), score=True)
 
         no_yes = yes_no_ids(self.tokenizer)
-        return score(self.lm, encoded, ec.batch, no_yes, self.tokenizer.pad_token_id, self.d, forward)
+        return score(self.lm, encoded, eval_cfg.batch, no_yes, self.tokenizer.pad_token_id, self.dist_ctx, forward)
 
 
-def run(cfg: Config, data_dir: Path, run_dir: Path, d: Dist) -> dict:
+def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     """Score the configured splits; returns the metrics written to <run>/eval/metrics.json."""
-    ec, lc = cfg.eval, cfg.llm
-    scorer = Scorer(cfg, data_dir, run_dir, d, ec.model)
-    baselines = {name: Scorer(cfg, data_dir, run_dir, d, name) for name in ec.baselines if name != ec.model}
+    eval_cfg, llm_cfg = cfg.eval, cfg.llm
+    scorer = Scorer(cfg, data_dir, run_dir, dist_ctx, eval_cfg.model)
+    baselines = {name: Scorer(cfg, data_dir, run_dir, dist_ctx, name) for name in eval_cfg.baselines if name != eval_cfg.model}
     out = run_dir / STAGE
-    monitor = Monitor(d.main, run_dir / "tb" / STAGE, len(ec.splits), 0, STAGE)
+    monitor = Monitor(dist_ctx.main, run_dir / "tb" / STAGE, len(eval_cfg.splits), 0, STAGE)
 
     results: dict[str, dict] = {}
     compared: dict[str, dict] = {name: {} for name in baselines}
     seconds: dict[str, float] = {}
-    for split in ec.splits:
-        samples = eval_samples(data_dir, split, ec.rows, d.rank, d.world, lc.drop_no_history)
+    for split in eval_cfg.splits:
+        samples = eval_samples(data_dir, split, eval_cfg.rows, dist_ctx.rank, dist_ctx.world, llm_cfg.drop_no_history)
         t0 = time.time()
         scores = scorer(samples)
         seconds[split] = max_over_ranks(time.time() - t0)
-        metrics, table = scored(samples, scores, d.main)
+        metrics, table = scored(samples, scores, dist_ctx.main)
         results[split] = metrics
         for name, baseline in baselines.items():
-            compared[name][split], _ = scored(samples, baseline(samples), d.main)
-        monitor.write(f"[{STAGE}] {ec.model}, {split}: {metrics['overall']['rows']} rows\n{format_report(metrics)}"
+            compared[name][split], _ = scored(samples, baseline(samples), dist_ctx.main)
+        monitor.write(f"[{STAGE}] {eval_cfg.model}, {split}: {metrics['overall']['rows']} rows\n{format_report(metrics)}"
                       + "".join(f"\n[{STAGE}] baseline {name} on the same rows\n{format_report(m[split])}"
                                 for name, m in compared.items()))
         monitor.step({})
-        if d.main:
+        if dist_ctx.main:
             out.mkdir(parents=True, exist_ok=True)
             table.to_parquet(run_dir / EVAL_SCORES.format(split=split), index=False)
             monitor.scalars(0, scalars(metrics), f"{split}/")
             monitor.writer.add_pr_curve(f"{split}/pr", table.label.to_numpy(), table.score.to_numpy(), 0)
             monitor.writer.add_figure(f"{split}/roc", roc_figure(table.label, table.score, f"ROC, {split}"), 0)
-    summary = {"stage": STAGE, "model": ec.model, "llm": lc.model, "from": scorer.source, "world": d.world,
+    summary = {"stage": STAGE, "model": eval_cfg.model, "llm": llm_cfg.model, "from": scorer.source, "world": dist_ctx.world,
                "score_seconds": seconds, **results}
     if compared:
         summary["baselines"] = compared
-    if d.main:
+    if dist_ctx.main:
         (run_dir / DONE["eval"]).write_text(json.dumps(summary, indent=2))
-        if ec.model == "sella" and (run_dir / SELLA_EXPORT).is_dir():  # this run's own export: its card's metrics
+        if eval_cfg.model == "sella" and (run_dir / SELLA_EXPORT).is_dir():  # this run's own export: its card's metrics
             export.card(run_dir / SELLA_EXPORT, cfg, results)
     monitor.close()
     return summary
