@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,41 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest.json"
+
+
+@dataclass
+class LoopState:
+    """What the stage-2b and stage-3 loops carry from step to step and through their checkpoints: the position,
+    the time spent, and the best valid state so far (its tables and dense weights are saved beside, by
+    TableState.save_best)."""
+
+    step: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    stale: int = 0  # validations since the best one (stage 2b's patience)
+    best_auc: float = -1.0
+    best_step: int = 0
+    best_valid: dict[str, Any] | None = None
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, metrics: dict[str, Any]) -> bool:
+        """Take one validation at `self.step`; True when its overall AUC beats the best so far (then it is the best)."""
+        auc = metrics["overall"]["auc"] or 0.0  # None (one class only) counts as 0
+        if auc > self.best_auc:
+            self.best_auc, self.best_step, self.best_valid, self.stale = auc, self.step, metrics, 0
+            return True
+        self.stale += 1
+        return False
+
+    def carried(self) -> dict[str, Any]:
+        """The JSON a checkpoint stores (its step is the checkpoint's own)."""
+        return {k: v for k, v in asdict(self).items() if k != "step"}
+
+    @classmethod
+    def restored(cls, saved: dict[str, Any] | None) -> LoopState:
+        """The state of a loaded checkpoint (`load`'s dict), or a fresh one."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (saved or {}).items() if k in names})
 
 
 def _rng_state() -> dict[str, Any]:

@@ -38,6 +38,7 @@ from embeddings.tables import (
 )
 from launcher import checkpoint
 from launcher.artifacts import COLLAB_FILE, SEMANTIC_FILE, lookup
+from launcher.checkpoint import LoopState
 from launcher.data import read_items
 from launcher.dist import Dist, gather, sum_over_ranks
 from launcher.metrics import format_report, report, scalars
@@ -130,17 +131,14 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     per_epoch = -(-len(train) // collab_cfg.batch)
     total = min(collab_cfg.max_epochs * per_epoch, collab_cfg.max_steps or 1 << 62)
     align_items = items.item_id.to_numpy()[:collab_cfg.align_eval_items]
-    best = {"auc": -1.0, "step": 0, "valid": None}
     tables_state = TableState(sharded_model, dense_opt)  # world-size independent: a run may resume on other ranks
-    loop = checkpoint.load(tables_state, out / "ckpt") or {}
-    best.update({k[5:]: v for k, v in loop.items() if k.startswith("best_")})
-    stale, step, samples, seconds = (loop.get(k, 0) for k in ("stale", "step", "samples", "seconds"))
-    stopped, resumed_from = "budget", step
-    monitor = Monitor(dist_ctx.main, run_dir / "tb" / STAGE, total, step, STAGE)
+    state = LoopState.restored(checkpoint.load(tables_state, out / "ckpt"))
+    stopped, resumed_from = "budget", state.step
+    monitor = Monitor(dist_ctx.main, run_dir / "tb" / STAGE, total, state.step, STAGE)
 
-    def validate() -> bool:
-        """Validate; keep the state if valid AUC improved; True when patience has run out."""
-        nonlocal stale
+    def validate(state: LoopState) -> bool:
+        """Validate at `state.step`; keep the tables if valid AUC improved; True when patience has run out."""
+        step = state.step
         metrics = evaluate("valid")
         logs = scalars(metrics)
         if aligned:
@@ -148,22 +146,16 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         monitor.scalars(step, logs, "valid/")
         monitor.write(f"[{STAGE}] step {step}: valid\n{format_report(metrics)}"
                       + (f"\nalignment accuracy {logs['align_acc']:.4f}" if aligned else ""))
-        if (metrics["overall"]["auc"] or 0.0) > best["auc"]:
-            best.update(auc=metrics["overall"]["auc"], step=step, valid=metrics)
+        if state.record(metrics):
             tables_state.save_best(out / "ckpt", [])  # the projector is in the model's state dict
-            stale = 0
-        else:
-            stale += 1
-        checkpoint.save(tables_state, out / "ckpt", step, {
-            "step": step, "samples": samples, "seconds": seconds, "stale": stale, "best_auc": best["auc"],
-            "best_step": best["step"], "best_valid": best["valid"]}, collab_cfg.keep_checkpoints)
-        return stale >= collab_cfg.patience
+        checkpoint.save(tables_state, out / "ckpt", step, state.carried(), collab_cfg.keep_checkpoints)
+        return state.stale >= collab_cfg.patience
 
     labels_all = torch.as_tensor(train.label.to_numpy(), dtype=torch.float32)
     users_all, items_all = train.user_id.to_numpy(), train.item_id.to_numpy()
-    for epoch in range(step // per_epoch, collab_cfg.max_epochs):
+    for epoch in range(state.step // per_epoch, collab_cfg.max_epochs):
         order = np.random.default_rng([collab_cfg.seed, epoch]).permutation(len(train))
-        for b in range(step - epoch * per_epoch if epoch == step // per_epoch else 0, per_epoch):
+        for b in range(state.step - epoch * per_epoch if epoch == state.step // per_epoch else 0, per_epoch):
             t0 = time.time()
             glob = order[b * collab_cfg.batch:(b + 1) * collab_cfg.batch]
             mine = np.array_split(glob, dist_ctx.world)[dist_ctx.rank]
@@ -182,8 +174,9 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             if dense_opt:
                 sum_dense_grads(dense)
                 dense_opt.step()
-            step, samples = step + 1, samples + len(glob)
-            seconds += time.time() - t0
+            state.step, state.samples = state.step + 1, state.samples + len(glob)
+            state.seconds += time.time() - t0
+            step = state.step
             logs = {"bce": sum_over_ranks(bce.item())}
             if aligned:
                 logs["align"] = sum_over_ranks(align.item())
@@ -192,30 +185,30 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             monitor.step({k: f"{v:.4f}" for k, v in logs.items()} | {"epoch": str(epoch)})
             last = step == total
             due = (collab_cfg.eval_every and step % collab_cfg.eval_every == 0) or (not collab_cfg.eval_every and b == per_epoch - 1)
-            if (due or last) and validate():
+            if (due or last) and validate(state):
                 stopped = "early_stop"
             if stopped == "early_stop" or last:
                 break
-        if stopped == "early_stop" or step == total:
+        if stopped == "early_stop" or state.step == total:
             break
 
     tables_state.load_best(out / "ckpt")
     test = evaluate("test")
-    monitor.write(f"[{STAGE}] best step {best['step']}: test\n{format_report(test)}")
+    monitor.write(f"[{STAGE}] best step {state.best_step}: test\n{format_report(test)}")
     accuracy = align_accuracy(align_items) if aligned else None
     proj = {f"projector.{k}": v.detach().cpu() for k, v in model.projector.state_dict().items()} if aligned else {}
     export_tables(sharded_model, run_dir / COLLAB_FILE, proj, {"dim": str(collab_cfg.dim), "align_weight": str(collab_cfg.align.weight),
-                                                       "best_step": str(best["step"])}, sharded_export(sharded_model, collab_cfg.export))
+                                                       "best_step": str(state.best_step)}, sharded_export(sharded_model, collab_cfg.export))
     if collab_cfg.projector_items and dist_ctx.main:  # read back only the rows shown
         show, tables = items.iloc[:collab_cfg.projector_items], TableFile(run_dir / COLLAB_FILE)
         for name in (n for n in (ITEM, SEMANTIC) if n in tables):
             monitor.embedding(tables.rows(name, torch.as_tensor(show.item_id.to_numpy())), show.title.tolist(),
-                              f"{STAGE}/{name}", step)
-    summary = {"stage": STAGE, "steps": step, "resumed_from": resumed_from, "best_step": best["step"], "stopped": stopped, "world": dist_ctx.world,
+                              f"{STAGE}/{name}", state.step)
+    summary = {"stage": STAGE, "steps": state.step, "resumed_from": resumed_from, "best_step": state.best_step, "stopped": stopped, "world": dist_ctx.world,
                "sharding": resolve(collab_cfg.sharding, dist_ctx.device), "align_weight": collab_cfg.align.weight,
-               "align_loss": collab_cfg.align.loss if aligned else None, "valid": best["valid"], "test": test,
+               "align_loss": collab_cfg.align.loss if aligned else None, "valid": state.best_valid, "test": test,
                "align_accuracy": accuracy, "align_items": len(align_items) if aligned else 0,
-               "train_seconds": seconds, "samples_per_s": samples / seconds,
+               "train_seconds": state.seconds, "samples_per_s": state.samples / state.seconds,
                "memory_per_rank": gather(peak_memory_mb())}
     if dist_ctx.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -50,6 +50,7 @@ from embeddings.tables import (
 )
 from launcher import checkpoint, export
 from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find
+from launcher.checkpoint import LoopState
 from launcher.data import SampleIndex, eval_samples, global_batches
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import cosine_schedule, ds_config, engine_step, out_of_time, planned_steps, save_adapter
@@ -98,7 +99,6 @@ TABLE_OPTIMIZER = {
 }
 
 
-CARRIED = ("best_auc", "best_step", "best_valid", "seconds", "curve")  # loop state kept in checkpoints
 
 
 def step_tables(opt: torch.optim.Optimizer, params: list[torch.Tensor], lr: float, clip: float) -> float:
@@ -173,9 +173,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
                                       lr_scheduler=cosine_schedule(sella_cfg, total))
     tables_state = TableState(sharded_model, table_opt)  # world-size independent: a run may resume on other ranks
     both = EngineAndTables(engine, tables_state)
-    state = checkpoint.load(both, out / "ckpt") or {"step": 0, "best_auc": -1.0, "best_step": 0, "best_valid": None,
-                                                     "seconds": 0.0, "curve": []}
-    start = state["step"]
+    state = LoopState.restored(checkpoint.load(both, out / "ckpt"))
+    start = state.step
     per_step = sella_cfg.micro_batch * sella_cfg.grad_accum * dist_ctx.world
 
     valid = eval_samples(data_dir, "valid", sella_cfg.eval_rows, dist_ctx.rank, dist_ctx.world, llm_cfg.drop_no_history)
@@ -188,7 +187,10 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             return [p.detach().cpu().clone() for p in trainable]
 
     @torch.no_grad()
-    def validate(step: int) -> dict:
+    def validate(state: LoopState) -> dict:
+        """Score the valid rows at `state.step`; the best state so far is saved beside the checkpoints."""
+        step = state.step
+
         def forward(batch: dict[str, torch.Tensor], examples: list[Encoded]) -> torch.Tensor:
             picked = [by_row[e.row_id] for e in examples]
             return engine(batch, *rows_of([s["user_id"] for s in picked], [s["item_id"] for s in picked]), score=True)
@@ -197,14 +199,13 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
                                                 tokenizer.pad_token_id, dist_ctx, forward))
         monitor.scalars(step, scalars(metrics), "valid/")
         monitor.write(f"[{STAGE}] step {step}: valid, {metrics['overall']['rows']} rows\n{format_report(metrics)}")
-        state["curve"].append(curve_point(step, step * per_step, state["seconds"], metrics))
-        if (metrics["overall"]["auc"] or 0.0) > state["best_auc"]:
-            state.update(best_auc=metrics["overall"]["auc"], best_step=step, best_valid=metrics)
+        state.curve.append(curve_point(step, step * per_step, state.seconds, metrics))
+        if state.record(metrics):
             tables_state.save_best(out / "ckpt", dense_copy())
         return metrics
 
     if start == 0 and sella_cfg.eval_every:
-        validate(0)  # where training starts: the stage-1 adapter with stage 2b's tables and Proj_C->L
+        validate(state)  # step 0, where training starts: the stage-1 adapter with stage 2b's tables and Proj_C->L
     batches = itertools.islice(global_batches(train, sella_cfg.micro_batch, dist_ctx.rank, dist_ctx.world, sella_cfg.seed),
                                start * sella_cfg.grad_accum, None)
     engine.train()
@@ -230,12 +231,13 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             losses.append(loss.item())
             norms.append(engine.module.injected_norms)
         table_norm = step_tables(table_opt, table_params, lr, sella_cfg.grad_clip) if table_opt is not None else None
-        state["seconds"] += max_over_ranks(time.time() - t0)
-        if out_of_time(sella_cfg, state["seconds"]):
+        state.step = step
+        state.seconds += max_over_ranks(time.time() - t0)
+        if out_of_time(sella_cfg, state.seconds):
             stop = step
         if step % sella_cfg.log_every == 0 or step == stop:
             logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / dist_ctx.world, "lr": lr, "grad_norm": grad_norm,
-                    "samples_per_s": step * per_step / state["seconds"]}
+                    "samples_per_s": step * per_step / state.seconds}
             if table_norm is not None:
                 logs["table_grad_norm"] = table_norm
             monitor.scalars(step, logs, "train/")
@@ -246,9 +248,9 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         else:
             monitor.step({})
         if (sella_cfg.eval_every and step % sella_cfg.eval_every == 0) or step == stop:
-            validate(step)
+            validate(state)
         if (sella_cfg.eval_every and step % sella_cfg.eval_every == 0) or step % sella_cfg.save_every == 0 or step == stop:
-            checkpoint.save(both, out / "ckpt", step, {k: state[k] for k in CARRIED}, sella_cfg.keep_checkpoints)
+            checkpoint.save(both, out / "ckpt", step, state.carried(), sella_cfg.keep_checkpoints)
         if step == stop:
             break
 
@@ -258,7 +260,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             p.copy_(v.to(p.device, p.dtype))
     with deepspeed.zero.GatheredParameters(list(projector.parameters()), enabled=zero3):
         proj = {k: v.detach().float().cpu().clone() for k, v in projector.state_dict().items()}
-    meta = {"best_step": str(state["best_step"]), "warm_token": str(warm), "collab": str(collab_path),
+    meta = {"best_step": str(state.best_step), "warm_token": str(warm), "collab": str(collab_path),
             "inject_norm": sella_cfg.inject_norm}
     export_tables(sharded_model, run_dir / SELLA_TABLES, {}, meta, sharded_export(sharded_model, collab_cfg.export))
     if dist_ctx.main:
@@ -266,15 +268,15 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     if sella_cfg.train_lora:
         save_adapter(engine.module.llm, tokenizer, run_dir / SELLA_ADAPTER, zero3, dist_ctx)
     summary = {"stage": STAGE, "steps": stop, "planned_steps": total, "resumed_from": start,
-               "best_step": state["best_step"],
+               "best_step": state.best_step,
                "world": dist_ctx.world, "zero_stage": cfg.deepspeed.zero_stage, "sharding": sharding,
                "table_optimizer": TABLE_OPTIMIZER[adamw_tables].format(sella_cfg.table_optimizer), "loss": sella_cfg.loss,
                "lr": sella_cfg.lr, "inject_norm": sella_cfg.inject_norm, "token_embedding_rms": model.token_rms,
                "train_prompts": stop * per_step, "warm_token": warm, "train_lora": sella_cfg.train_lora,
                "projector_init": sella_cfg.projector_init,
-               "collab": str(collab_path), "valid": state["best_valid"], "curve": state["curve"],
-               "train_seconds": state["seconds"],
-               "samples_per_s": stop * per_step / state["seconds"] if state["seconds"] else None,
+               "collab": str(collab_path), "valid": state.best_valid, "curve": state.curve,
+               "train_seconds": state.seconds,
+               "samples_per_s": stop * per_step / state.seconds if state.seconds else None,
                "skipped_steps": engine.skipped_steps,  # DeepSpeed skipped them: non-finite gradients
                "memory_per_rank": gather(peak_memory_mb())}
     if dist_ctx.main:
