@@ -24,7 +24,7 @@ from pipeline.config import Config, ConfigError, data_path, load_config
 from pipeline.protocol import ProtocolResult, apply_protocol
 from pipeline.schema import SCHEMA_VERSION, SPLITS
 from pipeline.sources import READERS, SourceError
-from pipeline.spark import get_spark, plan_cost
+from pipeline.spark import get_spark, job_ids, plan_cost
 from pipeline.writers import (
     OutputExistsError,
     atomic_output,
@@ -64,6 +64,7 @@ def run(cfg: Config, input_dir: Path, output: Path, master: str | None = None, o
     check_output(output, overwrite)
     t0 = time.time()
     spark = get_spark(cfg.spark, master)
+    before = job_ids(spark)  # the manifest counts this run's jobs only
     _step(1, 5, f"reading {cfg.source.format} logs from {input_dir}", t0)
     if cfg.source.format == "collm":
         result, files = collm_result(spark, cfg, input_dir)
@@ -73,14 +74,16 @@ def run(cfg: Config, input_dir: Path, output: Path, master: str | None = None, o
         _step(2, 5, "applying the protocol (validate, window, label, split, ids, histories, warm)", t0)
         result = apply_protocol(raw, cfg.protocol, cfg.source.user_id_order)
     try:
-        return _write(spark, cfg, result, files, output, overwrite, t0)
+        return _write(spark, cfg, result, files, output, overwrite, t0, before)
     finally:
         spark.catalog.clearCache()
 
 
 def _write(spark: SparkSession, cfg: Config, result: ProtocolResult, files: list[Path], output: Path,
-           overwrite: bool, t0: float) -> dict:
-    """Write tables, shards and the manifest atomically; the frames it persists are freed by `run`."""
+           overwrite: bool, t0: float, before: frozenset[int]) -> dict:
+    """Write tables, shards and the manifest atomically. The interactions become a local checkpoint, so that
+    every write plans from it; like the protocol's checkpoints it stays in the block manager until the session
+    ends (the job's end under spark-submit)."""
     result.interactions = result.interactions.localCheckpoint()
     with atomic_output(output, overwrite) as tmp:
         _step(3, 5, "writing Parquet tables and rejects", t0)
@@ -102,7 +105,7 @@ def _write(spark: SparkSession, cfg: Config, result: ProtocolResult, files: list
             "config": cfg.model_dump(mode="json"),
             **counts,
         }
-        manifest["spark"].update(plan_cost(spark))  # the manifest's own write is not counted
+        manifest["spark"].update(plan_cost(spark, before))  # the manifest's own write is not counted
         write_manifest(tmp, manifest)
     return manifest
 

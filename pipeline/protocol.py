@@ -37,7 +37,7 @@ def index_in_order(df: DataFrame, order: list[Column | str], name: str, start: i
     """Add a consecutive index `name` (start, start+1, ...) following the global `order`.
 
     Sorts, then offsets each sorted partition by the row counts of the partitions before it; only one
-    count per partition reaches the driver. The sorted frame is persisted so both passes see one order.
+    count per partition reaches the driver. The sorted frame is cached so both passes see one order.
     """
     spark = df.sparkSession
     s = df.sort(*order).select(

@@ -45,11 +45,16 @@ def get_spark(cfg: SparkConfig, master: str | None = None, app: str = "sellarec-
     return spark
 
 
-def plan_cost(spark: SparkSession) -> dict[str, int]:
-    """Spark jobs and stages this session ran so far (stages that ran tasks; skipped ones reused a shuffle),
-    as the manifest and bench/prep.py report them."""
+def job_ids(spark: SparkSession) -> frozenset[int]:
+    """The ids of the jobs the session has run so far (prep sets no job groups)."""
+    return frozenset(spark.sparkContext.statusTracker().getJobIdsForGroup(None))
+
+
+def plan_cost(spark: SparkSession, before: frozenset[int] = frozenset()) -> dict[str, int]:
+    """Spark jobs and stages run since `before` (job_ids at the start; a session may run several preps), counting
+    the stages that ran tasks (skipped ones reused a shuffle), as the manifest and bench/prep.py report them."""
     tracker = spark.sparkContext.statusTracker()
-    jobs = [tracker.getJobInfo(j) for j in tracker.getJobIdsForGroup(None)]
+    jobs = [tracker.getJobInfo(j) for j in job_ids(spark) - before]
     stage_ids = {s for job in jobs if job is not None for s in job.stageIds}
     stages = [tracker.getStageInfo(s) for s in stage_ids]
     return {"jobs": len(jobs), "stages": sum(1 for s in stages if s is not None and s.numCompletedTasks > 0),
