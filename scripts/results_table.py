@@ -3,13 +3,16 @@ bootstrap interval of the overall AUC (stage eval's, or from the per-row scores)
 them (docs/method.md: CoLLM paper, Vicuna-7B, same ML-1M splits).
 
     python scripts/results_table.py configs/comparison/*.yaml [--write docs/results.md] [--figure F.png]
-        [--json F.json] [--curves F.png] [--stages]
+        [--json F.json] [--curves F.png] [--stages] [--paired popularity]
 
 With --write, the table replaces the block between the comparison markers of that file (appended when the
 file has none); it is printed either way. --figure draws test AUC overall / warm / cold per row with their
 95% bootstrap intervals; --json writes one record per row (test metrics, and the prompts and seconds of the
 stage that trained it); --curves draws valid AUC against training prompts for the rows that have a curve;
---stages prints the training stages of each row (prompts, seconds, prompts/s, tokens/s, peak memory).
+--stages prints the training stages of each row (prompts, seconds, prompts/s, tokens/s, peak memory);
+--paired ROW prints each row's test AUC minus ROW's on the rows both scored, overall / warm / cold, with paired
+bootstrap intervals (one resample of rows for both): whether a row beats another, which two separate intervals
+that overlap cannot say.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher.artifacts import DONE, EVAL_SCORES, lookup
-from launcher.metrics import GROUPS, add_intervals, pair
+from launcher.metrics import GROUPS, add_intervals, auc_difference_interval, group_masks, pair
 from pipeline.config import load_config, run_path
 
 BEGIN, END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
@@ -105,6 +108,33 @@ def table(configs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def paired(configs: list[Path], base: str) -> str:
+    """Each row's test AUC minus the `base` row's on the rows both scored, with 95% paired bootstrap intervals."""
+    by_stem = {c.stem: c for c in configs}
+    if base not in by_stem:
+        raise SystemExit(f"--paired {base}: not one of the rows given ({', '.join(by_stem)})")
+
+    def scores(config: Path) -> pd.DataFrame | None:
+        path = run_dir(config) / EVAL_SCORES.format(split="test")
+        return pd.read_parquet(path, columns=["row_id", "label", "warm", "score"]) if path.is_file() else None
+
+    reference = scores(by_stem[base])
+    if reference is None:
+        raise SystemExit(f"--paired {base}: {run_dir(by_stem[base])} has no test scores; run its --stage eval first")
+    lines = [f"| row | rows | AUC - {base}: overall (95% paired CI) | warm | cold |", "|---|---|---|---|---|"]
+    for config in configs:
+        rows = scores(config)
+        if config.stem == base or rows is None:
+            continue
+        both = rows.merge(reference, on="row_id", suffixes=("", "_base"))
+        cells = []
+        for mask in group_masks(both.warm.to_numpy()).values():
+            d, lo, hi = auc_difference_interval(both.label[mask], both.score[mask], both.score_base[mask])
+            cells.append(f"{d:+.4f} ({lo:+.3f} to {hi:+.3f})")
+        lines.append(f"| {ROWS.get(config.stem, (config.stem,))[0]} | {len(both):,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def figure(configs: list[Path], path: Path) -> None:
     """Test AUC overall / warm / cold per row (dots) with 95% bootstrap intervals (bars); chance at 0.5."""
     fig = Figure(figsize=(9, 0.7 * len(configs) + 1.2))
@@ -176,11 +206,14 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="JSON file of one record per row")
     p.add_argument("--curves", type=Path, help="PNG of valid AUC against training prompts")
     p.add_argument("--stages", action="store_true", help="also print the training stages of the rows")
+    p.add_argument("--paired", metavar="ROW", help="also print each row's AUC minus ROW's (a config stem) with paired intervals")
     args = p.parse_args()
     text = table(args.configs)
     print(text)
     if args.stages:
         print("\n" + stages(args.configs))
+    if args.paired:
+        print("\n" + paired(args.configs, args.paired))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rows": [r for r in map(record, args.configs) if r]}, indent=1))

@@ -46,7 +46,8 @@ def test_dry_run_runs_every_row_from_the_parts(payload: tuple[Path, str], tmp_pa
     out, _ = payload
     results = tmp_path / "results"
     proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--dry-run", "--data-name", "ml-100k", "--payload", str(out),
-                           "--target", str(tmp_path / "target"), "--results", str(results)],
+                           "--target", str(tmp_path / "target"), "--results", str(results),
+                           "--set", "lora.eval_rows=12"],  # run.sh's overrides reach every launch
                           cwd=REPO, capture_output=True, text=True, check=False, env={
                               **os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -70,6 +71,26 @@ def test_dry_run_runs_every_row_from_the_parts(payload: tuple[Path, str], tmp_pa
     assert any(n.startswith("runs/gpu/collm-ml-1m/tb/sella/events.") for n in names)
     assert not any(n.endswith((".safetensors", ".gguf")) or "/ckpt/" in n or "/export/" in n for n in names)
     assert "logs/sella-sella-eval.log" in names and "runs/gpu/collm-ml-1m/eval/scores-test.parquet" in names
+    with tarfile.open(results / "results.tar.gz") as tar:
+        lora = json.load(tar.extractfile("runs/gpu/collm-ml-1m/lora/summary.json"))
+    assert lora["valid"]["overall"]["rows"] == 12  # --set lora.eval_rows=12 over the dry run's 16
+    assert (tmp_path / "target" / ".unpacked").is_file()  # a second run.sh on the same host skips the unpack
+
+
+def test_step_probe_times_engine_and_plain_loop(ml100k_out: Path, tmp_path: Path) -> None:
+    """bench/llm_step.py (the GPU host's first check of where a stage-1 step goes) on CPU with the tiny model."""
+    out = tmp_path / "llm_step.json"
+    subprocess.run([sys.executable, "bench/llm_step.py", "--config", "configs/ml-100k.yaml", "--data", str(ml100k_out),
+                    "--set", "llm.model=tiny", "--micro", "8,16", "--steps", "1", "--out", str(out)],
+                   cwd=REPO, check=True, capture_output=True, env={**os.environ, "MASTER_PORT": "29631", "OMP_NUM_THREADS": "1"})
+    report = json.loads(out.read_text())
+    assert sorted((r["mode"], r["micro_batch"], r["grad_accum"]) for r in report["runs"]) == [
+        ("engine", 8, 16), ("engine", 16, 8), ("plain", 8, 16), ("plain", 16, 8)]
+    for r in report["runs"]:
+        assert r["prompts_per_s"] > 0 and r["nonfinite_grad_norm_steps"] == 0  # fp32 on CPU
+        assert set(r["seconds_per_step"]) == {"data", "forward", "backward", "step"}
+    assert "aten::" in report["runs"][1]["profile"]["by_host_time"]  # the first size's engine run is profiled
+    assert set(report["engine_over_plain"]) == {"8", "16"}
 
 
 def test_a_damaged_part_is_named(payload: tuple[Path, str], tmp_path: Path) -> None:

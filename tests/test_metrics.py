@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from launcher.metrics import add_intervals, auc, auc_interval, format_report, report, uauc
+from launcher.metrics import add_intervals, auc, auc_difference_interval, auc_interval, format_report, report, uauc
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -74,6 +74,22 @@ def test_auc_interval_brackets_the_auc_and_narrows_with_rows() -> None:
     assert auc_interval(labels, scores) == (lo, hi)  # seeded
     assert auc_interval([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]) == (1.0, 1.0)
     assert all(math.isnan(x) for x in auc_interval([1, 1, 1], [0.1, 0.2, 0.3]))
+
+
+def test_paired_difference_is_narrower_than_two_intervals_and_finds_a_small_gain() -> None:
+    """Two scorers sharing most of their noise: the separate intervals overlap, the paired one excludes 0."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 3000)
+    shared = rng.random(3000)
+    base, better = 0.3 * labels + shared, 0.34 * labels + shared + 0.05 * rng.random(3000)
+    d, lo, hi = auc_difference_interval(labels, better, base)
+    assert d == pytest.approx(auc(labels, better) - auc(labels, base)) and lo < d < hi
+    assert 0 < lo  # the gain is found ...
+    (_, b_hi), (a_lo, a_hi) = auc_interval(labels, base), auc_interval(labels, better)
+    assert a_lo < b_hi  # ... where the separate intervals overlap
+    assert hi - lo < (a_hi - a_lo) / 2
+    assert auc_difference_interval(labels, base, base) == (0.0, 0.0, 0.0)
+    assert all(math.isnan(x) for x in auc_difference_interval([1, 1], [0.1, 0.2], [0.2, 0.1]))
 
 
 def test_intervals_join_the_report_and_its_table() -> None:

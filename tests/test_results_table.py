@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from launcher.artifacts import DONE, EVAL_SCORES
-from launcher.metrics import auc_interval, report
+from launcher.metrics import auc, auc_interval, report
 from tests.conftest import CONFIGS, REPO
 
 pytestmark = pytest.mark.integration  # starts subprocesses (the launcher or scripts): not in make test-fast
@@ -67,3 +67,16 @@ def test_intervals_written_by_eval_are_used(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py"), str(row)], check=True, cwd=REPO,
                          capture_output=True, text=True).stdout
     assert "| 0.100 - 0.200 |" in out
+
+
+def test_paired_differences_against_a_base_row(tmp_path: Path) -> None:
+    rows = [_row(tmp_path, "strong", 0.8), _row(tmp_path, "chance", 0.0)]
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py"), *map(str, rows), "--paired", "chance"],
+                         check=True, cwd=REPO, capture_output=True, text=True).stdout
+    line = [x for x in out.splitlines() if x.startswith("| strong |")][-1]  # the paired table comes last
+    strong, chance = (pd.read_parquet(tmp_path / "runs" / n / EVAL_SCORES.format(split="test")) for n in ("strong", "chance"))
+    diff = auc(strong.label, strong.score) - auc(chance.label, chance.score)  # the same labels (same seed: same rows)
+    assert line.split(" | ")[1] == "400" and line.split(" | ")[2].startswith(f"{diff:+.4f} (+")  # interval above 0
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py"), *map(str, rows), "--paired", "mf"],
+                         cwd=REPO, capture_output=True, text=True, check=False)
+    assert bad.returncode != 0 and "--paired mf: not one of the rows given (strong, chance)" in bad.stderr

@@ -5,6 +5,7 @@
 #   scripts/gpu/run.sh --results "$OUT"   # there, in the repository copy, after the last part arrived
 #   scripts/gpu/run.sh --dry-run --data-name ml-100k --results DIR   # the same path on CPU: tiny model, gloo
 #   scripts/gpu/run.sh --bench ...        # then bench/llm_train.py and bench/collab.py (each with its baseline)
+#   scripts/gpu/run.sh --set lora.micro_batch=64 ...   # config overrides for every launch (repeatable)
 #
 # Steps: (1) check the parts against their manifest, join the model, unpack the prep output and install the kit
 # (scripts/gpu/payload.py unpack); (2) check FBGEMM's CUDA table kernels against a reference on a few fused
@@ -18,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
 PAYLOAD=$REPO/.gpu-payload TARGET=/tmp/sellarec RESULTS=${OUT:-$REPO/results/gpu} MINUTES=9 DRY=0 DATA_NAME=collm-ml-1m
-BENCH=0
+BENCH=0 EXTRA=()
 while [ $# -gt 0 ]; do
   case $1 in
     --payload) PAYLOAD=$(realpath "$2"); shift 2;;
@@ -28,7 +29,8 @@ while [ $# -gt 0 ]; do
     --data-name) DATA_NAME=$2; shift 2;;
     --dry-run) DRY=1; shift;;
     --bench) BENCH=1; shift;;
-    -h|--help) sed -n 2,16p "$0"; exit 0;;
+    --set) EXTRA+=("$2"); shift 2;;
+    -h|--help) sed -n 2,17p "$0"; exit 0;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -61,6 +63,7 @@ else
   SETS=("llm.model=$(ls "$TARGET"/model/*.gguf)")
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/[gpu] /' || true
 fi
+SETS+=("${EXTRA[@]}")
 DATA=$TARGET/data/$DATA_NAME
 [ -f "$DATA/manifest.json" ] || { echo "run.sh: no prep output $DATA in the payload" >&2; exit 2; }
 WORK=$TARGET/work  # run directories (runs/gpu/...) live here, not in the repository copy
