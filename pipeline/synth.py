@@ -50,11 +50,20 @@ def _affinity(user: Column, item: Column) -> Column:
     return dot / DIM ** 0.5
 
 
-def interactions(spark: SparkSession, rows: int, users: int, items: int, seed: int, parts: int = 2) -> DataFrame:
-    """`rows` interactions; user activity ~ power law (exponent 2), item popularity ~ power law (exponent 3)."""
+def interactions(spark: SparkSession, rows: int, users: int, items: int, seed: int, parts: int = 2,
+                 cover: bool = False) -> DataFrame:
+    """`rows` interactions; user activity ~ power law (exponent 2), item popularity ~ power law (exponent 3).
+
+    With `cover`, row r < users belongs to user r + 1 and row r < items to item r + 1, so that every id occurs
+    and the tables have exactly users x items rows (a power law leaves most of the rarest ids out)."""
+    if cover and rows < max(users, items):
+        raise ValueError(f"--cover needs at least max(users, items) = {max(users, items):,} rows, not {rows:,}")
     df = spark.range(0, rows, 1, parts)
     user = (F.floor(F.pow(_unit(F.col("id"), F.lit(seed), F.lit("user")), 2.0) * users) + 1).cast("long")
     item = (F.floor(F.pow(_unit(F.col("id"), F.lit(seed), F.lit("item")), 3.0) * items) + 1).cast("long")
+    if cover:
+        user = F.when(F.col("id") < users, F.col("id") + 1).otherwise(user)
+        item = F.when(F.col("id") < items, F.col("id") + 1).otherwise(item)
     df = df.select(user.alias("user_id"), item.alias("item_id"), F.col("id"))
     # each user is active over a sub-window of the two years; each item is released at some point in it
     start = START + _unit(F.lit("start"), F.col("user_id")) * SPAN * 0.7
@@ -90,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=50_000)
     p.add_argument("--items", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cover", action="store_true", help="every user and item id occurs at least once")
     p.add_argument("--output", type=Path, default=Path("out/synthetic-raw"))
     p.add_argument("--master", help="Spark master URL (default: spark-submit's, else local[*])")
     args = p.parse_args(argv)
     spark = get_spark(SparkConfig(), args.master, app="sellarec-synth")
     parts = max(2, args.rows // 1_000_000)
-    interactions(spark, args.rows, args.users, args.items, args.seed, parts).write.mode(
+    interactions(spark, args.rows, args.users, args.items, args.seed, parts, args.cover).write.mode(
         "overwrite").parquet(str(args.output / "interactions"))
     item_titles(spark, args.items).coalesce(1).write.mode("overwrite").parquet(str(args.output / "items"))
     print(f"synthetic log: {args.rows:,} interactions, {args.users:,} users, {args.items:,} items -> {args.output}")

@@ -6,6 +6,8 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from pipeline.prep import run
 from pipeline.synth import interactions, item_titles
 from tests.conftest import config
@@ -22,6 +24,18 @@ def test_synthetic_log_through_pipeline(spark, tmp_path: Path) -> None:
     m = run(config("synthetic", spark={"shuffle_partitions": 4}), raw, tmp_path / "out")
     assert m["rows_in"] == 30_000 == m["rows_out"] + m["rejected"] + m["excluded"]
     assert all(m["splits"][s]["rows"] > 0 for s in ("train", "valid", "test"))
+
+
+def test_synthetic_cover_gives_every_id(spark) -> None:
+    """--cover: every user and item id occurs, the rest of the rows keep the power laws."""
+    log = interactions(spark, 5_000, 3_000, 800, seed=2, cover=True)
+    ids = log.agg({"user_id": "max", "item_id": "max"}).first()
+    assert log.select("user_id").distinct().count() == 3_000 == ids["max(user_id)"]
+    assert log.select("item_id").distinct().count() == 800 == ids["max(item_id)"]
+    plain = interactions(spark, 5_000, 3_000, 800, seed=2)
+    assert plain.select("user_id").distinct().count() < 3_000  # what --cover is for
+    with pytest.raises(ValueError, match=r"at least max\(users, items\) = 3,000 rows"):
+        interactions(spark, 100, 3_000, 800, seed=2, cover=True)
 
 
 def _ts(y: int, mo: int, d: int) -> int:
