@@ -183,3 +183,24 @@ def test_plain_mf_stops_early_without_semantic_table(ml100k_out: Path, semantic:
     assert summary["stopped"] == "early_stop" and summary["steps"] < 400
     assert summary["best_step"] == summary["steps"] - 2 * 4
     assert set(_tables(run)) == {"user", "item"} and summary["align_accuracy"] is None
+
+
+def test_scale_bench_reads_the_two_rank_export_back_with_stage_3s_loader(ml100k_out: Path, tmp_path: Path) -> None:
+    """bench/tables_scale.py (the 10M x 2M run) end to end on ML-100K: 1 and 2 ranks, then the read-back."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    cfg = write_config(tmp_path / "scale.yaml", data_dir=str(ml100k_out), run_dir=str(tmp_path / "scale"),
+                       collab={"dim": 16, "sharding": "row_wise", "align": {"weight": 0.0}, "eval_every": 5,
+                               "export": "sharded", "projector_items": 0, "batch": 256})
+    out = tmp_path / "tables_scale.json"
+    proc = subprocess.run([sys.executable, "bench/tables_scale.py", "--config", str(cfg), "--steps", "10", "--out", str(out)],
+                          cwd=REPO, check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    shapes = TableFile(tmp_path / "scale-r1" / "collab" / "collab.safetensors").shapes
+    assert report["readback_equal"] and report["readback_rows"] == shapes["user"][0] + shapes["item"][0]
+    assert len(report["runs"]["two-ranks"]["peak_rss_mb_per_rank"]) == 2 and report["peak_rss_ratio_two_over_one"] > 0
+    assert (tmp_path / "scale-r2" / "collab" / "collab.safetensors.index.json").is_file()  # the 2-rank export is sharded
