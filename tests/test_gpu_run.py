@@ -90,7 +90,7 @@ def test_step_probe_times_engine_and_plain_loop(ml100k_out: Path, tmp_path: Path
         assert r["prompts_per_s"] > 0 and r["nonfinite_grad_norm_steps"] == 0  # fp32 on CPU
         assert set(r["seconds_per_step"]) == {"data", "forward", "backward", "step"}
     assert "aten::" in report["runs"][1]["profile"]["by_host_time"]  # the first size's engine run is profiled
-    assert set(report["engine_over_plain"]) == {"8", "16"}
+    assert set(report["over_plain"]) == {"engine/8", "engine/16"}
 
 
 def test_a_damaged_part_is_named(payload: tuple[Path, str], tmp_path: Path) -> None:
