@@ -2,7 +2,6 @@
 users with more than one row and both labels), and the overall / warm / cold report every stage uses."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -20,18 +19,32 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def uauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
-    """Unweighted mean of per-user AUC over users with more than one row and both classes; (value, users)."""
-    users, labels, scores = np.asarray(users), np.asarray(labels), np.asarray(scores)
-    order = np.argsort(users, kind="mergesort")
+    """Unweighted mean of per-user AUC over users with more than one row and both classes; (value, users).
+
+    Every user's AUC at once, as the Mann-Whitney statistic: rows sorted by (user, score), tied scores of a
+    user share their mean rank (ties count half, as in `auc`). No per-user loop: millions of users take
+    seconds, not minutes.
+    """
+    users, labels = np.asarray(users), np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(users) == 0:
+        return math.nan, 0
+    order = np.lexsort((scores, users))
     users, labels, scores = users[order], labels[order], scores[order]
-    bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
-    per_user = []
-    for lo, hi in itertools.pairwise(bounds):
-        if hi - lo > 1:
-            value = auc(labels[lo:hi], scores[lo:hi])
-            if not math.isnan(value):
-                per_user.append(value)
-    return (float(np.mean(per_user)) if per_user else math.nan), len(per_user)
+    rows = np.arange(len(users))
+    new_user = np.r_[True, users[1:] != users[:-1]]
+    user = np.cumsum(new_user) - 1
+    user_start = rows[new_user][user]
+    new_tie = new_user | np.r_[True, scores[1:] != scores[:-1]]
+    first = rows[new_tie]
+    last = np.r_[first[1:], len(users)] - 1
+    rank = ((first + last) / 2)[np.cumsum(new_tie) - 1] - user_start + 1  # mean rank within the user, from 1
+    pos = np.bincount(user, weights=labels)
+    neg = np.bincount(user) - pos
+    rank_sum = np.bincount(user, weights=rank * labels)
+    both = (pos > 0) & (neg > 0)  # both classes: more than one row too
+    per_user = (rank_sum[both] - pos[both] * (pos[both] + 1) / 2) / (pos[both] * neg[both])
+    return (float(per_user.mean()) if len(per_user) else math.nan), int(both.sum())
 
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

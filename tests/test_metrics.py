@@ -32,11 +32,14 @@ def _sklearn_uauc(users, labels, scores) -> tuple[float, int]:
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_uauc_matches_sklearn_per_user_mean(seed: int) -> None:
+@pytest.mark.parametrize("tied", [False, True])
+def test_uauc_matches_sklearn_per_user_mean(seed: int, tied: bool) -> None:
     rng = np.random.default_rng(seed)
     users = rng.integers(0, 300, 3000)
     labels = rng.integers(0, 2, 3000)
     scores = rng.random(3000) + 0.2 * labels
+    if tied:  # many equal scores within a user: ties count half
+        scores = np.round(scores, 1)
     value, n = uauc(users, labels, scores)
     ref, ref_n = _sklearn_uauc(users, labels, scores)
     assert n == ref_n and value == pytest.approx(ref, abs=1e-12)
