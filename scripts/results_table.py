@@ -202,7 +202,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+", type=Path, help="comparison configs, in row order")
     p.add_argument("--write", type=Path, help="Markdown file whose comparison block is replaced")
-    p.add_argument("--figure", type=Path, help="PNG of test AUC per row and group with 95% intervals")
+    p.add_argument("--figure", type=Path, help="PNG of test AUC per row and group with 95%% intervals")
     p.add_argument("--json", type=Path, help="JSON file of one record per row")
     p.add_argument("--curves", type=Path, help="PNG of valid AUC against training prompts")
     p.add_argument("--stages", action="store_true", help="also print the training stages of the rows")

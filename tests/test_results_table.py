@@ -80,3 +80,6 @@ def test_paired_differences_against_a_base_row(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py"), *map(str, rows), "--paired", "mf"],
                          cwd=REPO, capture_output=True, text=True, check=False)
     assert bad.returncode != 0 and "--paired mf: not one of the rows given (strong, chance)" in bad.stderr
+    usage = subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py"), "--help"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout
+    assert "--paired ROW" in usage and "95% intervals" in usage
