@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
 import torch
 import torch.nn.functional as F
 
@@ -47,13 +49,24 @@ from llm.projector import proj_c_to_l
 from pipeline.config import Config
 
 STAGE = "collab"
-COLUMNS = ["row_id", "user_id", "item_id", "label", "warm", "split"]
+COLUMNS = ["row_id", "user_id", "item_id", "label", "warm"]
+SPLITS = ("test", "train", "valid")
 
 
 def read_data(data_dir: Path) -> tuple[dict[str, pd.DataFrame], int, pd.DataFrame]:
-    """Rows per split (ids, label, warm), the largest user id and the items table (id, title)."""
-    rows = pd.read_parquet(data_dir / "tables" / "interactions", columns=COLUMNS)
-    splits = {s: part.sort_values("row_id").reset_index(drop=True) for s, part in rows.groupby("split", observed=True)}
+    """Rows per split (ids, label, warm; by row id), the largest user id and the items table (id, title).
+
+    One split at a time through Arrow (the `split=` partitions), its memory pool released after each: every
+    rank holds all rows, and 16M rows read at once through pandas peaked at 3.3 GB RSS (this way: 1.4 GB).
+    """
+    rows = ds.dataset(data_dir / "tables" / "interactions", format="parquet", partitioning="hive")
+    splits = {}
+    for split in SPLITS:
+        part = rows.to_table(columns=COLUMNS, filter=ds.field("split") == split)
+        if part.num_rows:
+            splits[split] = part.sort_by("row_id").to_pandas(self_destruct=True, split_blocks=True)
+        del part
+        pa.default_memory_pool().release_unused()
     users = pd.read_parquet(data_dir / "tables" / "users", columns=["user_id"])
     return splits, int(users.user_id.max()), read_items(data_dir)
 
