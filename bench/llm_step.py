@@ -27,6 +27,7 @@ import deepspeed
 import torch
 from peft import get_peft_model
 
+from launcher.config import Config
 from launcher.data import train_batches, usable
 from launcher.dist import setup
 from launcher.engine import ds_config, engine_step
@@ -137,7 +138,7 @@ def main() -> None:
     args = p.parse_args()
     if args.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, schema=Config)
     os.environ.setdefault("MASTER_PORT", "29611")
     dist_ctx = setup(cfg.deepspeed)
     runs = []

@@ -27,6 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from launcher.config import Config
 from pipeline.config import load_config, parse_config
 
 GPUS = __import__("torch").cuda.device_count()  # on a GPU host: one rank per GPU, bf16 + NCCL on both sides
@@ -48,13 +49,13 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 def run_ours(args: argparse.Namespace, zero_stage: int, tmp: Path) -> dict:
     """launcher/train.py under the deepspeed launcher with a localhost hostfile."""
-    base = load_config(args.config, overrides(args)).model_dump(mode="json")
+    base = load_config(args.config, overrides(args), schema=Config).model_dump(mode="json")
     base["run_dir"] = str(tmp / f"ours-zero{zero_stage}")
     base["deepspeed"]["zero_stage"] = zero_stage
     base["lora"].update(max_steps=args.steps, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
                         eval_every=0, eval_rows=args.micro_batch, save_every=10**6, max_samples=None)
     cfg_path = tmp / f"ours-zero{zero_stage}.yaml"
-    cfg_path.write_text(yaml.safe_dump(parse_config(base).model_dump(mode="json")))
+    cfg_path.write_text(yaml.safe_dump(parse_config(base, schema=Config).model_dump(mode="json")))
     hostfile = tmp / "hostfile"
     hostfile.write_text(f"localhost slots={args.ranks}\n")
     cmd = [_bin("deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
@@ -98,7 +99,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     from llm.scorer import IGNORE
     from pipeline.schema import shard_urls
 
-    cfg = load_config(args.config, overrides(args))
+    cfg = load_config(args.config, overrides(args), schema=Config)
     lc, tc = cfg.llm, cfg.lora
     torch.manual_seed(tc.seed)
     model, tokenizer = load_base(lc)

@@ -19,12 +19,12 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import load_config
+from pipeline.config import DataConfig, load_config
 from pipeline.schema import SAMPLE_FIELDS, SHARD_PATTERN, SPLITS, encode_sample, sample_key
 
 
 def run(input_dir: Path, output: Path, config: Path) -> int:
-    cfg = load_config(config)
+    cfg = load_config(config, schema=DataConfig)
     p, c = cfg.protocol, cfg.source.columns
     df = pd.read_parquet(input_dir / cfg.source.interactions).rename(columns={
         c.user: "user_raw", c.item: "item_raw", c.rating: "rating", c.timestamp: "timestamp"})

@@ -29,6 +29,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from launcher.config import Config
 from pipeline.config import load_config, parse_config
 
 RUNS = {
@@ -59,7 +60,7 @@ def upstream(cfg_path: str, data: Path, run: Path) -> None:
     from llm.model import hidden_size, load_base
     from llm.projector import proj_c_to_l
 
-    cfg = load_config(cfg_path)
+    cfg = load_config(cfg_path, schema=Config)
     model, tokenizer = load_base(cfg.llm)
     get_peft_model(model, peft_config(cfg.lora)).save_pretrained(str(run / ADAPTER))
     tokenizer.save_pretrained(str(run / ADAPTER))
@@ -77,7 +78,7 @@ def upstream(cfg_path: str, data: Path, run: Path) -> None:
 def run(name: str, args: argparse.Namespace, tmp: Path, shared: Path) -> dict:
     """Stage sella then stage eval of one setting; their speeds from the summaries."""
     over = RUNS[name]
-    base = load_config(args.config).model_dump(mode="json")
+    base = load_config(args.config, schema=Config).model_dump(mode="json")
     base.update(run_dir=str(tmp / name), upstream=str(shared))
     base["deepspeed"].update(over["deepspeed"])
     base["llm"].update(over["llm"])
@@ -85,7 +86,7 @@ def run(name: str, args: argparse.Namespace, tmp: Path, shared: Path) -> dict:
                          eval_every=0, eval_rows=2 * args.ranks, save_every=10**6, **over["sella"])
     base["eval"].update(model="sella", splits=["test"], rows=args.eval_rows, batch=16, baselines=[])
     cfg_path = tmp / f"{name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(parse_config(base).model_dump(mode="json")))
+    cfg_path.write_text(yaml.safe_dump(parse_config(base, schema=Config).model_dump(mode="json")))
     hostfile = tmp / "hostfile"
     hostfile.write_text(f"localhost slots={args.ranks}\n")
     for stage in ("sella", "eval"):

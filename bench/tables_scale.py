@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from launcher.config import Config
 from pipeline.config import load_config, run_path
 
 
@@ -96,7 +97,7 @@ def main() -> None:
     if args.readback_worker:
         readback_worker(*args.readback_worker)
         return
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, schema=Config)
     base = run_path(cfg)
     runs = {"one-rank": launch(args.config, 1, base.with_name(base.name + "-r1"), args.steps),
             "two-ranks": launch(args.config, 2, base.with_name(base.name + "-r2"), args.steps)}

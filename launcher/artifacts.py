@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from embeddings.tables import INDEX_SUFFIX
-from pipeline.config import Config
+from launcher.config import Config
 
 ADAPTER = "lora/adapter"                         # stage 1: PEFT adapter + tokenizer
 SEMANTIC_FILE = "semantic.safetensors"           # stage 2a: `semantic` [max item id + 1, d_llm]

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from embeddings.tables import collective_device
-from pipeline.config import DeepSpeedConfig
+from launcher.config import DeepSpeedConfig
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from launcher.config import Config, DeepSpeedConfig, TrainConfig
 from launcher.dist import Dist
-from pipeline.config import Config, DeepSpeedConfig, TrainConfig
 
 
 def zero_stage(ds: DeepSpeedConfig, dist_ctx: Dist) -> int:

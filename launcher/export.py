@@ -26,12 +26,12 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from embeddings.tables import INDEX_SUFFIX, TableFile
 from launcher.artifacts import SELLA_EXPORT
+from launcher.config import Config
 from launcher.metrics import GROUPS
 from launcher.provenance import PROVENANCE, RUN_CONFIG
 from llm.model import SMOLLM2_GGUF, SPECIAL_TOKENS, load_base, smollm2_gguf
 from llm.prompts import ANSWERS, USER, WARM, WORDS, system_text
 from llm.scorer import yes_no_ids
-from pipeline.config import Config
 
 CARD = "README.md"
 

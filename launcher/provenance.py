@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import Config
+from launcher.config import Config
 
 RUN_CONFIG = "config.yaml"
 PROVENANCE = "provenance.json"

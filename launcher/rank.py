@@ -27,12 +27,13 @@ import torch
 from embeddings.collab import ITEM, SEMANTIC, USER
 from embeddings.tables import TableFile
 from launcher.artifacts import SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find, lookup
+from launcher.config import Config
 from launcher.data import read_items
 from llm.model import load_tuned
 from llm.prompts import Encoded, encode, encode_distill
 from llm.scorer import collate, last_hidden
 from llm.sella import SellaLM
-from pipeline.config import Config, ConfigError, data_path, load_config, run_path
+from pipeline.config import ConfigError, data_path, load_config, run_path
 from pipeline.schema import Sample
 
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, args.set, schema=Config)
         data_dir = data_path(cfg, args.data)
         run_dir = run_path(cfg, args.run_dir)
         candidates = read_candidates(args.candidates, read_items(data_dir))

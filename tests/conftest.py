@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import Config, load_config, merge, parse_config
+from launcher.config import Config
+from pipeline.config import load_config, merge, parse_config
 from pipeline.spark import get_spark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,8 +24,9 @@ def needs_shared(*parts: str) -> pytest.MarkDecorator:
 
 
 def config(name: str, **overrides: Any) -> Config:
-    """A config from configs/ with nested overrides (dicts merge, other values replace)."""
-    return parse_config(merge(load_config(CONFIGS / f"{name}.yaml").model_dump(mode="json"), overrides))
+    """A full config from configs/ with nested overrides (dicts merge, other values replace)."""
+    base = load_config(CONFIGS / f"{name}.yaml", schema=Config).model_dump(mode="json")
+    return parse_config(merge(base, overrides), schema=Config)
 
 
 @pytest.fixture(scope="session")

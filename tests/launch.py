@@ -63,8 +63,8 @@ def tiny_adapter(run: Path, llm: dict[str, Any]) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from llm.config import LLMConfig
     from llm.model import load_base
-    from pipeline.config import LLMConfig
 
     model, _ = load_base(LLMConfig(**llm))
     torch.manual_seed(0)

@@ -95,12 +95,13 @@ def test_rank_names_the_bad_candidate_line(run: tuple[Path, Path, str], tmp_path
 ZERO3_THEN_TORCHREC = """
 import sys
 from transformers.integrations import HfDeepSpeedConfig
+from launcher.config import Config
 from launcher.dist import setup
 from launcher.engine import ds_config
 from launcher.train import load_recipes
 from llm.model import hidden_size, load_base
 from pipeline.config import load_config
-cfg = load_config("configs/ml-100k.yaml", ["deepspeed.zero_stage=3"])
+cfg = load_config("configs/ml-100k.yaml", ["deepspeed.zero_stage=3"], schema=Config)
 d = setup(cfg.deepspeed)
 if sys.argv[1] == "recipes-first":
     load_recipes(("lora", "collab"))

@@ -26,7 +26,7 @@ COLLAB = {"dim": 16, "proj_hidden": 32, "batch": 256, "max_steps": 12, "eval_eve
 
 def _config(tmp: Path, data: Path, semantic: Path, name: str, **collab) -> Path:
     return write_config(tmp / f"{name}.yaml", data_dir=str(data), run_dir=str(tmp / name),
-                        collab=COLLAB | {"semantic": str(semantic)} | collab)
+                        collab=COLLAB | {"semantic_path": str(semantic)} | collab)
 
 
 def _run(tmp: Path, data: Path, semantic: Path, name: str, ranks: int, **collab) -> Path:
@@ -101,7 +101,7 @@ def test_a_sharded_export_is_read_back_by_stage_3(runs: dict[str, Path], ml100k_
     tiny_adapter(run, llm)
     cfg = write_config(tmp_path / "sella.yaml", data_dir=str(ml100k_out), run_dir=str(run), llm=llm,
                        collab={"dim": 16, "proj_hidden": 32, "sharding": "row_wise"},
-                       sella={"collab": str(folder / "collab.safetensors"), "max_steps": 1, "micro_batch": 2,
+                       sella={"collab_path": str(folder / "collab.safetensors"), "max_steps": 1, "micro_batch": 2,
                               "grad_accum": 1, "eval_every": 0, "eval_rows": 8, "table_optimizer": "rowwise_adagrad",
                               "loss": "answer", "projector_init": "random"})  # its Proj_C->L maps to d_llm 24
     finish(launch(cfg, "sella", 2))

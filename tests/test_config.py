@@ -1,23 +1,82 @@
 """Every config under configs/ validates; bad configs fail with the key and the expectation named."""
+import ast
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, parse_config
+from launcher.config import Config
+from pipeline.config import SECTIONS_READ_ELSEWHERE, ConfigError, DataConfig
+from pipeline.config import load_config as load_any
 from pipeline.config import merge as merged
+from pipeline.config import parse_config as parse_any
 from pipeline.sources import READERS
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, REPO
+
+load_config = partial(load_any, schema=Config)
+parse_config = partial(parse_any, schema=Config)
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_config_validates(path: Path) -> None:
     cfg = load_config(path)
-    assert cfg.name == path.stem
+    if path.parent == CONFIGS:  # the rest inherit a base config's name
+        assert cfg.name == path.stem
     assert cfg.source.format in {*READERS, "collm"}, f"{path}: no reader for source.format {cfg.source.format!r}"
 
 
 def _base() -> dict:
     return load_config(CONFIGS / "ml-1m.yaml").model_dump(mode="json")
+
+
+def test_prep_schema_skips_only_the_training_sections() -> None:
+    """prep's DataConfig reads a whole config file: the training sections pass unvalidated (their readers'
+    schema checks them), any other unknown top-level key is an error naming it."""
+    assert set(Config.model_fields) - set(DataConfig.model_fields) == set(SECTIONS_READ_ELSEWHERE)
+    data = load_any(CONFIGS / "ml-100k.yaml", schema=DataConfig)
+    assert type(data) is DataConfig and data.name == "ml-100k"
+    assert data.model_dump() == load_config(CONFIGS / "ml-100k.yaml").model_dump(include=set(DataConfig.model_fields))
+    assert load_any(CONFIGS / "ml-100k.yaml", ["lora.no_such_key=1"], schema=DataConfig).name == "ml-100k"
+    with pytest.raises(ConfigError, match=r"(?m)^  protocoll: Extra inputs are not permitted"):
+        load_any(CONFIGS / "ml-100k.yaml", ["protocoll.history_len=5"], schema=DataConfig)
+
+
+@pytest.mark.parametrize("key", ["llm.max_len", "deepspeed.stage", "lora.rank", "distill.batches",
+                                 "collab.align.temperature", "sella.collab_file", "eval.model_name"])
+def test_full_config_rejects_unknown_keys_in_training_sections(key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"(?m)^  {key.replace('.', r'[.]')}: Extra inputs are not permitted"):
+        load_config(CONFIGS / "ml-100k.yaml", [f"{key}=1"])
+
+
+@pytest.mark.parametrize("key, new", [("sella.collab", "collab_path"), ("collab.semantic", "semantic_path")])
+def test_renamed_path_keys_are_named(key: str, new: str) -> None:
+    section, old = key.split(".")
+    with pytest.raises(ConfigError, match=rf"(?m)^  {section}: Value error, `{old}` was renamed to `{new}`"):
+        load_config(CONFIGS / "ml-100k.yaml", [f"{key}=x.safetensors"])
+    cfg = load_config(CONFIGS / "ml-100k.yaml", [f"{section}.{new}=x.safetensors"])
+    assert getattr(getattr(cfg, section), new) == "x.safetensors"
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level packages a module imports (absolute imports, anywhere in the file)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package, forbidden", [("pipeline", {"launcher", "llm", "embeddings"}),
+                                                ("llm", {"launcher", "embeddings"}),
+                                                ("embeddings", {"launcher", "llm"})])
+def test_packages_import_only_downward(package: str, forbidden: set[str]) -> None:
+    """The data pipeline imports no training code; llm/ and embeddings/ do not import each other."""
+    files = sorted((REPO / package).glob("*.py"))
+    assert files
+    bad = {f"{f.relative_to(REPO)}: {sorted(_imports(f) & forbidden)}" for f in files if _imports(f) & forbidden}
+    assert not bad
 
 
 @pytest.mark.parametrize("override, key, expected", [
@@ -80,7 +139,7 @@ def test_comparison_rows_inherit_the_benchmark_config() -> None:
         assert cfg.sella.max_steps == base.sella.max_steps
     assert [rows[r].eval.model for r in ("mf", "text-only", "sella")] == ["mf", "lora", "sella"]
     collm = rows["collm-like"].sella
-    assert (collm.projector_init, collm.warm_token, collm.collab) == (
+    assert (collm.projector_init, collm.warm_token, collm.collab_path) == (
         "random", False, "runs/collm-ml-1m-mf/collab/collab.safetensors")
     assert rows["sella-no-warm"].sella.warm_token is False and rows["sella"].sella.warm_token is True
 

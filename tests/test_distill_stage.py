@@ -64,9 +64,9 @@ def test_vectors_are_last_position_hidden_states(runs: dict[str, object], ml100k
     from peft import PeftModel
 
     from launcher.data import read_items
+    from llm.config import LLMConfig
     from llm.model import load_base
     from llm.prompts import encode_distill
-    from pipeline.config import LLMConfig
 
     out = load_file(runs["whole"] / "semantic.safetensors")
     items = read_items(ml100k_out)

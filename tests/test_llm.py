@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llm.config import LLMConfig
 from llm.model import SPECIAL_TOKENS, ModelSourceError, load_base, model_dir
 from llm.prompts import encode, system_text, user_text
 from llm.scorer import IGNORE, collate, lm_loss, loss_tokens, yes_no_ids, yes_prob
-from pipeline.config import LLMConfig
 
 SAMPLES = [
     {"row_id": 1, "user_id": 1, "item_id": 3, "label": 1, "timestamp": 0, "split": "train", "warm": 1,

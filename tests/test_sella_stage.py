@@ -291,7 +291,7 @@ def test_a_larger_budget_resumes_from_the_last_checkpoint(runs: dict[str, Path])
 
 def test_missing_semantic_table_is_a_clear_error(runs: dict[str, Path], ml100k_out: Path, tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "bad.yaml", data_dir=str(ml100k_out), run_dir=str(tmp_path / "run"), llm=LLM,
-                       collab=COLLAB, sella=SELLA | {"collab": str(runs["collm"] / COLLAB_FILE)})
+                       collab=COLLAB, sella=SELLA | {"collab_path": str(runs["collm"] / COLLAB_FILE)})
     proc = launch(cfg, "sella", 1)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "no semantic table (stage 2b ran as plain MF)" in out

@@ -41,12 +41,12 @@ from embeddings.tables import (
 from launcher import checkpoint
 from launcher.artifacts import COLLAB_FILE, SEMANTIC_FILE, lookup
 from launcher.checkpoint import LoopState
+from launcher.config import Config
 from launcher.data import read_items
 from launcher.dist import Dist, gather, sum_over_ranks
 from launcher.metrics import format_report, report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
 from llm.projector import proj_c_to_l
-from pipeline.config import Config
 
 STAGE = "collab"
 COLUMNS = ["row_id", "user_id", "item_id", "label", "warm"]
@@ -103,7 +103,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     splits, max_user, items = read_data(data_dir)
     max_item = int(items.item_id.max())
     aligned = collab_cfg.align.weight > 0
-    sem_path = Path(collab_cfg.semantic) if collab_cfg.semantic else lookup(cfg, run_dir, SEMANTIC_FILE) or run_dir / SEMANTIC_FILE
+    sem_path = (Path(collab_cfg.semantic_path) if collab_cfg.semantic_path
+                else lookup(cfg, run_dir, SEMANTIC_FILE) or run_dir / SEMANTIC_FILE)
     if aligned and not sem_path.is_file():
         raise FileNotFoundError(f"{sem_path}: no semantic vectors; run --stage distill first, "
                                 "or set collab.align.weight: 0 for plain MF")

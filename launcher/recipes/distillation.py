@@ -20,13 +20,13 @@ from tqdm import tqdm
 
 from embeddings.tables import save_tensors
 from launcher.artifacts import SEMANTIC_FILE, adapter_dir
+from launcher.config import Config
 from launcher.data import read_items
 from launcher.dist import Dist, gather, max_over_ranks
 from launcher.monitor import peak_memory_mb
 from llm.model import load_tuned
 from llm.prompts import Encoded, encode_distill
 from llm.scorer import collate, last_hidden
-from pipeline.config import Config
 
 STAGE = "distill"
 

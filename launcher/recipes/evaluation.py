@@ -39,6 +39,7 @@ from launcher.artifacts import (
     find,
     lookup,
 )
+from launcher.config import Config, EvalModel
 from launcher.data import eval_samples
 from launcher.dist import Dist, max_over_ranks
 from launcher.metrics import add_intervals, format_report, roc_points, scalars
@@ -48,7 +49,6 @@ from llm.model import load_tuned
 from llm.prompts import Encoded, encode
 from llm.scorer import yes_no_ids
 from llm.sella import SellaLM
-from pipeline.config import Config, EvalModel
 from pipeline.schema import Sample
 
 STAGE = "eval"

@@ -19,6 +19,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from launcher import checkpoint
 from launcher.artifacts import ADAPTER
+from launcher.config import Config, LoraConfig
 from launcher.data import eval_samples, train_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import cosine_schedule, ds_config, engine_step, out_of_time, planned_steps, save_adapter
@@ -28,7 +29,6 @@ from launcher.validate import gather_report, score
 from llm.model import hidden_size, load_base
 from llm.prompts import Encoded, encode
 from llm.scorer import collate, lm_loss, yes_no_ids
-from pipeline.config import Config, LoraConfig
 from pipeline.schema import Sample, load_manifest
 
 STAGE = "lora"

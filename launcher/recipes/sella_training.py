@@ -51,6 +51,7 @@ from embeddings.tables import (
 from launcher import checkpoint, export
 from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find
 from launcher.checkpoint import LoopState
+from launcher.config import Config
 from launcher.data import SampleIndex, eval_samples, global_batches
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import cosine_schedule, ds_config, engine_step, out_of_time, planned_steps, save_adapter
@@ -62,7 +63,6 @@ from llm.projector import HybridProjector
 from llm.prompts import Encoded, encode
 from llm.scorer import collate, loss_tokens
 from llm.sella import SellaLM
-from pipeline.config import Config
 from pipeline.schema import Sample
 
 STAGE = "sella"
@@ -117,7 +117,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     """Train SeLLa-Rec; returns the summary written to <run>/sella/summary.json."""
     sella_cfg, llm_cfg, collab_cfg = cfg.sella, cfg.llm, cfg.collab
     out = run_dir / STAGE
-    collab_path = Path(sella_cfg.collab) if sella_cfg.collab else find(cfg, run_dir, COLLAB_FILE)
+    collab_path = Path(sella_cfg.collab_path) if sella_cfg.collab_path else find(cfg, run_dir, COLLAB_FILE)
     shapes, stage2 = read_collab(collab_path, "projector." if sella_cfg.projector_init == "stage2" else None)
     warm = sella_cfg.warm_token
     if warm and SEMANTIC not in shapes:

@@ -1,0 +1,30 @@
+"""The `llm` section: the base LLM and how prompts are built (read by llm/model.py and the training stages)."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from pipeline.config import _Strict
+
+
+class TinyModelConfig(_Strict):
+    """Architecture of `llm.model: tiny` (a small Llama for tests, built from a seed)."""
+
+    hidden: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    kv_heads: int = Field(2, ge=1)
+    intermediate: int = Field(128, ge=8)
+    seed: int = 0
+
+
+class LLMConfig(_Strict):
+    """The base LLM and how prompts are built from shard samples (docs/method.md, 'Prompts')."""
+
+    model: str = Field("smollm2", description="smollm2 | tiny | HF model directory | .gguf file | hub id "
+                       "in the local HF cache")
+    tiny: TinyModelConfig = TinyModelConfig()
+    max_length: int = Field(256, ge=16, description="longest prompt+answer in tokens; the oldest history "
+                            "titles are dropped until a prompt fits")
+    history_titles: int = Field(10, ge=0, description="last positively rated titles shown in the prompt")
+    drop_no_history: bool = Field(True, description="skip samples without history (authors' code)")
+    chat_template: bool = Field(True, description="wrap prompts in the model's chat template when it has one")
