@@ -1,9 +1,9 @@
 """The `collab` section: stage 2b's Collab model, its TorchRec tables and the alignment loss."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from pipeline.config import _Strict
 
@@ -42,6 +42,7 @@ class CollabConfig(_Strict):
     eval_batch: int = Field(8192, ge=1)
     keep_checkpoints: int = Field(2, ge=1, description="a checkpoint is written at every validation")
     align: AlignConfig = AlignConfig()
+    renamed: ClassVar[dict[str, str]] = {"semantic": "semantic_path"}
     semantic_path: str | None = Field(None, description="stage-2a vectors (default <run>/semantic.safetensors)")
     export: Literal["auto", "single", "sharded"] = Field(
         "auto", description="tables of stages 2b and 3: one file gathered on rank 0, or each rank its rows plus an "
@@ -49,10 +50,3 @@ class CollabConfig(_Strict):
     align_eval_items: int = Field(10000, ge=1, description="items in the alignment-accuracy retrieval")
     projector_items: int = Field(2000, ge=0, description="item vectors shown in TensorBoard's projector")
     seed: int = 0
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "semantic" in data:
-            raise ValueError("`semantic` was renamed to `semantic_path`")
-        return data

@@ -2,9 +2,9 @@
 the data pipeline's DataConfig plus every training section, strict at every level."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from embeddings.config import CollabConfig
 from llm.config import LLMConfig
@@ -97,6 +97,7 @@ class SellaConfig(TrainConfig):
     warm_token: bool = Field(True, description="put <Warm_ID> (projector B of the semantic vector) in the prompt")
     inject_norm: Literal["none", "token_rms"] = Field(
         "none", description="token_rms: rescale every injected vector to the RMS norm of the model's token embeddings")
+    renamed: ClassVar[dict[str, str]] = {"collab": "collab_path"}
     collab_path: str | None = Field(None, description="stage-2b tables (default <run>/collab/collab.safetensors)")
     table_optimizer: Literal["adamw", "rowwise_adagrad", "adagrad", "sgd"] = Field(
         "adamw", description="adamw: the tables join the projectors' AdamW (same lr, schedule, weight decay) as "
@@ -105,13 +106,6 @@ class SellaConfig(TrainConfig):
     table_lr: float = Field(1e-3, gt=0, description="lr of the user and item tables' fused optimizer")
     semantic_lr: float = Field(1e-3, ge=0, description="lr of the semantic table's fused optimizer")
     eval_rows: int | None = Field(256, ge=1, description="valid rows used for checkpoint selection; null = all")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "collab" in data:
-            raise ValueError("`collab` was renamed to `collab_path`")
-        return data
 
 
 EvalModel = Literal["sella", "lora", "mf", "popularity"]

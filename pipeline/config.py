@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import codecs
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -42,6 +42,14 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    renamed: ClassVar[dict[str, str]] = {}  # old key -> new key: an old config gets told the new name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        for old in (k for k in cls.renamed if isinstance(data, dict) and k in data):
+            raise ValueError(f"`{old}` was renamed to `{cls.renamed[old]}`")
+        return data
 
 
 class ColumnMap(_Strict):
