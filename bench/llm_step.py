@@ -3,7 +3,7 @@ the lora recipe runs it on one host: ZeRO 0) against a plain torch loop (fused A
 model, LoRA, batches and precision, at each micro-batch size given, 128 prompts per optimizer step (as the
 authors). One process, one device. Reported per run: prompts/s and tokens/s over the timed steps (the first
 step is a warm-up), the seconds of each phase per optimizer step (the device synchronised between phases),
-how many steps had a non-finite gradient norm, peak device memory, and each engine run over the plain loop; for the first
+how many steps (warm-up included) had a non-finite gradient norm, peak device memory, and each engine run over the plain loop; for the first
 micro-batch size also the operators that take the most host and device time in one engine step (torch.profiler).
 
     python bench/llm_step.py --config configs/gpu/collm-ml-1m.yaml --data DIR --micro 16,64 --steps 4
@@ -14,6 +14,7 @@ plain loop 35 / 151 / 267; at 16 the host launched 44k kernels a step for 0.27 s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -74,37 +75,35 @@ def run(cfg, data: str, mode: str, micro: int, steps: int, dist_ctx, profile: bo
                             micro, 0, 1, lora_cfg.seed, lora_cfg.shuffle_buffer, lambda e: len(e.prompt) + len(e.answer))
     phases = {"data": 0.0, "forward": 0.0, "backward": 0.0, "step": 0.0}
     tokens, nonfinite, table = 0.0, 0, None
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if dist_ctx.device.type == "cuda" else [])
     for step in range(steps + 1):
         timed = step > 0
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
-                                      + ([torch.profiler.ProfilerActivity.CUDA] if dist_ctx.device.type == "cuda" else []))\
-            if profile and step == steps else None
-        if prof:
-            prof.__enter__()
-        for _ in range(accum):
-            t0 = sync(dist_ctx.device)
-            batch = {k: v.to(dist_ctx.device) for k, v in collate(next(batches), tokenizer.pad_token_id).items()}
-            t1 = sync(dist_ctx.device)
-            loss = lm_loss(model, batch, answer_only=lora_cfg.loss == "answer")
-            t2 = sync(dist_ctx.device)
-            (model.backward(loss) if engine else (loss / accum).backward())
-            t3 = sync(dist_ctx.device)
-            norm = engine_step(model, trainable) if engine else None
-            t4 = sync(dist_ctx.device)
-            if timed:
-                tokens += float(batch["attention_mask"].sum())
-                for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                    phases[name] += dt
-        if mode == "plain":
-            t0 = sync(dist_ctx.device)
-            norm = float(torch.nn.utils.clip_grad_norm_(trainable, lora_cfg.grad_clip or float("inf")))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if timed:
-                phases["step"] += sync(dist_ctx.device) - t0
+        profiled = profile and step == steps
+        with torch.profiler.profile(activities=activities) if profiled else contextlib.nullcontext() as prof:
+            for _ in range(accum):
+                t0 = sync(dist_ctx.device)
+                batch = {k: v.to(dist_ctx.device) for k, v in collate(next(batches), tokenizer.pad_token_id).items()}
+                t1 = sync(dist_ctx.device)
+                loss = lm_loss(model, batch, answer_only=lora_cfg.loss == "answer")
+                t2 = sync(dist_ctx.device)
+                (model.backward(loss) if engine else (loss / accum).backward())
+                t3 = sync(dist_ctx.device)
+                norm = engine_step(model, trainable) if engine else None
+                t4 = sync(dist_ctx.device)
+                if timed:
+                    tokens += float(batch["attention_mask"].sum())
+                    for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                        phases[name] += dt
+            if not engine:
+                t0 = sync(dist_ctx.device)
+                norm = float(torch.nn.utils.clip_grad_norm_(trainable, lora_cfg.grad_clip or float("inf")))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if timed:
+                    phases["step"] += sync(dist_ctx.device) - t0
         nonfinite += int(not torch.isfinite(torch.tensor(norm)))
-        if prof:
-            prof.__exit__(None, None, None)
+        if profiled:
             key = "self_cuda_time_total" if dist_ctx.device.type == "cuda" else "self_cpu_time_total"
             table = {"by_device_time": prof.key_averages().table(sort_by=key, row_limit=12),
                      "by_host_time": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12),
@@ -112,7 +111,8 @@ def run(cfg, data: str, mode: str, micro: int, steps: int, dist_ctx, profile: bo
     seconds = sum(phases.values())
     out = {"mode": mode, "micro_batch": micro, "grad_accum": accum, "steps": steps,
            "prompts_per_s": steps * micro * accum / seconds, "tokens_per_s": tokens / seconds,
-           "seconds_per_step": {k: v / steps for k, v in phases.items()}, "nonfinite_grad_norm_steps": nonfinite,
+           "seconds_per_step": {k: v / steps for k, v in phases.items()},
+           "nonfinite_grad_norm_steps": nonfinite, "grad_norm_steps": steps + 1,  # the warm-up step counts here
            "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if dist_ctx.device.type == "cuda" else None}
     if table:
         out["profile"] = table
@@ -148,7 +148,7 @@ def main() -> None:
             r = runs[-1]
             print(f"{mode:<12} micro {micro:>3} x {r['grad_accum']:<2} {r['prompts_per_s']:8.1f} prompts/s "
                   f"{r['tokens_per_s']:9.0f} tok/s  " + " ".join(f"{k} {v:.3f}s" for k, v in r["seconds_per_step"].items())
-                  + f"  non-finite {r['nonfinite_grad_norm_steps']}  peak {r['peak_device_mb'] or 0:.0f} MiB", flush=True)
+                  + f"  non-finite {r['nonfinite_grad_norm_steps']} of {r['grad_norm_steps']}  peak {r['peak_device_mb'] or 0:.0f} MiB", flush=True)
             if "profile" in r:
                 print(f"{r['profile']['kernels']} device kernels in one step\n{r['profile']['by_device_time']}\n"
                       f"{r['profile']['by_host_time']}", flush=True)

@@ -3,6 +3,7 @@ users with more than one row and both labels), and the overall / warm / cold rep
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -54,18 +55,23 @@ def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.n
     return fpr, tpr
 
 
-def auc_interval(labels: np.ndarray, scores: np.ndarray, level: float = 0.95, resamples: int = 1000,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the AUC: rows resampled with replacement (resamples holding one class
-    are skipped); (NaN, NaN) when no resample has both classes."""
-    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
+def _bootstrap(rows: int, statistic: Callable[[np.ndarray], float], level: float, resamples: int,
+               seed: int) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic(row indices)` over resamples of the rows with replacement;
+    resamples where it is NaN (one class only) are skipped; (NaN, NaN) when all are."""
     rng = np.random.default_rng(seed)
-    values = [auc(labels[i], scores[i]) for i in (rng.integers(0, len(labels), len(labels)) for _ in range(resamples))]
-    values = [v for v in values if not math.isnan(v)]
+    values = [v for v in (statistic(rng.integers(0, rows, rows)) for _ in range(resamples)) if not math.isnan(v)]
     if not values:
         return math.nan, math.nan
     lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def auc_interval(labels: np.ndarray, scores: np.ndarray, level: float = 0.95, resamples: int = 1000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUC (rows resampled with replacement)."""
+    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
+    return _bootstrap(len(labels), lambda i: auc(labels[i], scores[i]), level, resamples, seed)
 
 
 def auc_difference_interval(labels: np.ndarray, scores: np.ndarray, base_scores: np.ndarray, level: float = 0.95,
@@ -75,16 +81,11 @@ def auc_difference_interval(labels: np.ndarray, scores: np.ndarray, base_scores:
     is narrower than two separate intervals would suggest. (difference, low, high)."""
     labels = np.asarray(labels).astype(bool)
     scores, base_scores = np.asarray(scores, dtype=np.float64), np.asarray(base_scores, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    values = []
-    for i in (rng.integers(0, len(labels), len(labels)) for _ in range(resamples)):
-        if labels[i].all() or not labels[i].any():
-            continue
-        values.append(auc(labels[i], scores[i]) - auc(labels[i], base_scores[i]))
-    if not values:
-        return auc(labels, scores) - auc(labels, base_scores), math.nan, math.nan
-    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return auc(labels, scores) - auc(labels, base_scores), float(lo), float(hi)
+
+    def difference(i: np.ndarray) -> float:
+        return auc(labels[i], scores[i]) - auc(labels[i], base_scores[i])
+
+    return difference(np.arange(len(labels))), *_bootstrap(len(labels), difference, level, resamples, seed)
 
 
 def group_masks(warm: np.ndarray) -> dict[str, np.ndarray]:

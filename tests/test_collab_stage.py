@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from embeddings.tables import TableFile
+from tests.conftest import REPO
 from tests.launch import finish, launch, read_tables_checkpoint, rewind, table_weights, tiny_adapter, write_config
 
 COLLAB = {"dim": 16, "proj_hidden": 32, "batch": 256, "max_steps": 12, "eval_every": 4, "eval_batch": 4096,
@@ -187,11 +190,6 @@ def test_plain_mf_stops_early_without_semantic_table(ml100k_out: Path, semantic:
 
 def test_scale_bench_reads_the_two_rank_export_back_with_stage_3s_loader(ml100k_out: Path, tmp_path: Path) -> None:
     """bench/tables_scale.py (the 10M x 2M run) end to end on ML-100K: 1 and 2 ranks, then the read-back."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
     cfg = write_config(tmp_path / "scale.yaml", data_dir=str(ml100k_out), run_dir=str(tmp_path / "scale"),
                        collab={"dim": 16, "sharding": "row_wise", "align": {"weight": 0.0}, "eval_every": 5,
                                "export": "sharded", "projector_items": 0, "batch": 256})
