@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import sys
 import tarfile
@@ -21,8 +22,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import numpy as np
+import pyarrow as pa
+
 from pipeline.schema import SAMPLE_EXT, encode_sample, sample_key
-from pipeline.writers import _BLOCK, tar_member
+from pipeline.writers import _BLOCK, sample_names, tar_members
 
 
 class Sink(io.RawIOBase):
@@ -42,39 +46,47 @@ class Sink(io.RawIOBase):
         return self.bytes
 
 
-def samples(rows: int) -> Iterator[tuple[str, bytes]]:
-    """(member name, encoded sample) of `rows` rows shaped like ML-1M's (10 history items and titles)."""
+def samples(rows: int) -> Iterator[tuple[int, bytes]]:
+    """(row id, encoded sample) of `rows` rows shaped like ML-1M's (10 history items and titles), split 'train'."""
     titles = [f"The Silent River {k} ({1950 + k % 70})" for k in range(200)]
     for r in range(rows):
         row = {"row_id": r, "user_id": r % 1_000_000 + 1, "item_id": r % 200_000 + 1, "label": r % 2,
                "timestamp": 1_700_000_000 + r, "split": "train", "warm": 1,
                "history_ids": [(r + k) % 200_000 + 1 for k in range(10)],
                "history_titles": [titles[(r + k) % 200] for k in range(10)], "title": titles[r % 200]}
-        yield f"{sample_key('train', r)}.{SAMPLE_EXT}", encode_sample(row)
+        yield r, encode_sample(row)
 
 
-def ours(out: io.RawIOBase, items: Iterator[tuple[str, bytes]]) -> None:
-    out.writelines(tar_member(name, data) for name, data in items)
+def member_name(row_id: int) -> str:
+    return f"{sample_key('train', row_id)}.{SAMPLE_EXT}"
+
+
+def ours(out: io.RawIOBase, items: Iterator[tuple[int, bytes]], batch: int = 10_000) -> None:
+    """The pipeline's writer as prep runs it: Arrow batches of encoded samples (Spark sends 10,000 rows each)."""
+    while chunk := list(itertools.islice(items, batch)):
+        row_ids, payload = zip(*chunk, strict=True)
+        data, _ = tar_members(sample_names("train", np.array(row_ids, dtype=np.int64)), pa.array(payload, pa.binary()))
+        out.write(data.data)
     out.write(b"\0" * (2 * _BLOCK))
 
 
-def stdlib(out: io.RawIOBase, items: Iterator[tuple[str, bytes]]) -> None:
+def stdlib(out: io.RawIOBase, items: Iterator[tuple[int, bytes]]) -> None:
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in items:
-            info = tarfile.TarInfo(name)
+        for row_id, data in items:
+            info = tarfile.TarInfo(member_name(row_id))
             info.size, info.mode = len(data), 0o444
             tar.addfile(info, io.BytesIO(data))
 
 
-def webdataset(out: io.RawIOBase, items: Iterator[tuple[str, bytes]]) -> None:
+def webdataset(out: io.RawIOBase, items: Iterator[tuple[int, bytes]]) -> None:
     import webdataset as wds
 
     with wds.TarWriter(out) as sink:
-        for name, data in items:
-            sink.write({"__key__": name[:-len(SAMPLE_EXT) - 1], SAMPLE_EXT: data})
+        for row_id, data in items:
+            sink.write({"__key__": sample_key("train", row_id), SAMPLE_EXT: data})
 
 
-WRITERS: dict[str, Callable[[io.RawIOBase, Iterator[tuple[str, bytes]]], None]] = {
+WRITERS: dict[str, Callable[[io.RawIOBase, Iterator[tuple[int, bytes]]], None]] = {
     "pipeline": ours, "tarfile": stdlib, "webdataset": webdataset}
 
 
@@ -85,7 +97,7 @@ def readable(writer: Callable) -> bool:
     buf.seek(0)
     with tarfile.open(fileobj=buf) as tar:
         got = [(m.name, tar.extractfile(m).read()) for m in tar]
-    return got == list(samples(100))
+    return got == [(member_name(r), data) for r, data in samples(100)]
 
 
 def main() -> None:

@@ -81,15 +81,14 @@ def run(cfg: DataConfig, input_dir: Path, output: Path, master: str | None = Non
 
 def _write(spark: SparkSession, cfg: DataConfig, result: ProtocolResult, files: list[Path], output: Path,
            overwrite: bool, t0: float, before: frozenset[int]) -> dict:
-    """Write tables, shards and the manifest atomically. The interactions become a local checkpoint, so that
-    every write plans from it; like the protocol's checkpoints it stays in the block manager until the session
-    ends (the job's end under spark-submit)."""
-    result.interactions = result.interactions.localCheckpoint()
+    """Write tables, shards and the manifest atomically. The interactions table is the one place the protocol's
+    plan runs to the end: the shards and the counts read it back (columnar, compressed) instead of a cached
+    copy of the rows."""
     with atomic_output(output, overwrite) as tmp:
         _step(3, 5, "writing Parquet tables and rejects", t0)
-        write_tables(result, tmp)
+        interactions = write_tables(result, tmp)
         _step(4, 5, f"writing WebDataset shards ({cfg.output.shard_size} samples each)", t0)
-        shards = write_shards(result.interactions, tmp, cfg.output.shard_size, cfg.output.shuffle_seed)
+        shards = write_shards(interactions, tmp, cfg.output.shard_size, cfg.output.shuffle_seed)
         _step(5, 5, "checking counts and writing manifest.json", t0)
         counts = summarize(result, tmp)
         for split in SPLITS:

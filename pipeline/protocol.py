@@ -153,19 +153,20 @@ def _histories(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
     history_ids/history_titles = the last `history_len` of them, oldest first.
 
     Each positive carries the history that ends with it (one window pass over positives only); every
-    row then joins the history of the last positive before it.
+    row then joins the history of the last positive before it. The windows and the join go by the raw user id,
+    the key the user-id join has already shuffled the rows by, so they add no shuffle of their own.
     """
-    by_user = Window.partitionBy("user_id").orderBy(*ORDER)
+    by_user = Window.partitionBy("user_raw").orderBy(*ORDER)
     df = df.withColumn("_npos", F.coalesce(
         F.sum("label").over(by_user.rowsBetween(Window.unboundedPreceding, -1)), F.lit(0)).cast("long"))
     k = cfg.history_len
     keep_lo = Window.unboundedPreceding if cfg.history_keep is None else -(cfg.history_keep - 1)
-    by_pos = Window.partitionBy("user_id").orderBy("_npos")
+    by_pos = Window.partitionBy("user_raw").orderBy("_npos")
     pos = df.where(F.col("label") == 1).select(
-        "user_id", (F.col("_npos") + 1).alias("_npos"),
+        "user_raw", (F.col("_npos") + 1).alias("_npos"),
         F.collect_list("item_id").over(by_pos.rowsBetween(keep_lo, 0)).alias("_hist"),
         F.collect_list(F.struct("item_id", "title")).over(by_pos.rowsBetween(-(k - 1), 0)).alias("_last"))
-    df = df.join(pos, ["user_id", "_npos"], "left")
+    df = df.join(pos, ["user_raw", "_npos"], "left")
     last = F.coalesce(F.col("_last"), F.array().cast("array<struct<item_id:long,title:string>>"))
     return df.select(
         "*",
@@ -198,19 +199,20 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     op = {"ge": F.col("rating") >= cfg.label.threshold, "eq": F.col("rating") == cfg.label.threshold,
           "gt": F.col("rating") > cfg.label.threshold}[cfg.label.op]
     df = _split(df.withColumn("label", op.cast("int")), cfg).localCheckpoint()
+    train = df.where(F.col("split") == "train")
+    warm_u = train.select("user_raw").distinct().withColumn("_wu", F.lit(1))
+    warm_i = train.select("item_raw").distinct().withColumn("_wi", F.lit(1))
 
+    # One shuffle of the rows, by raw user id: the user-id join, the history windows and the warm-user join all
+    # use it. The item-side tables (one row per item) are broadcast to it.
     user_key = ([F.col("user_raw").try_cast("long").asc_nulls_last(), "user_raw"]
                 if user_id_order == "numeric" else ["user_raw"])
     users = index_in_order(df.select("user_raw").distinct(), user_key, "user_id")
     df = df.join(users, "user_raw")
     first_seen = df.groupBy("item_raw").agg(F.min(F.struct("user_id", *ORDER)).alias("_k"))
     item_ids = index_in_order(first_seen, ["_k"], "item_id").drop("_k")
-    df = _histories(df.join(item_ids, "item_raw"), cfg)
-
-    train = df.where(F.col("split") == "train")
-    warm_u = train.select("user_id").distinct().withColumn("_wu", F.lit(1))
-    warm_i = train.select("item_id").distinct().withColumn("_wi", F.lit(1))
-    df = df.join(warm_u, "user_id", "left").join(warm_i, "item_id", "left")
+    df = _histories(df.join(F.broadcast(item_ids), "item_raw"), cfg)
+    df = df.join(warm_u, "user_raw", "left").join(F.broadcast(warm_i), "item_raw", "left")
     warm = (F.col("_wu").isNotNull() & F.col("_wi").isNotNull()).cast("int")
     interactions = df.select(
         F.col("_pos").alias("row_id"), F.col("user_id").cast("int"), F.col("item_id").cast("int"), "label",

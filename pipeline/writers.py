@@ -14,13 +14,13 @@ import json
 import math
 import shutil
 import uuid
-from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -31,9 +31,7 @@ from pipeline.schema import (
     SAMPLE_FIELDS,
     SHARD_PATTERN,
     SPLITS,
-    encode_sample,
     index_path,
-    sample_key,
 )
 
 SHARD_RESULT = pa.schema([("split", pa.string()), ("name", pa.string()), ("count", pa.int64()),
@@ -72,80 +70,142 @@ def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
         tmp.rename(out)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 _BLOCK = 512
 
 
-def tar_member(name: str, data: bytes) -> bytes:
-    """One POSIX ustar member (header + data padded to 512 bytes), deterministic (mtime 0, mode 0444).
+def _header_template() -> np.ndarray:
+    """The fixed fields of every member header (ustar, mode 0444, uid/gid/mtime 0, owner 'bigdata'); name,
+    size and checksum are filled per member, the checksum field holding spaces while the sum is taken."""
+    h = bytearray(_BLOCK)
+    h[100:108] = b"0000444\0"
+    h[108:116] = h[116:124] = b"0000000\0"
+    h[136:148] = b"00000000000\0"
+    h[148:156] = b"        "
+    h[156:157] = b"0"
+    h[257:265] = b"ustar\x0000"
+    h[265:272] = h[297:304] = b"bigdata"
+    return np.frombuffer(bytes(h), dtype=np.uint8)
 
-    Built directly instead of through tarfile's per-member objects; readers (tarfile, webdataset) see a
-    plain tar.
+
+_TEMPLATE = _header_template()
+
+
+def _octal(values: np.ndarray, digits: int) -> np.ndarray:
+    """ASCII octal digits of each value, zero-padded to `digits` columns."""
+    shifts = 3 * np.arange(digits - 1, -1, -1, dtype=np.int64)
+    return ((values[:, None] >> shifts) & 7).astype(np.uint8) + ord("0")
+
+
+def sample_names(split: str, row_ids: np.ndarray) -> np.ndarray:
+    """Member names `<sample_key>.<SAMPLE_EXT>` as rows of ASCII bytes, zero-padded to the longest (row ids of
+    more than 10 digits make longer keys), built without a Python loop over rows."""
+    prefix, suffix = f"{split}_".encode(), f".{SAMPLE_EXT}".encode()
+    ndigits = np.full(row_ids.size, 10, dtype=np.int64)
+    long_ids = row_ids >= 10**10
+    if long_ids.any():
+        ndigits[long_ids] = np.char.str_len(row_ids[long_ids].astype(str))
+    names = np.zeros((row_ids.size, len(prefix) + int(ndigits.max(initial=10)) + len(suffix)), dtype=np.uint8)
+    names[:, :len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+    for nd in np.unique(ndigits):
+        rows = np.flatnonzero(ndigits == nd)
+        powers = 10 ** np.arange(nd - 1, -1, -1, dtype=np.int64)
+        names[rows, len(prefix):len(prefix) + nd] = (row_ids[rows, None] // powers % 10).astype(np.uint8) + ord("0")
+        names[rows, len(prefix) + nd:len(prefix) + nd + len(suffix)] = np.frombuffer(suffix, dtype=np.uint8)
+    return names
+
+
+def tar_members(names: np.ndarray, payload: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """POSIX ustar members (header + data padded to 512 bytes) for every row of `payload` (a string or binary
+    Arrow array), deterministic (mtime 0, mode 0444). `names` holds each member name's bytes, zero-padded.
+
+    Built as arrays for the whole batch, not member by member: the headers by broadcasting a template, the
+    checksums by one row sum; the data is copied in by slices. Returns the bytes and where each member's data starts.
+    Readers (tarfile, webdataset) see a plain tar.
     """
-    raw = name.encode("utf-8")
-    if len(raw) > 100:
-        raise ValueError(f"tar member name longer than 100 bytes: {name}")
-    header = bytearray(_BLOCK)
-    header[0:len(raw)] = raw
-    header[100:108] = b"0000444\0"
-    header[108:116] = header[116:124] = b"0000000\0"
-    header[124:136] = b"%011o\0" % len(data)
-    header[136:148] = b"00000000000\0"
-    header[148:156] = b"        "
-    header[156:157] = b"0"
-    header[257:265] = b"ustar\x0000"
-    header[265:272] = header[297:304] = b"bigdata"
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header) + data + b"\0" * (-len(data) % _BLOCK)
+    n = len(payload)
+    if names.shape[1] > 100:
+        raise ValueError("tar member name longer than 100 bytes")
+    width = 8 if pa.types.is_large_string(payload.type) or pa.types.is_large_binary(payload.type) else 4
+    offsets = np.frombuffer(payload.buffers()[1], dtype=np.int64 if width == 8 else np.int32)
+    offsets = offsets[payload.offset:payload.offset + n + 1].astype(np.int64)
+    values = np.frombuffer(payload.buffers()[2], dtype=np.uint8) if n else np.zeros(0, np.uint8)
+    sizes = np.diff(offsets)
+    header = np.broadcast_to(_TEMPLATE, (n, _BLOCK)).copy()
+    header[:, :names.shape[1]] = names
+    header[:, 124:135] = _octal(sizes, 11)
+    header[:, 148:154] = _octal(header.sum(axis=1, dtype=np.int64), 6)
+    header[:, 154], header[:, 155] = 0, ord(" ")
+    blocks = 1 + (sizes + _BLOCK - 1) // _BLOCK
+    first_block = np.concatenate(([0], np.cumsum(blocks)[:-1])).astype(np.int64)
+    out = np.zeros(int(blocks.sum()) * _BLOCK, dtype=np.uint8)
+    out.reshape(-1, _BLOCK)[first_block] = header
+    data_start = (first_block + 1) * _BLOCK
+    dst, src = memoryview(out), memoryview(values)
+    for at, lo, hi in zip(data_start.tolist(), offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+        dst[at:at + hi - lo] = src[lo:hi]  # one slice copy per member: cheaper than a per-byte index array
+    return out, data_start
 
 
 def _shard_writer(shard_dir: str):
-    """mapInArrow function: write the partition's rows (sorted by split, shard, order), one tar per shard, and
-    beside each its sample index (offset and size of every sample's bytes, row id, history length), so that
-    stage 3 finds any sample without decoding the split."""
+    """mapInArrow function: write the partition's rows (sorted by split, shard, order; each row's sample already
+    encoded as JSON by Spark), one tar per shard, and beside each its sample index (offset and size of every
+    sample's bytes, row id, history length), so that stage 3 finds any sample without decoding the split."""
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        done, current, f, count, index = [], None, None, 0, array("q")
+        done: list[dict] = []
+        shard: dict | None = None
 
-        def close() -> None:
-            f.write(b"\0" * (2 * _BLOCK))
-            f.close()
-            path = Path(shard_dir) / (SHARD_PATTERN.format(split=current[0]) % current[1])
-            np.save(index_path(path), np.frombuffer(index, dtype=np.int64).reshape(-1, INDEX_COLUMNS))
-            done.append({"split": current[0], "name": path.name, "count": count, "sha256": sha256_file(path),
-                         "bytes": path.stat().st_size})
+        def close(s: dict) -> None:
+            s["file"].write(b"\0" * (2 * _BLOCK))
+            s["sha"].update(b"\0" * (2 * _BLOCK))
+            s["file"].close()
+            np.save(index_path(s["path"]), np.concatenate(s["index"]) if s["index"]
+                    else np.zeros((0, INDEX_COLUMNS), dtype=np.int64))
+            done.append({"split": s["split"], "name": s["path"].name, "count": s["count"],
+                         "sha256": s["sha"].hexdigest(), "bytes": s["path"].stat().st_size})
 
         for batch in batches:
-            for row in batch.to_pylist():
-                shard = (row["split"], row.pop("_shard"))
-                if shard != current:
-                    if f is not None:
-                        close()
-                    current, count, index = shard, 0, array("q")
-                    f = open(Path(shard_dir) / (SHARD_PATTERN.format(split=shard[0]) % shard[1]), "wb")  # noqa: SIM115 (one shard open across rows; closed by close())
-                key = sample_key(row["split"], row["row_id"])
-                data = encode_sample(row)
-                index.extend((f.tell() + _BLOCK, len(data), row["row_id"], len(row["history_ids"])))
-                f.write(tar_member(f"{key}.{SAMPLE_EXT}", data))
-                count += 1
-        if f is not None:
-            close()
+            splits = batch.column("split").to_numpy(zero_copy_only=False)
+            shard_no = batch.column("_shard").to_numpy()
+            cut = np.flatnonzero((splits[1:] != splits[:-1]) | (shard_no[1:] != shard_no[:-1])) + 1
+            for lo, hi in zip(np.concatenate(([0], cut)), np.concatenate((cut, [batch.num_rows])), strict=True):
+                key = (str(splits[lo]), int(shard_no[lo]))
+                if shard is None or shard["key"] != key:
+                    if shard is not None:
+                        close(shard)
+                    path = Path(shard_dir) / (SHARD_PATTERN.format(split=key[0]) % key[1])
+                    shard = {"key": key, "split": key[0], "path": path, "file": open(path, "wb"),  # noqa: SIM115 (closed by close())
+                             "sha": hashlib.sha256(), "count": 0, "index": [], "pos": 0}
+                run = batch.slice(lo, hi - lo)
+                row_ids = run.column("row_id").to_numpy()
+                data, starts = tar_members(sample_names(key[0], row_ids), run.column("_json"))
+                shard["index"].append(np.stack([shard["pos"] + starts, pc.binary_length(run.column("_json")).to_numpy(),
+                                                row_ids, run.column("_hlen").to_numpy()], axis=1).astype(np.int64))
+                shard["file"].write(data.data)
+                shard["sha"].update(data.data)
+                shard["pos"] += data.size
+                shard["count"] += hi - lo
+        if shard is not None:
+            close(shard)
         yield pa.RecordBatch.from_pylist(done, schema=SHARD_RESULT)
 
     return write
 
 
+def sample_json(fields: tuple[str, ...] = SAMPLE_FIELDS):
+    """Spark column: each row's sample as `pipeline.schema.encode_sample` writes it (compact JSON, UTF-8, keys
+    in schema order). Spark's JSON writer matches Python's byte for byte except that it writes the rare
+    \\u001A-\\u001F escapes in upper case; those are lower-cased here (tested)."""
+    text = F.to_json(F.struct(*fields), {"ignoreNullFields": "false"})
+    for c in "ABCDEF":
+        text = F.replace(text, F.lit(f"\\u001{c}"), F.lit(f"\\u001{c.lower()}"))
+    return text
+
+
 def write_shards(interactions: DataFrame, out: Path, shard_size: int, seed: int) -> dict[str, list[dict]]:
     """Shards per split of about `shard_size` samples, assigned and ordered by a hash of (row_id, seed).
 
-    The hash gives every shard a fixed pseudo-random mix of rows without a global sort; one Python job
-    (executor side) writes all tars.
+    The hash gives every shard a fixed pseudo-random mix of rows without a global sort. Spark encodes the
+    samples (JVM, in parallel); one Python function per partition (executor side) lays them out as tars.
     """
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -155,23 +215,29 @@ def write_shards(interactions: DataFrame, out: Path, shard_size: int, seed: int)
     per_split = F.lit(1)
     for split, n in n_shards.items():
         per_split = F.when(F.col("split") == split, F.lit(n)).otherwise(per_split)
-    rows = interactions.select(*SAMPLE_FIELDS, F.xxhash64("row_id", F.lit(seed)).alias("_h"))
+    rows = interactions.select(
+        "split", "row_id", F.size("history_ids").alias("_hlen"), sample_json().alias("_json"),
+        F.xxhash64("row_id", F.lit(seed)).alias("_h"))
     rows = rows.withColumn("_shard", F.pmod("_h", per_split))
     parts = max(1, min(sum(n_shards.values()), spark.sparkContext.defaultParallelism * 4))
     rows = rows.repartition(parts, "split", "_shard").sortWithinPartitions("split", "_shard", "_h", "row_id")
-    result = rows.select(*SAMPLE_FIELDS, "_shard").mapInArrow(_shard_writer(str(shard_dir)), SHARD_RESULT_DDL).collect()
+    result = rows.select("split", "_shard", "row_id", "_hlen", "_json").mapInArrow(
+        _shard_writer(str(shard_dir)), SHARD_RESULT_DDL).collect()
     shards: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for r in sorted(result, key=lambda r: r["name"]):
         shards[r["split"]].append({k: r[k] for k in ("name", "count", "sha256", "bytes")})
     return shards
 
 
-def write_tables(result: ProtocolResult, out: Path) -> None:
-    """Parquet tables: interactions partitioned by split, users, items, rejects."""
-    result.interactions.write.partitionBy("split").parquet(str(out / "tables" / "interactions"))
+def write_tables(result: ProtocolResult, out: Path) -> DataFrame:
+    """Parquet tables: interactions partitioned by split, users, items, rejects. Returns the interactions as
+    written (read back), for the shards."""
+    path = str(out / "tables" / "interactions")
+    result.interactions.write.partitionBy("split").parquet(path)
     result.users.coalesce(4).write.parquet(str(out / "tables" / "users"))
     result.items.coalesce(4).write.parquet(str(out / "tables" / "items"))
     result.rejects.write.parquet(str(out / "rejects"))
+    return result.interactions.sparkSession.read.parquet(path)
 
 
 def summarize(result: ProtocolResult, tables: Path) -> dict:

@@ -3,20 +3,34 @@ yields every sample once), the random-access SampleIndex reads the same samples,
 the same way on 1 and 2 ranks."""
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
 import socket
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
 from launcher.data import SampleIndex, eval_samples, global_batches, index_from_tar, read_shard, usable
-from pipeline.schema import SAMPLE_EXT, SAMPLE_FIELDS, decode_sample, index_path, load_manifest, shard_urls
+from pipeline.schema import (
+    SAMPLE_EXT,
+    SAMPLE_FIELDS,
+    decode_sample,
+    encode_sample,
+    index_path,
+    load_manifest,
+    sample_key,
+    shard_urls,
+)
+from pipeline.writers import sample_json, sample_names, tar_members
 
 
 def _tag(raw: dict) -> tuple[int, str, int]:
@@ -102,3 +116,37 @@ def test_prep_writes_each_shards_sample_index(ml100k_out: Path) -> None:
         for url in shard_urls(ml100k_out, split):
             written = np.load(index_path(url))
             assert written.shape[1] == 4 and np.array_equal(written, index_from_tar(url)), url
+
+
+TRICKY_TITLES = ["plain", 'quo"te', "back\\slash", "new\nline\ttab\r\b\f", "ctl\x01\x1a\x1f\x7f", "é ü 日本 😀",
+                 "\u2028\u2029", "/slash", "<>&'", ""]
+
+
+def test_spark_encodes_samples_as_the_schema_does(spark) -> None:
+    """The shards' JSON comes from Spark's writer (pipeline.writers.sample_json); it must be encode_sample's bytes,
+    escapes of control characters included, so that either side can write a shard."""
+    rows = [{"row_id": i, "user_id": 1, "item_id": 2, "label": i % 2, "timestamp": 10**9 + i, "split": "train",
+             "warm": 1, "history_ids": [3, 4], "history_titles": [t, "x"], "title": t}
+            for i, t in enumerate(TRICKY_TITLES)]
+    schema = ("row_id long, user_id int, item_id int, label int, timestamp long, split string, warm int, "
+              "history_ids array<int>, history_titles array<string>, title string")
+    got = [r["j"].encode() for r in spark.createDataFrame(rows, schema).select(sample_json().alias("j")).collect()]
+    assert got == [encode_sample(r) for r in rows]
+
+
+def test_tar_members_are_a_plain_tar_with_the_sample_keys() -> None:
+    """The batch tar writer against tarfile: names (10-digit keys and longer ones), sizes on and around the 512-byte
+    block, non-ASCII data, a sliced Arrow array; the returned data offsets point at each member's bytes."""
+    ids = np.array([0, 5, 123_456_789, 9_999_999_999, 10**10, 123_456_789_012], dtype=np.int64)
+    payload = pa.array(["{}", "x" * 511, "y" * 512, "z" * 513, "", "é😀"])
+    for lo, hi in ((0, 6), (2, 5)):
+        part = payload.slice(lo, hi - lo)
+        data, starts = tar_members(sample_names("valid", ids[lo:hi]), part)
+        raw = data.tobytes() + b"\0" * 1024
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+            got = [(m.name, tar.extractfile(m).read()) for m in tar]
+        want = [(f"{sample_key('valid', int(i))}.{SAMPLE_EXT}", s.encode()) for i, s in zip(ids[lo:hi], part.to_pylist(), strict=True)]
+        assert got == want
+        assert [raw[a:a + len(s)] for a, (_, s) in zip(starts.tolist(), want, strict=True)] == [s for _, s in want]
+    with pytest.raises(ValueError, match="longer than 100 bytes"):
+        tar_members(np.zeros((1, 101), dtype=np.uint8), pa.array(["{}"]))
