@@ -21,6 +21,7 @@ from pipeline.sources import RawLog, mark_first_failure
 REJECT_SCHEMA = ("file string, line long, pos long, source string, category string, code string, reason string, "
                  "raw string, raw_bytes binary")
 ORDER = ("timestamp", "_first_pos", "_pos")
+KEPT = ("user_raw", "item_raw", "_pos", "_first_pos", "rating", "timestamp", "month", "title")  # past the rejects
 
 
 @dataclass
@@ -105,7 +106,8 @@ def month_index(ts: Column, origin: str) -> Column:
 
 
 def _min_count_filter(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
-    """Mark rows of users/items below the minimum counts as excluded (iteratively for a k-core)."""
+    """Mark rows of users/items below the minimum counts as excluded (iteratively for a k-core). Each round is a
+    local checkpoint; without a filter the rows pass through unchanged, no checkpoint."""
     f = cfg.filter
     if not (f.min_user_count or f.min_item_count):
         return df
@@ -192,9 +194,9 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     w_lo, w_hi = cfg.split.window
     df = mark_first_failure(df, [(~F.col("month").between(w_lo, w_hi), "outside_window",
                        F.format_string(f"outside window: month %d not in [{w_lo}, {w_hi}]", F.col("month")))])
-    df = _min_count_filter(df, cfg).localCheckpoint()
+    df = _min_count_filter(df, cfg)
     excluded = _as_rejects(df.where(F.col("_code").isNotNull()), "interactions", "excluded")
-    df = df.where(F.col("_code").isNull())
+    df = df.where(F.col("_code").isNull()).select(*KEPT)  # the bookkeeping columns serve the rejects only
 
     op = {"ge": F.col("rating") >= cfg.label.threshold, "eq": F.col("rating") == cfg.label.threshold,
           "gt": F.col("rating") > cfg.label.threshold}[cfg.label.op]
