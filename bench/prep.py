@@ -4,18 +4,21 @@
 
 For each size a synthetic log is generated (pipeline/synth.py; users = rows/20, items = rows/100,
 so 20M rows = 1M users x 200k items), then both implementations process it. Reported per size: wall
-seconds, rows/s, peak resident memory of the whole process tree (JVM + Python workers for Spark), and
-the Spark/pandas throughput ratio. pandas is stopped when its tree exceeds --mem-cap-gb (recorded as
-failed) so that the machine survives. Results go to bench/results/prep.json and are printed as a table.
+seconds, rows/s, peak memory (PSS) of the whole process tree (JVM + Python workers for Spark), Spark's
+task seconds per prep step (from the run's event log, out/bench/events-<rows>), and the Spark/pandas
+throughput ratio. pandas is stopped when its tree exceeds --mem-cap-gb (recorded as failed) so that the
+machine survives. Results go to bench/results/prep.json and are printed as a table.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,27 +53,62 @@ def pss(p: psutil.Process) -> tuple[int, str]:
 
 
 def measure(cmd: list[str], mem_cap_gb: float | None = None) -> dict:
-    """Run cmd; sample the memory of its process tree every 0.2 s (PSS, see pss()); kill it past mem_cap_gb."""
+    """Run cmd; sample the memory of its process tree every 0.2 s (PSS, see pss()); kill it past mem_cap_gb.
+    Output goes to a file, not a pipe, so that a chatty run cannot fill the pipe and stall."""
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
-                                 "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
-    root, peak, killed, at_peak = psutil.Process(proc.pid), 0, False, []
-    while proc.poll() is None:
-        each = [pss(p) for p in [root, *tree(root)]]
-        rss = sum(r for r, _ in each)
-        if rss > peak:
-            peak, at_peak = rss, sorted(each, reverse=True)[:4]
-        if mem_cap_gb and rss > mem_cap_gb * 2**30:
-            for p in [*root.children(recursive=True), root]:
-                p.kill()
-            killed = True
-            break
-        time.sleep(0.2)
-    out = proc.communicate()[0]
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
+                                     "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+        root, peak, killed, at_peak = psutil.Process(proc.pid), 0, False, []
+        while proc.poll() is None:
+            each = [pss(p) for p in [root, *tree(root)]]
+            rss = sum(r for r, _ in each)
+            if rss > peak:
+                peak, at_peak = rss, sorted(each, reverse=True)[:4]
+            if mem_cap_gb and rss > mem_cap_gb * 2**30:
+                for p in [*tree(root), root]:
+                    p.kill()
+                killed = True
+                break
+            time.sleep(0.2)
+        proc.wait()
+        log.seek(0)
+        out = log.read()
     return {"seconds": round(time.time() - t0, 1), "peak_gb": round(peak / 2**30, 2),
             "peak_processes": [f"{name} {r / 2**30:.2f} GiB" for r, name in at_peak],
-            "ok": proc.returncode == 0 and not killed, "killed_at_cap": killed, "tail": out[-600:], "commit": commit()}
+            "ok": proc.returncode == 0 and not killed, "killed_at_cap": killed, "tail": out[-600:], "commit": commit(),
+            "steps": steps(out)}
+
+
+STEP = re.compile(r"^\[prep (\d)/\d\] (.*?)  \(\+(\d+)s\)$", re.MULTILINE)
+
+
+def steps(out: str) -> list[tuple[str, int]]:
+    """prep's progress lines: (step, seconds since prep started)."""
+    return [(f"{m[1]} {m[2].split(' from ')[0]}", int(m[3])) for m in STEP.finditer(out)]
+
+
+def task_seconds_by_step(event_dir: Path, marks: list[tuple[str, int]]) -> dict[str, float]:
+    """Spark's executor run time (summed over tasks, i.e. CPU-side seconds on all cores) per prep step, from the
+    run's event log: each stage counts for the step running when it was submitted. Steps are aligned to the
+    application start, which is within a second or two of prep's own clock."""
+    logs = sorted(event_dir.glob("*/events_*"), key=lambda p: p.stat().st_mtime)
+    if not logs or not marks:
+        return {}
+    start, per_step = None, {name: 0.0 for name, _ in marks}
+    for line in logs[-1].read_text().splitlines():
+        e = json.loads(line)
+        if e["Event"] == "SparkListenerApplicationStart":
+            start = e["Timestamp"] / 1000
+        elif e["Event"] == "SparkListenerStageCompleted" and start is not None:
+            info = e["Stage Info"]
+            run = sum(a.get("Value", 0) for a in info.get("Accumulables", [])
+                      if a["Name"] == "internal.metrics.executorRunTime") / 1000
+            at = info["Submission Time"] / 1000 - start
+            name = [n for n, t in marks if t <= at][-1] if at >= marks[0][1] else marks[0][0]
+            per_step[name] += run
+    return {k: round(v, 1) for k, v in per_step.items()}
 
 
 def main() -> int:
@@ -92,14 +130,20 @@ def main() -> int:
                            "--items", str(rows // 100), "--output", str(raw)])
             assert gen["ok"], gen["tail"]
         row = {"rows": rows, "users": rows // 20, "items": rows // 100}
+        events = args.workdir / f"events-{rows}"
+        shutil.rmtree(events, ignore_errors=True)
+        events.mkdir(parents=True)
         if args.only != "pandas":
-            row["spark"] = measure([*SUBMIT, "pipeline/prep.py", "--config", "configs/synthetic.yaml",
+            row["spark"] = measure([*SUBMIT, "--conf", "spark.eventLog.enabled=true", "--conf",
+                                    f"spark.eventLog.dir={events}", "--conf", "spark.eventLog.compress=false",
+                                    "pipeline/prep.py", "--config", "configs/synthetic.yaml",
                                     "--input", str(raw), "--output", str(out_s)])
         if row.get("spark", {}).get("ok"):
             manifest = json.loads((out_s / "manifest.json").read_text())
             row["rows_out"] = manifest["rows_out"]
             row["spark"]["prep_seconds"] = manifest["seconds"]
             row["spark"].update({k: manifest["spark"][k] for k in ("jobs", "stages", "tasks")})
+            row["spark"]["task_seconds_by_step"] = task_seconds_by_step(events, row["spark"]["steps"])
         if rows <= args.pandas_max and args.only != "spark":
             row["pandas"] = measure([sys.executable, "bench/prep_pandas.py", "--input", str(raw),
                                      "--output", str(out_p)], args.mem_cap_gb)
