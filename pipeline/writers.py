@@ -128,7 +128,8 @@ def tar_members(names: np.ndarray, payload: pa.Array) -> tuple[np.ndarray, np.nd
     width = 8 if pa.types.is_large_string(payload.type) or pa.types.is_large_binary(payload.type) else 4
     offsets = np.frombuffer(payload.buffers()[1], dtype=np.int64 if width == 8 else np.int32)
     offsets = offsets[payload.offset:payload.offset + n + 1].astype(np.int64)
-    values = np.frombuffer(payload.buffers()[2], dtype=np.uint8) if n else np.zeros(0, np.uint8)
+    data = payload.buffers()[2]  # may be absent when every value is empty
+    values = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
     sizes = np.diff(offsets)
     header = np.broadcast_to(_TEMPLATE, (n, _BLOCK)).copy()
     header[:, :names.shape[1]] = names

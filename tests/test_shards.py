@@ -148,5 +148,8 @@ def test_tar_members_are_a_plain_tar_with_the_sample_keys() -> None:
         want = [(f"{sample_key('valid', int(i))}.{SAMPLE_EXT}", s.encode()) for i, s in zip(ids[lo:hi], part.to_pylist(), strict=True)]
         assert got == want
         assert [raw[a:a + len(s)] for a, (_, s) in zip(starts.tolist(), want, strict=True)] == [s for _, s in want]
+    data, _ = tar_members(sample_names("test", ids[:2]), pa.array(["", ""]))  # no data buffer at all
+    with tarfile.open(fileobj=io.BytesIO(data.tobytes() + b"\0" * 1024)) as tar:
+        assert [(m.name, m.size) for m in tar] == [("test_0000000000.json", 0), ("test_0000000005.json", 0)]
     with pytest.raises(ValueError, match="longer than 100 bytes"):
         tar_members(np.zeros((1, 101), dtype=np.uint8), pa.array(["{}"]))
