@@ -32,6 +32,7 @@ from pipeline.schema import (
     SHARD_PATTERN,
     SPLITS,
     index_path,
+    sample_key,
 )
 
 SHARD_RESULT = pa.schema([("split", pa.string()), ("name", pa.string()), ("count", pa.int64()),
@@ -97,21 +98,9 @@ def _octal(values: np.ndarray, digits: int) -> np.ndarray:
 
 
 def sample_names(split: str, row_ids: np.ndarray) -> np.ndarray:
-    """Member names `<sample_key>.<SAMPLE_EXT>` as rows of ASCII bytes, zero-padded to the longest (row ids of
-    more than 10 digits make longer keys), built without a Python loop over rows."""
-    prefix, suffix = f"{split}_".encode(), f".{SAMPLE_EXT}".encode()
-    ndigits = np.full(row_ids.size, 10, dtype=np.int64)
-    long_ids = row_ids >= 10**10
-    if long_ids.any():
-        ndigits[long_ids] = np.char.str_len(row_ids[long_ids].astype(str))
-    names = np.zeros((row_ids.size, len(prefix) + int(ndigits.max(initial=10)) + len(suffix)), dtype=np.uint8)
-    names[:, :len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
-    for nd in np.unique(ndigits):
-        rows = np.flatnonzero(ndigits == nd)
-        powers = 10 ** np.arange(nd - 1, -1, -1, dtype=np.int64)
-        names[rows, len(prefix):len(prefix) + nd] = (row_ids[rows, None] // powers % 10).astype(np.uint8) + ord("0")
-        names[rows, len(prefix) + nd:len(prefix) + nd + len(suffix)] = np.frombuffer(suffix, dtype=np.uint8)
-    return names
+    """Member names `<sample_key>.<SAMPLE_EXT>` as rows of ASCII bytes, zero-padded to the longest."""
+    names = np.array([f"{sample_key(split, r)}.{SAMPLE_EXT}".encode() for r in row_ids.tolist()])
+    return names.view(np.uint8).reshape(len(names), -1)
 
 
 def tar_members(names: np.ndarray, payload: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -125,8 +114,8 @@ def tar_members(names: np.ndarray, payload: pa.Array) -> tuple[np.ndarray, np.nd
     n = len(payload)
     if names.shape[1] > 100:
         raise ValueError("tar member name longer than 100 bytes")
-    width = 8 if pa.types.is_large_string(payload.type) or pa.types.is_large_binary(payload.type) else 4
-    offsets = np.frombuffer(payload.buffers()[1], dtype=np.int64 if width == 8 else np.int32)
+    large = pa.types.is_large_string(payload.type) or pa.types.is_large_binary(payload.type)
+    offsets = np.frombuffer(payload.buffers()[1], dtype=np.int64 if large else np.int32)
     offsets = offsets[payload.offset:payload.offset + n + 1].astype(np.int64)
     data = payload.buffers()[2]  # may be absent when every value is empty
     values = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
@@ -161,7 +150,7 @@ def _shard_writer(shard_dir: str):
             s["file"].close()
             np.save(index_path(s["path"]), np.concatenate(s["index"]) if s["index"]
                     else np.zeros((0, INDEX_COLUMNS), dtype=np.int64))
-            done.append({"split": s["split"], "name": s["path"].name, "count": s["count"],
+            done.append({"split": s["key"][0], "name": s["path"].name, "count": s["count"],
                          "sha256": s["sha"].hexdigest(), "bytes": s["path"].stat().st_size})
 
         for batch in batches:
@@ -174,7 +163,7 @@ def _shard_writer(shard_dir: str):
                     if shard is not None:
                         close(shard)
                     path = Path(shard_dir) / (SHARD_PATTERN.format(split=key[0]) % key[1])
-                    shard = {"key": key, "split": key[0], "path": path, "file": open(path, "wb"),  # noqa: SIM115 (closed by close())
+                    shard = {"key": key, "path": path, "file": open(path, "wb"),  # noqa: SIM115 (closed by close())
                              "sha": hashlib.sha256(), "count": 0, "index": [], "pos": 0}
                 run = batch.slice(lo, hi - lo)
                 row_ids = run.column("row_id").to_numpy()
