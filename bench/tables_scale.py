@@ -15,6 +15,7 @@ updates/s of each, seconds of each launch, and whether every read-back row equal
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -56,16 +57,14 @@ def launch(config: Path, ranks: int, run_dir: Path, steps: int) -> dict:
             "peak_rss_mb_per_rank": [m["peak_rss_mb"] for m in summary["memory_per_rank"]]}
 
 
-def readback_worker(export: Path, reference: Path, out: Path) -> None:
-    """One rank of the read-back: stage 3's table build and loader, each shard against the 1-rank export."""
+def read_back(export: Path, reference: Path) -> dict:
+    """Stage 3's table build and loader on this rank, each local shard against the same rows of the 1-rank export."""
     import torch
-    import torch.distributed as dist
 
     from embeddings.collab import ITEM, USER, Collab
     from embeddings.sharding import shard
     from embeddings.tables import TableFile, init_from_file, local_shards
 
-    dist.init_process_group("gloo")
     shapes = TableFile(export).shapes
     collab = Collab(shapes[USER][0] - 1, shapes[ITEM][0] - 1, shapes[USER][1])
     t0 = time.time()
@@ -79,9 +78,27 @@ def readback_worker(export: Path, reference: Path, out: Path) -> None:
             want = reference_file.slice(s.table, s.row + lo, s.row + hi, s.col, s.col + s.tensor.shape[1])
             equal &= torch.equal(s.tensor[lo:hi], want)
             checked += hi - lo
+    return {"rows": checked, "equal": bool(equal), "seconds": time.time() - t0,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def readback_worker(export: Path, reference: Path, out: Path) -> None:
+    """One rank of the read-back.
+
+    The process group must be gone before the interpreter finalises: a gloo group that outlives
+    destroy_process_group can free a collective's tensors on its own thread while Python shuts down, which
+    aborts the process ("terminate called without an active exception"). Two things kept it alive here:
+    TorchRec imported after init_process_group, and the sharded tables (reference cycles) left to the exit.
+    """
+    import torch.distributed as dist
+
+    import embeddings.sharding  # noqa: F401  (TorchRec imported before the group exists; see above)
+
+    dist.init_process_group("gloo")
+    result = read_back(export, reference)
+    gc.collect()  # the sharded tables and their references to the group
     parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, {"rows": checked, "equal": bool(equal), "seconds": time.time() - t0,
-                                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    dist.all_gather_object(parts, result)
     if dist.get_rank() == 0:
         out.write_text(json.dumps(parts))
     dist.destroy_process_group()

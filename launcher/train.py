@@ -80,7 +80,9 @@ def load_recipes(stages: tuple[str, ...]) -> dict[str, ModuleType]:
 
     A model loaded under DeepSpeed's ZeRO-3 zero.Init leaves nn.Module subclassing patched, and TorchRec
     imported after that fails (`ShardedModule has no attribute __parameters__`), so --stage all must
-    import the collab and sella recipes before the lora stage loads the LLM.
+    import the collab and sella recipes before the lora stage loads the LLM. They are imported before the
+    process group exists too: TorchRec imported after init_process_group keeps the gloo group alive past
+    destroy_process_group, and its threads can then abort the interpreter at exit.
     """
     return {stage: importlib.import_module(f"launcher.recipes.{RECIPES[stage]}") for stage in stages}
 
@@ -103,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.dist import setup
     from launcher.engine import resolve
 
+    stages = STAGES if args.stage == "all" else tuple(args.stage.split(","))
+    recipes = load_recipes(stages)
     dist_ctx = setup(cfg.deepspeed)
     cfg = resolve(cfg, dist_ctx)
-    stages = STAGES if args.stage == "all" else tuple(args.stage.split(","))
     if args.fresh and dist_ctx.main:
         for stage in stages:
             shutil.rmtree(run_dir / stage, ignore_errors=True)
@@ -122,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
         dist.destroy_process_group()
         return 2
-    recipes = load_recipes(stages)
     for stage in stages:
         if args.stage == "all" and done(cfg, run_dir, stage):
             if dist_ctx.main:
