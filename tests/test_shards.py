@@ -119,7 +119,8 @@ def test_prep_writes_each_shards_sample_index(ml100k_out: Path) -> None:
 
 
 TRICKY_TITLES = ["plain", 'quo"te', "back\\slash", "new\nline\ttab\r\b\f", "ctl\x01\x1a\x1f\x7f", "é ü 日本 😀",
-                 "\u2028\u2029", "/slash", "<>&'", ""]
+                 "\u2028\u2029", "/slash", "<>&'", "",
+                 "text \\u001A not an escape", "\\\x1b after a backslash", "\\\\u001F", "\x1a\x1b\x1c\x1d\x1e\x1f\x10"]
 
 
 def test_spark_encodes_samples_as_the_schema_does(spark) -> None:
