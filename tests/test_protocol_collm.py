@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import io
+import random
 import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from pipeline.config import ProtocolConfig
 from pipeline.prep import run
+from pipeline.protocol import _histories
 from tests.conftest import SHARED_DATA, config, needs_shared
 
 ZIP = SHARED_DATA / "collm-ml-1m" / "ml-1m.zip"
+HISTORY_INPUT = "user_raw string, timestamp long, _first_pos long, _pos long, label int, item_id long, title string"
 
 
 def collm_frames() -> dict[str, pd.DataFrame]:
@@ -63,3 +67,28 @@ def test_raw_ml1m_matches_collm_rows_and_histories(spark, tmp_path) -> None:
     assert all(titles[i] == t for i, t in zip(ours.item_id, ours.title, strict=True))
     last10 = ours.apply(lambda r: list(r["history_ids"]) == list(r["history"])[-10:], axis=1)
     assert last10.all()
+
+
+@pytest.mark.parametrize(("keep", "length"), [(None, 3), (1, 3), (4, 2), (2, 5)])
+def test_histories_are_the_earlier_positives_of_a_plain_walk(spark, keep: int | None, length: int) -> None:
+    """pipeline.protocol._histories (one range-window pass) against walking each user's rows in protocol order:
+    history = the earlier positives (the last `keep`), history_ids/titles = the last `length` of them."""
+    rng = random.Random(7)
+    rows = []
+    for u in range(25):
+        for _ in range(rng.randrange(0, 30)):  # repeated timestamps: the order falls back to _first_pos, _pos
+            item = rng.randrange(1, 9)
+            rows.append({"user_raw": f"u{u}", "timestamp": rng.randrange(0, 6), "_first_pos": item * 10,
+                         "_pos": len(rows), "label": int(rng.random() < 0.5), "item_id": item, "title": f"t{item}"})
+    cfg = ProtocolConfig.model_construct(history_keep=keep, history_len=length)
+    got = {r["_pos"]: (r["history"], r["history_ids"], r["history_titles"])
+           for r in _histories(spark.createDataFrame(rows, HISTORY_INPUT), cfg).collect()}
+    want, earlier = {}, {}
+    for r in sorted(rows, key=lambda r: (r["user_raw"], r["timestamp"], r["_first_pos"], r["_pos"])):
+        pos = earlier.setdefault(r["user_raw"], [])
+        last = pos[-length:]
+        want[r["_pos"]] = (pos if keep is None else pos[-keep:], [i for i, _ in last], [t for _, t in last])
+        if r["label"]:
+            pos = earlier[r["user_raw"]] = [*pos, (r["item_id"], r["title"])]
+    want = {k: ([i for i, _ in h], ids, titles) for k, (h, ids, titles) in want.items()}
+    assert len(rows) > 200 and got == want
