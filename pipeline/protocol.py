@@ -150,39 +150,32 @@ def _split(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
     return df.where(within(s.train)).withColumn("split", F.lit("train")).unionByName(heldout)
 
 
-def _earlier(frame: Column, label: Column, keep: int | None) -> Column:
-    """The positives before the row, from `frame` (the positives counted up to this row, the row's own included,
-    at most keep + 1 of them): a positive row drops itself, any row keeps the last `keep`."""
-    n = F.size(frame) - label
-    if keep is None:
-        return F.slice(frame, 1, n)
-    return F.slice(frame, F.greatest(n - keep + 1, F.lit(1)), F.least(n, F.lit(keep)))
-
-
 def _histories(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
     """history = the user's earlier positives in order (all, or the last `history_keep`);
     history_ids/history_titles = the last `history_len` of them, oldest first.
 
-    One window pass per user, no join: `_c` counts the user's positives up to and including the row, so a range
-    frame of the last keep + 1 counts holds every positive the row's history needs (negatives add nulls, which
-    collect_list skips). The windows go by the raw user id, the key the user-id join has already shuffled
-    the rows by, so they add no shuffle of their own.
+    Each positive carries the history that ends with it (one window pass over positives only); every
+    row then joins the history of the last positive before it. The windows and the join go by the raw user id,
+    the key the user-id join has already shuffled the rows by, so they add no shuffle of their own.
     """
-    by_user = Window.partitionBy("user_raw")
-    df = df.withColumn("_c", F.sum("label").over(by_user.orderBy(*ORDER).rowsBetween(Window.unboundedPreceding, 0)))
-    by_count = by_user.orderBy("_c")
-    positive = F.col("label") == 1
-    keep, k = cfg.history_keep, cfg.history_len
-    hist = F.collect_list(F.when(positive, F.col("item_id"))).over(
-        by_count.rangeBetween(Window.unboundedPreceding if keep is None else -keep, 0))
-    last = F.collect_list(F.when(positive, F.struct("item_id", "title"))).over(by_count.rangeBetween(-k, 0))
-    last = _earlier(last, F.col("label"), k)
+    by_user = Window.partitionBy("user_raw").orderBy(*ORDER)
+    df = df.withColumn("_npos", F.coalesce(
+        F.sum("label").over(by_user.rowsBetween(Window.unboundedPreceding, -1)), F.lit(0)).cast("long"))
+    k = cfg.history_len
+    keep_lo = Window.unboundedPreceding if cfg.history_keep is None else -(cfg.history_keep - 1)
+    by_pos = Window.partitionBy("user_raw").orderBy("_npos")
+    pos = df.where(F.col("label") == 1).select(
+        "user_raw", (F.col("_npos") + 1).alias("_npos"),
+        F.collect_list("item_id").over(by_pos.rowsBetween(keep_lo, 0)).alias("_hist"),
+        F.collect_list(F.struct("item_id", "title")).over(by_pos.rowsBetween(-(k - 1), 0)).alias("_last"))
+    df = df.join(pos, ["user_raw", "_npos"], "left")
+    last = F.coalesce(F.col("_last"), F.array().cast("array<struct<item_id:long,title:string>>"))
     return df.select(
         "*",
-        _earlier(hist, F.col("label"), keep).cast("array<int>").alias("history"),
+        F.coalesce(F.col("_hist"), F.array()).cast("array<int>").alias("history"),
         F.transform(last, lambda x: x["item_id"].cast("int")).alias("history_ids"),
         F.transform(last, lambda x: x["title"]).alias("history_titles"),
-    ).drop("_c")
+    ).drop("_hist", "_last", "_npos")
 
 
 def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numeric") -> ProtocolResult:
