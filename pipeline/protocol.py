@@ -188,15 +188,16 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     invalid = _as_rejects(df.where(F.col("_code").isNotNull()), "interactions", "invalid")
 
     df = df.where(F.col("_code").isNull())
-    first_pos = df.groupBy("item_raw").agg(F.min("_pos").alias("_first_pos"))
-    df = df.join(first_pos, "item_raw")
+    first_pos = df.groupBy("item_raw").agg(F.min("_pos").alias("_first_pos"))  # over every valid row
     df = df.withColumn("month", month_index(F.col("timestamp"), cfg.split.origin))
     w_lo, w_hi = cfg.split.window
     df = mark_first_failure(df, [(~F.col("month").between(w_lo, w_hi), "outside_window",
                        F.format_string(f"outside window: month %d not in [{w_lo}, {w_hi}]", F.col("month")))])
     df = _min_count_filter(df, cfg)
+    # The rejects need no item order: joined after the split into kept and excluded, finding the excluded rows
+    # is a scan of the checkpoint instead of a second run of the join.
     excluded = _as_rejects(df.where(F.col("_code").isNotNull()), "interactions", "excluded")
-    df = df.where(F.col("_code").isNull()).select(*KEPT)  # the bookkeeping columns serve the rejects only
+    df = df.where(F.col("_code").isNull()).join(first_pos, "item_raw").select(*KEPT)  # bookkeeping columns: rejects only
 
     op = {"ge": F.col("rating") >= cfg.label.threshold, "eq": F.col("rating") == cfg.label.threshold,
           "gt": F.col("rating") > cfg.label.threshold}[cfg.label.op]
