@@ -29,9 +29,9 @@ SUBMIT = [str(Path(sys.executable).parent / "spark-submit"), "--driver-memory", 
 
 
 def commit() -> str:
-    """The checkout's commit, with `+dirty` when tracked files differ from it."""
+    """The checkout's commit, with `+dirty` when the pipeline or bench code differs from it (not the results)."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "pipeline", "bench"], cwd=REPO, check=False).returncode != 0
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "pipeline", "bench", ":!bench/results"], cwd=REPO, check=False).returncode != 0
     return head + ("+dirty" if dirty else "")
 
 

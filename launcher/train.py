@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
         dist.destroy_process_group()
         return 2
+    dist.barrier()  # every rank has read the earlier run's records before rank 0 writes this run's
     for stage in stages:
         if args.stage == "all" and done(cfg, run_dir, stage):
             if dist_ctx.main:
