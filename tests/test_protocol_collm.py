@@ -71,7 +71,7 @@ def test_raw_ml1m_matches_collm_rows_and_histories(spark, tmp_path) -> None:
 
 @pytest.mark.parametrize(("keep", "length"), [(None, 3), (1, 3), (4, 2), (2, 5)])
 def test_histories_are_the_earlier_positives_of_a_plain_walk(spark, keep: int | None, length: int) -> None:
-    """pipeline.protocol._histories (one range-window pass) against walking each user's rows in protocol order:
+    """pipeline.protocol._histories (windows over the positives, then a join) against walking each user's rows in protocol order:
     history = the earlier positives (the last `keep`), history_ids/titles = the last `length` of them."""
     rng = random.Random(7)
     rows = []
