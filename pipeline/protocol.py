@@ -10,10 +10,15 @@ in order of first appearance while walking users in that order.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, IntegerType, StringType, StructField, StructType
 
 from pipeline.config import ProtocolConfig
 from pipeline.sources import RawLog, mark_first_failure
@@ -150,32 +155,72 @@ def _split(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
     return df.where(within(s.train)).withColumn("split", F.lit("train")).unionByName(heldout)
 
 
+def history_lists(rows: pa.Table, keep: int | None, k: int) -> pa.Table:
+    """`rows` plus history, history_ids, history_titles. `rows` holds whole users sorted by (user, ORDER) and
+    `_npos`, the count of the user's earlier positives; a row's history is the last `keep` (all: None) of them,
+    its ids and titles the last `k`. Each list is one gather from the positives, whose positions in the table
+    are consecutive per user: O(output), where a window frame would recompute each positive's list."""
+    n = rows.num_rows
+    label = rows.column("label").to_numpy()
+    npos = rows.column("_npos").to_numpy().astype(np.int64)
+    before = np.zeros(n + 1, np.int64)  # positives of the table before each row
+    np.cumsum(label, out=before[1:])
+    positives = pa.array(np.flatnonzero(label == 1))
+    item_ids = rows.column("item_id").to_numpy().astype(np.int32)[positives.to_numpy()]
+    titles = rows.column("title").combine_chunks().take(positives)
+
+    def gather(width: int | None) -> tuple[pa.Array, np.ndarray]:
+        """List offsets and, for every list element, its index among the positives."""
+        length = npos if width is None else np.minimum(npos, width)
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(length, out=offsets[1:])
+        at = np.repeat(before[:-1] - length - offsets[:-1], length) + np.arange(offsets[-1], dtype=np.int64)
+        return pa.array(offsets.astype(np.int32)), at
+
+    offsets, at = gather(keep)
+    history = pa.ListArray.from_arrays(offsets, pa.array(item_ids[at]))
+    offsets, at = gather(k)
+    return (rows.append_column("history", history)
+            .append_column("history_ids", pa.ListArray.from_arrays(offsets, pa.array(item_ids[at])))
+            .append_column("history_titles", pa.ListArray.from_arrays(offsets, titles.take(pa.array(at)))))
+
+
+def _history_batches(keep: int | None, k: int) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """mapInArrow function over a partition holding whole users in (user, ORDER) order: holds back the rows of
+    the batch's last user until that user ends, so that every user's rows are handled in one table."""
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        carry: pa.Table | None = None
+        for batch in batches:
+            table = pa.Table.from_batches([batch])
+            table = (table if carry is None else pa.concat_tables([carry, table])).combine_chunks()
+            if table.num_rows == 0:
+                continue
+            user = table.column("user_raw")
+            same = pc.equal(user, user[table.num_rows - 1]).to_numpy(zero_copy_only=False)
+            cut = table.num_rows - int(np.argmin(same[::-1])) if not same.all() else 0
+            if cut:
+                yield from history_lists(table.slice(0, cut), keep, k).to_batches()
+            carry = table.slice(cut)
+        if carry is not None and carry.num_rows:
+            yield from history_lists(carry, keep, k).to_batches()
+    return run
+
+
 def _histories(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
     """history = the user's earlier positives in order (all, or the last `history_keep`);
     history_ids/history_titles = the last `history_len` of them, oldest first.
 
-    Each positive carries the history that ends with it (one window pass over positives only); every
-    row then joins the history of the last positive before it. The windows and the join go by the raw user id,
-    the key the user-id join has already shuffled the rows by, so they add no shuffle of their own.
+    A window counts each row's earlier positives (`_npos`); it also makes Spark lay the rows out by user in
+    protocol order, which the vectorised pass (`history_lists`, in Python over Arrow batches) relies on. The
+    window goes by the raw user id, the key the user-id join has already shuffled the rows by: no shuffle of its own.
     """
     by_user = Window.partitionBy("user_raw").orderBy(*ORDER)
     df = df.withColumn("_npos", F.coalesce(
         F.sum("label").over(by_user.rowsBetween(Window.unboundedPreceding, -1)), F.lit(0)).cast("long"))
-    k = cfg.history_len
-    keep_lo = Window.unboundedPreceding if cfg.history_keep is None else -(cfg.history_keep - 1)
-    by_pos = Window.partitionBy("user_raw").orderBy("_npos")
-    pos = df.where(F.col("label") == 1).select(
-        "user_raw", (F.col("_npos") + 1).alias("_npos"),
-        F.collect_list("item_id").over(by_pos.rowsBetween(keep_lo, 0)).alias("_hist"),
-        F.collect_list(F.struct("item_id", "title")).over(by_pos.rowsBetween(-(k - 1), 0)).alias("_last"))
-    df = df.join(pos, ["user_raw", "_npos"], "left")
-    last = F.coalesce(F.col("_last"), F.array().cast("array<struct<item_id:long,title:string>>"))
-    return df.select(
-        "*",
-        F.coalesce(F.col("_hist"), F.array()).cast("array<int>").alias("history"),
-        F.transform(last, lambda x: x["item_id"].cast("int")).alias("history_ids"),
-        F.transform(last, lambda x: x["title"]).alias("history_titles"),
-    ).drop("_hist", "_last", "_npos")
+    out = StructType(df.schema.fields + [StructField("history", ArrayType(IntegerType()), nullable=False),
+                                         StructField("history_ids", ArrayType(IntegerType()), nullable=False),
+                                         StructField("history_titles", ArrayType(StringType()), nullable=False)])
+    return df.mapInArrow(_history_batches(cfg.history_keep, cfg.history_len), out).drop("_npos")
 
 
 def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numeric") -> ProtocolResult:
@@ -206,7 +251,7 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     warm_u = train.select("user_raw").distinct().withColumn("_wu", F.lit(1))
     warm_i = train.select("item_raw").distinct().withColumn("_wi", F.lit(1))
 
-    # One shuffle of the rows, by raw user id: the user-id join, the history windows and the warm-user join all
+    # One shuffle of the rows, by raw user id: the user-id join, the warm-user join and the history pass all
     # use it. The item-side tables (one row per item) are broadcast to it.
     user_key = ([F.col("user_raw").try_cast("long").asc_nulls_last(), "user_raw"]
                 if user_id_order == "numeric" else ["user_raw"])
@@ -214,13 +259,14 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     df = df.join(users, "user_raw")
     first_seen = df.groupBy("item_raw").agg(F.min(F.struct("user_id", *ORDER)).alias("_k"))
     item_ids = index_in_order(first_seen, ["_k"], "item_id").drop("_k")
-    df = _histories(df.join(F.broadcast(item_ids), "item_raw"), cfg)
-    df = df.join(warm_u, "user_raw", "left").join(F.broadcast(warm_i), "item_raw", "left")
+    df = df.join(F.broadcast(item_ids), "item_raw").join(warm_u, "user_raw", "left").join(F.broadcast(warm_i), "item_raw", "left")
     warm = (F.col("_wu").isNotNull() & F.col("_wi").isNotNull()).cast("int")
+    df = _histories(df.select(  # only what the table keeps (and the order) goes through the history pass
+        "_pos", "_first_pos", F.col("user_id").cast("int"), F.col("item_id").cast("int"), "label", "timestamp",
+        "split", warm.alias("warm"), "title", "rating", "month", "user_raw", "item_raw"), cfg)
     interactions = df.select(
-        F.col("_pos").alias("row_id"), F.col("user_id").cast("int"), F.col("item_id").cast("int"), "label",
-        "timestamp", "split", warm.alias("warm"), "history_ids", "history_titles", "title", "rating", "month",
-        "history", "user_raw", "item_raw",
+        F.col("_pos").alias("row_id"), "user_id", "item_id", "label", "timestamp", "split", "warm", "history_ids",
+        "history_titles", "title", "rating", "month", "history", "user_raw", "item_raw",
     )
     items = items_ok.join(item_ids, "item_raw", "left").select(
         F.col("item_id").cast("int"), F.col("item_raw").alias("raw_id"), "title")

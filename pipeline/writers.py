@@ -26,7 +26,6 @@ from pyspark.sql import functions as F
 
 from pipeline.protocol import ProtocolResult
 from pipeline.schema import (
-    INDEX_COLUMNS,
     SAMPLE_EXT,
     SAMPLE_FIELDS,
     SHARD_PATTERN,
@@ -72,6 +71,7 @@ def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
 
 
 _BLOCK = 512
+ROWS_PER_TASK = 250_000  # samples a shard-writing task holds at once (~130 bytes of JSON each at the synthetic scale)
 
 
 def _header_template() -> np.ndarray:
@@ -108,74 +108,65 @@ def tar_members(names: np.ndarray, payload: pa.Array) -> tuple[np.ndarray, np.nd
     Arrow array), deterministic (mtime 0, mode 0444). `names` holds each member name's bytes, zero-padded.
 
     Built as arrays for the whole batch, not member by member: the headers by broadcasting a template, the
-    checksums by one row sum; the data is copied in by slices. Returns the bytes and where each member's data starts.
-    Readers (tarfile, webdataset) see a plain tar.
+    checksums by one row sum, and the members by one element-wise join of header, data and zero padding in Arrow.
+    Returns the bytes and where each member's data starts. Readers (tarfile, webdataset) see a plain tar.
     """
     n = len(payload)
     if names.shape[1] > 100:
         raise ValueError("tar member name longer than 100 bytes")
-    large = pa.types.is_large_string(payload.type) or pa.types.is_large_binary(payload.type)
-    offsets = np.frombuffer(payload.buffers()[1], dtype=np.int64 if large else np.int32)
-    offsets = offsets[payload.offset:payload.offset + n + 1].astype(np.int64)
-    data = payload.buffers()[2]  # may be absent when every value is empty
-    values = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
-    sizes = np.diff(offsets)
+    data = payload.cast(pa.large_binary())
+    sizes = pc.binary_length(data).to_numpy(zero_copy_only=False).astype(np.int64)
     header = np.broadcast_to(_TEMPLATE, (n, _BLOCK)).copy()
     header[:, :names.shape[1]] = names
     header[:, 124:135] = _octal(sizes, 11)
     header[:, 148:154] = _octal(header.sum(axis=1, dtype=np.int64), 6)
     header[:, 154], header[:, 155] = 0, ord(" ")
+    padding = -sizes % _BLOCK
+    pad_offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(padding, out=pad_offsets[1:])
+    headers = pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(np.arange(n + 1, dtype=np.int64) * _BLOCK),
+                                                           pa.py_buffer(header)])
+    pads = pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(pad_offsets),
+                                                        pa.py_buffer(np.zeros(int(pad_offsets[-1]), np.uint8))])
+    members = pc.binary_join_element_wise(headers, data, pads, pa.scalar(b"", pa.large_binary()))
+    size = n * _BLOCK + int(sizes.sum() + pad_offsets[-1])
+    out = np.frombuffer(members.buffers()[2], dtype=np.uint8, count=size) if n else np.zeros(0, np.uint8)
     blocks = 1 + (sizes + _BLOCK - 1) // _BLOCK
-    first_block = np.concatenate(([0], np.cumsum(blocks)[:-1])).astype(np.int64)
-    out = np.zeros(int(blocks.sum()) * _BLOCK, dtype=np.uint8)
-    out.reshape(-1, _BLOCK)[first_block] = header
-    data_start = (first_block + 1) * _BLOCK
-    dst, src = memoryview(out), memoryview(values)
-    for at, lo, hi in zip(data_start.tolist(), offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
-        dst[at:at + hi - lo] = src[lo:hi]  # one slice copy per member: cheaper than a per-byte index array
+    data_start = (np.concatenate(([0], np.cumsum(blocks)[:-1])).astype(np.int64) + 1) * _BLOCK
     return out, data_start
 
 
 def _shard_writer(shard_dir: str):
-    """mapInArrow function: write the partition's rows (sorted by split, shard, order; each row's sample already
-    encoded as JSON by Spark), one tar per shard, and beside each its sample index (offset and size of every
-    sample's bytes, row id, history length), so that stage 3 finds any sample without decoding the split."""
+    """mapInArrow function: write the partition's rows (each row's sample already encoded as JSON by Spark), one
+    tar per shard, and beside each its sample index (offset and size of every sample's bytes, row id, history
+    length), so that stage 3 finds any sample without decoding the split. The partition is ordered here by
+    (split, shard, hash, row id), in Arrow: a Spark sort of the encoded samples cost more than writing them."""
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         done: list[dict] = []
-        shard: dict | None = None
-
-        def close(s: dict) -> None:
-            s["file"].write(b"\0" * (2 * _BLOCK))
-            s["sha"].update(b"\0" * (2 * _BLOCK))
-            s["file"].close()
-            np.save(index_path(s["path"]), np.concatenate(s["index"]) if s["index"]
-                    else np.zeros((0, INDEX_COLUMNS), dtype=np.int64))
-            done.append({"split": s["key"][0], "name": s["path"].name, "count": s["count"],
-                         "sha256": s["sha"].hexdigest(), "bytes": s["path"].stat().st_size})
-
-        for batch in batches:
-            splits = batch.column("split").to_numpy(zero_copy_only=False)
-            shard_no = batch.column("_shard").to_numpy()
-            cut = np.flatnonzero((splits[1:] != splits[:-1]) | (shard_no[1:] != shard_no[:-1])) + 1
-            for lo, hi in zip(np.concatenate(([0], cut)), np.concatenate((cut, [batch.num_rows])), strict=True):
-                key = (str(splits[lo]), int(shard_no[lo]))
-                if shard is None or shard["key"] != key:
-                    if shard is not None:
-                        close(shard)
-                    path = Path(shard_dir) / (SHARD_PATTERN.format(split=key[0]) % key[1])
-                    shard = {"key": key, "path": path, "file": open(path, "wb"),  # noqa: SIM115 (closed by close())
-                             "sha": hashlib.sha256(), "count": 0, "index": [], "pos": 0}
-                run = batch.slice(lo, hi - lo)
-                row_ids = run.column("row_id").to_numpy()
-                data, starts = tar_members(sample_names(key[0], row_ids), run.column("_json"))
-                shard["index"].append(np.stack([shard["pos"] + starts, pc.binary_length(run.column("_json")).to_numpy(),
-                                                row_ids, run.column("_hlen").to_numpy()], axis=1).astype(np.int64))
-                shard["file"].write(data.data)
-                shard["sha"].update(data.data)
-                shard["pos"] += data.size
-                shard["count"] += hi - lo
-        if shard is not None:
-            close(shard)
+        batches = list(batches)
+        if not batches:
+            yield pa.RecordBatch.from_pylist([], schema=SHARD_RESULT)
+            return
+        table = pa.Table.from_batches(batches)
+        table = table.take(pc.sort_indices(table, [(c, "ascending") for c in ("split", "_shard", "_h", "row_id")]))
+        splits = table.column("split").to_numpy(zero_copy_only=False)
+        shard_no = table.column("_shard").to_numpy()
+        cut = np.flatnonzero((splits[1:] != splits[:-1]) | (shard_no[1:] != shard_no[:-1])) + 1
+        for lo, hi in zip(np.concatenate(([0], cut)), np.concatenate((cut, [table.num_rows])), strict=True):
+            if hi == lo:
+                continue
+            split = str(splits[lo])
+            path = Path(shard_dir) / (SHARD_PATTERN.format(split=split) % int(shard_no[lo]))
+            run = table.slice(lo, hi - lo)
+            row_ids = run.column("row_id").to_numpy()
+            payload = run.column("_json").combine_chunks()
+            data, starts = tar_members(sample_names(split, row_ids), payload)
+            data = np.concatenate((data, np.zeros(2 * _BLOCK, np.uint8)))  # the end-of-archive blocks
+            path.write_bytes(data.data)
+            np.save(index_path(path), np.stack([starts, pc.binary_length(payload).to_numpy(), row_ids,
+                                                run.column("_hlen").to_numpy()], axis=1).astype(np.int64))
+            done.append({"split": split, "name": path.name, "count": hi - lo,
+                         "sha256": hashlib.sha256(data.data).hexdigest(), "bytes": data.size})
         yield pa.RecordBatch.from_pylist(done, schema=SHARD_RESULT)
 
     return write
@@ -212,9 +203,11 @@ def write_shards(interactions: DataFrame, out: Path, shard_size: int, seed: int)
         "split", "row_id", F.size("history_ids").alias("_hlen"), sample_json().alias("_json"),
         F.xxhash64("row_id", F.lit(seed)).alias("_h"))
     rows = rows.withColumn("_shard", F.pmod("_h", per_split))
-    parts = max(1, min(sum(n_shards.values()), spark.sparkContext.defaultParallelism * 4))
-    rows = rows.repartition(parts, "split", "_shard").sortWithinPartitions("split", "_shard", "_h", "row_id")
-    result = rows.select("split", "_shard", "row_id", "_hlen", "_json").mapInArrow(
+    # Whole shards per partition, each partition ordered in Python: about ROWS_PER_TASK rows per task bounds its memory.
+    parts = max(1, min(sum(n_shards.values()), max(spark.sparkContext.defaultParallelism * 4,
+                                                   math.ceil(sum(counts.values()) / ROWS_PER_TASK))))
+    rows = rows.repartition(parts, "split", "_shard")
+    result = rows.select("split", "_shard", "_h", "row_id", "_hlen", "_json").mapInArrow(
         _shard_writer(str(shard_dir)), SHARD_RESULT_DDL).collect()
     shards: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for r in sorted(result, key=lambda r: r["name"]):

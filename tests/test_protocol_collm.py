@@ -71,8 +71,9 @@ def test_raw_ml1m_matches_collm_rows_and_histories(spark, tmp_path) -> None:
 
 @pytest.mark.parametrize(("keep", "length"), [(None, 3), (1, 3), (4, 2), (2, 5)])
 def test_histories_are_the_earlier_positives_of_a_plain_walk(spark, keep: int | None, length: int) -> None:
-    """pipeline.protocol._histories (windows over the positives, then a join) against walking each user's rows in protocol order:
-    history = the earlier positives (the last `keep`), history_ids/titles = the last `length` of them."""
+    """pipeline.protocol._histories (a window for the order, then a vectorised pass over Arrow batches) against walking
+    each user's rows in protocol order: history = the earlier positives (the last `keep`), history_ids/titles = the
+    last `length` of them. Batches of 4 rows split most users across batches (up to 29 rows each)."""
     rng = random.Random(7)
     rows = []
     for u in range(25):
@@ -81,8 +82,12 @@ def test_histories_are_the_earlier_positives_of_a_plain_walk(spark, keep: int | 
             rows.append({"user_raw": f"u{u}", "timestamp": rng.randrange(0, 6), "_first_pos": item * 10,
                          "_pos": len(rows), "label": int(rng.random() < 0.5), "item_id": item, "title": f"t{item}"})
     cfg = ProtocolConfig.model_construct(history_keep=keep, history_len=length)
-    got = {r["_pos"]: (r["history"], r["history_ids"], r["history_titles"])
-           for r in _histories(spark.createDataFrame(rows, HISTORY_INPUT), cfg).collect()}
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "4")
+    try:
+        got = {r["_pos"]: (r["history"], r["history_ids"], r["history_titles"])
+               for r in _histories(spark.createDataFrame(rows, HISTORY_INPUT), cfg).collect()}
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
     want, earlier = {}, {}
     for r in sorted(rows, key=lambda r: (r["user_raw"], r["timestamp"], r["_first_pos"], r["_pos"])):
         pos = earlier.setdefault(r["user_raw"], [])
