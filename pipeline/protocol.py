@@ -26,17 +26,27 @@ from pipeline.sources import RawLog, mark_first_failure
 REJECT_SCHEMA = ("file string, line long, pos long, source string, category string, code string, reason string, "
                  "raw string, raw_bytes binary")
 ORDER = ("timestamp", "_first_pos", "_pos")
+EXCLUDED = ("outside_window", "filtered")  # reject codes of valid rows the protocol leaves out (category excluded)
 KEPT = ("user_raw", "item_raw", "_pos", "_first_pos", "rating", "timestamp", "month", "title")  # past the rejects
+
+
+ArrowPass = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]  # a mapInArrow function
+INTERACTIONS = ("row_id", "user_id", "item_id", "label", "timestamp", "split", "warm", "history_ids", "history_titles",
+                "title", "rating", "month", "history", "user_raw", "item_raw")  # the interactions table's columns
 
 
 @dataclass
 class ProtocolResult:
-    interactions: DataFrame  # see pipeline.schema.Sample; plus rating, month, history (kept length), raw ids
+    interactions: DataFrame  # INTERACTIONS: pipeline.schema.Sample; plus rating, month, history (kept length), raw ids
     users: DataFrame         # user_id, raw_id
     items: DataFrame         # item_id (null: catalog item without interactions), raw_id, title
     rejects: DataFrame       # REJECT_SCHEMA; source interactions|items, category invalid|excluded
     rows_in: DataFrame       # interaction input rows (to count)
     item_rows_in: DataFrame  # item metadata input rows (to count)
+    # How `interactions` is made, for a writer that takes it as Arrow: `rows` through the Arrow pass `complete`.
+    # Writing from the pass's own output saves the trip of every row back into the JVM. None: as `interactions`.
+    rows: DataFrame | None = None
+    complete: ArrowPass | None = None
 
 
 def index_in_order(df: DataFrame, order: list[Column | str], name: str, start: int = 1) -> DataFrame:
@@ -59,7 +69,7 @@ def index_in_order(df: DataFrame, order: list[Column | str], name: str, start: i
     return s.join(F.broadcast(offs), "_pid").withColumn(name, F.col("_off") + within).drop("_pid", "_mid", "_off")
 
 
-def _as_rejects(df: DataFrame, source: str, category: str) -> DataFrame:
+def _as_rejects(df: DataFrame, source: str, category: str | Column) -> DataFrame:
     return df.select(
         F.col("_file").alias("file"), F.col("_line").alias("line"), F.col("_pos").alias("pos"),
         F.lit(source).alias("source"), F.lit(category).alias("category"), F.col("_code").alias("code"),
@@ -185,7 +195,7 @@ def history_lists(rows: pa.Table, keep: int | None, k: int) -> pa.Table:
             .append_column("history_titles", pa.ListArray.from_arrays(offsets, titles.take(pa.array(at)))))
 
 
-def _history_batches(keep: int | None, k: int) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+def _history_batches(keep: int | None, k: int) -> ArrowPass:
     """mapInArrow function over a partition holding whole users in (user, ORDER) order: holds back the rows of
     the batch's last user until that user ends, so that every user's rows are handled in one table."""
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -206,21 +216,37 @@ def _history_batches(keep: int | None, k: int) -> Callable[[Iterator[pa.RecordBa
     return run
 
 
+def _by_user(df: DataFrame) -> DataFrame:
+    """`_npos`, each row's count of the user's earlier positives. The window also makes Spark lay the rows out by
+    user in protocol order, which the history pass relies on. It goes by the raw user id, the key the user-id join
+    has already shuffled the rows by: no shuffle of its own."""
+    by_user = Window.partitionBy("user_raw").orderBy(*ORDER)
+    return df.withColumn("_npos", F.coalesce(
+        F.sum("label").over(by_user.rowsBetween(Window.unboundedPreceding, -1)), F.lit(0)).cast("long"))
+
+
+def _with_history(schema: StructType) -> StructType:
+    return StructType([*schema.fields, StructField("history", ArrayType(IntegerType()), nullable=False),
+                       StructField("history_ids", ArrayType(IntegerType()), nullable=False),
+                       StructField("history_titles", ArrayType(StringType()), nullable=False)])
+
+
 def _histories(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
     """history = the user's earlier positives in order (all, or the last `history_keep`);
-    history_ids/history_titles = the last `history_len` of them, oldest first.
+    history_ids/history_titles = the last `history_len` of them, oldest first (`history_lists`, in Python over
+    Arrow batches of the rows laid out by `_by_user`)."""
+    df = _by_user(df)
+    return df.mapInArrow(_history_batches(cfg.history_keep, cfg.history_len), _with_history(df.schema)).drop("_npos")
 
-    A window counts each row's earlier positives (`_npos`); it also makes Spark lay the rows out by user in
-    protocol order, which the vectorised pass (`history_lists`, in Python over Arrow batches) relies on. The
-    window goes by the raw user id, the key the user-id join has already shuffled the rows by: no shuffle of its own.
-    """
-    by_user = Window.partitionBy("user_raw").orderBy(*ORDER)
-    df = df.withColumn("_npos", F.coalesce(
-        F.sum("label").over(by_user.rowsBetween(Window.unboundedPreceding, -1)), F.lit(0)).cast("long"))
-    out = StructType(df.schema.fields + [StructField("history", ArrayType(IntegerType()), nullable=False),
-                                         StructField("history_ids", ArrayType(IntegerType()), nullable=False),
-                                         StructField("history_titles", ArrayType(StringType()), nullable=False)])
-    return df.mapInArrow(_history_batches(cfg.history_keep, cfg.history_len), out).drop("_npos")
+
+def _interactions_pass(keep: int | None, k: int) -> ArrowPass:
+    """The history pass, then the interactions table's columns (`_pos` is the row id)."""
+    histories = _history_batches(keep, k)
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in histories(batches):
+            yield batch.rename_columns(["row_id" if c == "_pos" else c for c in batch.schema.names]).select(INTERACTIONS)
+    return run
 
 
 def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numeric") -> ProtocolResult:
@@ -230,18 +256,18 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     items_ok, item_rejects = validate_items(raw.items)
     items_file = ", ".join(p.name for p in raw.item_files)
     df = validated = validate_interactions(raw.interactions, items_ok, cfg, items_file).localCheckpoint()
-    invalid = _as_rejects(df.where(F.col("_code").isNotNull()), "interactions", "invalid")
-
-    df = df.where(F.col("_code").isNull())
-    first_pos = df.groupBy("item_raw").agg(F.min("_pos").alias("_first_pos"))  # over every valid row
-    df = df.withColumn("month", month_index(F.col("timestamp"), cfg.split.origin))
+    first_pos = df.where(F.col("_code").isNull()).groupBy("item_raw").agg(
+        F.min("_pos").alias("_first_pos"))  # over every valid row
+    # Valid rows only: an invalid row's timestamp may be out of any date's range.
+    df = df.withColumn("month", F.when(F.col("_code").isNull(), month_index(F.col("timestamp"), cfg.split.origin)))
     w_lo, w_hi = cfg.split.window
     df = mark_first_failure(df, [(~F.col("month").between(w_lo, w_hi), "outside_window",
                        F.format_string(f"outside window: month %d not in [{w_lo}, {w_hi}]", F.col("month")))])
     df = _min_count_filter(df, cfg)
-    # The rejects need no item order: joined after the split into kept and excluded, finding the excluded rows
-    # is a scan of the checkpoint instead of a second run of the join.
-    excluded = _as_rejects(df.where(F.col("_code").isNotNull()), "interactions", "excluded")
+    # Invalid and excluded rows in one scan of the checkpoint (a row keeps its first code; the codes say which).
+    # The rejects need no item order: it is joined after the split into kept and rejected rows.
+    category = F.when(F.col("_code").isin(*EXCLUDED), "excluded").otherwise("invalid")
+    rejects = _as_rejects(df.where(F.col("_code").isNotNull()), "interactions", category)
     df = df.where(F.col("_code").isNull()).join(first_pos, "item_raw").select(*KEPT)  # bookkeeping columns: rejects only
 
     op = {"ge": F.col("rating") >= cfg.label.threshold, "eq": F.col("rating") == cfg.label.threshold,
@@ -261,20 +287,21 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     item_ids = index_in_order(first_seen, ["_k"], "item_id").drop("_k")
     df = df.join(F.broadcast(item_ids), "item_raw").join(warm_u, "user_raw", "left").join(F.broadcast(warm_i), "item_raw", "left")
     warm = (F.col("_wu").isNotNull() & F.col("_wi").isNotNull()).cast("int")
-    df = _histories(df.select(  # only what the table keeps (and the order) goes through the history pass
+    rows = _by_user(df.select(  # only what the table keeps (and the order) goes through the history pass
         "_pos", "_first_pos", F.col("user_id").cast("int"), F.col("item_id").cast("int"), "label", "timestamp",
-        "split", warm.alias("warm"), "title", "rating", "month", "user_raw", "item_raw"), cfg)
-    interactions = df.select(
-        F.col("_pos").alias("row_id"), "user_id", "item_id", "label", "timestamp", "split", "warm", "history_ids",
-        "history_titles", "title", "rating", "month", "history", "user_raw", "item_raw",
-    )
+        "split", warm.alias("warm"), "title", "rating", "month", "user_raw", "item_raw"))
+    fields = {f.name: f for f in _with_history(rows.schema).fields} | {"row_id": rows.schema["_pos"]}
+    schema = StructType([StructField(c, fields[c].dataType, fields[c].nullable) for c in INTERACTIONS])
+    complete = _interactions_pass(cfg.history_keep, cfg.history_len)
     items = items_ok.join(item_ids, "item_raw", "left").select(
         F.col("item_id").cast("int"), F.col("item_raw").alias("raw_id"), "title")
     return ProtocolResult(
-        interactions=interactions,
+        interactions=rows.mapInArrow(complete, schema),
         users=users.select(F.col("user_id").cast("int"), F.col("user_raw").alias("raw_id")),
         items=items,
-        rejects=invalid.unionByName(excluded).unionByName(item_rejects),
+        rejects=rejects.unionByName(item_rejects),
         rows_in=validated,
         item_rows_in=raw.items,
+        rows=rows,
+        complete=complete,
     )

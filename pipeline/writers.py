@@ -21,10 +21,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pyspark import TaskContext
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import to_arrow_schema
+from pyspark.sql.types import StructType
 
-from pipeline.protocol import ProtocolResult
+from pipeline.protocol import ArrowPass, ProtocolResult
 from pipeline.schema import (
     SAMPLE_EXT,
     SAMPLE_FIELDS,
@@ -37,6 +41,8 @@ from pipeline.schema import (
 SHARD_RESULT = pa.schema([("split", pa.string()), ("name", pa.string()), ("count", pa.int64()),
                           ("sha256", pa.string()), ("bytes", pa.int64())])
 SHARD_RESULT_DDL = "split string, name string, count long, sha256 string, bytes long"
+PART_RESULT = pa.schema([("split", pa.string()), ("file", pa.string()), ("rows", pa.int64())])
+PART_RESULT_DDL = "split string, file string, rows long"
 
 
 class OutputExistsError(FileExistsError):
@@ -71,7 +77,7 @@ def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
 
 
 _BLOCK = 512
-ROWS_PER_TASK = 250_000  # samples a shard-writing task holds at once (~130 bytes of JSON each at the synthetic scale)
+ROWS_PER_TASK = 100_000  # samples a shard-writing task holds at once (~130 bytes of JSON each at the synthetic scale)
 
 
 def _header_template() -> np.ndarray:
@@ -98,9 +104,17 @@ def _octal(values: np.ndarray, digits: int) -> np.ndarray:
 
 
 def sample_names(split: str, row_ids: np.ndarray) -> np.ndarray:
-    """Member names `<sample_key>.<SAMPLE_EXT>` as rows of ASCII bytes, zero-padded to the longest."""
-    names = np.array([f"{sample_key(split, r)}.{SAMPLE_EXT}".encode() for r in row_ids.tolist()])
-    return names.view(np.uint8).reshape(len(names), -1)
+    """Member names `<sample_key>.<SAMPLE_EXT>` as rows of ASCII bytes, zero-padded to the longest. Row ids below
+    10**10 (the key's zero-padded width) are formatted as arrays; longer ones one by one."""
+    if len(row_ids) and (row_ids.min() < 0 or row_ids.max() >= 10**10):
+        names = np.array([f"{sample_key(split, r)}.{SAMPLE_EXT}".encode() for r in row_ids.tolist()])
+        return names.view(np.uint8).reshape(len(names), -1)
+    prefix, suffix = (np.frombuffer(x.encode(), np.uint8) for x in sample_key(split, 0).split("0" * 10))
+    suffix = np.concatenate((suffix, np.frombuffer(f".{SAMPLE_EXT}".encode(), np.uint8)))
+    digits = (row_ids.astype(np.int64)[:, None] // 10 ** np.arange(9, -1, -1, dtype=np.int64)) % 10 + ord("0")
+    n = len(row_ids)
+    return np.hstack((np.broadcast_to(prefix, (n, prefix.size)), digits.astype(np.uint8),
+                      np.broadcast_to(suffix, (n, suffix.size))))
 
 
 def tar_members(names: np.ndarray, payload: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -215,15 +229,55 @@ def write_shards(interactions: DataFrame, out: Path, shard_size: int, seed: int)
     return shards
 
 
+def _parquet_parts(table_dir: str, complete: ArrowPass | None, schema: pa.Schema) -> ArrowPass:
+    """mapInArrow function: write the partition's rows (through `complete` first, when given) as one Parquet file
+    per split, `<table_dir>/split=<split>/part-<partition>.parquet`, Spark's partitioned layout. Each file appears
+    by an atomic rename of a file private to the task attempt, so a retried or speculative task replaces it
+    whole. Returns (split, file, rows) per file."""
+    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        task = TaskContext.get()
+        name = f"part-{task.partitionId():05d}.parquet"
+        open_files: dict[str, tuple[pq.ParquetWriter, Path, int]] = {}
+        for batch in (complete(batches) if complete is not None else batches):
+            splits = batch.column("split")
+            for split in pc.unique(splits).to_pylist():
+                rows = pa.Table.from_batches([batch.filter(pc.equal(splits, split))]).select(schema.names).cast(schema)
+                if split not in open_files:
+                    tmp = Path(table_dir) / f"split={split}" / f".{name}.attempt-{task.taskAttemptId()}"
+                    tmp.parent.mkdir(parents=True, exist_ok=True)
+                    open_files[split] = (pq.ParquetWriter(tmp, schema), tmp, 0)
+                w, tmp, n = open_files[split]
+                w.write_table(rows)
+                open_files[split] = (w, tmp, n + rows.num_rows)
+        done = []
+        for split, (w, tmp, n) in open_files.items():
+            w.close()
+            tmp.replace(tmp.parent / name)
+            done.append({"split": split, "file": str(tmp.parent / name), "rows": n})
+        yield pa.RecordBatch.from_pylist(done, schema=PART_RESULT)
+    return write
+
+
+def schema_fields(df: DataFrame, exclude: str) -> list:
+    return [f for f in df.schema.fields if f.name != exclude]
+
+
 def write_tables(result: ProtocolResult, out: Path) -> DataFrame:
     """Parquet tables: interactions partitioned by split, users, items, rejects. Returns the interactions as
-    written (read back), for the shards."""
-    path = str(out / "tables" / "interactions")
-    result.interactions.write.partitionBy("split").parquet(path)
+    written (read back), for the shards.
+
+    The interactions are written in Python with pyarrow, by the same worker that completes them (the protocol's
+    history pass), instead of coming back into the JVM for Spark's writer."""
+    path = out / "tables" / "interactions"
+    source = result.rows if result.complete is not None else result.interactions
+    schema = to_arrow_schema(StructType(schema_fields(result.interactions, exclude="split")))
+    path.mkdir(parents=True)
+    source.mapInArrow(_parquet_parts(str(path), result.complete, schema), PART_RESULT_DDL).collect()
     result.users.coalesce(4).write.parquet(str(out / "tables" / "users"))
     result.items.coalesce(4).write.parquet(str(out / "tables" / "items"))
     result.rejects.write.parquet(str(out / "rejects"))
-    return result.interactions.sparkSession.read.parquet(path)
+    written = StructType([*schema_fields(result.interactions, exclude="split"), result.interactions.schema["split"]])
+    return result.interactions.sparkSession.read.schema(written).parquet(str(path))
 
 
 def summarize(result: ProtocolResult, tables: Path) -> dict:

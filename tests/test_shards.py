@@ -136,11 +136,12 @@ def test_spark_encodes_samples_as_the_schema_does(spark) -> None:
 
 
 def test_tar_members_are_a_plain_tar_with_the_sample_keys() -> None:
-    """The batch tar writer against tarfile: names (10-digit keys and longer ones), sizes on and around the 512-byte
-    block, non-ASCII data, a sliced Arrow array; the returned data offsets point at each member's bytes."""
+    """The batch tar writer against tarfile: names (10-digit keys, formatted as arrays, and longer ones), sizes on and
+    around the 512-byte block, non-ASCII data, a sliced Arrow array; the returned data offsets point at each member's
+    bytes."""
     ids = np.array([0, 5, 123_456_789, 9_999_999_999, 10**10, 123_456_789_012], dtype=np.int64)
     payload = pa.array(["{}", "x" * 511, "y" * 512, "z" * 513, "", "é😀"])
-    for lo, hi in ((0, 6), (2, 5)):
+    for lo, hi in ((0, 6), (2, 5), (0, 4)):
         part = payload.slice(lo, hi - lo)
         data, starts = tar_members(sample_names("valid", ids[lo:hi]), part)
         raw = data.tobytes() + b"\0" * 1024
