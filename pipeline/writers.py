@@ -77,6 +77,7 @@ def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
 
 
 _BLOCK = 512
+ROW_GROUP = 100_000  # rows per Parquet row group of the interactions table (Arrow batches arrive by 10k)
 ROWS_PER_TASK = 100_000  # samples a shard-writing task holds at once (~130 bytes of JSON each at the synthetic scale)
 
 
@@ -237,23 +238,32 @@ def _parquet_parts(table_dir: str, complete: ArrowPass | None, schema: pa.Schema
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         task = TaskContext.get()
         name = f"part-{task.partitionId():05d}.parquet"
-        open_files: dict[str, tuple[pq.ParquetWriter, Path, int]] = {}
+        files: dict[str, dict] = {}
+
+        def flush(f: dict) -> None:
+            if f["pending"]:
+                f["writer"].write_table(pa.concat_tables(f["pending"]))
+                f["rows"] += sum(t.num_rows for t in f["pending"])
+                f["pending"] = []
+
         for batch in (complete(batches) if complete is not None else batches):
             splits = batch.column("split")
             for split in pc.unique(splits).to_pylist():
                 rows = pa.Table.from_batches([batch.filter(pc.equal(splits, split))]).select(schema.names).cast(schema)
-                if split not in open_files:
+                if split not in files:
                     tmp = Path(table_dir) / f"split={split}" / f".{name}.attempt-{task.taskAttemptId()}"
                     tmp.parent.mkdir(parents=True, exist_ok=True)
-                    open_files[split] = (pq.ParquetWriter(tmp, schema), tmp, 0)
-                w, tmp, n = open_files[split]
-                w.write_table(rows)
-                open_files[split] = (w, tmp, n + rows.num_rows)
+                    files[split] = {"writer": pq.ParquetWriter(tmp, schema), "tmp": tmp, "rows": 0, "pending": []}
+                f = files[split]
+                f["pending"].append(rows)
+                if sum(t.num_rows for t in f["pending"]) >= ROW_GROUP:
+                    flush(f)
         done = []
-        for split, (w, tmp, n) in open_files.items():
-            w.close()
-            tmp.replace(tmp.parent / name)
-            done.append({"split": split, "file": str(tmp.parent / name), "rows": n})
+        for split, f in files.items():
+            flush(f)
+            f["writer"].close()
+            f["tmp"].replace(f["tmp"].parent / name)
+            done.append({"split": split, "file": str(f["tmp"].parent / name), "rows": f["rows"]})
         yield pa.RecordBatch.from_pylist(done, schema=PART_RESULT)
     return write
 
