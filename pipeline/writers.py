@@ -182,6 +182,7 @@ def _shard_writer(shard_dir: str):
                                                 run.column("_hlen").to_numpy()], axis=1).astype(np.int64))
             done.append({"split": split, "name": path.name, "count": hi - lo,
                          "sha256": hashlib.sha256(data.data).hexdigest(), "bytes": data.size})
+            pa.default_memory_pool().release_unused()  # the worker lives on: keep its footprint to one shard's
         yield pa.RecordBatch.from_pylist(done, schema=SHARD_RESULT)
 
     return write
@@ -245,6 +246,7 @@ def _parquet_parts(table_dir: str, complete: ArrowPass | None, schema: pa.Schema
                 f["writer"].write_table(pa.concat_tables(f["pending"]))
                 f["rows"] += sum(t.num_rows for t in f["pending"])
                 f["pending"] = []
+                pa.default_memory_pool().release_unused()
 
         for batch in (complete(batches) if complete is not None else batches):
             splits = batch.column("split")
