@@ -144,9 +144,8 @@ def tar_members(names: np.ndarray, payload: pa.Array) -> tuple[np.ndarray, np.nd
     pads = pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(pad_offsets),
                                                         pa.py_buffer(np.zeros(int(pad_offsets[-1]), np.uint8))])
     members = pc.binary_join_element_wise(headers, data, pads, pa.scalar(b"", pa.large_binary()))
-    size = n * _BLOCK + int(sizes.sum() + pad_offsets[-1])
-    out = np.frombuffer(members.buffers()[2], dtype=np.uint8, count=size) if n else np.zeros(0, np.uint8)
     blocks = 1 + (sizes + _BLOCK - 1) // _BLOCK
+    out = np.frombuffer(members.buffers()[2], np.uint8, count=int(blocks.sum()) * _BLOCK) if n else np.zeros(0, np.uint8)
     data_start = (np.concatenate(([0], np.cumsum(blocks)[:-1])).astype(np.int64) + 1) * _BLOCK
     return out, data_start
 
@@ -168,8 +167,6 @@ def _shard_writer(shard_dir: str):
         shard_no = table.column("_shard").to_numpy()
         cut = np.flatnonzero((splits[1:] != splits[:-1]) | (shard_no[1:] != shard_no[:-1])) + 1
         for lo, hi in zip(np.concatenate(([0], cut)), np.concatenate((cut, [table.num_rows])), strict=True):
-            if hi == lo:
-                continue
             split = str(splits[lo])
             path = Path(shard_dir) / (SHARD_PATTERN.format(split=split) % int(shard_no[lo]))
             run = table.slice(lo, hi - lo)
@@ -270,10 +267,6 @@ def _parquet_parts(table_dir: str, complete: ArrowPass | None, schema: pa.Schema
     return write
 
 
-def schema_fields(df: DataFrame, exclude: str) -> list:
-    return [f for f in df.schema.fields if f.name != exclude]
-
-
 def write_tables(result: ProtocolResult, out: Path) -> DataFrame:
     """Parquet tables: interactions partitioned by split, users, items, rejects. Returns the interactions as
     written (read back), for the shards.
@@ -282,13 +275,14 @@ def write_tables(result: ProtocolResult, out: Path) -> DataFrame:
     history pass), instead of coming back into the JVM for Spark's writer."""
     path = out / "tables" / "interactions"
     source = result.rows if result.complete is not None else result.interactions
-    schema = to_arrow_schema(StructType(schema_fields(result.interactions, exclude="split")))
+    columns = [f for f in result.interactions.schema.fields if f.name != "split"]  # split: the directories
+    schema = to_arrow_schema(StructType(columns))
     path.mkdir(parents=True)
     source.mapInArrow(_parquet_parts(str(path), result.complete, schema), PART_RESULT_DDL).collect()
     result.users.coalesce(4).write.parquet(str(out / "tables" / "users"))
     result.items.coalesce(4).write.parquet(str(out / "tables" / "items"))
     result.rejects.write.parquet(str(out / "rejects"))
-    written = StructType([*schema_fields(result.interactions, exclude="split"), result.interactions.schema["split"]])
+    written = StructType([*columns, result.interactions.schema["split"]])
     return result.interactions.sparkSession.read.schema(written).parquet(str(path))
 
 
