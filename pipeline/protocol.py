@@ -27,7 +27,8 @@ REJECT_SCHEMA = ("file string, line long, pos long, source string, category stri
                  "raw string, raw_bytes binary")
 ORDER = ("timestamp", "_first_pos", "_pos")
 EXCLUDED = ("outside_window", "filtered")  # reject codes of valid rows the protocol leaves out (category excluded)
-KEPT = ("user_raw", "item_raw", "_pos", "_first_pos", "rating", "timestamp", "month", "title")  # past the rejects
+DUP_BROADCAST_ROWS = 2_000_000  # repeated (user, item, timestamp) keys up to this many are broadcast to the rows
+KEPT = ("user_raw", "item_raw", "_pos", "_first_pos", "rating", "timestamp", "month")  # past the rejects
 
 
 ArrowPass = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]  # a mapInArrow function
@@ -91,11 +92,13 @@ def validate_items(items: DataFrame) -> tuple[DataFrame, DataFrame]:
 
 
 def validate_interactions(inter: DataFrame, items: DataFrame, cfg: ProtocolConfig, items_file: str) -> DataFrame:
-    """Row checks that need the config or other rows: ranges, unknown items, missing titles, duplicates."""
+    """Row checks that need the config or the item catalog: ranges, unknown items, missing titles."""
     lo, hi = cfg.rating_range
     t_lo, t_hi = cfg.timestamp_range
-    df = inter.join(items.withColumn("_known", F.lit(True)), "item_raw", "left")
-    df = mark_first_failure(df, [
+    # The item catalog is broadcast (Spark cannot size it: its row numbers come from a driver-side table), so the
+    # interaction rows are not shuffled for it.
+    df = inter.join(F.broadcast(items.withColumn("_known", F.lit(True))), "item_raw", "left")
+    return mark_first_failure(df, [
         ((F.col("rating") < lo) | (F.col("rating") > hi), "rating_out_of_range",
          F.format_string(f"rating out of range [{lo:g}, {hi:g}]: %s", F.col("rating").cast("string"))),
         ((F.col("timestamp") < t_lo) | (F.col("timestamp") > t_hi), "timestamp_out_of_range",
@@ -104,13 +107,21 @@ def validate_interactions(inter: DataFrame, items: DataFrame, cfg: ProtocolConfi
          F.format_string(f"unknown item id %s (not in {items_file})", F.col("item_raw"))),
         (F.col("title").isNull(), "missing_title",
          F.format_string(f"item %s has no title in {items_file}", F.col("item_raw"))),
-    ])
-    key = Window.partitionBy("user_raw", "item_raw", "timestamp").orderBy("_pos")
-    ok = df.where(F.col("_code").isNull())
-    ok = ok.withColumn("_rank", F.row_number().over(key)).withColumn("_first", F.first("_line").over(key))
-    ok = mark_first_failure(ok, [(F.col("_rank") > 1, "duplicate_row", F.format_string(
-        "duplicate (user, item, timestamp) of line %d", F.col("_first")))])
-    return df.where(F.col("_code").isNotNull()).unionByName(ok.drop("_rank", "_first"), allowMissingColumns=True)
+    ]).drop("title", "_known")  # the title comes back with the item ids (a broadcast): narrower rows till then
+
+
+def mark_duplicates(df: DataFrame) -> DataFrame:
+    """Mark the repeats of a (user, item, timestamp) key among the rows without a code: every row after the first
+    (by input position) is a duplicate_row. The repeated keys come from a narrow aggregate, so the rows themselves
+    are not shuffled; they are broadcast back to the rows (usually few; beyond DUP_BROADCAST_ROWS they join)."""
+    key = ["user_raw", "item_raw", "timestamp"]
+    dups = df.where(F.col("_code").isNull()).groupBy(*key).agg(
+        F.count(F.lit(1)).alias("_n"), F.min("_pos").alias("_first"), F.min_by("_line", "_pos").alias("_first_line"),
+    ).where(F.col("_n") > 1).drop("_n").localCheckpoint()
+    df = df.join(F.broadcast(dups) if dups.count() <= DUP_BROADCAST_ROWS else dups, key, "left")
+    return mark_first_failure(df, [(F.col("_code").isNull() & (F.col("_pos") > F.col("_first")), "duplicate_row",
+                                    F.format_string("duplicate (user, item, timestamp) of line %d",
+                                                    F.col("_first_line")))]).drop("_first", "_first_line")
 
 
 def month_index(ts: Column, origin: str) -> Column:
@@ -255,7 +266,8 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     spark.conf.set("spark.sql.session.timeZone", "UTC")
     items_ok, item_rejects = validate_items(raw.items)
     items_file = ", ".join(p.name for p in raw.item_files)
-    df = validated = validate_interactions(raw.interactions, items_ok, cfg, items_file).localCheckpoint()
+    validated = validate_interactions(raw.interactions, items_ok, cfg, items_file).localCheckpoint()
+    df = mark_duplicates(validated)
     first_pos = df.where(F.col("_code").isNull()).groupBy("item_raw").agg(
         F.min("_pos").alias("_first_pos"))  # over every valid row
     # Valid rows only: an invalid row's timestamp may be out of any date's range.
@@ -268,7 +280,7 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     # The rejects need no item order: it is joined after the split into kept and rejected rows.
     category = F.when(F.col("_code").isin(*EXCLUDED), "excluded").otherwise("invalid")
     rejects = _as_rejects(df.where(F.col("_code").isNotNull()), "interactions", category)
-    df = df.where(F.col("_code").isNull()).join(first_pos, "item_raw").select(*KEPT)  # bookkeeping columns: rejects only
+    df = df.where(F.col("_code").isNull()).join(F.broadcast(first_pos), "item_raw").select(*KEPT)  # bookkeeping columns: rejects only
 
     op = {"ge": F.col("rating") >= cfg.label.threshold, "eq": F.col("rating") == cfg.label.threshold,
           "gt": F.col("rating") > cfg.label.threshold}[cfg.label.op]
@@ -279,13 +291,16 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
 
     # One shuffle of the rows, by raw user id: the user-id join, the warm-user join and the history pass all
     # use it. The item-side tables (one row per item) are broadcast to it.
-    user_key = ([F.col("user_raw").try_cast("long").asc_nulls_last(), "user_raw"]
-                if user_id_order == "numeric" else ["user_raw"])
+    numeric = F.col("user_raw").try_cast("long")
+    user_key = [numeric.asc_nulls_last(), "user_raw"] if user_id_order == "numeric" else ["user_raw"]
     users = index_in_order(df.select("user_raw").distinct(), user_key, "user_id")
-    df = df.join(users, "user_raw")
-    first_seen = df.groupBy("item_raw").agg(F.min(F.struct("user_id", *ORDER)).alias("_k"))
+    # Items are numbered by the first row in (user id, ORDER) order; the user id follows the raw id's order, so the
+    # raw id stands in for it and this aggregate needs no join with the user ids (nor a shuffle of the rows for it).
+    by_user_id = [numeric.isNull(), numeric, "user_raw"] if user_id_order == "numeric" else ["user_raw"]
+    first_seen = df.groupBy("item_raw").agg(F.min(F.struct(*by_user_id, *ORDER)).alias("_k"))
     item_ids = index_in_order(first_seen, ["_k"], "item_id").drop("_k")
-    df = df.join(F.broadcast(item_ids), "item_raw").join(warm_u, "user_raw", "left").join(F.broadcast(warm_i), "item_raw", "left")
+    df = df.join(users, "user_raw")
+    df = df.join(F.broadcast(item_ids.join(items_ok, "item_raw")), "item_raw").join(warm_u, "user_raw", "left").join(F.broadcast(warm_i), "item_raw", "left")
     warm = (F.col("_wu").isNotNull() & F.col("_wi").isNotNull()).cast("int")
     rows = _by_user(df.select(  # only what the table keeps (and the order) goes through the history pass
         "_pos", "_first_pos", F.col("user_id").cast("int"), F.col("item_id").cast("int"), "label", "timestamp",
