@@ -291,16 +291,16 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
 
     # One shuffle of the rows, by raw user id: the user-id join, the warm-user join and the history pass all
     # use it. The item-side tables (one row per item) are broadcast to it.
-    numeric = F.col("user_raw").try_cast("long")
-    user_key = [numeric.asc_nulls_last(), "user_raw"] if user_id_order == "numeric" else ["user_raw"]
-    users = index_in_order(df.select("user_raw").distinct(), user_key, "user_id")
-    # Items are numbered by the first row in (user id, ORDER) order; the user id follows the raw id's order, so the
-    # raw id stands in for it and this aggregate needs no join with the user ids (nor a shuffle of the rows for it).
-    by_user_id = [numeric.isNull(), numeric, "user_raw"] if user_id_order == "numeric" else ["user_raw"]
-    first_seen = df.groupBy("item_raw").agg(F.min(F.struct(*by_user_id, *ORDER)).alias("_k"))
+    numeric = F.col("user_raw").try_cast("long")  # numeric order: numbers first, by value; then the rest as text
+    user_order = [numeric.isNull(), numeric, "user_raw"] if user_id_order == "numeric" else ["user_raw"]
+    users = index_in_order(df.select("user_raw").distinct(), user_order, "user_id")
+    # Items are numbered by the first row in (user id, ORDER) order; user ids follow `user_order`, so it stands in
+    # for them and this aggregate needs no join with the user ids (nor a shuffle of the rows for it).
+    first_seen = df.groupBy("item_raw").agg(F.min(F.struct(*user_order, *ORDER)).alias("_k"))
     item_ids = index_in_order(first_seen, ["_k"], "item_id").drop("_k")
     df = df.join(users, "user_raw")
-    df = df.join(F.broadcast(item_ids.join(items_ok, "item_raw")), "item_raw").join(warm_u, "user_raw", "left").join(F.broadcast(warm_i), "item_raw", "left")
+    df = (df.join(F.broadcast(item_ids.join(items_ok, "item_raw")), "item_raw")  # the title returns here
+          .join(warm_u, "user_raw", "left").join(F.broadcast(warm_i), "item_raw", "left"))
     warm = (F.col("_wu").isNotNull() & F.col("_wi").isNotNull()).cast("int")
     rows = _by_user(df.select(  # only what the table keeps (and the order) goes through the history pass
         "_pos", "_first_pos", F.col("user_id").cast("int"), F.col("item_id").cast("int"), "label", "timestamp",
