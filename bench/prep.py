@@ -53,19 +53,20 @@ def pss(p: psutil.Process) -> tuple[int, str]:
 
 
 def measure(cmd: list[str], mem_cap_gb: float | None = None) -> dict:
-    """Run cmd; sample the memory of its process tree every 0.2 s (PSS, see pss()); kill it past mem_cap_gb.
+    """Run cmd; sample the memory of its process tree every 0.2 s (PSS, see pss()); kill it past mem_cap_gb. The
+    peak is kept with its time (seconds since the start) and its largest processes.
     Output goes to a file, not a pipe, so that a chatty run cannot fill the pipe and stall."""
     t0 = time.time()
     with tempfile.TemporaryFile(mode="w+") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
                                      "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
-        root, peak, killed, at_peak = psutil.Process(proc.pid), 0, False, []
+        root, peak, peak_at, killed, at_peak = psutil.Process(proc.pid), 0, 0.0, False, []
         while proc.poll() is None:
             each = [pss(p) for p in [root, *tree(root)]]
             used = sum(r for r, _ in each)
             if used > peak:
-                peak, at_peak = used, sorted(each, reverse=True)[:4]
+                peak, peak_at, at_peak = used, time.time() - t0, sorted(each, reverse=True)[:4]
             if mem_cap_gb and used > mem_cap_gb * 2**30:
                 for p in [*tree(root), root]:
                     p.kill()
@@ -75,7 +76,7 @@ def measure(cmd: list[str], mem_cap_gb: float | None = None) -> dict:
         proc.wait()
         log.seek(0)
         out = log.read()
-    return {"seconds": round(time.time() - t0, 1), "peak_gb": round(peak / 2**30, 2),
+    return {"seconds": round(time.time() - t0, 1), "peak_gb": round(peak / 2**30, 2), "peak_at_s": round(peak_at, 1),
             "peak_processes": [f"{name} {r / 2**30:.2f} GiB" for r, name in at_peak],
             "ok": proc.returncode == 0 and not killed, "killed_at_cap": killed, "tail": out[-600:], "commit": commit(),
             "steps": steps(out)}
