@@ -1,6 +1,6 @@
 """Benchmark: the Spark pipeline vs a plain pandas implementation of the same protocol, same run.
 
-    python bench/prep.py [--sizes 200000,2000000,20000000] [--pandas-max 20000000] [--mem-cap-gb 20]
+    python bench/prep.py [--sizes 200000,2000000,20000000] [--pandas-max 20000000] [--mem-cap-gb 20] [--driver-memory 12g]
 
 For each size a synthetic log is generated (pipeline/synth.py; users = rows/20, items = rows/100,
 so 20M rows = 1M users x 200k items), then both implementations process it. Reported per size: wall
@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-SUBMIT = [str(Path(sys.executable).parent / "spark-submit"), "--driver-memory", "12g"]
+SPARK_SUBMIT = str(Path(sys.executable).parent / "spark-submit")
 
 
 def commit() -> str:
@@ -117,17 +117,19 @@ def main() -> int:
     ap.add_argument("--sizes", default="200000,2000000,20000000")
     ap.add_argument("--pandas-max", type=int, default=20_000_000, help="largest size to try with pandas")
     ap.add_argument("--mem-cap-gb", type=float, default=20.0)
+    ap.add_argument("--driver-memory", default="12g", help="Spark's heap (local mode: the driver runs the tasks)")
     ap.add_argument("--only", choices=("spark", "pandas"), help="run one side only (results merge by size)")
     ap.add_argument("--workdir", type=Path, default=REPO / "out" / "bench")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "prep.json")
     args = ap.parse_args()
+    submit = [SPARK_SUBMIT, "--driver-memory", args.driver_memory]
     results = []
     for rows in [int(s) for s in args.sizes.split(",")]:
         raw, out_s, out_p = (args.workdir / f"{k}-{rows}" for k in ("raw", "spark", "pandas"))
         for d in (out_s, out_p):
             shutil.rmtree(d, ignore_errors=True)
         if not (raw / "items").exists():
-            gen = measure([*SUBMIT, "pipeline/synth.py", "--rows", str(rows), "--users", str(rows // 20),
+            gen = measure([*submit, "pipeline/synth.py", "--rows", str(rows), "--users", str(rows // 20),
                            "--items", str(rows // 100), "--output", str(raw)])
             assert gen["ok"], gen["tail"]
         row = {"rows": rows, "users": rows // 20, "items": rows // 100}
@@ -135,7 +137,7 @@ def main() -> int:
         if args.only != "pandas":
             shutil.rmtree(events, ignore_errors=True)
             events.mkdir(parents=True)
-            row["spark"] = measure([*SUBMIT, "--conf", "spark.eventLog.enabled=true", "--conf",
+            row["spark"] = measure([*submit, "--conf", "spark.eventLog.enabled=true", "--conf",
                                     f"spark.eventLog.dir={events}", "--conf", "spark.eventLog.compress=false",
                                     "pipeline/prep.py", "--config", "configs/synthetic.yaml",
                                     "--input", str(raw), "--output", str(out_s)])
@@ -143,6 +145,7 @@ def main() -> int:
             manifest = json.loads((out_s / "manifest.json").read_text())
             row["rows_out"] = manifest["rows_out"]
             row["spark"]["prep_seconds"] = manifest["seconds"]
+            row["spark"]["driver_memory"] = args.driver_memory
             row["spark"].update({k: manifest["spark"][k] for k in ("jobs", "stages", "tasks")})
             row["spark"]["task_seconds_by_step"] = task_seconds_by_step(events, row["spark"]["steps"])
         if rows <= args.pandas_max and args.only != "spark":

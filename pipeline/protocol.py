@@ -28,6 +28,7 @@ REJECT_SCHEMA = ("file string, line long, pos long, source string, category stri
 ORDER = ("timestamp", "_first_pos", "_pos")
 EXCLUDED = ("outside_window", "filtered")  # reject codes of valid rows the protocol leaves out (category excluded)
 DUP_BROADCAST_ROWS = 2_000_000  # repeated (user, item, timestamp) keys up to this many are broadcast to the rows
+REJECTS_BROADCAST_ROWS = 2_000_000  # rejects up to this many are broadcast to the scan that finds their raw text
 KEPT = ("user_raw", "item_raw", "_pos", "_first_pos", "rating", "timestamp", "month")  # past the rejects
 
 
@@ -77,6 +78,21 @@ def _as_rejects(df: DataFrame, source: str, category: str | Column) -> DataFrame
         F.col("_reason").alias("reason"), F.make_valid_utf8("_raw").alias("raw"),
         F.col("_raw").cast("binary").alias("raw_bytes"),
     )
+
+
+def interaction_rejects(df: DataFrame, source_rows: DataFrame, category: Column) -> DataFrame:
+    """The rejected rows of `df` (those with a code) with their file and raw text taken back from `source_rows`,
+    the reader's rows, by a second scan of the input: the checkpoints keep neither (at 20M rows they were most of
+    a checkpoint's bytes, for rows that are usually all kept). The rejects are few as a rule and broadcast to that
+    scan (beyond REJECTS_BROADCAST_ROWS the two are joined); without rejects the input is not read again."""
+    keys = df.where(F.col("_code").isNotNull()).select(
+        "_pos", "_code", "_reason", category.alias("_category")).localCheckpoint()
+    n = keys.count()
+    text = source_rows.select("_pos", "_file", "_line", "_raw")
+    if n == 0:
+        text = text.limit(0)  # Spark plans an empty relation: no scan
+    joined = text.join(F.broadcast(keys) if n <= REJECTS_BROADCAST_ROWS else keys, "_pos")
+    return _as_rejects(joined, "interactions", F.col("_category"))
 
 
 def validate_items(items: DataFrame) -> tuple[DataFrame, DataFrame]:
@@ -266,7 +282,8 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     spark.conf.set("spark.sql.session.timeZone", "UTC")
     items_ok, item_rejects = validate_items(raw.items)
     items_file = ", ".join(p.name for p in raw.item_files)
-    validated = validate_interactions(raw.interactions, items_ok, cfg, items_file).localCheckpoint()
+    # Without the file name and raw text: the rejects take them back from the input (interaction_rejects).
+    validated = validate_interactions(raw.interactions, items_ok, cfg, items_file).drop("_file", "_raw").localCheckpoint()
     df = mark_duplicates(validated)
     first_pos = df.where(F.col("_code").isNull()).groupBy("item_raw").agg(
         F.min("_pos").alias("_first_pos"))  # over every valid row
@@ -279,7 +296,7 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     # Invalid and excluded rows in one scan of the checkpoint (a row keeps its first code; the codes say which).
     # The rejects need no item order: it is joined after the split into kept and rejected rows.
     category = F.when(F.col("_code").isin(*EXCLUDED), "excluded").otherwise("invalid")
-    rejects = _as_rejects(df.where(F.col("_code").isNotNull()), "interactions", category)
+    rejects = interaction_rejects(df, raw.interactions, category)
     df = df.where(F.col("_code").isNull()).join(F.broadcast(first_pos), "item_raw").select(*KEPT)  # bookkeeping columns: rejects only
 
     op = {"ge": F.col("rating") >= cfg.label.threshold, "eq": F.col("rating") == cfg.label.threshold,

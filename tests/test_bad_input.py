@@ -78,6 +78,7 @@ def test_each_bad_row_has_its_reason_file_and_line(spark, bad_run) -> None:
         r = rejects[("interactions", line_no)]
         assert r["code"] == code and r["file"].endswith("ratings.dat")
         assert r["category"] == ("excluded" if code == "outside_window" else "invalid")
+        assert (r["raw_bytes"], r["pos"]) == (RATINGS[line_no - 1][0], line_no - 1)  # the input's own line
     assert rejects[("interactions", 3)]["reason"] == "duplicate (user, item, timestamp) of line 2"
     assert "unknown item id 7 (not in movies.dat)" in rejects[("interactions", 4)]["reason"]
     assert "rating out of range [1, 5]: 9.0" in rejects[("interactions", 7)]["reason"]
@@ -92,6 +93,19 @@ def test_each_bad_row_has_its_reason_file_and_line(spark, bad_run) -> None:
     assert rejects[("interactions", 19)]["reason"] == "bad type: MovieID (ML-1M) x1 is not a positive integer"
     assert rejects[("items", 3)]["code"] == "malformed_line"
     assert rejects[("items", 5)]["reason"] == "duplicate item id 1 (first on line 1)"
+
+
+def test_a_run_without_rejects_writes_the_same_rejects_schema(bad_run, tmp_path) -> None:
+    """Without bad rows the rejects table is empty (the input is not read a second time for their raw text) but
+    has the same columns and types as one with rejects."""
+    import pyarrow.dataset as ds
+
+    (tmp_path / "movies.dat").write_bytes(b"\n".join(MOVIES[:2]) + b"\n")
+    (tmp_path / "ratings.dat").write_bytes(b"\n".join(line for line, _ in RATINGS[:2]) + b"\n")
+    m = run(config("ml-1m", source={"input_dir": str(tmp_path)}), tmp_path, tmp_path / "out")
+    clean, bad = ds.dataset(tmp_path / "out" / "rejects"), ds.dataset(bad_run[1] / "rejects")
+    assert m["rows_out"] == 2 and clean.count_rows() == 0 and bad.count_rows() > 0
+    assert clean.schema.remove_metadata() == bad.schema.remove_metadata()
 
 
 def test_kept_rows_and_latin1_titles(spark, bad_run) -> None:
@@ -141,6 +155,8 @@ def test_every_format_checks_the_types_it_declares(spark, tmp_path) -> None:
     assert m["rejects"]["interactions"]["invalid"] == {"bad_type": 2} and m["rows_out"] == 1
     reasons = {r["line"]: r["reason"] for r in spark.read.parquet(str(tmp_path / "out-table" / "rejects")).collect()}
     assert reasons == {3: "bad type: user 0 is not a positive integer", 4: "bad type: stars 2.5 is not a whole number of stars"}
+    raw = {r["line"]: r["raw"] for r in spark.read.parquet(str(tmp_path / "out-table" / "rejects")).collect()}
+    assert raw == {3: "0,i1,4,1710000100", 4: "2,i1,2.5,1710000200"}
 
     c = tmp_path / "collm"
     c.mkdir()
