@@ -10,6 +10,9 @@ from pyspark.sql import SparkSession
 from pipeline.config import SparkConfig
 
 
+SPLITS_PER_CORE = 4
+
+
 def is_local(master: str) -> bool:
     return master == "local" or master.startswith("local[")
 
@@ -42,6 +45,9 @@ def get_spark(cfg: SparkConfig, master: str | None = None, app: str = "sellarec-
             .config("spark.driver.memory", cfg.driver_memory)
         )
     spark = builder.getOrCreate()
+    # Input scans: at least SPLITS_PER_CORE splits per core, so that the cores finish together (Spark's default is one
+    # per core, capped at 128 MB a split: 300 MB of Parquet on 2 cores made 3 tasks, and one core sat out the last).
+    spark.conf.set("spark.sql.files.minPartitionNum", str(SPLITS_PER_CORE * spark.sparkContext.defaultParallelism))
     return spark
 
 
