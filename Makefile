@@ -5,7 +5,8 @@ TARGET ?= cpu
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYTHONPATH := $(CURDIR)
-SUBMIT := spark-submit --driver-memory 4g
+# The collector: pipeline/spark.py (DRIVER_JAVA_OPTIONS) says why.
+SUBMIT := spark-submit --driver-memory 4g --driver-java-options -XX:+UseParallelGC
 DEEPSPEED := deepspeed --hostfile scripts/hostfile.local --no_ssh_check --master_addr 127.0.0.1
 
 .PHONY: setup demo test test-fast prep-ml1m prep-collm lora-collm collab-collm results-collm gpu-payload bench-prep bench-llm bench-sella bench-collab clean

@@ -1,6 +1,7 @@
 """Benchmark: the Spark pipeline vs a plain pandas implementation of the same protocol, same run.
 
     python bench/prep.py [--sizes 200000,2000000,20000000] [--pandas-max 20000000] [--mem-cap-gb 20] [--driver-memory 12g]
+        [--driver-java-options=-XX:+UseParallelGC]
 
 For each size a synthetic log is generated (pipeline/synth.py; users = rows/20, items = rows/100,
 so 20M rows = 1M users x 200k items), then both implementations process it. Reported per size: wall
@@ -25,6 +26,10 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.spark import DRIVER_JAVA_OPTIONS
+
 SPARK_SUBMIT = str(Path(sys.executable).parent / "spark-submit")
 
 
@@ -118,11 +123,14 @@ def main() -> int:
     ap.add_argument("--pandas-max", type=int, default=20_000_000, help="largest size to try with pandas")
     ap.add_argument("--mem-cap-gb", type=float, default=20.0)
     ap.add_argument("--driver-memory", default="12g", help="Spark's heap (local mode: the driver runs the tasks)")
+    ap.add_argument("--driver-java-options", default=DRIVER_JAVA_OPTIONS,
+                    help="JVM flags for Spark's driver (default: prep's, pipeline/spark.py); pass as --driver-java-options=...")
     ap.add_argument("--only", choices=("spark", "pandas"), help="run one side only (results merge by size)")
     ap.add_argument("--workdir", type=Path, default=REPO / "out" / "bench")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "prep.json")
     args = ap.parse_args()
-    submit = [SPARK_SUBMIT, "--driver-memory", args.driver_memory]
+    submit = [SPARK_SUBMIT, "--driver-memory", args.driver_memory,
+              *(["--driver-java-options", args.driver_java_options] if args.driver_java_options else [])]
     results = []
     for rows in [int(s) for s in args.sizes.split(",")]:
         raw, out_s, out_p = (args.workdir / f"{k}-{rows}" for k in ("raw", "spark", "pandas"))
@@ -146,6 +154,7 @@ def main() -> int:
             row["rows_out"] = manifest["rows_out"]
             row["spark"]["prep_seconds"] = manifest["seconds"]
             row["spark"]["driver_memory"] = args.driver_memory
+            row["spark"]["driver_java_options"] = args.driver_java_options
             row["spark"].update({k: manifest["spark"][k] for k in ("jobs", "stages", "tasks")})
             row["spark"]["task_seconds_by_step"] = task_seconds_by_step(events, row["spark"]["steps"])
         if rows <= args.pandas_max and args.only != "spark":

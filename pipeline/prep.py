@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Turn raw interaction logs into SeLLa-Rec training data (tables, shards, manifest).",
         epilog="examples:\n"
                "  spark-submit pipeline/prep.py --config configs/ml-100k.yaml\n"
-               "  spark-submit --driver-memory 12g pipeline/prep.py --config configs/ml-1m.yaml "
+               "  spark-submit --driver-memory 12g --driver-java-options -XX:+UseParallelGC pipeline/prep.py "
+               "--config configs/ml-1m.yaml "
                "--input /data/ml-1m --output out/ml-1m --overwrite\n"
                "configs: configs/*.yaml; output layout and reject codes: docs/data.md",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -162,7 +162,9 @@ def _shard_writer(shard_dir: str):
             yield pa.RecordBatch.from_pylist([], schema=SHARD_RESULT)
             return
         table = pa.Table.from_batches(batches)
+        batches = None  # the sorted copy below is the only one kept: a worker holds the partition once, not twice
         table = table.take(pc.sort_indices(table, [(c, "ascending") for c in ("split", "_shard", "_h", "row_id")]))
+        pa.default_memory_pool().release_unused()
         splits = table.column("split").to_numpy(zero_copy_only=False)
         shard_no = table.column("_shard").to_numpy()
         cut = np.flatnonzero((splits[1:] != splits[:-1]) | (shard_no[1:] != shard_no[:-1])) + 1
