@@ -27,8 +27,7 @@ REJECT_SCHEMA = ("file string, line long, pos long, source string, category stri
                  "raw string, raw_bytes binary")
 ORDER = ("timestamp", "_first_pos", "_pos")
 EXCLUDED = ("outside_window", "filtered")  # reject codes of valid rows the protocol leaves out (category excluded)
-DUP_BROADCAST_ROWS = 2_000_000  # repeated (user, item, timestamp) keys up to this many are broadcast to the rows
-REJECTS_BROADCAST_ROWS = 2_000_000  # rejects up to this many are broadcast to the scan that finds their raw text
+BROADCAST_ROWS = 2_000_000  # a side table (repeated keys, reject keys) up to this many rows is broadcast to the rows
 KEPT = ("user_raw", "item_raw", "_pos", "_first_pos", "rating", "timestamp", "month")  # past the rejects
 
 
@@ -80,18 +79,25 @@ def _as_rejects(df: DataFrame, source: str, category: str | Column) -> DataFrame
     )
 
 
+def usually_small(df: DataFrame) -> tuple[DataFrame, int]:
+    """Checkpoint a side table that is usually small and count it: it comes back marked for broadcast when it has at
+    most BROADCAST_ROWS rows (Spark cannot size a checkpoint, so it would shuffle the big side for it)."""
+    df = df.localCheckpoint()
+    n = df.count()
+    return (F.broadcast(df) if n <= BROADCAST_ROWS else df), n
+
+
 def interaction_rejects(df: DataFrame, source_rows: DataFrame, category: Column) -> DataFrame:
     """The rejected rows of `df` (those with a code) with their file and raw text taken back from `source_rows`,
     the reader's rows, by a second scan of the input: the checkpoints keep neither (at 20M rows they were most of
     a checkpoint's bytes, for rows that are usually all kept). The rejects are few as a rule and broadcast to that
-    scan (beyond REJECTS_BROADCAST_ROWS the two are joined); without rejects the input is not read again."""
-    keys = df.where(F.col("_code").isNotNull()).select(
-        "_pos", "_code", "_reason", category.alias("_category")).localCheckpoint()
-    n = keys.count()
+    scan (usually_small); without rejects the input is not read again."""
+    keys, n = usually_small(df.where(F.col("_code").isNotNull()).select(
+        "_pos", "_code", "_reason", category.alias("_category")))
     text = source_rows.select("_pos", "_file", "_line", "_raw")
     if n == 0:
         text = text.limit(0)  # Spark plans an empty relation: no scan
-    joined = text.join(F.broadcast(keys) if n <= REJECTS_BROADCAST_ROWS else keys, "_pos")
+    joined = text.join(keys, "_pos")
     return _as_rejects(joined, "interactions", F.col("_category"))
 
 
@@ -129,12 +135,12 @@ def validate_interactions(inter: DataFrame, items: DataFrame, cfg: ProtocolConfi
 def mark_duplicates(df: DataFrame) -> DataFrame:
     """Mark the repeats of a (user, item, timestamp) key among the rows without a code: every row after the first
     (by input position) is a duplicate_row. The repeated keys come from a narrow aggregate, so the rows themselves
-    are not shuffled; they are broadcast back to the rows (usually few; beyond DUP_BROADCAST_ROWS they join)."""
+    are not shuffled; they are broadcast back to the rows (usually_small)."""
     key = ["user_raw", "item_raw", "timestamp"]
     dups = df.where(F.col("_code").isNull()).groupBy(*key).agg(
         F.count(F.lit(1)).alias("_n"), F.min("_pos").alias("_first"), F.min_by("_line", "_pos").alias("_first_line"),
-    ).where(F.col("_n") > 1).drop("_n").localCheckpoint()
-    df = df.join(F.broadcast(dups) if dups.count() <= DUP_BROADCAST_ROWS else dups, key, "left")
+    ).where(F.col("_n") > 1).drop("_n")
+    df = df.join(usually_small(dups)[0], key, "left")
     return mark_first_failure(df, [(F.col("_code").isNull() & (F.col("_pos") > F.col("_first")), "duplicate_row",
                                     F.format_string("duplicate (user, item, timestamp) of line %d",
                                                     F.col("_first_line")))]).drop("_first", "_first_line")
