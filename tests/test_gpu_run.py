@@ -102,3 +102,16 @@ def test_a_damaged_part_is_named(payload: tuple[Path, str], tmp_path: Path) -> N
     proc = subprocess.run([sys.executable, "scripts/gpu/payload.py", "unpack", "--payload", str(broken), "--target",
                            str(tmp_path / "t"), "--no-install"], cwd=REPO, capture_output=True, text=True, check=False)
     assert proc.returncode != 0 and f"{piece} is missing or damaged" in proc.stderr and piece.parent.name in proc.stderr
+
+
+@pytest.mark.parametrize(("rows", "error"), [
+    ("sella,nope", "no row 'nope' (configs/gpu/comparison/nope.yaml)"),
+    ("text-only,popularity", "must include sella"),
+    ("sella,collm-like", "collm-like reads mf's tables, list mf too"),
+])
+def test_rows_are_checked_before_anything_runs(rows: str, error: str, tmp_path: Path) -> None:
+    """`run.sh --rows` (a subset when the host's time does not fit every row) names a bad list before it unpacks."""
+    proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--rows", rows, "--results", str(tmp_path / "r"),
+                           "--target", str(tmp_path / "t")], cwd=REPO, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and error in proc.stderr
+    assert not (tmp_path / "t").exists() and not (tmp_path / "r").exists()

@@ -6,6 +6,7 @@
 #   scripts/gpu/run.sh --dry-run --data-name ml-100k --results DIR   # the same path on CPU: tiny model, gloo
 #   scripts/gpu/run.sh --bench ...        # then bench/llm_train.py and bench/collab.py (each with its baseline)
 #   scripts/gpu/run.sh --set lora.micro_batch=64 ...   # config overrides for every launch (repeatable)
+#   scripts/gpu/run.sh --rows sella,text-only,popularity  # some rows only (sella always: the others read its stages)
 #
 # Steps: (1) check the parts against their manifest, join the model, unpack the prep output and install the kit
 # (scripts/gpu/payload.py unpack); (2) check FBGEMM's CUDA table kernels against a reference on a few fused
@@ -19,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
 PAYLOAD=$REPO/.gpu-payload TARGET=/tmp/sellarec RESULTS=${OUT:-$REPO/results/gpu} MINUTES=9 DRY=0 DATA_NAME=collm-ml-1m
-BENCH=0 EXTRA=()
+BENCH=0 EXTRA=() ROWS=sella,text-only,popularity,mf,collm-like,sella-no-warm
 while [ $# -gt 0 ]; do
   case $1 in
     --payload) PAYLOAD=$(realpath "$2"); shift 2;;
@@ -30,10 +31,16 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1; shift;;
     --bench) BENCH=1; shift;;
     --set) EXTRA+=("$2"); shift 2;;
-    -h|--help) sed -n 2,17p "$0"; exit 0;;
+    --rows) ROWS=$2; shift 2;;
+    -h|--help) sed -n 2,18p "$0"; exit 0;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
 done
+for r in ${ROWS//,/ }; do
+  [ -f "configs/gpu/comparison/$r.yaml" ] || { echo "run.sh: --rows: no row '$r' (configs/gpu/comparison/$r.yaml)" >&2; exit 2; }
+done
+[[ ,$ROWS, == *,sella,* ]] || { echo "run.sh: --rows must include sella: every other row reads its stages" >&2; exit 2; }
+[[ ,$ROWS, != *,collm-like,* || ,$ROWS, == *,mf,* ]] || { echo "run.sh: --rows: collm-like reads mf's tables, list mf too" >&2; exit 2; }
 mkdir -p "$RESULTS" "$TARGET"
 RESULTS=$(realpath "$RESULTS") TARGET=$(realpath "$TARGET")
 exec > >(tee "$RESULTS/run.log") 2>&1
@@ -111,6 +118,10 @@ await() {  # NAME: wait for another lane's mark; fails when that step failed
   [ -e "$WORK/.marks/$1.ok" ]
 }
 
+wanted() {  # ROW: true when --rows lists it
+  [[ ,$ROWS, == *,$1,* ]]
+}
+
 needs_tables() {  # ROW: false (and the row skipped) when the table kernels failed their check
   [ $TABLES = 1 ] && return 0
   printf '%s\t-\t0\tskipped: needs the table kernels\n' "$1" >> "$RESULTS/timing.tsv"; return 1
@@ -127,11 +138,13 @@ rm -f "$WORK"/.marks/*
     else mark collab failed; fi
   else mark lora failed; mark collab failed; fi; } &
 LANES=($!)
-{ row popularity eval || true
-  if needs_tables mf && row mf collab,eval && await lora; then row collm-like sella,eval || true; fi
-  if await lora; then row text-only eval || true; fi; } &
+{ if wanted popularity; then row popularity eval || true; fi
+  if wanted mf && needs_tables mf && row mf collab,eval && wanted collm-like && await lora; then
+    row collm-like sella,eval || true
+  fi
+  if wanted text-only && await lora; then row text-only eval || true; fi; } &
 LANES+=($!)
-{ if needs_tables sella-no-warm && await collab; then row sella-no-warm sella,eval || true; fi; } &
+{ if wanted sella-no-warm && needs_tables sella-no-warm && await collab; then row sella-no-warm sella,eval || true; fi; } &
 LANES+=($!)
 wait "${LANES[@]}"  # the lanes only: a plain wait would also wait for the log's tee
 
@@ -152,8 +165,8 @@ if [ $BENCH = 1 ] && [ $DRY = 0 ]; then
 fi
 
 say "collecting results"
-(cd "$WORK" && $PY "$REPO/scripts/results_table.py" $(printf "$REPO/configs/gpu/comparison/%s.yaml " \
-    sella text-only popularity mf collm-like sella-no-warm) --stages > "$RESULTS/table.md") || say "no results table"
+(cd "$WORK" && $PY "$REPO/scripts/results_table.py" $(printf "$REPO/configs/gpu/comparison/%s.yaml " ${ROWS//,/ }) \
+    --stages > "$RESULTS/table.md") || say "no results table"
 # what comes back from the host (8 files at most): summaries, metrics, per-row scores, TensorBoard scalars and the logs;
 # no weights, checkpoints, exports or TensorBoard projector tensors
 (cd "$WORK" && find runs logs -type f \( -path '*/ckpt/*' -o -path '*/export/*' -o -path '*/chunks/*' \
