@@ -5,6 +5,7 @@
 #   scripts/gpu/run.sh --results "$OUT"   # there, in the repository copy, after the last part arrived
 #   scripts/gpu/run.sh --dry-run --data-name ml-100k --results DIR   # the same path on CPU: tiny model, gloo
 #   scripts/gpu/run.sh --bench ...        # then bench/llm_train.py and bench/collab.py (each with its baseline)
+#   scripts/gpu/run.sh --bench-only ...   # the two benchmarks without the comparison rows
 #   scripts/gpu/run.sh --set lora.micro_batch=64 ...   # config overrides for every launch (repeatable)
 #   scripts/gpu/run.sh --rows sella,text-only,popularity  # some rows only (sella always: the others read its stages)
 #
@@ -30,16 +31,17 @@ while [ $# -gt 0 ]; do
     --data-name) DATA_NAME=$2; shift 2;;
     --dry-run) DRY=1; shift;;
     --bench) BENCH=1; shift;;
+    --bench-only) BENCH=1 ROWS=; shift;;
     --set) EXTRA+=("$2"); shift 2;;
     --rows) ROWS=$2; shift 2;;
-    -h|--help) sed -n 2,18p "$0"; exit 0;;
+    -h|--help) sed -n 2,19p "$0"; exit 0;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
 done
 for r in ${ROWS//,/ }; do
   [ -f "configs/gpu/comparison/$r.yaml" ] || { echo "run.sh: --rows: no row '$r' (configs/gpu/comparison/$r.yaml)" >&2; exit 2; }
 done
-[[ ,$ROWS, == *,sella,* ]] || { echo "run.sh: --rows must include sella: every other row reads its stages" >&2; exit 2; }
+[[ -z $ROWS || ,$ROWS, == *,sella,* ]] || { echo "run.sh: --rows must include sella: every other row reads its stages" >&2; exit 2; }
 [[ ,$ROWS, != *,collm-like,* || ,$ROWS, == *,mf,* ]] || { echo "run.sh: --rows: collm-like reads mf's tables, list mf too" >&2; exit 2; }
 mkdir -p "$RESULTS" "$TARGET"
 RESULTS=$(realpath "$RESULTS") TARGET=$(realpath "$TARGET")
@@ -132,6 +134,7 @@ needs_tables() {  # ROW: false (and the row skipped) when the table kernels fail
 # popularity, MF, CoLLM-like (MF tables + lane 1's adapter) and text-only in lane 2, and SeLLa-Rec without
 # <Warm_ID> (lane 1's aligned tables) in lane 3. Every launch stops at the deadline, so the results always come back.
 rm -f "$WORK"/.marks/*
+if [ -n "$ROWS" ]; then
 { if row sella lora; then
     mark lora ok
     if [ $TABLES = 1 ] && row sella distill,collab; then mark collab ok; row sella sella,eval || true
@@ -147,6 +150,7 @@ LANES+=($!)
 { if wanted sella-no-warm && needs_tables sella-no-warm && await collab; then row sella-no-warm sella,eval || true; fi; } &
 LANES+=($!)
 wait "${LANES[@]}"  # the lanes only: a plain wait would also wait for the log's tee
+fi
 
 bench() {  # NAME SECONDS COMMAND...: one benchmark (it measures its own baseline) when SECONDS fit the deadline
   local name=$1 need=$2 t0 rc=0; shift 2
@@ -160,16 +164,19 @@ bench() {  # NAME SECONDS COMMAND...: one benchmark (it measures its own baselin
 ' "$name" $(( $(date +%s) - t0 )) "$([ $rc = 0 ] && echo ok || echo "failed ($rc)")" >> "$RESULTS/timing.tsv"
 }
 if [ $BENCH = 1 ] && [ $DRY = 0 ]; then
-  bench bench-llm 180 $PY bench/llm_train.py --data "$DATA" --model "${SETS[0]#llm.model=}" --out "$RESULTS/llm_train.json"
+  # stage 1's GPU batch (128 prompts in one micro-batch, bf16, 10 history titles) on both sides, few steps: ZeRO-3
+  # is the slow side on one GPU
+  bench bench-llm 180 $PY bench/llm_train.py --config configs/gpu/collm-ml-1m.yaml --micro-batch 128 --grad-accum 1 \
+    --steps 5 --data "$DATA" --model "${SETS[0]#llm.model=}" --out "$RESULTS/llm_train.json"
   [ $TABLES = 1 ] && bench bench-collab 120 $PY bench/collab.py --out "$RESULTS/collab.json"
 fi
 
 say "collecting results"
-(cd "$WORK" && $PY "$REPO/scripts/results_table.py" $(printf "$REPO/configs/gpu/comparison/%s.yaml " ${ROWS//,/ }) \
+[ -z "$ROWS" ] || (cd "$WORK" && $PY "$REPO/scripts/results_table.py" $(printf "$REPO/configs/gpu/comparison/%s.yaml " ${ROWS//,/ }) \
     --stages > "$RESULTS/table.md") || say "no results table"
 # what comes back from the host (8 files at most): summaries, metrics, per-row scores, TensorBoard scalars and the logs;
 # no weights, checkpoints, exports or TensorBoard projector tensors
-(cd "$WORK" && find runs logs -type f \( -path '*/ckpt/*' -o -path '*/export/*' -o -path '*/chunks/*' \
+(cd "$WORK" && find $(ls -d runs logs 2>/dev/null) -type f \( -path '*/ckpt/*' -o -path '*/export/*' -o -path '*/chunks/*' \
     -o -path '*/tb/*/[0-9]*/*' -o -name '*.safetensors' -o -name '*.gguf' \) -prune -o -type f -print \
   | tar -czf "$RESULTS/results.tar.gz" -T -)
 cat "$RESULTS/timing.tsv"
