@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -77,6 +78,27 @@ def test_dry_run_runs_every_row_from_the_parts(payload: tuple[Path, str], tmp_pa
     assert (tmp_path / "target" / ".unpacked").is_file()  # a second run.sh on the same host skips the unpack
 
 
+def test_dry_run_of_some_rows_runs_sella_upstream_only(payload: tuple[Path, str], tmp_path: Path) -> None:
+    """`--rows mf,collm-like,sella-no-warm`: the rows a run at one epoch per stage leaves for a second host session.
+    SeLLa-Rec's stages 1-2 run as their upstream, its stage 3 and test do not."""
+    out, _ = payload
+    results = tmp_path / "results"
+    proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--dry-run", "--data-name", "ml-100k", "--payload", str(out),
+                           "--target", str(tmp_path / "target"), "--results", str(results),
+                           "--rows", "mf,collm-like,sella-no-warm"],
+                          cwd=REPO, capture_output=True, text=True, check=False, env={
+                              **os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    timing = [line.split("\t") for line in (results / "timing.tsv").read_text().splitlines()[1:]]
+    assert sorted((row, stage) for row, stage, *_ in timing) == sorted([
+        ("sella", "lora"), ("sella", "distill,collab"), ("mf", "collab,eval"), ("collm-like", "sella,eval"),
+        ("sella-no-warm", "sella,eval")])
+    assert all(status == "ok" for *_, status in timing)
+    table = (results / "table.md").read_text().split("\n\n")[0].splitlines()[2:]
+    assert [re.search(r"/([^/`]+\.yaml)`", line).group(1) for line in table] == [
+        "mf.yaml", "collm-like.yaml", "sella-no-warm.yaml"]
+
+
 def test_step_probe_times_engine_and_plain_loop(ml100k_out: Path, tmp_path: Path) -> None:
     """bench/llm_step.py (the GPU host's first check of where a stage-1 step goes) on CPU with the tiny model."""
     out = tmp_path / "llm_step.json"
@@ -106,7 +128,6 @@ def test_a_damaged_part_is_named(payload: tuple[Path, str], tmp_path: Path) -> N
 
 @pytest.mark.parametrize(("rows", "error"), [
     ("sella,nope", "no row 'nope' (configs/gpu/comparison/nope.yaml)"),
-    ("text-only,popularity", "must include sella"),
     ("sella,collm-like", "collm-like reads mf's tables, list mf too"),
 ])
 def test_rows_are_checked_before_anything_runs(rows: str, error: str, tmp_path: Path) -> None:
