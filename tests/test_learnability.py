@@ -1,11 +1,16 @@
-"""Stage 3 learns what only the collab tokens carry (2 CPU ranks, the tiny model, the real launcher).
+"""Stage 3 learns what only its collab tokens carry (2 CPU ranks, the tiny model, the real launcher).
 
 A log where the label depends on the item alone (a fixed half of the items is liked by everyone) and every
 item has the same title, so no text tells the items apart: a model must read <Item_ID> to fit it. Stage 3
-from random tables and a random projector must fit the train rows (AUC >= 0.95) in a bounded number of steps;
-the text-only model (stage 1, its LoRA trained for the same steps at the same lr) must not (AUC < 0.7). This
-guards the whole path: lookup in the TorchRec tables, projector, injection at the special token, and the
-gradient back into the tables and the projector.
+from random tables and a random projector must fit the train rows (AUC >= 0.95) in a bounded number of
+steps; the text-only model (stage 1, its LoRA trained for the same steps at the same lr) must not (AUC < 0.7).
+This guards the whole collab path: lookup in the TorchRec tables, projector, injection at the special token,
+and the gradient back into the tables and the projector; and that nothing in the text prompt leaks the item.
+
+The contrast is not "text cannot fit a label": LoRA over the tiny model's random frozen weights does not fit
+even a label the titles carry (measured in docs/results.md, 'Stage 1 on a log whose titles carry the label').
+Whether stage 1 reads titles is a property of a pretrained model; scripts/probe_stage1.py measures it on this
+log with one title per item (TITLES).
 """
 from __future__ import annotations
 
@@ -26,8 +31,13 @@ STEPS = {"max_steps": 40, "micro_batch": 4, "grad_accum": 1, "lr": 1e-2, "warmup
          "eval_rows": 16, "eval_batch": 16, "save_every": 40, "loss": "answer"}
 
 
-def per_item_log(raw: Path) -> None:
-    """Every user rates every item once, at seeded times over 2024-01..04; rating 5 for the liked half, else 1."""
+TITLES = ["Alien", "Brazil", "Casablanca", "Dumbo", "Fargo", "Gandhi", "Heat", "Jaws", "Memento", "Nosferatu",
+          "Psycho", "Rocky", "Scream", "Titanic", "Vertigo", "Zodiac"]  # one per item: scripts/probe_stage1.py's log
+
+
+def per_item_log(raw: Path, titles: list[str]) -> None:
+    """Every user rates every item once, at seeded times over 2024-01..04; rating 5 for the liked half, else 1.
+    Item i is titled titles[i - 1]."""
     rng = np.random.default_rng(0)
     liked = set((rng.permutation(ITEMS)[:ITEMS // 2] + 1).tolist())
     rows = []
@@ -39,19 +49,24 @@ def per_item_log(raw: Path) -> None:
     (raw / "items").mkdir()
     pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"]).to_parquet(
         raw / "interactions" / "part-0.parquet")
-    pd.DataFrame({"item_id": range(1, ITEMS + 1), "title": "A film"}).to_parquet(raw / "items" / "part-0.parquet")
+    pd.DataFrame({"item_id": range(1, ITEMS + 1), "title": titles}).to_parquet(raw / "items" / "part-0.parquet")
 
 
-@pytest.fixture(scope="module")
-def data(spark, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def prep(spark, base: Path, titles: list[str]) -> Path:
+    """The per-item log under base/raw, prepped to base/out (train 2024-01..02, valid 03, test 04)."""
     from pipeline.prep import run
 
-    base = tmp_path_factory.mktemp("learn")
-    per_item_log(base / "raw")
+    per_item_log(base / "raw", titles)
     cfg = config("synthetic", source={"input_dir": str(base / "raw")}, output={"shard_size": 64},
                  protocol={"split": {"origin": "2024-01", "train": [0, 1], "valid": [2, 2], "test": [3, 3]}})
     run(cfg, base / "raw", base / "out")
     return base / "out"
+
+
+@pytest.fixture(scope="module")
+def data(spark, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The log whose items share one title."""
+    return prep(spark, tmp_path_factory.mktemp("learn"), ["A film"] * ITEMS)
 
 
 def train_auc(cfg: Path, run: Path, model: str) -> float:
@@ -77,7 +92,6 @@ def test_stage3_fits_labels_only_the_collab_tokens_carry(data: Path, tmp_path: P
 def test_without_collab_tokens_the_same_budget_cannot_fit_them(data: Path, tmp_path: Path) -> None:
     run = tmp_path / "text"
     cfg = write_config(tmp_path / "text.yaml", data_dir=str(data), run_dir=str(run), llm=LLM,
-                       eval={"batch": 16, "baselines": []},
-                       lora=STEPS | {"r": 8})
+                       eval={"batch": 16, "baselines": []}, lora=STEPS | {"r": 8})
     finish(launch(cfg, "lora", 2))
     assert train_auc(cfg, run, "lora") < 0.7
