@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-from launcher.artifacts import DONE
-from pipeline.spark import get_spark
-from tests.conftest import config
+from tests.conftest import local_spark
 from tests.launch import finish, launch, write_config
-from tests.test_learnability import TITLES, prep
+from tests.test_learnability import TITLES, prep, train_fit
 
 
 def main() -> None:
@@ -34,8 +31,7 @@ def main() -> None:
     if args.out.exists():
         raise SystemExit(f"{args.out} exists: remove it or pass another --out")
     args.out.mkdir(parents=True)
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    spark = get_spark(config("ml-100k").spark.model_copy(update={"master": "local[2]", "shuffle_partitions": 4}))
+    spark = local_spark()
     data = prep(spark, args.out, TITLES)
     spark.stop()
     run = args.out / "run"
@@ -48,9 +44,7 @@ def main() -> None:
     start = time.time()
     finish(launch(cfg, "lora", 2), 6 * 3600)
     trained = time.time() - start
-    finish(launch(cfg, "eval", 2, "--set", "eval.model=lora", "--set", "eval.splits=[train]",
-                  "--set", "eval.rows=null"), 3600)
-    train = json.loads((run / DONE["eval"]).read_text())["train"]["overall"]
+    train = train_fit(cfg, run, "lora")
     steps = json.loads((run / "lora" / "summary.json").read_text())["steps"]
     low, high = train["auc_ci"]
     line = (f"stage 1, {args.model}, lr {args.lr}, {args.epochs} epochs ({steps} steps of 8 prompts, {trained:.0f} s): "

@@ -29,10 +29,15 @@ def config(name: str, **overrides: Any) -> Config:
     return parse_config(merge(base, overrides), schema=Config)
 
 
+def local_spark():
+    """A 2-core local Spark session bound to 127.0.0.1, with the test suite's small shuffle."""
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    return get_spark(config("ml-100k").spark.model_copy(update={"master": "local[2]", "shuffle_partitions": 4}))
+
+
 @pytest.fixture(scope="session")
 def spark():
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    session = get_spark(config("ml-100k").spark.model_copy(update={"master": "local[2]", "shuffle_partitions": 4}))
+    session = local_spark()
     yield session
     session.stop()
 

@@ -69,13 +69,13 @@ def data(spark, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return prep(spark, tmp_path_factory.mktemp("learn"), ["A film"] * ITEMS)
 
 
-def train_auc(cfg: Path, run: Path, model: str) -> float:
-    """Stage eval of `model` on every train row; its overall AUC."""
+def train_fit(cfg: Path, run: Path, model: str) -> dict:
+    """Stage eval of `model` on every train row; its overall metrics (auc, auc_ci, rows)."""
     finish(launch(cfg, "eval", 2, "--set", f"eval.model={model}", "--set", "eval.splits=[train]",
                   "--set", "eval.rows=null"))
     metrics = json.loads((run / DONE["eval"]).read_text())
     assert metrics["model"] == model and metrics["train"]["overall"]["rows"] > 150
-    return metrics["train"]["overall"]["auc"]
+    return metrics["train"]["overall"]
 
 
 def test_stage3_fits_labels_only_the_collab_tokens_carry(data: Path, tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_stage3_fits_labels_only_the_collab_tokens_carry(data: Path, tmp_path: P
                        collab={"dim": 16, "proj_hidden": 32}, eval={"batch": 16, "baselines": []},
                        sella=STEPS | {"projector_init": "random"})
     finish(launch(cfg, "sella", 2))
-    assert train_auc(cfg, run, "sella") >= 0.95
+    assert train_fit(cfg, run, "sella")["auc"] >= 0.95
 
 
 def test_without_collab_tokens_the_same_budget_cannot_fit_them(data: Path, tmp_path: Path) -> None:
@@ -94,4 +94,4 @@ def test_without_collab_tokens_the_same_budget_cannot_fit_them(data: Path, tmp_p
     cfg = write_config(tmp_path / "text.yaml", data_dir=str(data), run_dir=str(run), llm=LLM,
                        eval={"batch": 16, "baselines": []}, lora=STEPS | {"r": 8})
     finish(launch(cfg, "lora", 2))
-    assert train_auc(cfg, run, "lora") < 0.7
+    assert train_fit(cfg, run, "lora")["auc"] < 0.7
