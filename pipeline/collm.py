@@ -79,6 +79,7 @@ def collm_result(spark: SparkSession, cfg: DataConfig, input_dir: Path) -> tuple
     path = resolve(input_dir, cfg.source.interactions, "CoLLM benchmark")[0] if cfg.source.interactions else input_dir
     k = cfg.protocol.history_len
     rows, rejected, pos = [], [], 0
+    item_titles: dict[int, tuple[str, str, int]] = {}  # item id: (title, file, row) where first seen
     for split, (name, df) in _load_frames(path).items():
         for line, r in enumerate(df.itertuples(index=False), 1):
             reason = bad_type(r)
@@ -89,6 +90,11 @@ def collm_result(spark: SparkSession, cfg: DataConfig, input_dir: Path) -> tuple
                 continue
             his = [int(i) for i in r.his[1:]]
             titles = [str(t) for t in r.his_title[1:]]
+            for item, title in ((int(r.iid), str(r.title)), *zip(his, titles, strict=False)):
+                if item_titles.setdefault(item, (title, name, line))[0] != title:
+                    first = item_titles[item]
+                    raise SourceError(f"{name}: row {line} names item {item} {title!r}, but {first[1]} row {first[2]} "
+                                      f"names it {first[0]!r}; the shards take one title per item")
             rows.append((pos, int(r.uid), int(r.iid), int(r.label), int(r.timestamp), split, int(r.not_cold),
                          his[-k:], titles[-k:], str(r.title), his))
             pos += 1
@@ -102,7 +108,9 @@ def collm_result(spark: SparkSession, cfg: DataConfig, input_dir: Path) -> tuple
         F.col("user_id").cast("string").alias("user_raw"), F.col("item_id").cast("string").alias("item_raw"),
     )
     users = df.select("user_id", F.col("user_raw").alias("raw_id")).distinct()
-    items = df.groupBy("item_id").agg(F.first("item_raw").alias("raw_id"), F.first("title").alias("title"))
+    # Every item the rows name, as target or in a history, with its one title (the shards look titles up by id).
+    items = spark.createDataFrame([(i, str(i), t) for i, (t, _, _) in sorted(item_titles.items())],
+                                  "item_id int, raw_id string, title string")
     rejects = spark.createDataFrame(rejected, REJECT_SCHEMA)
     result = ProtocolResult(interactions=df, users=users, items=items, rejects=rejects,
                             rows_in=spark.range(pos), item_rows_in=items)

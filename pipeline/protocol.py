@@ -198,16 +198,23 @@ def _split(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
     return df.where(within(s.train)).withColumn("split", F.lit("train")).unionByName(heldout)
 
 
-def history_lists(rows: pa.Table, keep: int | None, k: int) -> pa.Table:
-    """`rows` plus history, history_ids, history_titles. `rows` holds whole users sorted by (user, ORDER) and
-    `_npos`, the count of the user's earlier positives; a row's history is the last `keep` (all: None) of them,
-    its ids and titles the last `k`. Each list is one gather from the positives, whose positions in the table
-    are consecutive per user: O(output), where a window frame would recompute each positive's list."""
+HISTORY_SLICE = 100_000  # rows the history pass completes at once (whole users; a user's rows are never cut)
+
+
+def history_lists(rows: pa.Table, keep: int | None, k: int, user: str) -> pa.Table:
+    """`rows` plus history, history_ids, history_titles. `rows` holds whole users sorted by (`user`, ORDER); a
+    row's history is the last `keep` (all: None) of the user's earlier positives, its ids and titles the last `k`.
+    Each list is one gather from the positives, whose positions in the table are consecutive per user: O(output),
+    where a window frame would recompute each positive's list."""
     n = rows.num_rows
     label = rows.column("label").to_numpy()
-    npos = rows.column("_npos").to_numpy().astype(np.int64)
     before = np.zeros(n + 1, np.int64)  # positives of the table before each row
     np.cumsum(label, out=before[1:])
+    users = rows.column(user)
+    first = np.ones(n, bool)  # the first row of each user
+    if n > 1:
+        first[1:] = pc.not_equal(users.slice(1), users.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    npos = before[:-1] - before[:-1][np.maximum.accumulate(np.where(first, np.arange(n), 0))]
     positives = pa.array(np.flatnonzero(label == 1))
     item_ids = rows.column("item_id").to_numpy().astype(np.int32)[positives.to_numpy()]
     titles = rows.column("title").combine_chunks().take(positives)
@@ -228,34 +235,27 @@ def history_lists(rows: pa.Table, keep: int | None, k: int) -> pa.Table:
             .append_column("history_titles", pa.ListArray.from_arrays(offsets, titles.take(pa.array(at)))))
 
 
-def _history_batches(keep: int | None, k: int) -> ArrowPass:
-    """mapInArrow function over a partition holding whole users in (user, ORDER) order: holds back the rows of
-    the batch's last user until that user ends, so that every user's rows are handled in one table."""
+def _history_pass(keep: int | None, k: int, user: str, slice_rows: int = HISTORY_SLICE) -> ArrowPass:
+    """mapInArrow function over a partition that holds whole users (the rows are shuffled by user): sorts the
+    partition by (`user`, ORDER) in Arrow, then completes it in slices of about `slice_rows` rows of whole users
+    (`history_lists`). Sorting here, on the key columns only, costs less than a JVM sort of the whole rows and a
+    window for the counts of earlier positives (the plan before 2026-12-06: docs/benchmarks.md)."""
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        carry: pa.Table | None = None
-        for batch in batches:
-            table = pa.Table.from_batches([batch])
-            table = (table if carry is None else pa.concat_tables([carry, table])).combine_chunks()
-            if table.num_rows == 0:
-                continue
-            user = table.column("user_raw")
-            same = pc.equal(user, user[table.num_rows - 1]).to_numpy(zero_copy_only=False)
-            cut = table.num_rows - int(np.argmin(same[::-1])) if not same.all() else 0
-            if cut:
-                yield from history_lists(table.slice(0, cut), keep, k).to_batches()
-            carry = table.slice(cut)
-        if carry is not None and carry.num_rows:
-            yield from history_lists(carry, keep, k).to_batches()
+        batches = list(batches)
+        table = pa.Table.from_batches(batches) if batches else None
+        batches = None  # the sorted copy below is the only one kept
+        if table is None or table.num_rows == 0:
+            return
+        table = table.take(pc.sort_indices(table, [(c, "ascending") for c in (user, *ORDER)]))
+        pa.default_memory_pool().release_unused()
+        users = table.column(user)
+        n = table.num_rows
+        starts = np.flatnonzero(pc.not_equal(users.slice(1), users.slice(0, n - 1)).to_numpy(zero_copy_only=False)) + 1
+        cuts = np.unique(starts[np.minimum(np.searchsorted(starts, np.arange(slice_rows, n, slice_rows)),
+                                           len(starts) - 1)]) if len(starts) else np.zeros(0, np.int64)
+        for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [n])), strict=True):
+            yield from history_lists(table.slice(lo, hi - lo), keep, k, user).to_batches()
     return run
-
-
-def _by_user(df: DataFrame) -> DataFrame:
-    """`_npos`, each row's count of the user's earlier positives. The window also makes Spark lay the rows out by
-    user in protocol order, which the history pass relies on. It goes by the raw user id, the key the user-id join
-    has already shuffled the rows by: no shuffle of its own."""
-    by_user = Window.partitionBy("user_raw").orderBy(*ORDER)
-    return df.withColumn("_npos", F.coalesce(
-        F.sum("label").over(by_user.rowsBetween(Window.unboundedPreceding, -1)), F.lit(0)).cast("long"))
 
 
 def _with_history(schema: StructType) -> StructType:
@@ -264,17 +264,17 @@ def _with_history(schema: StructType) -> StructType:
                        StructField("history_titles", ArrayType(StringType()), nullable=False)])
 
 
-def _histories(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
+def _histories(df: DataFrame, cfg: ProtocolConfig, user: str = "user_raw") -> DataFrame:
     """history = the user's earlier positives in order (all, or the last `history_keep`);
-    history_ids/history_titles = the last `history_len` of them, oldest first (`history_lists`, in Python over
-    Arrow batches of the rows laid out by `_by_user`)."""
-    df = _by_user(df)
-    return df.mapInArrow(_history_batches(cfg.history_keep, cfg.history_len), _with_history(df.schema)).drop("_npos")
+    history_ids/history_titles = the last `history_len` of them, oldest first: the rows shuffled by `user`, then
+    `_history_pass` in Python over Arrow."""
+    return df.repartition(user).mapInArrow(_history_pass(cfg.history_keep, cfg.history_len, user),
+                                           _with_history(df.schema))
 
 
 def _interactions_pass(keep: int | None, k: int) -> ArrowPass:
-    """The history pass, then the interactions table's columns (`_pos` is the row id)."""
-    histories = _history_batches(keep, k)
+    """The history pass by user id, then the interactions table's columns (`_pos` is the row id)."""
+    histories = _history_pass(keep, k, "user_id")
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in histories(batches):
@@ -308,26 +308,26 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     op = {"ge": F.col("rating") >= cfg.label.threshold, "eq": F.col("rating") == cfg.label.threshold,
           "gt": F.col("rating") > cfg.label.threshold}[cfg.label.op]
     df = _split(df.withColumn("label", op.cast("int")), cfg).localCheckpoint()
-    train = df.where(F.col("split") == "train")
-    warm_u = train.select("user_raw").distinct().withColumn("_wu", F.lit(1))
-    warm_i = train.select("item_raw").distinct().withColumn("_wi", F.lit(1))
+    in_train = (F.col("split") == "train").cast("int")
 
-    # One shuffle of the rows, by raw user id: the user-id join, the warm-user join and the history pass all
-    # use it. The item-side tables (one row per item) are broadcast to it.
+    # Users and items are numbered from one aggregate each, which also gives their warm flag (seen in train).
     numeric = F.col("user_raw").try_cast("long")  # numeric order: numbers first, by value; then the rest as text
     user_order = [numeric.isNull(), numeric, "user_raw"] if user_id_order == "numeric" else ["user_raw"]
-    users = index_in_order(df.select("user_raw").distinct(), user_order, "user_id")
+    users = index_in_order(df.groupBy("user_raw").agg(F.max(in_train).alias("_wu")), user_order, "user_id")
     # Items are numbered by the first row in (user id, ORDER) order; user ids follow `user_order`, so it stands in
     # for them and this aggregate needs no join with the user ids (nor a shuffle of the rows for it).
-    first_seen = df.groupBy("item_raw").agg(F.min(F.struct(*user_order, *ORDER)).alias("_k"))
+    first_seen = df.groupBy("item_raw").agg(F.min(F.struct(*user_order, *ORDER)).alias("_k"),
+                                            F.max(in_train).alias("_wi"))
     item_ids = index_in_order(first_seen, ["_k"], "item_id").drop("_k")
-    df = df.join(users, "user_raw")
-    df = (df.join(F.broadcast(item_ids.join(items_ok, "item_raw")), "item_raw")  # the title returns here
-          .join(warm_u, "user_raw", "left").join(F.broadcast(warm_i), "item_raw", "left"))
-    warm = (F.col("_wu").isNotNull() & F.col("_wi").isNotNull()).cast("int")
-    rows = _by_user(df.select(  # only what the table keeps (and the order) goes through the history pass
-        "_pos", "_first_pos", F.col("user_id").cast("int"), F.col("item_id").cast("int"), "label", "timestamp",
-        "split", warm.alias("warm"), "title", "rating", "month", "user_raw", "item_raw"))
+    # One shuffle of the rows, by raw user id, for the history pass; the user table joins after it (broadcast when
+    # small enough, else on the same partitioning), and so do the item ids with the titles (broadcast).
+    user_side, _ = usually_small(users.select("user_raw", F.col("user_id").cast("int"), "_wu"))
+    df = df.repartition("user_raw").join(user_side, "user_raw")
+    df = df.join(F.broadcast(item_ids.join(items_ok, "item_raw")), "item_raw")
+    warm = ((F.col("_wu") == 1) & (F.col("_wi") == 1)).cast("int")
+    rows = df.select(  # only what the table keeps (and the order) goes through the history pass
+        "_pos", "_first_pos", "user_id", F.col("item_id").cast("int"), "label", "timestamp", "split",
+        warm.alias("warm"), "title", "rating", "month", "user_raw", "item_raw")
     fields = {f.name: f for f in _with_history(rows.schema).fields} | {"row_id": rows.schema["_pos"]}
     schema = StructType([StructField(c, fields[c].dataType, fields[c].nullable) for c in INTERACTIONS])
     complete = _interactions_pass(cfg.history_keep, cfg.history_len)

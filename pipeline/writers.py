@@ -78,7 +78,7 @@ def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
 
 _BLOCK = 512
 ROW_GROUP = 100_000  # rows per Parquet row group of the interactions table (Arrow batches arrive by 10k)
-ROWS_PER_TASK = 100_000  # samples a shard-writing task holds at once (~130 bytes of JSON each at the synthetic scale)
+ROWS_PER_TASK = 100_000  # samples a shard-writing task holds at once (ids and numbers, about 100 bytes each)
 
 
 def _header_template() -> np.ndarray:
@@ -150,11 +150,58 @@ def tar_members(names: np.ndarray, payload: pa.Array) -> tuple[np.ndarray, np.nd
     return out, data_start
 
 
-def _shard_writer(shard_dir: str):
-    """mapInArrow function: write the partition's rows (each row's sample already encoded as JSON by Spark), one
-    tar per shard, and beside each its sample index (offset and size of every sample's bytes, row id, history
+_TITLES: dict[str, pa.Array] = {}  # the last items table's JSON titles, per Python worker (quoted_titles)
+
+
+def quoted_titles(items_dir: str) -> pa.Array:
+    """Each item's title as JSON (quoted and escaped as encode_sample writes it), at the index of its item id. Read
+    from the items table once per Python worker (the workers serve many tasks): 200k titles take about 0.3 s."""
+    if items_dir not in _TITLES:
+        items = pq.read_table(items_dir, columns=["item_id", "title"]).filter(pc.is_valid(pc.field("item_id")))
+        ids = items.column("item_id").to_numpy()
+        quoted = [None] * (int(ids.max()) + 1 if len(ids) else 0)
+        for i, title in zip(ids.tolist(), items.column("title").to_pylist(), strict=True):
+            quoted[i] = json.dumps(title, ensure_ascii=False)
+        _TITLES.clear()
+        _TITLES[items_dir] = pa.array(quoted, pa.string())
+    return _TITLES[items_dir]
+
+
+def encode_samples(rows: pa.Table, titles: pa.Array) -> pa.Array:
+    """encode_sample's bytes for every row, built column by column in Arrow (no Python loop over the rows). `rows`
+    holds the sample's fields but the titles, which come from `titles` (quoted_titles) by item id: the history
+    titles are the titles of the history ids (pipeline.protocol.history_lists)."""
+    def column(name: str) -> pa.Array:
+        return rows.column(name).combine_chunks()
+
+    history = column("history_ids")
+    offsets, history_ids = pc.subtract(history.offsets, history.offsets[0]), history.flatten()
+    item_ids = column("item_id")
+    ids = pc.unique(pa.concat_arrays([history_ids, item_ids.cast(history_ids.type)]))
+    if len(ids) and (pc.max(ids).as_py() >= len(titles) or pc.any(pc.is_null(titles.take(ids))).as_py()):
+        raise ValueError("an item id of the interactions has no title in the items table")
+
+    def join_list(values: pa.Array) -> pa.Array:
+        return pc.binary_join(pa.ListArray.from_arrays(offsets, values), ",")
+
+    value = {
+        "history_ids": lambda: pc.binary_join_element_wise("[", join_list(pc.cast(history_ids, pa.string())), "]", ""),
+        "history_titles": lambda: pc.binary_join_element_wise("[", join_list(titles.take(history_ids)), "]", ""),
+        "title": lambda: titles.take(item_ids),
+        "split": lambda: pc.binary_join_element_wise('"', column("split"), '"', ""),  # SPLITS need no escapes
+    }
+    parts: list = []
+    for i, field in enumerate(SAMPLE_FIELDS):
+        parts += [("{" if i == 0 else ",") + json.dumps(field) + ":",
+                  value[field]() if field in value else pc.cast(column(field), pa.string())]
+    return pc.binary_join_element_wise(*parts, "}", "")
+
+
+def _shard_writer(shard_dir: str, items_dir: str):
+    """mapInArrow function: write the partition's rows, one tar per shard, each sample's JSON built here
+    (encode_samples), and beside each tar its sample index (offset and size of every sample's bytes, row id, history
     length), so that stage 3 finds any sample without decoding the split. The partition is ordered here by
-    (split, shard, hash, row id), in Arrow: a Spark sort of the encoded samples cost more than writing them."""
+    (split, shard, hash, row id), in Arrow: a Spark sort of the rows cost more than writing them."""
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         done: list[dict] = []
         batches = list(batches)
@@ -165,6 +212,7 @@ def _shard_writer(shard_dir: str):
         batches = None  # the sorted copy below is the only one kept: a worker holds the partition once, not twice
         table = table.take(pc.sort_indices(table, [(c, "ascending") for c in ("split", "_shard", "_h", "row_id")]))
         pa.default_memory_pool().release_unused()
+        titles = quoted_titles(items_dir)
         splits = table.column("split").to_numpy(zero_copy_only=False)
         shard_no = table.column("_shard").to_numpy()
         cut = np.flatnonzero((splits[1:] != splits[:-1]) | (shard_no[1:] != shard_no[:-1])) + 1
@@ -173,12 +221,13 @@ def _shard_writer(shard_dir: str):
             path = Path(shard_dir) / (SHARD_PATTERN.format(split=split) % int(shard_no[lo]))
             run = table.slice(lo, hi - lo)
             row_ids = run.column("row_id").to_numpy()
-            payload = run.column("_json").combine_chunks()
+            payload = encode_samples(run, titles)
             data, starts = tar_members(sample_names(split, row_ids), payload)
             data = np.concatenate((data, np.zeros(2 * _BLOCK, np.uint8)))  # the end-of-archive blocks
             path.write_bytes(data.data)
-            np.save(index_path(path), np.stack([starts, pc.binary_length(payload).to_numpy(), row_ids,
-                                                run.column("_hlen").to_numpy()], axis=1).astype(np.int64))
+            history_len = pc.list_value_length(run.column("history_ids")).to_numpy()
+            np.save(index_path(path), np.stack([starts, pc.binary_length(payload).to_numpy(), row_ids, history_len],
+                                               axis=1).astype(np.int64))
             done.append({"split": split, "name": path.name, "count": hi - lo,
                          "sha256": hashlib.sha256(data.data).hexdigest(), "bytes": data.size})
             pa.default_memory_pool().release_unused()  # the worker lives on: keep its footprint to one shard's
@@ -187,24 +236,12 @@ def _shard_writer(shard_dir: str):
     return write
 
 
-def sample_json(fields: tuple[str, ...] = SAMPLE_FIELDS):
-    """Spark column: each row's sample as `pipeline.schema.encode_sample` writes it (compact JSON, UTF-8, keys
-    in schema order). Spark's JSON writer matches Python's byte for byte except that it writes the rare
-    \\u001A-\\u001F escapes in upper case. Those are lower-cased here (an escape is a backslash after an even run of
-    backslashes; text that reads "\\u001A" is not one), only in the rows that hold "\\u001" at all: six passes over
-    every sample took longer than the encoding itself (tested: tests/test_shards.py)."""
-    text = F.to_json(F.struct(*fields), {"ignoreNullFields": "false"})
-    fixed = text
-    for c in "ABCDEF":
-        fixed = F.regexp_replace(fixed, r"(?<!\\)((?:\\\\)*)\\u001" + c, r"$1\\u001" + c.lower())
-    return F.when(F.contains(text, F.lit("\\u001")), fixed).otherwise(text)
-
-
 def write_shards(interactions: DataFrame, out: Path, shard_size: int, seed: int) -> dict[str, list[dict]]:
     """Shards per split of about `shard_size` samples, assigned and ordered by a hash of (row_id, seed).
 
-    The hash gives every shard a fixed pseudo-random mix of rows without a global sort. Spark encodes the
-    samples (JVM, in parallel); one Python function per partition (executor side) lays them out as tars.
+    The hash gives every shard a fixed pseudo-random mix of rows without a global sort. Only the samples' ids and
+    numbers go through the shuffle; one Python function per partition (executor side) encodes the samples with the
+    titles of the items table (written before, under `out`) and lays them out as tars.
     """
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -214,16 +251,14 @@ def write_shards(interactions: DataFrame, out: Path, shard_size: int, seed: int)
     per_split = F.lit(1)
     for split, n in n_shards.items():
         per_split = F.when(F.col("split") == split, F.lit(n)).otherwise(per_split)
-    rows = interactions.select(
-        "split", "row_id", F.size("history_ids").alias("_hlen"), sample_json().alias("_json"),
-        F.xxhash64("row_id", F.lit(seed)).alias("_h"))
+    fields = [f for f in SAMPLE_FIELDS if f not in ("history_titles", "title")]
+    rows = interactions.select(*fields, F.xxhash64("row_id", F.lit(seed)).alias("_h"))
     rows = rows.withColumn("_shard", F.pmod("_h", per_split))
     # Whole shards per partition, each partition ordered in Python: about ROWS_PER_TASK rows per task bounds its memory.
     parts = max(1, min(sum(n_shards.values()), max(spark.sparkContext.defaultParallelism * 4,
                                                    math.ceil(sum(counts.values()) / ROWS_PER_TASK))))
     rows = rows.repartition(parts, "split", "_shard")
-    result = rows.select("split", "_shard", "_h", "row_id", "_hlen", "_json").mapInArrow(
-        _shard_writer(str(shard_dir)), SHARD_RESULT_DDL).collect()
+    result = rows.mapInArrow(_shard_writer(str(shard_dir), str(out / "tables" / "items")), SHARD_RESULT_DDL).collect()
     shards: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for r in sorted(result, key=lambda r: r["name"]):
         shards[r["split"]].append({k: r[k] for k in ("name", "count", "sha256", "bytes")})

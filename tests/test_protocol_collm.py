@@ -7,11 +7,12 @@ import zipfile
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from pipeline.config import ProtocolConfig
 from pipeline.prep import run
-from pipeline.protocol import _histories
+from pipeline.protocol import _histories, _history_pass
 from tests.conftest import SHARED_DATA, config, needs_shared
 
 ZIP = SHARED_DATA / "collm-ml-1m" / "ml-1m.zip"
@@ -71,9 +72,10 @@ def test_raw_ml1m_matches_collm_rows_and_histories(spark, tmp_path) -> None:
 
 @pytest.mark.parametrize(("keep", "length"), [(None, 3), (1, 3), (4, 2), (2, 5)])
 def test_histories_are_the_earlier_positives_of_a_plain_walk(spark, keep: int | None, length: int) -> None:
-    """pipeline.protocol._histories (a window for the order, then a vectorised pass over Arrow batches) against walking
-    each user's rows in protocol order: history = the earlier positives (the last `keep`), history_ids/titles = the
-    last `length` of them. Batches of 4 rows split most users across batches (up to 29 rows each)."""
+    """pipeline.protocol._histories (the rows shuffled by user, then sorted and completed in Python over Arrow)
+    against walking each user's rows in protocol order: history = the earlier positives (the last `keep`),
+    history_ids/titles = the last `length` of them. Spark hands the pass batches of 4 rows; the pass alone, called
+    here on the unshuffled rows, completes them in slices of about 7 rows, cut between users (up to 29 rows each)."""
     rng = random.Random(7)
     rows = []
     for u in range(25):
@@ -81,6 +83,7 @@ def test_histories_are_the_earlier_positives_of_a_plain_walk(spark, keep: int | 
             item = rng.randrange(1, 9)
             rows.append({"user_raw": f"u{u}", "timestamp": rng.randrange(0, 6), "_first_pos": item * 10,
                          "_pos": len(rows), "label": int(rng.random() < 0.5), "item_id": item, "title": f"t{item}"})
+    rng.shuffle(rows)
     cfg = ProtocolConfig.model_construct(history_keep=keep, history_len=length)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "4")
     try:
@@ -88,6 +91,9 @@ def test_histories_are_the_earlier_positives_of_a_plain_walk(spark, keep: int | 
                for r in _histories(spark.createDataFrame(rows, HISTORY_INPUT), cfg).collect()}
     finally:
         spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    alone = _history_pass(keep, length, "user_raw", slice_rows=7)(pa.Table.from_pylist(rows).to_batches(4))
+    sliced = {r["_pos"]: (r["history"], r["history_ids"], r["history_titles"])
+              for r in pa.Table.from_batches(list(alone)).to_pylist()}
     want, earlier = {}, {}
     for r in sorted(rows, key=lambda r: (r["user_raw"], r["timestamp"], r["_first_pos"], r["_pos"])):
         pos = earlier.setdefault(r["user_raw"], [])
@@ -96,4 +102,4 @@ def test_histories_are_the_earlier_positives_of_a_plain_walk(spark, keep: int | 
         if r["label"]:
             pos = earlier[r["user_raw"]] = [*pos, (r["item_id"], r["title"])]
     want = {k: ([i for i, _ in h], ids, titles) for k, (h, ids, titles) in want.items()}
-    assert len(rows) > 200 and got == want
+    assert len(rows) > 200 and got == want and sliced == want

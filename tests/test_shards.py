@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -30,7 +31,7 @@ from pipeline.schema import (
     sample_key,
     shard_urls,
 )
-from pipeline.writers import sample_json, sample_names, tar_members
+from pipeline.writers import encode_samples, quoted_titles, sample_names, tar_members
 
 
 def _tag(raw: dict) -> tuple[int, str, int]:
@@ -123,16 +124,25 @@ TRICKY_TITLES = ["plain", 'quo"te', "back\\slash", "new\nline\ttab\r\b\f", "ctl\
                  "text \\u001A not an escape", "\\\x1b after a backslash", "\\\\u001F", "\x1a\x1b\x1c\x1d\x1e\x1f\x10"]
 
 
-def test_spark_encodes_samples_as_the_schema_does(spark) -> None:
-    """The shards' JSON comes from Spark's writer (pipeline.writers.sample_json); it must be encode_sample's bytes,
-    escapes of control characters included, so that either side can write a shard."""
-    rows = [{"row_id": i, "user_id": 1, "item_id": 2, "label": i % 2, "timestamp": 10**9 + i, "split": "train",
-             "warm": 1, "history_ids": [3, 4], "history_titles": [t, "x"], "title": t}
+def test_arrow_encodes_samples_as_the_schema_does(tmp_path: Path) -> None:
+    """The shard writer builds each sample's JSON in Arrow (pipeline.writers.encode_samples), the titles looked up by
+    item id in the items table; it must be encode_sample's bytes, escapes of control characters included, so that
+    either side can write a shard. Item 99 is a catalog item without an id; an id without a title stops the writer."""
+    items = pa.table({"item_id": pa.array([*range(1, len(TRICKY_TITLES) + 1), None], pa.int32()),
+                      "raw_id": [f"i{i}" for i in range(len(TRICKY_TITLES) + 1)], "title": [*TRICKY_TITLES, "unused"]})
+    pq.write_table(items, tmp_path / "items.parquet")
+    titles = quoted_titles(str(tmp_path))
+    rows = [{"row_id": 10**11 + i, "user_id": 1, "item_id": i + 1, "label": i % 2, "timestamp": 10**9 + i,
+             "split": "train", "warm": 1, "history_ids": [len(TRICKY_TITLES) - i, 2][:i % 3],
+             "history_titles": [TRICKY_TITLES[-i - 1], TRICKY_TITLES[1]][:i % 3], "title": t}
             for i, t in enumerate(TRICKY_TITLES)]
-    schema = ("row_id long, user_id int, item_id int, label int, timestamp long, split string, warm int, "
-              "history_ids array<int>, history_titles array<string>, title string")
-    got = [r["j"].encode() for r in spark.createDataFrame(rows, schema).select(sample_json().alias("j")).collect()]
-    assert got == [encode_sample(r) for r in rows]
+    table = pa.Table.from_pylist(rows).drop_columns(["history_titles", "title"])
+    table = pa.concat_tables([table.slice(0, 5), table.slice(5)])  # two chunks, as Spark's Arrow batches give
+    for lo, hi in ((0, len(rows)), (3, 9)):  # and a slice, as the writer encodes one shard's run of its partition
+        got = encode_samples(table.slice(lo, hi - lo), titles).to_pylist()
+        assert [g.encode() for g in got] == [encode_sample(r) for r in rows[lo:hi]]
+    with pytest.raises(ValueError, match="no title"):
+        encode_samples(table.set_column(2, "item_id", pa.array([50] * len(rows))), titles)
 
 
 def test_tar_members_are_a_plain_tar_with_the_sample_keys() -> None:
