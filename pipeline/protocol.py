@@ -134,10 +134,14 @@ def validate_interactions(inter: DataFrame, items: DataFrame, cfg: ProtocolConfi
 
 def mark_duplicates(df: DataFrame) -> DataFrame:
     """Mark the repeats of a (user, item, timestamp) key among the rows without a code: every row after the first
-    (by input position) is a duplicate_row. The repeated keys come from a narrow aggregate, so the rows themselves
-    are not shuffled; they are broadcast back to the rows (usually_small)."""
+    (by input position) is a duplicate_row. The rows themselves are not shuffled: an aggregate of a 64-bit hash of
+    the key finds the hashes seen twice (nearly every key is distinct, so this shuffle holds every row: 8 bytes
+    each instead of the key's strings), the rows with those hashes give the repeated keys, and these are broadcast
+    back to the rows (usually_small)."""
     key = ["user_raw", "item_raw", "timestamp"]
-    dups = df.where(F.col("_code").isNull()).groupBy(*key).agg(
+    valid = df.where(F.col("_code").isNull()).withColumn("_kh", F.xxhash64(*key))
+    repeated, _ = usually_small(valid.groupBy("_kh").count().where(F.col("count") > 1).select("_kh"))
+    dups = valid.join(repeated, "_kh", "left_semi").groupBy(*key).agg(
         F.count(F.lit(1)).alias("_n"), F.min("_pos").alias("_first"), F.min_by("_line", "_pos").alias("_first_line"),
     ).where(F.col("_n") > 1).drop("_n")
     df = df.join(usually_small(dups)[0], key, "left")
