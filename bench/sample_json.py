@@ -1,8 +1,8 @@
 """The shards' JSON encoding: `pipeline.writers.encode_samples` (Arrow, what the shard writer runs) against the
 schema's own `encode_sample` called per row (the plain Python baseline), in one process, on the same rows.
 
-Reads a prep output's interactions table in slices of `--slice` rows (a shard writer encodes one shard's run at a
-time), `--repeats` times, alternating; both must give the same bytes (checked). Reported: seconds of each (min over
+Reads a prep output's interactions table and encodes it in slices of `--slice` rows (a shard writer encodes its
+partition, about pipeline.writers.ROWS_PER_TASK rows, at once), `--repeats` times, alternating; both must give the same bytes (checked). Reported: seconds of each (min over
 repeats), samples/s and the ratio. The Spark encoding the writer used before 2026-12-06 (`to_json` in the JVM, then
 a shuffle of the JSON) is gone; docs/benchmarks.md has its cost in the whole pipeline.
 
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.schema import SAMPLE_FIELDS, encode_sample
-from pipeline.writers import encode_samples, quoted_titles
+from pipeline.writers import ROWS_PER_TASK, encode_samples, quoted_titles
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True, help="a prep output (tables/interactions, tables/items)")
     p.add_argument("--split", default="valid")
     p.add_argument("--rows", type=int, default=200_000, help="rows of the split to encode")
-    p.add_argument("--slice", type=int, default=10_000, help="rows encoded at once (a shard's run)")
+    p.add_argument("--slice", type=int, default=ROWS_PER_TASK, help="rows encoded at once (a shard writer's partition)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sample_json.json")
     args = p.parse_args()
