@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.schema import SAMPLE_FIELDS, encode_sample
-from pipeline.writers import ROWS_PER_TASK, encode_samples, quoted_titles
+from pipeline.writers import ROWS_PER_TASK, TITLE_FIELDS, encode_samples, quoted_titles
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     args = p.parse_args()
     table = pq.read_table(args.data / "tables" / "interactions" / f"split={args.split}").slice(0, args.rows)
     table = table.append_column("split", pa.array([args.split] * table.num_rows))
-    arrow_in = table.select([f for f in SAMPLE_FIELDS if f not in ("history_titles", "title")])
+    arrow_in = table.select([f for f in SAMPLE_FIELDS if f not in TITLE_FIELDS])
     python_in = table.select(list(SAMPLE_FIELDS)).to_pylist()  # what encode_sample takes: one dict per sample
     t0 = time.perf_counter()
     titles = quoted_titles(str(args.data / "tables" / "items"))

@@ -53,6 +53,19 @@ def bad_type(row: object) -> str | None:
     return None
 
 
+def conflicting_title(named: list[tuple[int, str]], seen: dict[int, tuple[str, str, int]], file: str,
+                      row: int) -> str | None:
+    """A reject reason when row `row` of `file` names an item (as target or in its history) by another title than
+    the rows before it (`seen`: item id -> title, file, row) or than itself; the items table, and so every shard,
+    holds one title per item."""
+    here: dict[int, tuple[str, str, int]] = {}
+    for item, title in named:
+        first = seen.get(item) or here.setdefault(item, (title, file, row))
+        if first[0] != title:
+            return f"conflicting title: item {item} is {title!r} here, {first[0]!r} in {first[1]} row {first[2]}"
+    return None
+
+
 def _load_frames(path: Path) -> dict[str, tuple[str, pd.DataFrame]]:
     """{split: (file name, frame)} from a zip of `*/<split>_ood2.pkl` or a directory of them."""
     frames = {}
@@ -82,19 +95,19 @@ def collm_result(spark: SparkSession, cfg: DataConfig, input_dir: Path) -> tuple
     item_titles: dict[int, tuple[str, str, int]] = {}  # item id: (title, file, row) where first seen
     for split, (name, df) in _load_frames(path).items():
         for line, r in enumerate(df.itertuples(index=False), 1):
-            reason = bad_type(r)
+            code, reason = "bad_type", bad_type(r)
+            if not reason:
+                his = [int(i) for i in r.his[1:]]
+                titles = [str(t) for t in r.his_title[1:]]
+                named = [(int(r.iid), str(r.title)), *zip(his, titles, strict=False)]
+                code, reason = "conflicting_title", conflicting_title(named, item_titles, name, line)
             if reason:  # row `line` of that pickle
                 raw = repr(r._asdict())
-                rejected.append((name, line, pos, "interactions", "invalid", "bad_type", reason, raw, raw.encode()))
+                rejected.append((name, line, pos, "interactions", "invalid", code, reason, raw, raw.encode()))
                 pos += 1
                 continue
-            his = [int(i) for i in r.his[1:]]
-            titles = [str(t) for t in r.his_title[1:]]
-            for item, title in ((int(r.iid), str(r.title)), *zip(his, titles, strict=False)):
-                if item_titles.setdefault(item, (title, name, line))[0] != title:
-                    first = item_titles[item]
-                    raise SourceError(f"{name}: row {line} names item {item} {title!r}, but {first[1]} row {first[2]} "
-                                      f"names it {first[0]!r}; the shards take one title per item")
+            for item, title in named:
+                item_titles.setdefault(item, (title, name, line))
             rows.append((pos, int(r.uid), int(r.iid), int(r.label), int(r.timestamp), split, int(r.not_cold),
                          his[-k:], titles[-k:], str(r.title), his))
             pos += 1

@@ -160,16 +160,22 @@ def test_every_format_checks_the_types_it_declares(spark, tmp_path) -> None:
 
     c = tmp_path / "collm"
     c.mkdir()
-    frame = pd.DataFrame({"uid": [1, 2, 3], "iid": [1, 1, 2], "label": [1, 0, 2], "timestamp": [1e9, 1e9 + 1, 1e9 + 2],
-                          "his": [[0], [0], [0]], "his_title": [[""], [""], [""]], "title": ["A", "A", "B"],
-                          "not_cold": [1, 1, 1]})
+    frame = pd.DataFrame({"uid": [1, 2, 3, 4], "iid": [1, 1, 2, 2], "label": [1, 0, 2, 1],
+                          "timestamp": [1e9, 1e9 + 1, 1e9 + 2, 1e9 + 3], "his": [[0], [0], [0], [0, 1]],
+                          "his_title": [[""], [""], [""], ["", "Z"]], "title": ["A", "A", "B", "B"],
+                          "not_cold": [1, 1, 1, 1]})  # row 4's history names item 1 'Z', row 1 named it 'A'
     for split in ("train", "valid", "test"):
         frame.to_pickle(c / f"{split}_ood2.pkl")
     m = run(config("collm-ml-1m", source={"input_dir": str(c), "interactions": ""}), c, tmp_path / "out-collm")
-    assert m["rows_in"] == 9 and m["rows_out"] == 6 and m["rejects"]["interactions"]["invalid"] == {"bad_type": 3}
-    rejected = spark.read.parquet(str(tmp_path / "out-collm" / "rejects")).collect()
-    assert {(r["file"], r["line"]) for r in rejected} == {(f"{s}_ood2.pkl", 3) for s in ("train", "valid", "test")}
-    assert rejected[0]["reason"] == "bad type: label 2 is not 0 or 1 (CoLLM)"
+    assert m["rows_in"] == 12 and m["rows_out"] == 6
+    assert m["rejects"]["interactions"]["invalid"] == {"bad_type": 3, "conflicting_title": 3}
+    rejected = {(r["file"], r["line"]): r["reason"] for r in
+                spark.read.parquet(str(tmp_path / "out-collm" / "rejects")).collect()}
+    assert set(rejected) == {(f"{s}_ood2.pkl", line) for s in ("train", "valid", "test") for line in (3, 4)}
+    assert rejected["valid_ood2.pkl", 3] == "bad type: label 2 is not 0 or 1 (CoLLM)"
+    assert rejected["valid_ood2.pkl", 4] == "conflicting title: item 1 is 'Z' here, 'A' in train_ood2.pkl row 1"
+    items = spark.read.parquet(str(tmp_path / "out-collm" / "tables" / "items")).collect()
+    assert sorted((r["item_id"], r["title"]) for r in items) == [(1, "A")]  # item 2 named only by rejected rows
 
 
 def test_wrong_path_fails_fast(spark, tmp_path) -> None:

@@ -31,7 +31,7 @@ from pipeline.schema import (
     sample_key,
     shard_urls,
 )
-from pipeline.writers import encode_samples, quoted_titles, sample_names, tar_members
+from pipeline.writers import TITLE_FIELDS, encode_samples, quoted_titles, sample_names, tar_members
 
 
 def _tag(raw: dict) -> tuple[int, str, int]:
@@ -136,12 +136,12 @@ def test_arrow_encodes_samples_as_the_schema_does(tmp_path: Path) -> None:
              "split": "train", "warm": 1, "history_ids": [len(TRICKY_TITLES) - i, 2][:i % 3],
              "history_titles": [TRICKY_TITLES[-i - 1], TRICKY_TITLES[1]][:i % 3], "title": t}
             for i, t in enumerate(TRICKY_TITLES)]
-    table = pa.Table.from_pylist(rows).drop_columns(["history_titles", "title"])
+    table = pa.Table.from_pylist(rows).drop_columns(list(TITLE_FIELDS))
     table = pa.concat_tables([table.slice(0, 5), table.slice(5)])  # two chunks, as Spark's Arrow batches give
     for lo, hi in ((0, len(rows)), (3, 9)):  # and a slice, as the writer encodes one shard's run of its partition
         got = encode_samples(table.slice(lo, hi - lo), titles).to_pylist()
         assert [g.encode() for g in got] == [encode_sample(r) for r in rows[lo:hi]]
-    with pytest.raises(ValueError, match="no title"):
+    with pytest.raises(ValueError, match="item id 50 of the interactions has no title"):
         encode_samples(table.set_column(2, "item_id", pa.array([50] * len(rows))), titles)
 
 
