@@ -10,6 +10,7 @@ in order of first appearance while walking users in that order.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -203,6 +204,7 @@ def _split(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
 
 
 HISTORY_SLICE = 100_000  # rows the history pass completes at once (whole users; a user's rows are never cut)
+HISTORY_PARTITION_ROWS = 1_000_000  # rows a history-pass task holds at most, about (some 100 bytes each in Arrow)
 
 
 def history_lists(rows: pa.Table, keep: int | None, k: int, user: str) -> pa.Table:
@@ -324,9 +326,13 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
                                             F.max(in_train).alias("_wi"))
     item_ids = index_in_order(first_seen, ["_k"], "item_id").drop("_k")
     # One shuffle of the rows, by raw user id, for the history pass; the user table joins after it (broadcast when
-    # small enough, else on the same partitioning), and so do the item ids with the titles (broadcast).
+    # small enough, else on the same partitioning), and so do the item ids with the titles (broadcast). The pass holds
+    # a partition in Python: past HISTORY_PARTITION_ROWS rows per shuffle partition, more partitions.
     user_side, _ = usually_small(users.select("user_raw", F.col("user_id").cast("int"), "_wu"))
-    df = df.repartition("user_raw").join(user_side, "user_raw")
+    parts = math.ceil(df.count() / HISTORY_PARTITION_ROWS)
+    by_user = (df.repartition(parts, "user_raw") if parts > int(spark.conf.get("spark.sql.shuffle.partitions"))
+               else df.repartition("user_raw"))  # AQE coalesces these
+    df = by_user.join(user_side, "user_raw")
     df = df.join(F.broadcast(item_ids.join(items_ok, "item_raw")), "item_raw")
     warm = ((F.col("_wu") == 1) & (F.col("_wi") == 1)).cast("int")
     rows = df.select(  # only what the table keeps (and the order) goes through the history pass

@@ -7,9 +7,11 @@ from tests.conftest import SHARED_DATA, config, needs_shared
 
 @needs_shared("ml-100k", "u.data")
 def test_raw_and_recbole_outputs_identical(spark, ml100k_out, tmp_path, monkeypatch) -> None:
-    """The raw run also takes the plan for side tables too big to broadcast (the user ids, the reject keys and the
-    repeated keys joined on the rows' partitioning instead): the same tables and shards either way."""
+    """The raw run also takes the plan for big inputs: side tables too big to broadcast (the user ids, the reject
+    keys and the repeated keys joined on the rows' partitioning instead) and more history partitions than Spark's
+    shuffle partitions (100 of about 1,000 rows): the same tables and shards either way."""
     monkeypatch.setattr("pipeline.protocol.BROADCAST_ROWS", 0)
+    monkeypatch.setattr("pipeline.protocol.HISTORY_PARTITION_ROWS", 1_000)
     raw_out = tmp_path / "raw"
     m_raw = run(config("ml-100k-raw"), SHARED_DATA / "ml-100k", raw_out)
     m_rb = __import__("json").loads((ml100k_out / "manifest.json").read_text())
