@@ -207,6 +207,14 @@ HISTORY_SLICE = 100_000  # rows the history pass completes at once (whole users;
 HISTORY_PARTITION_ROWS = 1_000_000  # rows a history-pass task holds at most, about (some 100 bytes each in Arrow)
 
 
+def user_starts(users: pa.ChunkedArray) -> np.ndarray:
+    """Positions (after the first) where a new user begins in a column sorted by user."""
+    n = len(users)
+    if n < 2:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(pc.not_equal(users.slice(1), users.slice(0, n - 1)).to_numpy(zero_copy_only=False)) + 1
+
+
 def history_lists(rows: pa.Table, keep: int | None, k: int, user: str) -> pa.Table:
     """`rows` plus history, history_ids, history_titles. `rows` holds whole users sorted by (`user`, ORDER); a
     row's history is the last `keep` (all: None) of the user's earlier positives, its ids and titles the last `k`.
@@ -216,11 +224,9 @@ def history_lists(rows: pa.Table, keep: int | None, k: int, user: str) -> pa.Tab
     label = rows.column("label").to_numpy()
     before = np.zeros(n + 1, np.int64)  # positives of the table before each row
     np.cumsum(label, out=before[1:])
-    users = rows.column(user)
-    first = np.ones(n, bool)  # the first row of each user
-    if n > 1:
-        first[1:] = pc.not_equal(users.slice(1), users.slice(0, n - 1)).to_numpy(zero_copy_only=False)
-    npos = before[:-1] - before[:-1][np.maximum.accumulate(np.where(first, np.arange(n), 0))]
+    starts, start = user_starts(rows.column(user)), np.zeros(n, np.int64)  # start: each row's user's first row
+    start[starts] = starts
+    npos = before[:-1] - before[:-1][np.maximum.accumulate(start)]
     positives = pa.array(np.flatnonzero(label == 1))
     item_ids = rows.column("item_id").to_numpy().astype(np.int32)[positives.to_numpy()]
     titles = rows.column("title").combine_chunks().take(positives)
@@ -254,9 +260,8 @@ def _history_pass(keep: int | None, k: int, user: str, slice_rows: int = HISTORY
             return
         table = table.take(pc.sort_indices(table, [(c, "ascending") for c in (user, *ORDER)]))
         pa.default_memory_pool().release_unused()
-        users = table.column(user)
         n = table.num_rows
-        starts = np.flatnonzero(pc.not_equal(users.slice(1), users.slice(0, n - 1)).to_numpy(zero_copy_only=False)) + 1
+        starts = user_starts(table.column(user))
         cuts = np.unique(starts[np.minimum(np.searchsorted(starts, np.arange(slice_rows, n, slice_rows)),
                                            len(starts) - 1)]) if len(starts) else np.zeros(0, np.int64)
         for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [n])), strict=True):
