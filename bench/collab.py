@@ -181,6 +181,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps of every run but `plain`")
     p.add_argument("--plain-steps", type=int, default=5, help="timed steps of `plain` (4 s each at 1M x 200k)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--max-ranks", type=int, help="skip the runs on more ranks (default: all on CPU, one per GPU)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads per configuration")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "collab.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -194,7 +195,8 @@ def main() -> None:
               "device": torch.cuda.get_device_name(0) if gpus else "cpu"}
     runs = [("plain", "plain", 1), ("plain-sparse", "plain-sparse", 1), ("kernel", "kernel", 1), ("torchrec-1", "table_wise", 1),
             ("table_wise-2", "table_wise", 2), ("row_wise-2", "row_wise", 2)]
-    runs = [r for r in runs if not gpus or r[2] <= gpus]  # on a GPU host, one rank per GPU
+    max_ranks = args.max_ranks or gpus or max(r[2] for r in runs)  # on a GPU host, one rank per GPU
+    runs = [r for r in runs if r[2] <= max_ranks]
     tmp = Path(tempfile.mkdtemp(prefix="bench-collab-"))
     for size in args.sizes:
         res = {}

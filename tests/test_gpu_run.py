@@ -78,25 +78,35 @@ def test_dry_run_runs_every_row_from_the_parts(payload: tuple[Path, str], tmp_pa
     assert (tmp_path / "target" / ".unpacked").is_file()  # a second run.sh on the same host skips the unpack
 
 
-def test_dry_run_of_some_rows_runs_sella_upstream_only(payload: tuple[Path, str], tmp_path: Path) -> None:
-    """`--rows mf,collm-like,sella-no-warm`: the rows a run at one epoch per stage leaves for a second host session.
-    SeLLa-Rec's stages 1-2 run as their upstream, its stage 3 and test do not."""
+def test_dry_run_of_some_rows_then_the_benchmarks(payload: tuple[Path, str], tmp_path: Path) -> None:
+    """`--rows mf,collm-like,sella-no-warm --bench`: what GPU run 5 left for a later host session. SeLLa-Rec's
+    stages 1-2 run as their upstream, its stage 3 and test do not; then bench/llm_train.py and bench/collab.py
+    (each with its baseline in the same run) through run.sh's bench path, at a smoke-test size."""
     out, _ = payload
     results = tmp_path / "results"
     proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--dry-run", "--data-name", "ml-100k", "--payload", str(out),
                            "--target", str(tmp_path / "target"), "--results", str(results),
-                           "--rows", "mf,collm-like,sella-no-warm"],
+                           "--rows", "mf,collm-like,sella-no-warm", "--bench"],
                           cwd=REPO, capture_output=True, text=True, check=False, env={
                               **os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     timing = [line.split("\t") for line in (results / "timing.tsv").read_text().splitlines()[1:]]
     assert sorted((row, stage) for row, stage, *_ in timing) == sorted([
         ("sella", "lora"), ("sella", "distill,collab"), ("mf", "collab,eval"), ("collm-like", "sella,eval"),
-        ("sella-no-warm", "sella,eval")])
-    assert all(status == "ok" for *_, status in timing)
+        ("sella-no-warm", "sella,eval"), ("bench-llm", "-"), ("bench-collab", "-")])
+    assert all(status == "ok" for *_, status in timing), timing
     table = (results / "table.md").read_text().split("\n\n")[0].splitlines()[2:]
     assert [re.search(r"/([^/`]+\.yaml)`", line).group(1) for line in table] == [
         "mf.yaml", "collm-like.yaml", "sella-no-warm.yaml"]
+    llm = json.loads((results / "llm_train.json").read_text())
+    assert set(llm["speedup_vs_hf"]) == {"hf-trainer", "ours-zero3", "ours-zero0"} and llm["speedup_vs_hf"]["hf-trainer"] == 1.0
+    assert all(run["tokens_per_s"] > 0 for run in llm["runs"].values())
+    collab = json.loads((results / "collab.json").read_text())["sizes"]
+    assert list(collab) == ["ml-1m"] and collab["ml-1m"]["runs"]["plain"]["ratio_to_plain"] == 1.0
+    assert all(run["samples_per_s"] > 0 for run in collab["ml-1m"]["runs"].values())
+    assert len(list(results.rglob("*"))) <= 8  # the GPU tool brings back 8 files at most
+    with tarfile.open(results / "results.tar.gz") as tar:
+        assert {"logs/bench-llm.log", "logs/bench-collab.log"} <= set(tar.getnames())
 
 
 def test_step_probe_times_engine_and_plain_loop(ml100k_out: Path, tmp_path: Path) -> None:

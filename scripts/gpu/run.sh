@@ -158,20 +158,31 @@ fi
 bench() {  # NAME SECONDS COMMAND...: one benchmark (it measures its own baseline) when SECONDS fit the deadline
   local name=$1 need=$2 t0 rc=0; shift 2
   if [ "$(left)" -lt "$need" ]; then
-    printf '%s	-	0	skipped: %ss to the deadline
-' "$name" "$(left)" >> "$RESULTS/timing.tsv"; return
+    printf '%s\t-\t0\tskipped: %ss to the deadline\n' "$name" "$(left)" >> "$RESULTS/timing.tsv"; return
   fi
   say "$name: $*"; t0=$(date +%s)
   timeout -k 15 "$(left)" "$@" > "$WORK/logs/$name.log" 2>&1 || rc=$?
-  printf '%s	-	%s	%s
-' "$name" $(( $(date +%s) - t0 )) "$([ $rc = 0 ] && echo ok || echo "failed ($rc)")" >> "$RESULTS/timing.tsv"
+  printf '%s\t-\t%s\t%s\n' "$name" $(( $(date +%s) - t0 )) "$([ $rc = 0 ] && echo ok || echo "failed ($rc)")" \
+    >> "$RESULTS/timing.tsv"
+  [ $rc = 0 ] || grep -v '^\s*$' "$WORK/logs/$name.log" | tail -n 25 | sed "s/^/[$name] /"
 }
-if [ $BENCH = 1 ] && [ $DRY = 0 ]; then
-  # stage 1's GPU batch (128 prompts in one micro-batch, bf16, 10 history titles) on both sides, few steps: ZeRO-3
-  # is the slow side on one GPU
-  bench bench-llm 180 $PY bench/llm_train.py --config configs/gpu/collm-ml-1m.yaml --micro-batch 128 --grad-accum 1 \
-    --steps 5 --data "$DATA" --model "${SETS[0]#llm.model=}" --out "$RESULTS/llm_train.json"
-  [ $TABLES = 1 ] && bench bench-collab 120 $PY bench/collab.py --out "$RESULTS/collab.json"
+if [ $BENCH = 1 ]; then
+  if [ $DRY = 0 ]; then
+    # stage 1's GPU batch (128 prompts in one micro-batch, bf16, 10 history titles) on both sides, few steps:
+    # ZeRO-3 is the slow side on one GPU; the tables at both sizes
+    LLM_BENCH=(--micro-batch 128 --grad-accum 1 --steps 5) COLLAB_BENCH=()
+  else  # the same two commands at a smoke-test size, one rank as on a one-GPU host: the tiny model, one step;
+    # ML-1M-sized tables, two steps
+    LLM_BENCH=(--micro-batch 2 --grad-accum 1 --steps 1 --ranks 1)
+    COLLAB_BENCH=(--sizes ml-1m --steps 2 --plain-steps 1 --warmup 1 --max-ranks 1)
+  fi
+  bench bench-llm 180 $PY bench/llm_train.py --config configs/gpu/collm-ml-1m.yaml "${LLM_BENCH[@]}" --data "$DATA" \
+    --model "${SETS[0]#llm.model=}" --out "$RESULTS/llm_train.json"
+  if [ $TABLES = 1 ]; then
+    bench bench-collab 120 $PY bench/collab.py "${COLLAB_BENCH[@]}" --out "$RESULTS/collab.json"
+  else
+    printf 'bench-collab\t-\t0\tskipped: needs the table kernels\n' >> "$RESULTS/timing.tsv"
+  fi
 fi
 
 say "collecting results"
