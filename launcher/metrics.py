@@ -3,7 +3,6 @@ users with more than one row and both labels), and the overall / warm / cold rep
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -55,13 +54,47 @@ def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.n
     return fpr, tpr
 
 
-def _bootstrap(rows: int, statistic: Callable[[np.ndarray], float], level: float, resamples: int,
-               seed: int) -> tuple[float, float]:
-    """Percentile bootstrap interval of `statistic(row indices)` over resamples of the rows with replacement;
-    resamples where it is NaN (one class only) are skipped; (NaN, NaN) when all are."""
+def _resampled_aucs(labels: np.ndarray, score_sets: list[np.ndarray], resamples: int, seed: int,
+                    cells: int = 1 << 22) -> np.ndarray:
+    """AUC of each scorer on `resamples` draws of the rows with replacement (one draw shared by every scorer);
+    shape (resamples, scorers), NaN where a draw holds one class only.
+
+    A draw is a count per row, so each AUC is the Mann-Whitney statistic with weights: rows sorted by score,
+    tied scores merged into one group, AUC = sum over groups of positives x (negatives in lower groups + half the
+    negatives in the group) / (positives x negatives), ties counting half as in `auc`. Draws are taken in
+    blocks of about `cells` counts, so the rows x draws matrix stays small, and the draws are the same as
+    `rng.integers(0, n, n)` drawn once per resample."""
+    n = len(labels)
     rng = np.random.default_rng(seed)
-    values = [v for v in (statistic(rng.integers(0, rows, rows)) for _ in range(resamples)) if not math.isnan(v)]
-    if not values:
+    sorted_sets = []
+    for scores in score_sets:
+        order = np.argsort(scores, kind="stable")
+        s = scores[order]
+        starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # first row of each tie group
+        sorted_sets.append((order, starts))
+    out = np.empty((resamples, len(score_sets)))
+    block = max(1, cells // max(n, 1))
+    for first in range(0, resamples, block):
+        draws = min(block, resamples - first)
+        idx = np.stack([rng.integers(0, n, n) for _ in range(draws)])
+        # counts[row, draw]: how often each draw picked the row (rows first, so the sums below run over rows)
+        counts = np.bincount((idx.T * draws + np.arange(draws)).ravel(), minlength=n * draws).reshape(n, draws)
+        for k, (order, starts) in enumerate(sorted_sets):
+            c, y = counts[order], labels[order][:, None]
+            pos, neg = c * y, c * ~y
+            if len(starts) < n:  # merge tied scores
+                pos, neg = np.add.reduceat(pos, starts, axis=0), np.add.reduceat(neg, starts, axis=0)
+            below = np.cumsum(neg, axis=0) - neg
+            pairs = pos.sum(0) * neg.sum(0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[first:first + draws, k] = np.where(pairs > 0, (pos * (below + 0.5 * neg)).sum(0) / pairs, np.nan)
+    return out
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    """Percentile interval of the resampled values that are defined; (NaN, NaN) when none is."""
+    values = values[~np.isnan(values)]
+    if not len(values):
         return math.nan, math.nan
     lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
@@ -71,7 +104,7 @@ def auc_interval(labels: np.ndarray, scores: np.ndarray, level: float = 0.95, re
                  seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the AUC (rows resampled with replacement)."""
     labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
-    return _bootstrap(len(labels), lambda i: auc(labels[i], scores[i]), level, resamples, seed)
+    return _percentiles(_resampled_aucs(labels, [scores], resamples, seed)[:, 0], level)
 
 
 def auc_difference_interval(labels: np.ndarray, scores: np.ndarray, base_scores: np.ndarray, level: float = 0.95,
@@ -81,11 +114,8 @@ def auc_difference_interval(labels: np.ndarray, scores: np.ndarray, base_scores:
     is narrower than two separate intervals would suggest. (difference, low, high)."""
     labels = np.asarray(labels).astype(bool)
     scores, base_scores = np.asarray(scores, dtype=np.float64), np.asarray(base_scores, dtype=np.float64)
-
-    def difference(i: np.ndarray) -> float:
-        return auc(labels[i], scores[i]) - auc(labels[i], base_scores[i])
-
-    return difference(np.arange(len(labels))), *_bootstrap(len(labels), difference, level, resamples, seed)
+    both = _resampled_aucs(labels, [scores, base_scores], resamples, seed)
+    return auc(labels, scores) - auc(labels, base_scores), *_percentiles(both[:, 0] - both[:, 1], level)
 
 
 def group_masks(warm: np.ndarray) -> dict[str, np.ndarray]:

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from launcher.metrics import add_intervals, auc, auc_difference_interval, auc_interval, format_report, report, uauc
+from launcher.metrics import (
+    _resampled_aucs,
+    add_intervals,
+    auc,
+    auc_difference_interval,
+    auc_interval,
+    format_report,
+    report,
+    uauc,
+)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -64,6 +73,25 @@ def test_report_splits_warm_and_cold() -> None:
     m = warm == 0
     assert r["cold"]["auc"] == pytest.approx(roc_auc_score(labels[m], scores[m]))
     assert r["warm"]["uauc"] == pytest.approx(_sklearn_uauc(users[~m], labels[~m], scores[~m])[0])
+
+
+@pytest.mark.parametrize(("rows", "cells"), [(6, 1 << 22), (300, 300 * 7), (2000, 1 << 22)])
+def test_resampled_aucs_equal_sklearn_on_each_draw(rows: int, cells: int) -> None:
+    """The weighted Mann-Whitney AUCs of the bootstrap equal scikit-learn's AUC of each resampled row set, draw by
+    draw (the same draws: `rng.integers(0, n, n)` per resample), ties included, in blocks that do not divide the
+    resamples (cells = 7 draws), and NaN where a draw holds one class (6 rows)."""
+    rng = np.random.default_rng(rows)
+    labels = rng.integers(0, 2, rows).astype(bool)
+    scores = np.round(rng.random(rows) + 0.3 * labels, 1)  # many ties
+    base = rng.random(rows)  # none
+    got = _resampled_aucs(labels, [scores, base], 60, seed=4, cells=cells)
+    draws = np.random.default_rng(4)
+    for r in range(60):
+        i = draws.integers(0, rows, rows)
+        for k, s in enumerate((scores, base)):
+            want = auc(labels[i], s[i])
+            assert (math.isnan(got[r, k]) and math.isnan(want)) or got[r, k] == pytest.approx(want, abs=1e-12), (r, k)
+    assert np.isnan(got).any() == (rows == 6)
 
 
 def test_auc_interval_brackets_the_auc_and_narrows_with_rows() -> None:
