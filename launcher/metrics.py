@@ -71,7 +71,7 @@ def _resampled_aucs(labels: np.ndarray, score_sets: list[np.ndarray], resamples:
         order = np.argsort(scores, kind="stable")
         s = scores[order]
         starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # first row of each tie group
-        sorted_sets.append((order, starts))
+        sorted_sets.append((order, starts, labels[order][:, None]))
     out = np.empty((resamples, len(score_sets)))
     block = max(1, cells // max(n, 1))
     for first in range(0, resamples, block):
@@ -79,8 +79,8 @@ def _resampled_aucs(labels: np.ndarray, score_sets: list[np.ndarray], resamples:
         idx = np.stack([rng.integers(0, n, n) for _ in range(draws)])
         # counts[row, draw]: how often each draw picked the row (rows first, so the sums below run over rows)
         counts = np.bincount((idx.T * draws + np.arange(draws)).ravel(), minlength=n * draws).reshape(n, draws)
-        for k, (order, starts) in enumerate(sorted_sets):
-            c, y = counts[order], labels[order][:, None]
+        for k, (order, starts, y) in enumerate(sorted_sets):
+            c = counts[order]
             pos, neg = c * y, c * ~y
             if len(starts) < n:  # merge tied scores
                 pos, neg = np.add.reduceat(pos, starts, axis=0), np.add.reduceat(neg, starts, axis=0)

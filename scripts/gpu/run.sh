@@ -178,10 +178,8 @@ if [ $BENCH = 1 ]; then
   fi
   bench bench-llm 180 $PY bench/llm_train.py --config configs/gpu/collm-ml-1m.yaml "${LLM_BENCH[@]}" --data "$DATA" \
     --model "${SETS[0]#llm.model=}" --out "$RESULTS/llm_train.json"
-  if [ $TABLES = 1 ]; then
+  if needs_tables bench-collab; then
     bench bench-collab 120 $PY bench/collab.py "${COLLAB_BENCH[@]}" --out "$RESULTS/collab.json"
-  else
-    printf 'bench-collab\t-\t0\tskipped: needs the table kernels\n' >> "$RESULTS/timing.tsv"
   fi
 fi
 
