@@ -53,6 +53,17 @@ def bad_type(row: object) -> str | None:
     return None
 
 
+def unpaired_history(row: object) -> str | None:
+    """A reject reason when a CoLLM row's history ids and titles are not one title per id; None when they are."""
+    try:
+        ids, titles = len(row.his), len(row.his_title)
+    except TypeError:
+        return f"malformed row: his_title {row.his_title!r} is not a list of titles (CoLLM)"
+    if ids != titles:
+        return f"malformed row: his has {ids} item ids but his_title {titles} titles (CoLLM)"
+    return None
+
+
 def conflicting_title(named: list[tuple[int, str]], seen: dict[int, tuple[str, str, int]], file: str,
                       row: int) -> str | None:
     """A reject reason when row `row` of `file` names an item (as target or in its history) by another title than
@@ -97,9 +108,11 @@ def collm_result(spark: SparkSession, cfg: DataConfig, input_dir: Path) -> tuple
         for line, r in enumerate(df.itertuples(index=False), 1):
             code, reason = "bad_type", bad_type(r)
             if not reason:
+                code, reason = "malformed_line", unpaired_history(r)
+            if not reason:
                 his = [int(i) for i in r.his[1:]]
                 titles = [str(t) for t in r.his_title[1:]]
-                named = [(int(r.iid), str(r.title)), *zip(his, titles, strict=False)]
+                named = [(int(r.iid), str(r.title)), *zip(his, titles, strict=True)]
                 code, reason = "conflicting_title", conflicting_title(named, item_titles, name, line)
             if reason:  # row `line` of that pickle
                 raw = repr(r._asdict())

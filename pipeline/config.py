@@ -128,19 +128,31 @@ class SplitConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_ranges(self) -> SplitConfig:
-        for name in ("train", "valid", "test"):
-            lo, hi = getattr(self, name)
+        """Each range in order; the ranges in order train, valid, test without overlap. Gaps between them are
+        allowed: their rows are excluded as outside_window (`ranges`)."""
+        for name, (lo, hi) in self.ranges.items():
             if lo > hi:
                 raise ValueError(f"split.{name}: first month {lo} is after last month {hi}")
-        if self.halve_heldout and self.valid != self.test:
-            raise ValueError("split.halve_heldout needs split.valid == split.test (the months to halve)")
-        if not self.halve_heldout and not (self.train[1] < self.valid[0] <= self.valid[1] < self.test[0]):
-            raise ValueError("split: months must be ordered train < valid < test without overlap")
+        if self.halve_heldout:
+            if self.valid != self.test:
+                raise ValueError("split.halve_heldout needs split.valid == split.test (the months to halve)")
+            if self.train[1] >= self.valid[0]:
+                raise ValueError(f"split.train {list(self.train)} overlaps the held-out months split.valid = "
+                                 f"split.test {list(self.valid)}: train must end before them")
+        elif not self.train[1] < self.valid[0] <= self.valid[1] < self.test[0]:
+            raise ValueError(f"split.train {list(self.train)}, split.valid {list(self.valid)}, split.test "
+                             f"{list(self.test)}: months must be ordered train < valid < test without overlap")
         return self
 
     @property
     def window(self) -> tuple[int, int]:
+        """First and last month of the splits (months in a gap between them belong to no split: `ranges`)."""
         return self.train[0], max(self.valid[1], self.test[1])
+
+    @property
+    def ranges(self) -> dict[str, tuple[int, int]]:
+        """Each split's inclusive month range; rows of a month in none of them are excluded as outside_window."""
+        return {"train": self.train, "valid": self.valid, "test": self.test}
 
 
 class FilterConfig(_Strict):
@@ -249,6 +261,49 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"  # the `<<` key of YAML merges
+
+
+def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, path: Path, at: tuple[str, ...] = (),
+                       done: set[int] | None = None) -> None:
+    """Raise a ConfigError naming the file, line and dotted key of a key repeated in a mapping under `node`
+    (yaml.safe_load lets the last one win silently). Keys compare as YAML constructs them (`yes` is `true`)."""
+    done = set() if done is None else done
+    if id(node) in done:  # an alias of a node already checked
+        return
+    done.add(id(node))
+    children: list[tuple[str, yaml.Node]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[object, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a complex key: the constructor rejects it (unhashable)
+            key = key_node.value if key_node.tag == MERGE_TAG else loader.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{path}:{line}: duplicate key {'.'.join((*at, str(key)))} (first on line "
+                                  f"{seen[key]}); keep one of them")
+            seen[key] = line
+            children.append((str(key), value_node))
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(str(i), item) for i, item in enumerate(node.value)]
+    for name, child in children:
+        _check_unique_keys(loader, child, path, (*at, name), done)
+
+
+def _load_yaml(path: Path) -> Any:
+    """The YAML document of `path`, as yaml.safe_load reads it, with every mapping's keys checked unique."""
+    loader = yaml.SafeLoader(path.read_text())
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(loader, node, path)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML mapping; a top-level `base: other.yaml` (relative to the file), or a list of them merged in order,
     is read first and overlaid by the file's own keys."""
@@ -257,7 +312,7 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: `base` chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _load_yaml(path)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):

@@ -10,7 +10,9 @@ in order of first appearance while walking users in that order.
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -195,10 +197,11 @@ def _split(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
         return df.withColumn("split", F.when(within(s.train), "train").when(within(s.valid), "valid")
                              .when(within(s.test), "test"))
     # CoLLM's Amazon code: the held-out rows sorted by time, the first n // 2 (floor) valid, the rest test. Ties
-    # at the cut keep the input's line order here; CoLLM's unstable sort leaves them to the pandas version.
+    # at the cut follow the history order (ORDER), so no valid row has a test row's item in its history; CoLLM's
+    # unstable sort leaves them to the pandas version.
     heldout = df.where(within(s.valid))
     n = heldout.count()
-    heldout = index_in_order(heldout, ["timestamp", "_pos"], "_h", start=0)
+    heldout = index_in_order(heldout, list(ORDER), "_h", start=0)
     heldout = heldout.withColumn("split", F.when(F.col("_h") < n // 2, "valid").otherwise("test")).drop("_h")
     return df.where(within(s.train)).withColumn("split", F.lit("train")).unionByName(heldout)
 
@@ -306,9 +309,11 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
         F.min("_pos").alias("_first_pos"))  # over every valid row
     # Valid rows only: an invalid row's timestamp may be out of any date's range.
     df = df.withColumn("month", F.when(F.col("_code").isNull(), month_index(F.col("timestamp"), cfg.split.origin)))
-    w_lo, w_hi = cfg.split.window
-    df = mark_first_failure(df, [(~F.col("month").between(w_lo, w_hi), "outside_window",
-                       F.format_string(f"outside window: month %d not in [{w_lo}, {w_hi}]", F.col("month")))])
+    ranges = cfg.split.ranges
+    in_split = functools.reduce(operator.or_, [F.col("month").between(lo, hi) for lo, hi in ranges.values()])
+    months = ", ".join(f"{name} [{lo}, {hi}]" for name, (lo, hi) in ranges.items())
+    df = mark_first_failure(df, [(~in_split, "outside_window",
+                       F.format_string(f"outside window: month %d is in no split ({months})", F.col("month")))])
     df = _min_count_filter(df, cfg)
     # Invalid and excluded rows in one scan of the checkpoint (a row keeps its first code; the codes say which).
     # The rejects need no item order: it is joined after the split into kept and rejected rows.

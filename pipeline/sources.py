@@ -16,6 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -52,9 +53,15 @@ def first_line(path: Path, encoding: str) -> str:
         return f.readline().decode(encoding, errors="replace").rstrip("\r\n")
 
 
+def file_name(uri: str) -> str:
+    """The file a scan's input_file_name() URI names: a local path without `file:`, percent-escapes decoded
+    (`+` stays `+`)."""
+    return unquote(re.sub("^file:(//)?", "", uri))
+
+
 def number_rows(spark: SparkSession, df: DataFrame, skip_header: bool = False) -> DataFrame:
     """Add `_file`, `_line` (1-based within its file) and `_pos` (0-based data-row position across files
-    in name order; with `skip_header`, line 1 of each file is dropped and not counted).
+    in name order, as `resolve` lists them; with `skip_header`, line 1 of each file is dropped and not counted).
 
     Uses scan-time block starts and per-partition row ids, so no row passes through the driver:
     only one (file, block) count per input split is collected.
@@ -67,19 +74,17 @@ def number_rows(spark: SparkSession, df: DataFrame, skip_header: bool = False) -
     )
     blocks = df.groupBy("_path", "_blk").agg(F.count(F.lit(1)).alias("n"), F.min("_mid").alias("mid0")).collect()
     rows, line_start, pos_start = [], {}, 0
-    for b in sorted(blocks, key=lambda b: (b["_path"], b["_blk"])):
+    for b in sorted(blocks, key=lambda b: (Path(file_name(b["_path"])), b["_blk"])):
         first_block = b["_path"] not in line_start
         header = 1 if skip_header and first_block else 0
         start = line_start.get(b["_path"], 0)
-        rows.append((b["_path"], b["_blk"], b["mid0"], start, pos_start - header))
+        rows.append((b["_path"], b["_blk"], file_name(b["_path"]), b["mid0"], start, pos_start - header))
         line_start[b["_path"]] = start + b["n"]
         pos_start += b["n"] - header
-    offsets = spark.createDataFrame(rows, "_path string, _blk long, mid0 long, line0 long, pos0 long")
+    offsets = spark.createDataFrame(rows, "_path string, _blk long, _file string, mid0 long, line0 long, pos0 long")
     out = df.join(F.broadcast(offsets), ["_path", "_blk"])
     rel = F.col("_mid") - F.col("mid0")
-    name = F.url_decode(F.regexp_replace(F.col("_path"), "^file:(//)?", ""))
-    out = out.select("*", name.alias("_file"), (F.col("line0") + rel + 1).alias("_line"),
-                     (F.col("pos0") + rel).alias("_pos"))
+    out = out.select("*", (F.col("line0") + rel + 1).alias("_line"), (F.col("pos0") + rel).alias("_pos"))
     if skip_header:
         out = out.where(F.col("_line") > 1)
     return out.drop("_path", "_blk", "_mid", "mid0", "line0", "pos0")
@@ -141,10 +146,8 @@ def _typed_interactions(df: DataFrame, types: ColumnTypes, names: dict[str, str]
     rating = F.col("rating").try_cast("double")
     ts_d = F.col("timestamp").try_cast("double")
     df = mark_first_failure(df, [
-        (blank("user_raw"), "null_field", F.lit("null field: user")),
-        (blank("item_raw"), "null_field", F.lit("null field: item")),
-        (blank("rating"), "null_field", F.lit("null field: rating")),
-        (blank("timestamp"), "null_field", F.lit("null field: timestamp")),
+        *[(blank(c), "null_field", F.lit(f"null field: {names[c]}"))
+          for c in ("user_raw", "item_raw", "rating", "timestamp")],
         id_check("user_raw", types.user),
         id_check("item_raw", types.item),
         (rating.isNull() | F.isnan(rating), "bad_number",
@@ -286,8 +289,9 @@ def read_amazon(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawL
     """Amazon Reviews 2018: `<Category>.json.gz` reviews and `meta_<Category>.json.gz` titles (JSON lines)."""
     inter_files = resolve(input_dir, cfg.interactions, "Amazon reviews (<Category>.json.gz)")
     item_files = resolve(input_dir, cfg.items, "Amazon metadata (meta_<Category>.json.gz)")
-    for path, keys in ((inter_files[0], ("reviewerID", "asin", "overall")), (item_files[0], ("asin",))):
-        line = first_line(path, cfg.encoding)
+    for path, keys, encoding in ((inter_files[0], ("reviewerID", "asin", "overall"), cfg.encoding),
+                                 (item_files[0], ("asin",), cfg.items_encoding)):
+        line = first_line(path, encoding)
         try:
             ok = all(k in json.loads(line) for k in keys)
         except (json.JSONDecodeError, TypeError):
@@ -305,14 +309,14 @@ def read_amazon(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawL
                   _items(items, None, cfg.missing_titles), inter_files, item_files)
 
 
-def _table(spark: SparkSession, paths: list[Path], delimiter: str, wanted: list[str]) -> DataFrame:
-    """A CSV (header row) or Parquet table with all `wanted` columns as strings, rows numbered."""
+def _table(spark: SparkSession, paths: list[Path], delimiter: str, encoding: str, wanted: list[str]) -> DataFrame:
+    """A CSV (header row, text in `encoding`) or Parquet table with all `wanted` columns as strings, rows numbered."""
     first = paths[0]
     if first.suffix == ".parquet" or first.is_dir():
         df = spark.read.parquet(*[str(p) for p in paths])
         header = df.columns
     else:
-        header = [h.strip() for h in first_line(first, "utf-8").split(delimiter)]
+        header = [h.strip() for h in first_line(first, encoding).split(delimiter)]
         df = None
     missing = [c for c in wanted if c not in header]
     if missing:
@@ -321,7 +325,7 @@ def _table(spark: SparkSession, paths: list[Path], delimiter: str, wanted: list[
         df = number_rows(spark, df.select(*[F.col(c).cast("string").alias(c) for c in wanted]))
         df = df.withColumn("_raw", F.to_json(F.struct(*wanted)))
         return df.withColumn("_code", F.lit(None).cast("string")).withColumn("_reason", F.lit(None).cast("string"))
-    lines = read_lines(spark, paths, "utf-8", True)
+    lines = read_lines(spark, paths, encoding, True)
     schema = ", ".join(f"`c{i}` string" for i in range(len(header) + 1))
     parsed = F.from_csv(F.col("_raw"), schema, {"sep": delimiter, "mode": "PERMISSIVE"})
     df = lines.withColumn("_c", parsed).withColumn("_code", F.lit(None).cast("string")).withColumn(
@@ -339,14 +343,14 @@ def read_table(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawLo
     """Generic CSV/Parquet interactions (+ optional item table) with the config's column mapping."""
     c = cfg.columns
     inter_files = resolve(input_dir, cfg.interactions, "interactions table")
-    inter = _table(spark, inter_files, cfg.delimiter, [c.user, c.item, c.rating, c.timestamp])
+    inter = _table(spark, inter_files, cfg.delimiter, cfg.encoding, [c.user, c.item, c.rating, c.timestamp])
     inter = _typed_interactions(inter.select(
         "_file", "_line", "_pos", "_raw", "_code", "_reason",
         F.trim(F.col(c.user)).alias("user_raw"), F.trim(F.col(c.item)).alias("item_raw"),
         F.col(c.rating).alias("rating"), F.col(c.timestamp).alias("timestamp")), cfg.types,
         {"user_raw": c.user, "item_raw": c.item, "rating": c.rating, "timestamp": c.timestamp})
     item_files = resolve(input_dir, cfg.items, "item table")
-    items = _table(spark, item_files, cfg.delimiter, [c.item, c.item_title]).select(
+    items = _table(spark, item_files, cfg.delimiter, cfg.items_encoding, [c.item, c.item_title]).select(
         "_file", "_line", "_pos", "_raw", "_code", "_reason",
         F.trim(F.col(c.item)).alias("item_raw"), F.col(c.item_title).alias("title"))
     return RawLog(inter, _items(items, None, cfg.missing_titles), inter_files, item_files)

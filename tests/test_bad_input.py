@@ -3,12 +3,14 @@ counts add up; wrong paths, formats and columns fail fast with the file named; o
 from __future__ import annotations
 
 import gzip
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pyspark.sql import functions as F
 
 from pipeline.prep import main, run
-from pipeline.sources import SourceError
+from pipeline.sources import SourceError, read_lines
 from pipeline.writers import OutputExistsError, atomic_output
 from tests.conftest import config
 
@@ -84,7 +86,7 @@ def test_each_bad_row_has_its_reason_file_and_line(spark, bad_run) -> None:
     assert "rating out of range [1, 5]: 9.0" in rejects[("interactions", 7)]["reason"]
     assert "rating x is not a number" in rejects[("interactions", 8)]["reason"]
     assert "expected 4 fields separated by '::'" in rejects[("interactions", 9)]["reason"]
-    assert rejects[("interactions", 10)]["reason"] == "null field: user"
+    assert rejects[("interactions", 10)]["reason"] == "null field: UserID (ML-1M)"
     assert "not valid UTF-8" in rejects[("interactions", 13)]["reason"]
     assert rejects[("interactions", 15)]["reason"] == "bad type: Rating (ML-1M) 4.5 is not a whole number of stars"
     assert rejects[("interactions", 16)]["reason"] == "bad type: UserID (ML-1M) ab is not a positive integer"
@@ -93,6 +95,85 @@ def test_each_bad_row_has_its_reason_file_and_line(spark, bad_run) -> None:
     assert rejects[("interactions", 19)]["reason"] == "bad type: MovieID (ML-1M) x1 is not a positive integer"
     assert rejects[("items", 3)]["code"] == "malformed_line"
     assert rejects[("items", 5)]["reason"] == "duplicate item id 1 (first on line 1)"
+
+
+SMALL_BLOCKS = {"spark.sql.files.maxPartitionBytes": "64", "spark.sql.files.openCostInBytes": "0"}
+
+
+@pytest.fixture
+def small_blocks(spark) -> Iterator[None]:
+    """Input splits of 64 bytes (Spark reads a file under 4 MB as one block otherwise); the settings restored after."""
+    before = {key: spark.conf.get(key, None) for key in SMALL_BLOCKS}
+    for key, value in SMALL_BLOCKS.items():
+        spark.conf.set(key, value)
+    yield
+    for key, value in before.items():
+        spark.conf.unset(key) if value is None else spark.conf.set(key, value)
+
+
+def _many_block_lines(sep: str, ts: int, f: int) -> list[tuple[bytes, str | None]]:
+    """Data lines of input file `f` (0, 1) with their expected reject code (None: kept): lines of 12 to over 200
+    bytes, so 64-byte blocks start mid-line, and one block holds no line start."""
+    missing = "malformed_line" if sep == "::" else "null_field"  # a CSV row short of a field has a null one
+    lines = []
+    for j in range(24):
+        good = [str(3 ** (j % 7) + 10 * f), str(1 + j % 5), str(1 + j % 5), str(ts + 3600 * j + f)]
+        fields, code = {1: (good[:3], missing), 3: ([*good[:2], "x", good[3]], "bad_number"),
+                        4: ([good[0], "99", *good[2:]], "unknown_item")}.get(j % 6, (good, None))
+        if j == 11:
+            fields, code = [*good, "y" * 200], "malformed_line"
+        lines.append((sep.join(fields).encode(), code))
+    return lines
+
+
+# format: (config, interaction files (in name order; a '+' and a space escape differently in Spark's file URIs and
+# sort otherwise there), separator, header line, first timestamp)
+MANY_BLOCKS = {
+    "ml-1m": ("ml-1m", ("ratings.dat", "ratings.dat+2"), "::", None, 1_000_000_000),
+    "table": ("synthetic", ("log 1.csv", "log!2.csv"), ",", b"user_id,item_id,rating,timestamp", 1_710_000_000),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(MANY_BLOCKS))
+def test_rows_read_in_many_blocks_keep_their_file_line_and_position(spark, small_blocks, tmp_path, fmt: str) -> None:
+    """Two input files (CSV with a header each) read in 64-byte blocks: every line is numbered within its file
+    (header dropped once per file) and across the input in name order, every rejected row names its file and line,
+    and kept + rejected rows are every data line exactly once."""
+    name, files, sep, header, ts = MANY_BLOCKS[fmt]
+    d = tmp_path / "in"
+    d.mkdir()
+    expected = {}  # (file, line) -> (pos, bytes, code)
+    for f, file in enumerate(files):
+        lines = _many_block_lines(sep, ts, f)
+        (d / file).write_bytes(b"".join(line + b"\n" for line in ([header] if header else []) + [x for x, _ in lines]))
+        for n, (line, code) in enumerate(lines, start=2 if header else 1):
+            expected[str(d / file), n] = (len(expected), line, code)
+    if fmt == "ml-1m":
+        (d / "movies.dat").write_text("".join(f"{i}::Movie {i} (1995)::Drama\n" for i in range(1, 6)))
+        cfg = config(name, source={"input_dir": str(d)})
+    else:
+        (d / "items.csv").write_text("item_id,title\n" + "".join(f"{i},Movie {i}\n" for i in range(1, 6)))
+        cfg = config(name, source={"interactions": "log*.csv", "items": "items.csv"})
+    paths = [d / file for file in files]
+    blocks = spark.read.text([str(p) for p in paths]).select(F.input_file_name().alias("f"),
+                                                             F.input_file_block_start().alias("b")).distinct()
+    per_file = [r["count"] for r in blocks.groupBy("f").count().collect()]  # blocks holding a line start
+    assert len(per_file) == len(files) and min(per_file) >= 5
+    read = read_lines(spark, paths, "utf-8", header is not None)
+    assert read.rdd.getNumPartitions() > 2 * len(files)
+    assert {(r["_file"], r["_line"]): (r["_pos"], r["_raw"].encode()) for r in read.collect()} == {
+        key: (pos, line) for key, (pos, line, _) in expected.items()}
+
+    m = run(cfg, d, tmp_path / "out")
+    rejects = spark.read.parquet(str(tmp_path / "out" / "rejects")).where(F.col("source") == "interactions")
+    got = {(r["file"], r["line"]): (r["pos"], r["raw_bytes"], r["code"]) for r in rejects.collect()}
+    assert got == {key: want for key, want in expected.items() if want[2] is not None}
+    kept = spark.read.parquet(str(tmp_path / "out" / "tables" / "interactions")).collect()
+    by_pos = {pos: line for pos, line, _ in expected.values()}
+    assert {r["row_id"]: sep.join([r["user_raw"], r["item_raw"], str(int(r["rating"])), str(r["timestamp"])]).encode()
+            for r in kept} == {pos: line for pos, line, code in expected.values() if code is None}
+    assert sorted([r["row_id"] for r in kept] + [pos for pos, _, _ in got.values()]) == sorted(by_pos)
+    assert m["rows_in"] == len(expected) == m["rows_out"] + m["rejected"] + m["excluded"]
 
 
 def test_a_run_without_rejects_writes_the_same_rejects_schema(bad_run, tmp_path) -> None:
@@ -160,20 +241,22 @@ def test_every_format_checks_the_types_it_declares(spark, tmp_path) -> None:
 
     c = tmp_path / "collm"
     c.mkdir()
-    frame = pd.DataFrame({"uid": [1, 2, 3, 4], "iid": [1, 1, 2, 2], "label": [1, 0, 2, 1],
-                          "timestamp": [1e9, 1e9 + 1, 1e9 + 2, 1e9 + 3], "his": [[0], [0], [0], [0, 1]],
-                          "his_title": [[""], [""], [""], ["", "Z"]], "title": ["A", "A", "B", "B"],
-                          "not_cold": [1, 1, 1, 1]})  # row 4's history names item 1 'Z', row 1 named it 'A'
+    frame = pd.DataFrame({"uid": [1, 2, 3, 4, 5], "iid": [1, 1, 2, 2, 1], "label": [1, 0, 2, 1, 1],
+                          "timestamp": [1e9, 1e9 + 1, 1e9 + 2, 1e9 + 3, 1e9 + 4], "his": [[0], [0], [0], [0, 1], [0, 2]],
+                          "his_title": [[""], [""], [""], ["", "Z"], [""]], "title": ["A", "A", "B", "B", "A"],
+                          "not_cold": [1, 1, 1, 1, 1]})  # row 4's history names item 1 'Z', row 1 named it 'A';
+    # row 5's history has 2 ids and 1 title
     for split in ("train", "valid", "test"):
         frame.to_pickle(c / f"{split}_ood2.pkl")
     m = run(config("collm-ml-1m", source={"input_dir": str(c), "interactions": ""}), c, tmp_path / "out-collm")
-    assert m["rows_in"] == 12 and m["rows_out"] == 6
-    assert m["rejects"]["interactions"]["invalid"] == {"bad_type": 3, "conflicting_title": 3}
+    assert m["rows_in"] == 15 and m["rows_out"] == 6
+    assert m["rejects"]["interactions"]["invalid"] == {"bad_type": 3, "conflicting_title": 3, "malformed_line": 3}
     rejected = {(r["file"], r["line"]): r["reason"] for r in
                 spark.read.parquet(str(tmp_path / "out-collm" / "rejects")).collect()}
-    assert set(rejected) == {(f"{s}_ood2.pkl", line) for s in ("train", "valid", "test") for line in (3, 4)}
+    assert set(rejected) == {(f"{s}_ood2.pkl", line) for s in ("train", "valid", "test") for line in (3, 4, 5)}
     assert rejected["valid_ood2.pkl", 3] == "bad type: label 2 is not 0 or 1 (CoLLM)"
     assert rejected["valid_ood2.pkl", 4] == "conflicting title: item 1 is 'Z' here, 'A' in train_ood2.pkl row 1"
+    assert rejected["test_ood2.pkl", 5] == "malformed row: his has 2 item ids but his_title 1 titles (CoLLM)"
     items = spark.read.parquet(str(tmp_path / "out-collm" / "tables" / "items")).collect()
     assert sorted((r["item_id"], r["title"]) for r in items) == [(1, "A")]  # item 2 named only by rejected rows
 

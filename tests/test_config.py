@@ -1,5 +1,6 @@
 """Every config under configs/ validates; bad configs fail with the key and the expectation named."""
 import ast
+import re
 from functools import partial
 from pathlib import Path
 
@@ -83,7 +84,13 @@ def test_packages_import_only_downward(package: str, forbidden: set[str]) -> Non
     ({"source": {"format": "csv"}}, "source.format", "'ml-1m', 'ml-100k', 'recbole', 'amazon', 'collm' or 'table'"),
     ({"protocol": {"split": {"origin": "2000/04"}}}, "protocol.split.origin", "pattern"),
     ({"protocol": {"split": {"train": [23, 14]}}}, "protocol.split", "first month 23 is after last month 14"),
-    ({"protocol": {"split": {"valid": [20, 28]}}}, "protocol.split", "train < valid < test"),
+    ({"protocol": {"split": {"valid": [20, 28]}}}, "protocol.split",
+     "split.train [14, 23], split.valid [20, 28], split.test [29, 33]: months must be ordered train < valid < test"),
+    ({"protocol": {"split": {"valid": [24, 30]}}}, "protocol.split", "train < valid < test without overlap"),
+    ({"protocol": {"split": {"train": [0, 12], "valid": [10, 12], "test": [10, 12], "halve_heldout": True}}},
+     "protocol.split", "split.train [0, 12] overlaps the held-out months split.valid = split.test [10, 12]"),
+    ({"protocol": {"split": {"train": [0, 10], "valid": [10, 12], "test": [10, 12], "halve_heldout": True}}},
+     "protocol.split", "train must end before them"),
     ({"protocol": {"history_len": 0}}, "protocol.history_len", "greater than or equal to 1"),
     ({"output": {"shard_size": "big"}}, "output.shard_size", "valid integer"),
     ({"protocol": {"labels": {}}}, "protocol.labels", "Extra inputs are not permitted"),
@@ -142,6 +149,36 @@ def test_comparison_rows_inherit_the_benchmark_config() -> None:
     assert (collm.projector_init, collm.warm_token, collm.collab_path) == (
         "random", False, "runs/collm-ml-1m-mf/collab/collab.safetensors")
     assert rows["sella-no-warm"].sella.warm_token is False and rows["sella"].sella.warm_token is True
+
+
+def test_split_months_may_leave_gaps() -> None:
+    """Months between the splits belong to none: the config is valid and their rows are excluded as outside_window
+    (test_sources.py runs such a config)."""
+    gaps = parse_config(merged(_base(), {"protocol": {"split": {"train": [0, 9], "valid": [11, 11], "test": [13, 14]}}}))
+    assert gaps.protocol.split.ranges == {"train": (0, 9), "valid": (11, 11), "test": (13, 14)}
+    halves = parse_config(merged(_base(), {"protocol": {"split": {"train": [0, 8], "valid": [10, 12], "test": [10, 12],
+                                                                  "halve_heldout": True}}}))
+    assert halves.protocol.split.window == (0, 12)
+
+
+def test_duplicate_key_names_file_line_and_key(tmp_path: Path) -> None:
+    """YAML lets a repeated key's last value win silently; the loader rejects it, naming file, line and dotted key.
+    A key a file repeats from its `base` is an override, not a duplicate."""
+    config = tmp_path / "x.yaml"
+    config.write_text(f"base: {CONFIGS / 'collm-ml-1m.yaml'}\nsella:\n  lr: 1.0e-4\n  micro_batch: 2\n  lr: 2.0e-4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value) == f"{config}:5: duplicate key sella.lr (first on line 3); keep one of them"
+    config.write_text(f"base: {CONFIGS / 'collm-ml-1m.yaml'}\nsella: {{lr: 1.0e-4}}\n")
+    assert load_config(config).sella.lr == 1.0e-4  # collm-ml-1m.yaml has sella.lr 2.0e-3
+    base = tmp_path / "base.yaml"
+    base.write_text("name: a\nprotocol:\n  split:\n    origin: '2000-04'\n  split: {train: [0, 1]}\n")
+    config.write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(base))}:5: duplicate key protocol\.split "):
+        load_config(config)
+    config.write_text("name: a\nname: b\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml:2: duplicate key name \(first on line 1\)"):
+        load_config(config)
 
 
 def test_base_chain_errors_name_the_file(tmp_path: Path) -> None:

@@ -71,9 +71,10 @@ def test_amazon_source_year_filter_and_december_halves(spark, tmp_path: Path) ->
     assert list(held.split) == ["valid"] * n_valid + ["test"] * (len(held) - n_valid)
 
 
-def test_amazon_december_cut_is_floor_and_ties_keep_line_order(spark, tmp_path: Path) -> None:
+def test_amazon_december_cut_is_floor_and_ties_follow_the_history_order(spark, tmp_path: Path) -> None:
     """CoLLM's Amazon code: December sorted by time, the first n // 2 rows valid (floor), the rest test. Here 5
-    December rows, two on the same day at the cut: the one earlier in the file is valid. Ratings must be
+    December rows, two on the same day at the cut: they follow the history order (timestamp, line where the item
+    first appears, line), so U5's B2 (first on line 2) is valid before U3's B3 (first on line 3). Ratings must be
     whole stars (a 4.5 is rejected)."""
     meta = [{"asin": f"B{i}", "title": f"Book {i}"} for i in range(1, 4)]
     reviews = [{"reviewerID": "U1", "asin": "B1", "overall": 5.0, "unixReviewTime": _ts(2017, 3, 1)},
@@ -93,7 +94,80 @@ def test_amazon_december_cut_is_floor_and_ties_keep_line_order(spark, tmp_path: 
     assert m["reject_examples"][0]["reason"] == "bad type: overall (Amazon) 4.5 is not a whole number of stars"
     rows = spark.read.parquet(str(tmp_path / "out" / "tables" / "interactions")).toPandas()
     split = dict(zip(rows.user_raw, rows.split, strict=True))
-    assert split == {"U1": "train", "U4": "valid", "U3": "valid", "U5": "test", "U6": "test", "U2": "test"}
+    assert split == {"U1": "train", "U4": "valid", "U5": "valid", "U3": "test", "U6": "test", "U2": "test"}
+
+
+def _table_config(**split: object) -> object:
+    """configs/synthetic.yaml over log.csv and items.csv (columns user_id, item_id, rating, timestamp; item_id,
+    title), months from 2024-01, no filter."""
+    return config("synthetic", source={"interactions": "log.csv", "items": "items.csv"},
+                  protocol={"split": {"origin": "2024-01", **split}})
+
+
+def test_held_out_cut_at_a_tie_never_puts_a_test_item_in_a_valid_history(spark, tmp_path: Path) -> None:
+    """halve_heldout cuts the held-out rows in the order the history pass walks them. u1 has two held-out rows at
+    the cut's timestamp: i2 (line 3) and i1 (line 4, but i1 first appears on line 2, so it comes first in u1's
+    history). In line order i2 would be valid and i1 test, and i2's history would hold the test row's item."""
+    jan, feb = _ts(2024, 1, 10), _ts(2024, 2, 10)
+    log = [("u0", "i1", jan), ("u1", "i2", feb), ("u1", "i1", feb), ("u2", "i3", feb - 60), ("u3", "i4", feb + 60)]
+    (tmp_path / "log.csv").write_text("user_id,item_id,rating,timestamp\n" + "".join(
+        f"{u},{i},5,{t}\n" for u, i, t in log))
+    (tmp_path / "items.csv").write_text("item_id,title\n" + "".join(f"i{n},T{n}\n" for n in range(1, 5)))
+    m = run(_table_config(train=[0, 0], valid=[1, 1], test=[1, 1], halve_heldout=True), tmp_path, tmp_path / "out")
+    assert (m["rows_out"], m["splits"]["valid"]["rows"], m["splits"]["test"]["rows"]) == (5, 2, 2)
+    rows = spark.read.parquet(str(tmp_path / "out" / "tables" / "interactions")).toPandas()
+    items = dict(zip(rows.item_id, rows.item_raw, strict=False))
+    got = {(r.user_raw, r.item_raw): (r.split, [items[i] for i in r.history]) for r in rows.itertuples()}
+    assert got == {("u0", "i1"): ("train", []), ("u2", "i3"): ("valid", []), ("u1", "i1"): ("valid", []),
+                   ("u1", "i2"): ("test", ["i1"]), ("u3", "i4"): ("test", [])}
+    # the split follows the history order: walking the held-out rows in it, every valid row precedes every test row
+    first = {}
+    for pos, (_, item, _) in enumerate(log):
+        first.setdefault(item, pos)
+    held = rows[rows.split != "train"].assign(first=lambda d: d.item_raw.map(first))
+    assert list(held.sort_values(["timestamp", "first", "row_id"]).split) == ["valid"] * 2 + ["test"] * 2
+    test_items = {(r.user_raw, r.item_raw) for r in held.itertuples() if r.split == "test"}
+    assert not any((r.user_raw, items[i]) in test_items for r in held[held.split == "valid"].itertuples()
+                   for i in r.history)
+
+
+@pytest.mark.parametrize(("split", "excluded", "splits"), [
+    ({"train": [0, 0], "valid": [2, 2], "test": [4, 4]}, {1, 3, 5}, {0: "train", 2: "valid", 4: "test"}),
+    ({"train": [0, 0], "valid": [2, 3], "test": [2, 3], "halve_heldout": True}, {1, 4, 5},
+     {0: "train", 2: "valid", 3: "test"}),
+])
+def test_months_between_the_splits_are_excluded_as_outside_window(spark, tmp_path: Path, split: dict,
+                                                                  excluded: set[int], splits: dict) -> None:
+    """A month in no split's range, in a gap between them or past them, is excluded (outside_window) with its
+    month named; no row is lost between the splits and the counts add up."""
+    (tmp_path / "log.csv").write_text("user_id,item_id,rating,timestamp\n" + "".join(
+        f"u1,i{month},4,{_ts(2024, 1 + month, 10)}\n" for month in range(6)))
+    (tmp_path / "items.csv").write_text("item_id,title\n" + "".join(f"i{n},T{n}\n" for n in range(6)))
+    m = run(_table_config(**split), tmp_path, tmp_path / "out")
+    assert (m["rows_in"], m["rows_out"], m["rejected"]) == (6, 6 - len(excluded), 0)
+    assert m["rejects"]["interactions"]["excluded"] == {"outside_window": len(excluded)}
+    months = ", ".join(f"{name} {split[name]}" for name in ("train", "valid", "test"))
+    rejects = spark.read.parquet(str(tmp_path / "out" / "rejects")).collect()
+    assert {r["line"]: r["reason"] for r in rejects} == {
+        month + 2: f"outside window: month {month} is in no split ({months})" for month in excluded}
+    rows = spark.read.parquet(str(tmp_path / "out" / "tables" / "interactions")).collect()
+    assert {r["month"]: r["split"] for r in rows} == splits
+
+
+def test_latin1_csv_table_keeps_its_non_ascii_text(spark, tmp_path: Path) -> None:
+    """The table format decodes CSV with source.encoding / source.items_encoding (not always UTF-8): a latin-1
+    title and user id are kept, decoded, not rejected as undecodable."""
+    ts = _ts(2024, 3, 1)
+    (tmp_path / "log.csv").write_bytes(f"user_id,item_id,rating,timestamp\nJos\xe9,i1,5,{ts}\nAnn,i1,3,{ts}\n"
+                                       .encode("latin-1"))
+    (tmp_path / "items.csv").write_bytes("item_id,title\ni1,Caf\xe9 au lait (1993)\n".encode("latin-1"))
+    cfg = config("synthetic", source={"interactions": "log.csv", "items": "items.csv", "encoding": "latin-1",
+                                      "items_encoding": "latin-1"})
+    m = run(cfg, tmp_path, tmp_path / "out")
+    assert (m["rows_in"], m["rows_out"], m["rejected"], m["item_rows"]["rejected"]) == (2, 2, 0, 0)
+    rows = spark.read.parquet(str(tmp_path / "out" / "tables" / "interactions")).orderBy("row_id").collect()
+    assert [(r["user_raw"], r["title"]) for r in rows] == [("Jos\xe9", "Caf\xe9 au lait (1993)"),
+                                                           ("Ann", "Caf\xe9 au lait (1993)")]
 
 
 def test_generic_csv_with_quotes_and_extra_fields(spark, tmp_path: Path) -> None:
