@@ -7,6 +7,11 @@ from pydantic import Field
 
 from pipeline.config import _Strict
 
+# the values collab.sharding and collab.table_optimizer take; embeddings/sharding.py uses the same (it adds the
+# internal data_parallel, which stage 3 picks itself for AdamW tables: stage 2b has no optimizer for it)
+TableSharding = Literal["auto", "table_wise", "column_wise", "row_wise", "table_row_wise"]
+TableOptimizer = Literal["rowwise_adagrad", "adagrad", "sgd"]
+
 
 class AlignConfig(_Strict):
     """L_align between Proj_C->L(e_i) and the semantic vector s_i (docs/method.md, stage 2b)."""
@@ -25,9 +30,9 @@ class CollabConfig(_Strict):
     dim: int = Field(256, ge=4, description="d_c, the collab embedding size")
     proj_hidden: int = Field(1024, ge=1, description="hidden width of Proj_C->L")
     init_std: float = Field(0.1, gt=0, description="user/item tables start from N(0, init_std)")
-    sharding: Literal["auto", "table_wise", "column_wise", "row_wise", "table_row_wise"] = Field(
+    sharding: TableSharding = Field(
         "auto", description="auto: row_wise on GPU, table_wise on CPU; row_wise on CPU uses the CPU row-wise sharder")
-    table_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"
+    table_optimizer: TableOptimizer = "rowwise_adagrad"
     table_lr: float = Field(0.05, gt=0, description="fused optimizer lr of the user and item tables")
     semantic_lr: float = Field(0.01, ge=0, description="fused optimizer lr of the semantic table")
     l2: float = Field(0.03, ge=0, description="L2 penalty on the looked-up user and item rows, per sample "

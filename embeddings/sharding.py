@@ -26,8 +26,9 @@ from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, Tr
 from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-Sharding = Literal["auto", "table_wise", "column_wise", "row_wise", "table_row_wise", "data_parallel"]
-TableOptimizer = Literal["rowwise_adagrad", "adagrad", "sgd"]
+from embeddings.config import TableOptimizer, TableSharding
+
+Sharding = Literal[TableSharding, "data_parallel"]  # the config's values, and stage 3's replicated AdamW tables
 OPTIMIZERS = {"rowwise_adagrad": trec_optim.RowWiseAdagrad, "adagrad": trec_optim.Adagrad, "sgd": trec_optim.SGD}
 ROW_SHARDED = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
 

@@ -11,6 +11,7 @@ checkpoints: every rank writes its own shards to `<name>-<rank>-of-<world>.safet
 """
 from __future__ import annotations
 
+import glob
 import json
 import shutil
 import zlib
@@ -146,7 +147,8 @@ class TableFile:
         """The rows of `ids` (any order, repeats allowed), reading only the pieces that hold them."""
         shape = self.shape(key)
         ids = torch.as_tensor(ids, dtype=torch.long)
-        out = torch.empty(len(ids), shape[1])
+        out = torch.zeros(len(ids), shape[1])
+        filled = torch.zeros(len(ids), dtype=torch.long)  # columns read per id (the pieces do not overlap)
         for p in self.pieces[key]:
             (r0, r1), (c0, c1) = p["rows"], p["cols"]
             hit = ((ids >= r0) & (ids < r1)).nonzero().flatten()
@@ -156,7 +158,23 @@ class TableFile:
                 lo, hi = int(ids[hit].min()), int(ids[hit].max()) + 1
                 block = f.get_slice(p["key"])[lo - r0:hi - r0]
             out[hit, c0:c1] = block[ids[hit] - lo].to(out.dtype)
+            filled[hit] += c1 - c0
+        missing = ids[filled != shape[1]].unique().tolist()
+        if missing:
+            raise ValueError(f"{self.path}: {key} ({shape[0]} rows) has no values for ids {missing[:20]}"
+                             + (f" and {len(missing) - 20} more" if len(missing) > 20 else ""))
         return out
+
+
+def shard_name(path: Path, rank: int, world: int) -> str:
+    """The file name of `rank`'s part of a sharded export at `path`."""
+    return f"{path.stem}-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The files of a sharded export at `path` that exist, of any world size."""
+    digits = "[0-9]" * 5
+    return sorted(path.parent.glob(f"{glob.escape(path.stem)}-{digits}-of-{digits}.safetensors"))
 
 
 @torch.no_grad()
@@ -177,26 +195,35 @@ def init_from_file(shard: LocalShard, path: Path, key: str) -> None:
         shard.tensor[:stop - shard.row].copy_(values.to(shard.tensor.dtype))
 
 
-def sharded_export(model: nn.Module, mode: str) -> bool:
-    """Whether `export` mode (auto | single | sharded) writes the tables sharded: auto above AUTO_SHARDED_BYTES."""
+def table_bytes(model: nn.Module) -> int:
+    """Bytes of all the model's tables, from their full shapes: the same on every rank under any sharding."""
+    return sum(weight.size().numel() * weight.dtype.itemsize for weight in table_state(model).values())
+
+
+def sharded_export(model: nn.Module, mode: str, limit: int = AUTO_SHARDED_BYTES) -> bool:
+    """Whether `export` mode (auto | single | sharded) writes the tables sharded: auto when all the tables
+    together are larger than `limit` bytes. Every rank decides alike (export_tables is a collective)."""
     if mode != "auto":
         return mode == "sharded"
-    size = sum(s.shape[0] * s.shape[1] * 4 for s in {s.table: s for s in local_shards(model)}.values())
-    return size > AUTO_SHARDED_BYTES
+    return table_bytes(model) > limit
 
 
 def export_tables(model: nn.Module, path: Path, extra: dict[str, torch.Tensor], metadata: dict[str, str],
                   sharded: bool) -> None:
     """Write the tables (and the unsharded `extra` tensors, e.g. a projector) as one file gathered on rank 0, or
-    `sharded`: each rank its own shards plus rank 0's index. Every rank must call it."""
+    `sharded`: each rank its own shards plus rank 0's index. Every rank must call it. Rank 0 removes the
+    other form's files at `path` (and shard files of another world size), so no earlier export hides this one."""
+    index = path.with_name(path.name + INDEX_SUFFIX)
     if not sharded:
         tables = gather_tables(model)
         if dist.get_rank() == 0:
             save_tensors(path, tables | extra, metadata)
+            for stale in [index, *shard_files(path)]:
+                stale.unlink(missing_ok=True)
         dist.barrier()
         return
     rank, world = dist.get_rank(), dist.get_world_size()
-    name = f"{path.stem}-{rank:05d}-of-{world:05d}.safetensors"
+    name = shard_name(path, rank, world)
     mine: dict[str, torch.Tensor] = {}
     pieces: dict[str, list[dict]] = {}
     for k, s in enumerate(local_shards(model)):
@@ -219,7 +246,9 @@ def export_tables(model: nn.Module, path: Path, extra: dict[str, torch.Tensor], 
             for key, ps in part.items():
                 entry = tensors.setdefault(key, {"shape": ps[0]["shape"], "pieces": []})
                 entry["pieces"] += [{k: v for k, v in p.items() if k != "shape"} for p in ps]
-        index = path.with_name(path.name + INDEX_SUFFIX)
+        current = {shard_name(path, r, world) for r in range(world)}
+        for stale in [path, *(f for f in shard_files(path) if f.name not in current)]:
+            stale.unlink(missing_ok=True)
         tmp = index.with_suffix(".tmp")
         tmp.write_text(json.dumps({"format": INDEX_FORMAT, "metadata": metadata, "tensors": tensors}, indent=1))
         tmp.replace(index)
@@ -279,12 +308,14 @@ class TableState:
             torch.save(self.dense_opt.state_dict(), Path(ckpt_dir) / tag / "dense_opt.pt")
 
     @torch.no_grad()
-    def load_checkpoint(self, ckpt_dir: str, tag: str, load_module_strict: bool = False) -> None:
+    def load_checkpoint(self, ckpt_dir: str, tag: str, load_module_strict: bool = False) -> tuple[str, None]:
+        """DeepSpeed's signature and return value (the path loaded, no client state); a missing file raises."""
         state = self._state()
         dcp.load(state, checkpoint_id=Path(ckpt_dir) / tag / "tables")
         self.model.fused_optimizer.load_state_dict(state["fused"])
         if self.dense_opt is not None:
             self.dense_opt.load_state_dict(torch.load(Path(ckpt_dir) / tag / "dense_opt.pt", weights_only=False))
+        return str(Path(ckpt_dir) / tag), None
 
     def save_best(self, ckpt_dir: Path, dense: list[torch.Tensor]) -> None:
         """Keep the current tables (and the given dense tensors, replicated) as the best state; atomic."""

@@ -1,7 +1,9 @@
 """Where the stages' finished artifacts live inside a run directory: the one table every stage reads.
 
 A run looks for an earlier stage's artifact in its own directory first, then in the config's `upstream`
-run directory, so the comparison rows can share one stage-1 adapter and one set of stage-2b tables.
+run directory, so the comparison rows can share one stage-1 adapter and one set of stage-2b tables. The
+stage-3 model and the eval results are always the run's own: a row evaluated before its stage 3 ran must
+fail, not score its upstream's model under its own name.
 """
 from __future__ import annotations
 
@@ -26,15 +28,22 @@ DONE = {  # a stage is finished when this file exists
     "eval": "eval/metrics.json",
 }
 SHARED_BY_UPSTREAM = ("lora", "distill", "collab")
+RUN_OWN = ("sella", "eval")  # folders of the artifacts a run never takes from its upstream
 HINT = {ADAPTER: "run --stage lora first", SEMANTIC_FILE: "run --stage distill first",
         COLLAB_FILE: "run --stage collab first", SELLA_TABLES: "run --stage sella first",
         SELLA_PROJECTOR: "run --stage sella first"}
 
 
+def _run_own(rel: str) -> bool:
+    return rel.split("/", 1)[0] in RUN_OWN
+
+
 def lookup(cfg: Config, run_dir: Path, rel: str) -> Path | None:
-    """<run>/<rel>, else <upstream>/<rel>, else None. A table file also counts when it was exported sharded
-    (its index `<rel>.index.json` is there: embeddings.tables.TableFile reads both)."""
-    for base in (run_dir, Path(cfg.upstream) if cfg.upstream else None):
+    """<run>/<rel>, else <upstream>/<rel> (not for stage 3's and eval's, RUN_OWN), else None. A table file also
+    counts when it was exported sharded (its index `<rel>.index.json` is there: embeddings.tables.TableFile reads
+    both)."""
+    upstream = Path(cfg.upstream) if cfg.upstream and not _run_own(rel) else None
+    for base in (run_dir, upstream):
         if base is not None and ((base / rel).exists() or (base / (rel + INDEX_SUFFIX)).exists()):
             return base / rel
     return None
@@ -44,7 +53,7 @@ def find(cfg: Config, run_dir: Path, rel: str) -> Path:
     """Like `lookup`, with a clear error naming where it looked when the artifact is missing."""
     path = lookup(cfg, run_dir, rel)
     if path is None:
-        where = run_dir / rel if not cfg.upstream else f"{run_dir / rel} or {Path(cfg.upstream) / rel}"
+        where = run_dir / rel if not cfg.upstream or _run_own(rel) else f"{run_dir / rel} or {Path(cfg.upstream) / rel}"
         raise FileNotFoundError(f"{where}: not found; {HINT.get(rel, 'run the stage that writes it first')}")
     return path
 

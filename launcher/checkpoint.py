@@ -95,7 +95,13 @@ def load(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
     if not latest.is_file():
         return None
     state = json.loads(latest.read_text())
-    engine.load_checkpoint(str(ckpt_dir), tag=state["tag"], load_module_strict=False)
+    try:  # DeepSpeed asserts on a tag without engine files, and returns (None, None) (then trains on from fresh
+        load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=state["tag"], load_module_strict=False)  # weights)
+    except (AssertionError, FileNotFoundError):  # on a tag whose files are missing or unreadable
+        load_path = None
+    if load_path is None:
+        raise FileNotFoundError(f"{ckpt_dir / state['tag']}: {LATEST} points at a checkpoint that could not be loaded; "
+                                "start the stage over with --fresh")
     rng = ckpt_dir / state["tag"] / f"rng_rank{dist.get_rank()}.pt"
     if rng.is_file():  # a rank the saving run did not have starts from its seed (data order does not use it)
         _set_rng_state(torch.load(rng, weights_only=False))

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from embeddings.config import CollabConfig
-from llm.config import LLMConfig
+from llm.config import InjectNorm, LLMConfig
 from pipeline.config import DataConfig, _Strict
 
 
@@ -95,7 +95,7 @@ class SellaConfig(TrainConfig):
     projector_init: Literal["stage2", "random"] = Field(
         "stage2", description="projector A starts from stage 2b's Proj_C->L, or random (CoLLM-like)")
     warm_token: bool = Field(True, description="put <Warm_ID> (projector B of the semantic vector) in the prompt")
-    inject_norm: Literal["none", "token_rms"] = Field(
+    inject_norm: InjectNorm = Field(
         "none", description="token_rms: rescale every injected vector to the RMS norm of the model's token embeddings")
     renamed: ClassVar[dict[str, str]] = {"collab": "collab_path"}
     collab_path: str | None = Field(None, description="stage-2b tables (default <run>/collab/collab.safetensors)")

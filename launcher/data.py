@@ -146,7 +146,8 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T 
         batches = emit(pending, rng)
         yield from batches
         if not produced + len(batches):
-            raise ValueError(f"rank {rank}: its shards of split {split!r} hold fewer than {micro_batch} usable samples")
+            raise ValueError(f"{out_dir}: rank {rank}'s shards of split {split!r} hold fewer than {micro_batch} usable "
+                             "samples (lora.micro_batch; rows without history are dropped with llm.drop_no_history)")
 
 
 def usable(drop_no_history: bool) -> Callable[[Sample], bool]:
@@ -164,7 +165,8 @@ def global_batches(samples: Sequence[T], micro_batch: int, rank: int, world: int
     """
     size = micro_batch * world
     if len(samples) < size:
-        raise ValueError(f"{len(samples)} training samples, fewer than one global micro-batch of {size}")
+        raise ValueError(f"{len(samples)} training samples, fewer than one global micro-batch of {size} "
+                         f"(sella.micro_batch {micro_batch} x {world} ranks)")
     for epoch in itertools.count():
         order = np.random.default_rng([seed, epoch]).permutation(len(samples))
         for b in range(len(samples) // size):

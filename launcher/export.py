@@ -177,7 +177,12 @@ def card(export: Path, cfg: Config, metrics: dict | None) -> None:
                              + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "") + f" | {fmt(m['overall']['uauc'])} | "
                              + " | ".join(fmt(m[g]["auc"]) for g in GROUPS[1:]) + " |")
         lines.append(f"\nRows: a fixed subset chosen by row id (`eval.rows` = {cfg.eval.rows}), by stage eval.")
-    lines += ["", "## Scoring with this folder alone (transformers + peft)", "", "```python", SCORING, "```", ""]
+    base = (export / "base.txt").read_text()
+    gguf = next((export / "base").glob("*.gguf"), None) if (export / "base").is_dir() else None
+    load = ('"base", gguf_file="' + gguf.name + '", ' if gguf else '"base", ' if (export / "base").is_dir()
+            else f'"{base.split(" ", 1)[0]}", ')
+    lines += ["", "## Scoring with this folder alone (transformers + peft)", "", "```python",
+              SCORING.replace("{LOAD}", load), "```", ""]
     (export / CARD).write_text("\n".join(lines))
 
 
@@ -188,8 +193,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 spec = json.load(open("prompt.json"))
 tok = AutoTokenizer.from_pretrained("tokenizer")                   # left padding, special tokens included
-base = AutoModelForCausalLM.from_pretrained("base", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",  # see base.txt
-                                            dtype=torch.float32)
+base = AutoModelForCausalLM.from_pretrained({LOAD}dtype=torch.float32)  # see base.txt
 base.resize_token_embeddings(len(tok))
 model = PeftModel.from_pretrained(base, "adapter").eval()
 tables, proj = load_file("tables.safetensors"), load_file("projector.safetensors")
@@ -199,11 +203,20 @@ b = lambda x: torch.nn.functional.linear(x, proj["b.weight"], proj["b.bias"])
 
 @torch.no_grad()
 def p_yes(user_id, item_id, liked_titles, title):              # remapped ids (ids/*.parquet), titles oldest first
-    titles = liked_titles[-spec["history_titles"]:]
-    user = spec["user"].format(titles=", ".join(f'"{t}"' for t in titles), title=f'"{title}"')
-    text = tok.apply_chat_template([{"role": "system", "content": spec["system"]}, {"role": "user", "content": user}],
-                                   tokenize=False, add_generation_prompt=True)
-    ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])  # (drop oldest titles past max_length)
+    n = spec["history_titles"]
+    titles = list(liked_titles)[-n:] if n else []
+    while True:                                                 # drop the oldest titles until it fits max_length
+        user = spec["user"].format(titles=", ".join(f'"{t}"' for t in titles), title=f'"{title}"')
+        if spec["chat_template"]:
+            text = tok.apply_chat_template([{"role": "system", "content": spec["system"]},
+                                            {"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+        else:
+            text = f'{spec["system"]}\\n{user}\\nAnswer: '
+        ids = tok(text, add_special_tokens=False).input_ids
+        if len(ids) <= spec["max_length"] or not titles:
+            break
+        titles = titles[1:]
+    ids = torch.tensor([ids])
     emb = model.get_input_embeddings()(ids)
     vectors = {"<User_ID>": a(tables["user"][user_id]), "<Item_ID>": a(tables["item"][item_id])}
     if "<Warm_ID>" in spec["special_tokens"]:

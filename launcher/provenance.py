@@ -58,14 +58,18 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def shaping(config: dict[str, Any], stage: str, world: int) -> dict[str, Any]:
-    """The flattened keys of `config` that shape `stage`'s model. A stage's micro-batch counts as the global one
-    (micro_batch x world, `<stage>.global_micro_batch`): stage 3 on 2 ranks x 2 equals 1 rank x 4."""
+    """The flattened keys of `config` that shape `stage`'s model. Stage 3's micro-batch counts as the global one
+    (micro_batch x world, `sella.global_micro_batch`): 2 ranks x 2 see the data of 1 rank x 4
+    (launcher.data.global_batches). Stage 1 streams each rank its own shards (train_batches), so there the
+    world size itself shapes the data a resumed run would skip: `world`."""
     flat = _flat(config)
     keep = SHAPES[stage]
     out = {k: v for k, v in flat.items()
            if any(k == s or k.startswith(s + ".") for s in keep) and k.rsplit(".", 1)[-1] not in BUDGET
            and k not in BUDGET}
-    if f"{stage}.micro_batch" in out:
+    if stage == "lora":
+        out["world"] = world
+    elif f"{stage}.micro_batch" in out:
         out[f"{stage}.global_micro_batch"] = out.pop(f"{stage}.micro_batch") * world
     return out
 

@@ -7,8 +7,9 @@ Candidates: a CSV or Parquet file with an `item_id` column, a `title` column, or
 brings its title, collab row and semantic row from the run's tables. A row with a title and no item id
 (or one the data does not know) is a new item without interactions: its collab vector is the padding
 row 0 and its semantic vector is distilled from the title with the stage-2a prompt through the stage-1
-model, so <Warm_ID> carries what the LLM knows of it (cold start), the same vector that items absent
-from the train split keep in the trained semantic table (only looked-up rows are updated). The user's
+model, so <Warm_ID> carries what the LLM knows of it (cold start), as the distilled vector that items absent
+from the train split start from in the semantic table (stage 2b and stage 3's fused optimizers update only
+looked-up rows; stage 3's default `adamw` also decays every row). The user's
 history is their last positively rated items in the prep output. One process, no launcher needed.
 Writes Parquet: rank, item_id (0 for new items), title, new_item, score (P(Yes)), best first.
 """

@@ -133,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if dist_ctx.main:
             provenance.record(cfg, run_dir, stage, dist_ctx.world, changes[stage])
-        summary = recipes[stage].run(cfg, data_dir, run_dir, dist_ctx)
+        try:
+            summary = recipes[stage].run(cfg, data_dir, run_dir, dist_ctx)
+        except (FileNotFoundError, ValueError) as err:  # a missing artifact or a bad input, named by the stage
+            print(f"error: [{stage}, rank {dist_ctx.rank}] {err}", file=sys.stderr, flush=True)
+            dist.destroy_process_group()
+            return 2
         if dist_ctx.main:
             print(json.dumps(summary, indent=1) if len(stages) == 1 else f"[{args.stage}] {stage}: finished", flush=True)
         gc.collect()

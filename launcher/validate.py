@@ -25,9 +25,13 @@ def score(model: Any, examples: list[Encoded], batch_size: int, no_yes: tuple[in
           dist_ctx: Dist, forward: Forward | None = None) -> np.ndarray:
     """P(Yes) for this rank's examples (answers must be empty), in order.
 
-    `forward(batch, examples)` replaces the plain text scorer (stage 3 injects vectors there).
+    `forward(batch, examples)` replaces the plain text scorer (stage 3 injects vectors there); it needs real
+    rows, so with it every rank must have at least one (the same answer on every rank: no rank is left waiting).
     """
     n_batches = int(max_over_ranks(math.ceil(len(examples) / batch_size)))
+    if forward is not None and max_over_ranks(0 if examples else 1):
+        raise ValueError(f"a rank has no rows to score ({dist_ctx.world} ranks): score at least one row per rank "
+                         "(sella.eval_rows, eval.rows) or run on fewer ranks")
     stand_in = examples[:1] or [Encoded([pad_id], [], -1, 0)]
     out: list[torch.Tensor] = []
     was_training = model.training

@@ -1,9 +1,13 @@
 """The `llm` section: the base LLM and how prompts are built (read by llm/model.py and the training stages)."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from pipeline.config import _Strict
+
+InjectNorm = Literal["none", "token_rms"]  # how stage 3 scales the injected vectors (llm/sella.py)
 
 
 class TinyModelConfig(_Strict):

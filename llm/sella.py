@@ -13,16 +13,18 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
+from typing import get_args
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from llm.config import InjectNorm
 from llm.model import SPECIAL_TOKENS
 from llm.projector import HybridProjector, inject, special_token_ids
 from llm.scorer import lm_loss, yes_no_ids, yes_prob
 
-INJECT_NORMS = ("none", "token_rms")
+INJECT_NORMS = get_args(InjectNorm)
 
 
 @torch.no_grad()

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's tests/ is importable
 
 from tests.conftest import local_spark
 from tests.launch import finish, launch, write_config

@@ -111,8 +111,10 @@ def table_weights(state: dict) -> dict:
 
 
 def rewind(src: Path, dst: Path, stage: str, step: int) -> Path:
-    """A copy of run `src` as it stood at its checkpoint of `step`: later checkpoints and the stage's outputs
-    removed, latest.json pointing at that checkpoint again (its loop state is kept beside it)."""
+    """A copy of run `src` as it stood at its checkpoint of `step`: later checkpoints and the stage's summary
+    removed, latest.json pointing at that checkpoint again (its loop state is kept beside it). `ckpt/best` and
+    the exports stay the source run's (a best state of a later step cannot be rebuilt), so a test of a rewound
+    run compares step checkpoints, not exports or best states."""
     import shutil
 
     shutil.copytree(src, dst)

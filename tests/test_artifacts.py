@@ -1,7 +1,9 @@
 """launcher.artifacts: what `--stage all` skips, and where a run finds earlier stages' artifacts."""
 from pathlib import Path
 
-from launcher.artifacts import ADAPTER, DONE, SHARED_BY_UPSTREAM, done, lookup
+import pytest
+
+from launcher.artifacts import ADAPTER, DONE, SELLA_PROJECTOR, SELLA_TABLES, SHARED_BY_UPSTREAM, done, find, lookup
 from tests.conftest import config
 
 
@@ -18,3 +20,19 @@ def test_upstream_shares_earlier_stages_but_never_stage_3_or_eval(tmp_path: Path
     (run / DONE["eval"]).write_text("{}")
     assert done(cfg, run, "eval") and not done(cfg, run, "sella")
     assert not any(done(config("collm-ml-1m"), tmp_path / "other", s) for s in DONE)
+
+
+def test_stage_3_artifacts_are_never_taken_from_upstream(tmp_path: Path) -> None:
+    """A row evaluated before its own stage 3 must fail, not score the upstream's stage-3 model as its own."""
+    upstream, run = tmp_path / "upstream", tmp_path / "row"
+    for rel in (SELLA_TABLES, SELLA_PROJECTOR, DONE["sella"], DONE["eval"], "collab/collab.safetensors"):
+        (upstream / rel).parent.mkdir(parents=True, exist_ok=True)
+        (upstream / rel).write_text("{}")
+    cfg = config("collm-ml-1m", upstream=str(upstream))
+    assert lookup(cfg, run, "collab/collab.safetensors") == upstream / "collab/collab.safetensors"
+    assert [lookup(cfg, run, rel) for rel in (SELLA_TABLES, SELLA_PROJECTOR, DONE["sella"], DONE["eval"])] == [None] * 4
+    with pytest.raises(FileNotFoundError, match=f"^{run / SELLA_TABLES}: not found; run --stage sella first"):
+        find(cfg, run, SELLA_TABLES)
+    (run / SELLA_TABLES).parent.mkdir(parents=True)
+    (run / SELLA_TABLES).write_text("{}")
+    assert find(cfg, run, SELLA_TABLES) == run / SELLA_TABLES

@@ -1,17 +1,46 @@
-"""Unit checks of the stage-2b parts: alignment losses, deduplication, retrieval accuracy, shard-local init."""
+"""Unit checks of the stage-2b parts: alignment losses, deduplication, retrieval accuracy, shard-local init, the
+tables' export on 2 table_wise ranks (gloo) and reading it back."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
+import re
 from pathlib import Path
+from typing import get_args
 
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.testing import assert_close
+from torchrec.distributed.types import ShardingType
 
 from embeddings.align import alignment_loss, first_occurrence, retrieval_accuracy, rince, similarities
-from embeddings.tables import LocalShard, init_from_file, init_normal
+from embeddings.collab import ITEM, SEMANTIC, USER, Collab
+from embeddings.config import TableOptimizer, TableSharding
+from embeddings.sharding import OPTIMIZERS, Sharding, attach_optimizers, shard
+from embeddings.tables import (
+    INDEX_SUFFIX,
+    LocalShard,
+    TableFile,
+    export_tables,
+    gather_tables,
+    init_from_file,
+    init_normal,
+    local_shards,
+    save_tensors,
+    shard_files,
+    sharded_export,
+    table_bytes,
+)
+from launcher.config import Config
+from pipeline.config import ConfigError, load_config
+from tests.conftest import CONFIGS
+from tests.launch import free_port
 
 
 def test_first_occurrence_keeps_the_first_of_each_id_in_order() -> None:
@@ -74,3 +103,79 @@ def test_shard_init_does_not_depend_on_the_sharding(tmp_path: Path) -> None:
     table = torch.empty(32, 12)  # the table may have more rows than the file (items without a vector)
     got = _split(table, [0, 10, 32], [0, 5, 12], lambda s: init_from_file(s, tmp_path / "s.safetensors", "semantic"))
     assert torch.equal(got[:30], semantic) and not got[30:].any()
+
+
+def test_the_config_offers_what_the_sharding_code_supports() -> None:
+    """collab.sharding and collab.table_optimizer take embeddings/config.py's values, which embeddings/sharding.py
+    uses too; data_parallel is stage 3's own choice for AdamW tables, not a config value."""
+    assert set(get_args(TableOptimizer)) == set(OPTIMIZERS)
+    assert set(get_args(TableSharding)) - {"auto"} <= {t.value for t in ShardingType}
+    assert set(get_args(Sharding)) == {*get_args(TableSharding), "data_parallel"}
+    with pytest.raises(ConfigError, match=r"collab\.sharding: Input should be .*\(got 'data_parallel'\)"):
+        load_config(CONFIGS / "ml-100k.yaml", ["collab.sharding=data_parallel"], schema=Config)
+    with pytest.raises(ConfigError, match=r"collab\.table_optimizer: Input should be .*\(got 'adamw'\)"):
+        load_config(CONFIGS / "ml-100k.yaml", ["collab.table_optimizer=adamw"], schema=Config)
+
+
+def _export_ranks(rank: int, world: int, port: int, folder: str) -> None:
+    """One of 2 ranks with table_wise Collab tables: how each sizes the tables and decides on `export: auto`, a
+    sharded export over an older single file (a/), a single-file export over an older sharded one (b/)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = Collab(30, 50, 8, semantic_dim=12)
+    attach_optimizers(model.tables, {USER: 0.1, ITEM: 0.1, SEMANTIC: 0.1}, "sgd")
+    sharded = shard(model, "table_wise", torch.device("cpu"))
+    for s in local_shards(sharded):
+        init_normal(s, 0, 0.1)
+    local: list = [None] * world  # the bytes of the tables each rank holds, what `auto` once went by
+    dist.all_gather_object(local, sum(s.tensor.numel() * s.tensor.element_size() for s in local_shards(sharded)))
+    auto = [sharded_export(sharded, "auto", limit) for limit in (min(local), table_bytes(sharded))]
+    a, b = Path(folder) / "a" / "t.safetensors", Path(folder) / "b" / "t.safetensors"
+    if rank == 0:
+        save_tensors(a, {USER: torch.zeros(31, 8)}, {"form": "old"})  # earlier exports
+        save_tensors(a.with_name("t-00003-of-00004.safetensors"), {USER: torch.zeros(31, 8)}, {})
+    dist.barrier()
+    export_tables(sharded, a, {}, {"form": "sharded"}, sharded=True)
+    export_tables(sharded, b, {}, {"form": "old"}, sharded=True)
+    export_tables(sharded, b, {}, {"form": "single"}, sharded=False)
+    full = gather_tables(sharded)
+    if rank == 0:
+        torch.save(full, Path(folder) / "full.pt")
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps({"local": local[rank], "bytes": table_bytes(sharded),
+                                                                "auto": auto}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.integration  # starts 2 processes
+def test_table_wise_ranks_decide_alike_and_exports_replace_each_other(tmp_path: Path) -> None:
+    """`export: auto` goes by all the tables' bytes on every rank (by its own tables, table_wise ranks decided
+    differently and export_tables hung); each export removes the other form's files; rows reads or names ids."""
+    mp.spawn(_export_ranks, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    full = torch.load(tmp_path / "full.pt")
+    assert ranks[0]["local"] != ranks[1]["local"]  # table_wise: the ranks hold different tables
+    assert ranks[0]["bytes"] == ranks[1]["bytes"] == sum(t.numel() * t.element_size() for t in full.values())
+    assert ranks[0]["auto"] == ranks[1]["auto"] == [True, False]
+
+    a = tmp_path / "a" / "t.safetensors"
+    sharded = TableFile(a)
+    assert sharded.path == a.with_name(a.name + INDEX_SUFFIX) and sharded.metadata == {"form": "sharded"}
+    assert not a.exists() and [f.name for f in shard_files(a)] == ["t-00000-of-00002.safetensors",
+                                                                    "t-00001-of-00002.safetensors"]
+    assert all(torch.equal(sharded.tensor(name), table) for name, table in full.items())
+    b = tmp_path / "b" / "t.safetensors"
+    single = TableFile(b)
+    assert single.path == b and single.metadata == {"form": "single"}
+    assert not b.with_name(b.name + INDEX_SUFFIX).exists() and not shard_files(b)
+    assert all(torch.equal(single.tensor(name), table) for name, table in full.items())
+
+    ids = torch.tensor([3, 0, 3, 50])
+    assert torch.equal(sharded.rows(ITEM, ids), full[ITEM][ids]) and torch.equal(single.rows(ITEM, ids), full[ITEM][ids])
+    for tables in (sharded, single):
+        with pytest.raises(ValueError, match=rf"{re.escape(str(tables.path))}: item \(51 rows\) has no values for ids \[-1, 51\]"):
+            tables.rows(ITEM, torch.tensor([51, 3, -1, 51]))
+    spec = json.loads(sharded.path.read_text())
+    spec["tensors"][ITEM]["pieces"][0]["rows"] = [0, 40]  # an index whose pieces leave out rows 40-50
+    sharded.path.write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"item \(51 rows\) has no values for ids \[45\]"):
+        TableFile(a).rows(ITEM, torch.tensor([3, 45, 45]))

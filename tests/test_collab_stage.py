@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +133,19 @@ def test_a_checkpoint_resumes_on_another_world_size_and_sharding(runs: dict[str,
         assert_close(resumed[name], straight[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
+def test_a_finished_run_run_again_trains_no_further(runs: dict[str, Path], ml100k_out: Path, semantic: Path,
+                                                   tmp_path: Path) -> None:
+    """`--stage collab` on a finished run, with `max_steps` lowered (a budget key): no step past the budget."""
+    run = tmp_path / "again"
+    shutil.copytree(runs["one"], run)
+    cfg = _config(tmp_path, ml100k_out, semantic, "again", sharding="table_wise", max_steps=8)
+    finish(launch(cfg, "collab", 1))
+    summary = json.loads((run / "collab" / "summary.json").read_text())
+    assert summary["resumed_from"] == COLLAB["max_steps"] and summary["steps"] == COLLAB["max_steps"]
+    assert sorted(p.name for p in (run / "collab" / "ckpt").glob("step*")) == \
+        sorted(p.name for p in (runs["one"] / "collab" / "ckpt").glob("step*"))
+
+
 def test_killed_run_resumes_to_the_same_tables(runs: dict[str, Path]) -> None:
     summary = json.loads((runs["killed"] / "collab" / "summary.json").read_text())
     assert summary["resumed_from"] in (4, 8) and summary["steps"] == COLLAB["max_steps"]
@@ -159,7 +173,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def test_tables_are_trained_and_exported(runs: dict[str, Path], semantic: Path) -> None:
+def test_tables_are_trained_and_exported(runs: dict[str, Path], semantic: Path, ml100k_out: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tables, start = _tables(runs["table_wise"]), load_file(semantic)["semantic"]
@@ -169,6 +183,17 @@ def test_tables_are_trained_and_exported(runs: dict[str, Path], semantic: Path) 
     summary = json.loads((runs["table_wise"] / "collab" / "summary.json").read_text())
     assert summary["valid"]["overall"]["auc"] is not None and summary["test"]["overall"]["rows"] > 0
     assert 0.0 <= summary["align_accuracy"] <= 1.0 and summary["align_items"] == 500
+    # the export is the best-valid state: MF scores from it, computed here, give the summary's valid and test reports
+    from launcher.metrics import report
+    from launcher.recipes.collab_alignment import read_data
+
+    splits, _, _ = read_data(ml100k_out)
+    for split in ("valid", "test"):
+        rows = splits[split]
+        logits = (tables["user"][rows.user_id.to_numpy()] * tables["item"][rows.item_id.to_numpy()]).sum(-1)
+        mine = report(rows.user_id.to_numpy(), rows.label.to_numpy(), logits.numpy(), rows.warm.to_numpy())
+        assert mine["overall"]["auc"] == pytest.approx(summary[split]["overall"]["auc"], abs=1e-6), split
+        assert mine["overall"]["uauc"] == pytest.approx(summary[split]["overall"]["uauc"], abs=1e-6), split
     tb = runs["table_wise"] / "tb" / "collab"
     tags = set(EventAccumulator(str(tb)).Reload().Tags()["scalars"])
     assert {"train/bce", "train/align", "train/loss", "valid/overall/auc", "valid/overall/uauc",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -60,6 +61,31 @@ def test_killed_run_skips_finished_chunks_and_matches(runs: dict[str, object]) -
     assert torch.equal(a["item_ids"], b["item_ids"])
 
 
+def test_a_resume_with_another_chunk_size_recomputes_instead_of_misreading_chunks(
+        runs: dict[str, object], ml100k_out: Path, tmp_path: Path) -> None:
+    """Chunk files of size 4 must not stand in for chunks of size 8 (items 8c..8c+7, not 4c..4c+3)."""
+    run = tmp_path / "resized"
+    shutil.copytree(runs["killed"], run)
+    (run / "semantic.safetensors").unlink()
+    cfg = write_config(tmp_path / "resized.yaml", data_dir=str(ml100k_out), run_dir=str(run), llm=LLM,
+                       distill={**DISTILL, "chunk_items": 2 * DISTILL["chunk_items"]})
+    finish(launch(cfg, "distill"))
+    summary = json.loads((run / "distill" / "summary.json").read_text())
+    assert summary["skipped_chunks"] == 0 and summary["computed_items"] == summary["items"]
+    a, b = load_file(runs["whole"] / "semantic.safetensors"), load_file(run / "semantic.safetensors")
+    assert_close(b["semantic"], a["semantic"], rtol=0, atol=1e-6)
+
+
+def test_merge_refuses_chunks_that_miss_items(runs: dict[str, object]) -> None:
+    from launcher.recipes.distillation import merge
+
+    chunks = sorted((runs["whole"] / "distill" / "chunks").glob("*.safetensors"))
+    ids = load_file(runs["whole"] / "semantic.safetensors")["item_ids"].numpy()
+    with pytest.raises(ValueError, match=r"vectors for \d+ items \(missing ids \[\d+"):
+        merge(chunks[:-1], ids, runs["whole"] / "never-written.safetensors", {})
+    assert not (runs["whole"] / "never-written.safetensors").exists()
+
+
 def test_vectors_are_last_position_hidden_states(runs: dict[str, object], ml100k_out: Path) -> None:
     from peft import PeftModel
 
@@ -85,4 +111,4 @@ def test_distill_without_adapter_names_the_missing_stage(ml100k_out: Path, tmp_p
     cfg = write_config(tmp_path / "c.yaml", data_dir=str(ml100k_out), run_dir=str(tmp_path / "run"), llm=LLM)
     proc = launch(cfg, "distill", 1)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and f"{tmp_path / 'run' / 'lora' / 'adapter'}: not found; run --stage lora first" in out
+    assert proc.returncode == 2 and f"{tmp_path / 'run' / 'lora' / 'adapter'}: not found; run --stage lora first" in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -48,7 +49,8 @@ def test_dry_run_runs_every_row_from_the_parts(payload: tuple[Path, str], tmp_pa
     results = tmp_path / "results"
     proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--dry-run", "--data-name", "ml-100k", "--payload", str(out),
                            "--target", str(tmp_path / "target"), "--results", str(results),
-                           "--set", "lora.eval_rows=12"],  # run.sh's overrides reach every launch
+                           "--set", "lora.eval_rows=12",  # run.sh's overrides reach every launch,
+                           "--set", "eval.splits=[valid, test]"],  # each value one argument, spaces and all
                           cwd=REPO, capture_output=True, text=True, check=False, env={
                               **os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -125,6 +127,67 @@ def test_step_probe_times_engine_and_plain_loop(ml100k_out: Path, tmp_path: Path
     assert set(report["over_plain"]) == {"engine/8", "engine/16"}
 
 
+def test_dry_run_writes_the_launches_left_out_after_a_failure(payload: tuple[Path, str], tmp_path: Path) -> None:
+    """Stage 1 fails (no such model: a --set value with a space, which must stay one argument), so the launches
+    that read its adapter, SeLLa-Rec's stage 2 and text-only, are written as skipped; popularity still runs."""
+    out, _ = payload
+    results = tmp_path / "results"
+    proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--dry-run", "--data-name", "ml-100k", "--payload", str(out),
+                           "--target", str(tmp_path / "target"), "--results", str(results),
+                           "--rows", "text-only,popularity", "--set", f"llm.model={tmp_path}/no such/model.gguf"],
+                          cwd=REPO, capture_output=True, text=True, check=False, env={
+                              **os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    timing = {(row, stage): status for row, stage, _, status in
+              (line.split("\t") for line in (results / "timing.tsv").read_text().splitlines()[1:])}
+    assert timing == {("sella", "lora"): "failed", ("sella", "distill,collab"): "skipped: upstream sella lora failed",
+                      ("popularity", "eval"): "ok", ("text-only", "eval"): "skipped: upstream sella lora failed"}
+    with tarfile.open(results / "results.tar.gz") as tar:
+        assert "no such/model.gguf" in tar.extractfile("logs/sella-lora.log").read().decode()
+
+
+@pytest.mark.integration  # starts subprocesses (scripts/gpu/payload.py)
+def test_unpack_replaces_what_an_earlier_payload_left(tmp_path: Path) -> None:
+    """A new payload with the same model but new prep outputs is unpacked on a host that unpacked an earlier one:
+    its data replaces the earlier folder (no file of it stays); the same payload again is skipped."""
+    model, prep, out, target = tmp_path / "m.gguf", tmp_path / "prep" / "ml-100k", tmp_path / "payload", tmp_path / "t"
+    model.write_bytes(b"GGUF" * 1000)
+    data = target / "data" / "ml-100k"
+
+    def send(files: dict[str, str]) -> None:
+        shutil.rmtree(prep, ignore_errors=True)
+        prep.mkdir(parents=True)
+        for name, text in files.items():
+            (prep / name).write_text(text)
+        subprocess.run([sys.executable, "scripts/gpu/payload.py", "build", "--out", str(out), "--data", str(prep),
+                        "--no-kit", "--model", str(model)], cwd=REPO, capture_output=True, check=True)
+        subprocess.run([sys.executable, "scripts/gpu/payload.py", "unpack", "--payload", str(out), "--target",
+                        str(target), "--no-install"], cwd=REPO, capture_output=True, check=True)
+
+    send({"manifest.json": "{}", "train.parquet": "old", "gone.parquet": "old"})
+    assert sorted(p.name for p in data.iterdir()) == ["gone.parquet", "manifest.json", "train.parquet"]
+    send({"manifest.json": "{}", "train.parquet": "new"})
+    assert sorted(p.name for p in data.iterdir()) == ["manifest.json", "train.parquet"]
+    assert (data / "train.parquet").read_text() == "new" and [p.read_bytes() for p in (target / "model").iterdir()] == [model.read_bytes()]
+    (data / "train.parquet").write_text("changed on the host")
+    subprocess.run([sys.executable, "scripts/gpu/payload.py", "unpack", "--payload", str(out), "--target", str(target),
+                    "--no-install"], cwd=REPO, capture_output=True, check=True)
+    assert (data / "train.parquet").read_text() == "changed on the host"  # the same payload: skipped
+
+
+@pytest.mark.integration  # starts a subprocess (bash scripts/gpu/profile_lora.sh)
+def test_profile_stops_at_a_failed_run(tmp_path: Path) -> None:
+    """scripts/gpu/profile_lora.sh makes its results folder, and a run that fails stops it with the run's status
+    (cProfile alone exits 0) before any summary is printed."""
+    results = tmp_path / "results"
+    proc = subprocess.run(["bash", "scripts/gpu/profile_lora.sh", str(tmp_path / "no-data"), "tiny", str(results), "1"],
+                          cwd=REPO, capture_output=True, text=True, check=False, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"ZeRO-3: launcher/train.py exited with status 2 (log: {results}/lora-z3.log)" in proc.stderr
+    assert "summary:" not in proc.stdout and "ZeRO-0" not in proc.stdout
+    assert f"{tmp_path}/no-data/manifest.json: no manifest" in (results / "lora-z3.log").read_text()
+
+
 def test_a_damaged_part_is_named(payload: tuple[Path, str], tmp_path: Path) -> None:
     out, _ = payload
     broken = tmp_path / "broken"
@@ -136,6 +199,7 @@ def test_a_damaged_part_is_named(payload: tuple[Path, str], tmp_path: Path) -> N
     assert proc.returncode != 0 and f"{piece} is missing or damaged" in proc.stderr and piece.parent.name in proc.stderr
 
 
+@pytest.mark.integration  # starts a subprocess (bash scripts/gpu/run.sh): not in make test-fast
 @pytest.mark.parametrize(("rows", "error"), [
     ("sella,nope", "no row 'nope' (configs/gpu/comparison/nope.yaml)"),
     ("sella,collm-like", "collm-like reads mf's tables, list mf too"),

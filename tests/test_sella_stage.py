@@ -172,11 +172,23 @@ def test_eval_of_the_exported_model_reproduces_the_selected_valid_auc(runs: dict
     assert metrics["valid"]["overall"]["auc"] == pytest.approx(summary["valid"]["overall"]["auc"], abs=1e-6)
 
 
+def read_samples(data: Path, row_ids: list[int]) -> dict[int, dict]:
+    """The samples of `row_ids`, read from the prep output's tar shards with tarfile alone."""
+    import tarfile
+
+    samples = {}
+    for shard in sorted(data.glob("shards/*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                sample = json.loads(tar.extractfile(member).read())
+                if sample["row_id"] in row_ids:
+                    samples[sample["row_id"]] = sample
+    return samples
+
+
 def independent_scores(export: Path, data: Path, row_ids: list[int]) -> dict[int, float]:
     """P(Yes) of the given rows from the export folder alone: plain transformers + peft + safetensors + json, the
     samples read from the prep output's tar shards with tarfile; none of the project's modules."""
-    import tarfile as tar_module
-
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -191,13 +203,7 @@ def independent_scores(export: Path, data: Path, row_ids: list[int]) -> dict[int
         hidden = torch.nn.functional.gelu(torch.nn.functional.linear(x, proj["a.0.weight"], proj["a.0.bias"]))
         return torch.nn.functional.linear(hidden, proj["a.2.weight"], proj["a.2.bias"])
 
-    samples = {}
-    for shard in sorted(data.glob("shards/*.tar")):
-        with tar_module.open(shard) as tar:
-            for member in tar:
-                sample = json.loads(tar.extractfile(member).read())
-                if sample["row_id"] in row_ids:
-                    samples[sample["row_id"]] = sample
+    samples = read_samples(data, row_ids)
     out = {}
     with torch.no_grad():
         for row in row_ids:
@@ -241,6 +247,25 @@ def test_the_export_scores_anywhere(runs: dict[str, Path], ml100k_out: Path) -> 
 
     assert AutoTokenizer.from_pretrained(export / "tokenizer").padding_side == "left"
     assert len(pd.read_parquet(export / "ids" / "items.parquet")) == len(pd.read_parquet(ml100k_out / "tables" / "items").dropna())
+
+
+def test_the_model_cards_scoring_code_reproduces_stage_eval(runs: dict[str, Path], ml100k_out: Path) -> None:
+    """The card's "Scoring with this folder alone" snippet, run as printed from inside the folder."""
+    export = runs["two"] / "sella" / "export"
+    code = (export / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    scores = pd.read_parquet(runs["two"] / "eval" / "scores-valid.parquet")  # written by the eval test above
+    samples = read_samples(ml100k_out, scores.row_id.tolist())
+    namespace: dict = {}
+    here = Path.cwd()
+    os.chdir(export)
+    try:
+        exec(compile(code, str(export / "README.md"), "exec"), namespace)  # noqa: S102 (the card's code is the test)
+    finally:
+        os.chdir(here)
+    p_yes = namespace["p_yes"]
+    mine = [p_yes(samples[r]["user_id"], samples[r]["item_id"], samples[r]["history_titles"], samples[r]["title"])
+            for r in scores.row_id]
+    assert len(mine) == 24 and max(abs(m - s) for m, s in zip(mine, scores.score, strict=True)) < 1e-5
 
 
 def test_resuming_with_settings_that_change_the_model_stops_and_names_them(runs: dict[str, Path]) -> None:

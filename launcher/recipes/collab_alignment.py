@@ -43,10 +43,10 @@ from launcher.artifacts import COLLAB_FILE, SEMANTIC_FILE, lookup
 from launcher.checkpoint import LoopState
 from launcher.config import Config
 from launcher.data import read_items
-from launcher.dist import Dist, gather, sum_over_ranks
+from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.metrics import format_report, report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
-from llm.projector import proj_c_to_l
+from llm.projector import STAGE2_PREFIX, proj_c_to_l
 
 STAGE = "collab"
 COLUMNS = ["row_id", "user_id", "item_id", "label", "warm"]
@@ -112,7 +112,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
                                 "or set collab.align.weight: 0 for plain MF")
     torch.manual_seed(collab_cfg.seed)
     sem_dim = semantic_dim(sem_path) if aligned else None
-    proj = proj_c_to_l(collab_cfg.dim, collab_cfg.proj_hidden, sem_dim) if aligned and collab_cfg.proj_hidden else None
+    proj = proj_c_to_l(collab_cfg.dim, collab_cfg.proj_hidden, sem_dim) if aligned else None
     model = Collab(max_user, max_item, collab_cfg.dim, sem_dim, proj)
     lrs = {USER: collab_cfg.table_lr, ITEM: collab_cfg.table_lr, SEMANTIC: collab_cfg.semantic_lr}
     attach_optimizers(model.tables, lrs, collab_cfg.table_optimizer)
@@ -169,7 +169,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
 
     labels_all = torch.as_tensor(train.label.to_numpy(), dtype=torch.float32)
     users_all, items_all = train.user_id.to_numpy(), train.item_id.to_numpy()
-    for epoch in range(state.step // per_epoch, collab_cfg.max_epochs):
+    for epoch in range(state.step // per_epoch, collab_cfg.max_epochs if state.step < total else 0):
         order = np.random.default_rng([collab_cfg.seed, epoch]).permutation(len(train))
         for b in range(state.step - epoch * per_epoch if epoch == state.step // per_epoch else 0, per_epoch):
             t0 = time.time()
@@ -199,20 +199,20 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
                 logs["loss"] = logs["bce"] + collab_cfg.align.weight * logs["align"]
             monitor.scalars(step, logs, "train/")
             monitor.step({k: f"{v:.4f}" for k, v in logs.items()} | {"epoch": str(epoch)})
-            last = step == total
+            last = step >= total
             due = (collab_cfg.eval_every and step % collab_cfg.eval_every == 0) or (not collab_cfg.eval_every and b == per_epoch - 1)
             if (due or last) and validate(state):
                 stopped = "early_stop"
             if stopped == "early_stop" or last:
                 break
-        if stopped == "early_stop" or state.step == total:
+        if stopped == "early_stop" or state.step >= total:
             break
 
     tables_state.load_best(out / "ckpt")
     test = evaluate("test")
     monitor.write(f"[{STAGE}] best step {state.best_step}: test\n{format_report(test)}")
     accuracy = align_accuracy(align_items) if aligned else None
-    proj = {f"projector.{k}": v.detach().cpu() for k, v in model.projector.state_dict().items()} if aligned else {}
+    proj = {f"{STAGE2_PREFIX}{k}": v.detach().cpu() for k, v in model.projector.state_dict().items()} if aligned else {}
     export_tables(sharded_model, run_dir / COLLAB_FILE, proj, {"dim": str(collab_cfg.dim), "align_weight": str(collab_cfg.align.weight),
                                                        "best_step": str(state.best_step)}, sharded_export(sharded_model, collab_cfg.export))
     if collab_cfg.projector_items and dist_ctx.main:  # read back only the rows shown
@@ -220,11 +220,12 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         for name in (n for n in (ITEM, SEMANTIC) if n in tables):
             monitor.embedding(tables.rows(name, torch.as_tensor(show.item_id.to_numpy())), show.title.tolist(),
                               f"{STAGE}/{name}", state.step)
+    seconds = max_over_ranks(state.seconds)  # the slowest rank's time, as in stages 1 and 3
     summary = {"stage": STAGE, "steps": state.step, "resumed_from": resumed_from, "best_step": state.best_step, "stopped": stopped, "world": dist_ctx.world,
                "sharding": resolve(collab_cfg.sharding, dist_ctx.device), "align_weight": collab_cfg.align.weight,
                "align_loss": collab_cfg.align.loss if aligned else None, "valid": state.best_valid, "test": test,
                "align_accuracy": accuracy, "align_items": len(align_items) if aligned else 0,
-               "train_seconds": state.seconds, "samples_per_s": state.samples / state.seconds,
+               "train_seconds": seconds, "samples_per_s": state.samples / seconds,
                "memory_per_rank": gather(peak_memory_mb())}
     if dist_ctx.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -3,7 +3,8 @@
 For every item, the final-layer hidden state at the last position of the distillation prompt
 ("Movie: {title}") through the base model and the stage-1 LoRA adapter (docs/method.md, stage 2a). Items are
 cut into chunks of `distill.chunk_items`; rank r takes chunks r, r + world, ...; each finished chunk is
-written to <run>/distill/chunks/ at once, so a killed run skips the chunks it already has.
+written to <run>/distill/chunks/ at once, so a killed run skips the chunks it already has (chunk files are named
+by their size too: a run resumed with another `distill.chunk_items` recomputes rather than misreads them).
 Writes: <run>/semantic.safetensors, float32: `semantic` [max item id + 1, d_llm] indexed by item id (row 0 and
 items without a title are zero) and `item_ids`, the ids that have a vector; <run>/distill/summary.json.
 """
@@ -13,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
@@ -40,7 +42,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     n_chunks = -(-len(items) // distill_cfg.chunk_items)
 
     def path(chunk: int) -> Path:
-        return chunk_dir / f"chunk-{chunk:06d}.safetensors"
+        return chunk_dir / f"chunk-{distill_cfg.chunk_items}-{chunk:06d}.safetensors"
 
     todo = [c for c in range(dist_ctx.rank, n_chunks, dist_ctx.world) if not path(c).is_file()]
     skipped = len(range(dist_ctx.rank, n_chunks, dist_ctx.world)) - len(todo)
@@ -66,17 +68,21 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
                "items_per_s": computed / seconds if computed else None,
                "memory_per_rank": gather(peak_memory_mb())}
     if dist_ctx.main:
-        merge([path(c) for c in range(n_chunks)], int(items.item_id.max()), run_dir / SEMANTIC_FILE,
+        merge([path(c) for c in range(n_chunks)], items.item_id.to_numpy(), run_dir / SEMANTIC_FILE,
               {"model": cfg.llm.model, "lora": str(distill_cfg.use_lora), "prompt": "distill", "domain": cfg.domain})
         (run_dir / STAGE / "summary.json").write_text(json.dumps(summary, indent=2))
     dist.barrier()
     return summary
 
 
-def merge(chunks: list[Path], max_id: int, out: Path, metadata: dict[str, str]) -> None:
-    """Write the chunk files as one table indexed by item id."""
+def merge(chunks: list[Path], item_ids: np.ndarray, out: Path, metadata: dict[str, str]) -> None:
+    """Write the chunk files as one table indexed by item id; every item of `item_ids` must have its vector."""
     parts = [load_file(str(p)) for p in chunks]
     ids = torch.cat([p["item_ids"] for p in parts])
-    table = torch.zeros(max_id + 1, parts[0]["vectors"].shape[1], dtype=torch.float32)
+    missing = sorted(set(item_ids.tolist()) - set(ids.tolist()))
+    if missing or len(ids) != len(item_ids):
+        raise ValueError(f"{chunks[0].parent}: the chunks hold {len(ids)} vectors for {len(item_ids)} items "
+                         f"(missing ids {missing[:5]}{'...' if len(missing) > 5 else ''}); rerun --stage distill --fresh")
+    table = torch.zeros(int(item_ids.max()) + 1, parts[0]["vectors"].shape[1], dtype=torch.float32)
     table[ids] = torch.cat([p["vectors"] for p in parts])
     save_tensors(out, {"semantic": table, "item_ids": ids.sort().values}, metadata)

@@ -20,7 +20,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from launcher import checkpoint
 from launcher.artifacts import ADAPTER
 from launcher.config import Config, LoraConfig
-from launcher.data import eval_samples, train_batches, usable
+from launcher.data import SampleIndex, eval_samples, train_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import cosine_schedule, ds_config, engine_step, out_of_time, planned_steps, save_adapter
 from launcher.metrics import curve_point, format_report, scalars
@@ -29,7 +29,7 @@ from launcher.validate import gather_report, score
 from llm.model import hidden_size, load_base
 from llm.prompts import Encoded, encode
 from llm.scorer import collate, lm_loss, yes_no_ids
-from pipeline.schema import Sample, load_manifest
+from pipeline.schema import Sample
 
 STAGE = "lora"
 
@@ -60,7 +60,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             return None
         return encode(tokenizer, sample, "lora", cfg.domain, llm_cfg.max_length, llm_cfg.history_titles, llm_cfg.chat_template)
 
-    train_rows = load_manifest(data_dir)["splits"]["train"]["rows"]
+    train_rows = len(SampleIndex(data_dir, "train", llm_cfg.drop_no_history))  # an epoch of the rows it trains on
     total = planned_steps(lora_cfg, train_rows, dist_ctx.world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
@@ -93,24 +93,25 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     window_time, tokens, losses = 0.0, 0.0, []
     stop = total
     for step in range(start + 1, total + 1):
-        t0 = time.time()
+        t0, lr, step_tokens = time.time(), engine.get_lr()[0], 0.0  # this step's lr, before the scheduler moves on
         for _ in range(lora_cfg.grad_accum):
             batch = {k: v.to(dist_ctx.device) for k, v in collate(next(batches), pad).items()}
             loss = lm_loss(engine, batch, answer_only)
             engine.backward(loss)
             grad_norm = engine_step(engine, trainable)
             losses.append(loss.item())
-            tokens += float(batch["attention_mask"].sum())
+            step_tokens += float(batch["attention_mask"].sum())
         elapsed = max_over_ranks(time.time() - t0)
+        step_tokens = sum_over_ranks(step_tokens)  # counted every step: a resumed run's total equals a whole run's
         state["seconds"] += elapsed
+        state["tokens"] += step_tokens
         window_time += elapsed
+        tokens += step_tokens
         if out_of_time(lora_cfg, state["seconds"]):
             stop = step
         if step % lora_cfg.log_every == 0 or step == stop:
-            all_tokens = sum_over_ranks(tokens)
-            state["tokens"] += all_tokens
-            logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / dist_ctx.world, "lr": engine.get_lr()[0],
-                    "grad_norm": grad_norm, "tokens_per_s": all_tokens / window_time}
+            logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / dist_ctx.world, "lr": lr,
+                    "grad_norm": grad_norm, "tokens_per_s": tokens / window_time}
             monitor.scalars(step, logs, "train/")
             monitor.step({"loss": f"{logs['loss']:.4f}", "tok/s": f"{logs['tokens_per_s']:.0f}"})
             window_time, tokens, losses = 0.0, 0.0, []

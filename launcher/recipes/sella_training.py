@@ -31,6 +31,7 @@ import itertools
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import deepspeed
 import torch
@@ -59,7 +60,7 @@ from launcher.metrics import curve_point, format_report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
 from launcher.validate import gather_report, score
 from llm.model import hidden_size, load_base
-from llm.projector import HybridProjector
+from llm.projector import STAGE2_PREFIX, HybridProjector
 from llm.prompts import Encoded, encode
 from llm.scorer import collate, loss_tokens
 from llm.sella import SellaLM
@@ -87,9 +88,11 @@ class EngineAndTables:
                                     exclude_frozen_parameters=exclude_frozen_parameters)
         self.tables.save_checkpoint(ckpt_dir, tag)
 
-    def load_checkpoint(self, ckpt_dir: str, tag: str, load_module_strict: bool = False) -> None:
-        self.engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=False)
-        self.tables.load_checkpoint(ckpt_dir, tag)
+    def load_checkpoint(self, ckpt_dir: str, tag: str, load_module_strict: bool = False) -> tuple[str | None, Any]:
+        loaded = self.engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=False)
+        if loaded[0] is not None:
+            self.tables.load_checkpoint(ckpt_dir, tag)
+        return loaded
 
 
 TABLE_OPTIMIZER = {
@@ -118,7 +121,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     sella_cfg, llm_cfg, collab_cfg = cfg.sella, cfg.llm, cfg.collab
     out = run_dir / STAGE
     collab_path = Path(sella_cfg.collab_path) if sella_cfg.collab_path else find(cfg, run_dir, COLLAB_FILE)
-    shapes, stage2 = read_collab(collab_path, "projector." if sella_cfg.projector_init == "stage2" else None)
+    shapes, stage2 = read_collab(collab_path, STAGE2_PREFIX if sella_cfg.projector_init == "stage2" else None)
     warm = sella_cfg.warm_token
     if warm and SEMANTIC not in shapes:
         raise ValueError(f"{collab_path}: no semantic table (stage 2b ran as plain MF); "
@@ -136,7 +139,10 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     if sella_cfg.projector_init == "stage2":
         if not stage2:
             raise ValueError(f"{collab_path}: no stage-2 projector (plain MF); set sella.projector_init: random")
-        projector.load_stage2(stage2)
+        try:
+            projector.load_stage2(stage2)
+        except ValueError as err:
+            raise ValueError(f"{collab_path}: {err}") from err
     model = SellaLM(llm, projector, tokenizer, sella_cfg.inject_norm)
     trainable = [p for p in model.parameters() if p.requires_grad]
 

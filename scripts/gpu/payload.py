@@ -121,13 +121,16 @@ def unpack(payload: Path, target: Path, install: bool) -> dict:
     if not manifests:
         raise SystemExit(f"unpack: no {payload}/part-*/{MANIFEST}: send the parts of make gpu-payload first")
     manifest = json.loads(manifests[0].read_text())
+    # what was unpacked: this payload (its manifest holds every file's sha256), with or without the kit
+    unpacked = f"{hashlib.sha256(manifests[0].read_bytes()).hexdigest()} install={install}"
     missing = sorted({e["part"] for e in manifest["files"]} - {m.parent.name for m in manifests})
     if missing:
         raise SystemExit(f"unpack: {', '.join(missing)} not here; send every part back to back (the host keeps "
                          "earlier transfers only while it stays warm)")
-    done = target / ".unpacked"  # a second call on the same warm host skips the work already done there
-    if done.is_file() and done.read_text() == f"{manifest['model_sha256']} install={install}":
+    done = target / ".unpacked"  # a second call with the same payload on the same warm host skips the work
+    if done.is_file() and done.read_text() == unpacked:
         return manifest
+    done.unlink(missing_ok=True)  # an unpack stopped half-way leaves no mark of the earlier payload
     for e in manifest["files"]:
         path = payload / e["part"] / e["file"]
         if not path.is_file() or path.stat().st_size != e["bytes"] or sha256(path) != e["sha256"]:
@@ -143,18 +146,23 @@ def unpack(payload: Path, target: Path, install: bool) -> dict:
     for name in manifest["data"]:
         part = next(e["part"] for e in manifest["files"] if e["file"] == name)
         with tarfile.open(payload / part / name, "r:xz") as tar:
+            for top in {m.name.split("/")[0] for m in tar.getmembers()}:  # pack_dir: one folder, the prep output
+                if top in ("", ".", ".."):
+                    raise SystemExit(f"unpack: {payload / part / name} holds {top!r}, not one prep output folder")
+                shutil.rmtree(target / "data" / top, ignore_errors=True)  # no file of an earlier payload stays
             tar.extractall(target / "data", filter="data")
     if install and manifest["kit"]:
         site, wheels = target / "site", target / "wheels"
         part = {e["file"]: payload / e["part"] / e["file"] for e in manifest["files"]}
-        site.mkdir(exist_ok=True)
-        wheels.mkdir(exist_ok=True)
+        for folder in (site, wheels):  # pip --target keeps what is there: start from empty folders
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
         subprocess.run(["tar", "-xJf", str(part[KIT_FILES[0]]), "-C", str(site)], check=True)  # sparse: GNU tar
         subprocess.run(["tar", "-xJf", str(part[KIT_FILES[1]]), "-C", str(wheels)], check=True)
         found = sorted(wheels.rglob("*.whl")) + [part[KIT_FILES[2]]]
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--target", str(site), *map(str, found)], check=True)
-    done.write_text(f"{manifest['model_sha256']} install={install}")
+    done.write_text(unpacked)
     return manifest
 
 

@@ -39,7 +39,8 @@ while [ $# -gt 0 ]; do
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
 done
-for r in ${ROWS//,/ }; do
+IFS=, read -ra ROW_LIST <<< "$ROWS"
+for r in "${ROW_LIST[@]}"; do
   [ -f "configs/gpu/comparison/$r.yaml" ] || { echo "run.sh: --rows: no row '$r' (configs/gpu/comparison/$r.yaml)" >&2; exit 2; }
 done
 [[ ,$ROWS, != *,collm-like,* || ,$ROWS, == *,mf,* ]] || { echo "run.sh: --rows: collm-like reads mf's tables, list mf too" >&2; exit 2; }
@@ -73,6 +74,8 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/[gpu] /' || true
 fi
 SETS+=("${EXTRA[@]}")
+SETARGS=()  # every launch's overrides, one --set per value (values may hold spaces: paths, lists)
+for s in "${SETS[@]}"; do SETARGS+=(--set "$s"); done
 DATA=$TARGET/data/$DATA_NAME
 [ -f "$DATA/manifest.json" ] || { echo "run.sh: no prep output $DATA in the payload" >&2; exit 2; }
 WORK=$TARGET/work  # run directories (runs/gpu/...) live here, not in the repository copy
@@ -101,11 +104,11 @@ launch() {  # ROW STAGES: one launcher/train.py job (STAGES: one stage or a comm
   say "$row: --stage $stage"
   (cd "$WORK" && timeout -k 15 $left $PY -m deepspeed.launcher.runner "${LAUNCH[@]}" --master_addr 127.0.0.1 \
       --master_port $(( 29500 + RANDOM % 3000 )) "$REPO/launcher/train.py" --config "$REPO/configs/gpu/comparison/$row.yaml" \
-      --stage "$stage" --data "$DATA" $(printf -- '--set %s ' "${SETS[@]}")) > "$log" 2>&1 || rc=$?
+      --stage "$stage" --data "$DATA" "${SETARGS[@]}") > "$log" 2>&1 || rc=$?
   case $rc in 0) ;; 124|137) status="stopped at the deadline";; *) status=failed;; esac
   printf '%s\t%s\t%s\t%s\n' "$row" "$stage" $(( $(date +%s) - t0 )) "$status" >> "$RESULTS/timing.tsv"
   say "$row: --stage $stage $status in $(( $(date +%s) - t0 ))s"
-  [ $status = ok ] || { grep -v '^\s*$' "$log" | tail -n 25 | sed "s/^/[$row $stage] /"; return 1; }
+  [ "$status" = ok ] || { grep -v '^\s*$' "$log" | tail -n 25 | sed "s/^/[$row $stage] /"; return 1; }
 }
 
 row() {  # ROW STAGES...: launches in order (each one stage or a comma list), stopping at the first that fails
@@ -129,28 +132,51 @@ needs_tables() {  # ROW: false (and the row skipped) when the table kernels fail
   printf '%s\t-\t0\tskipped: needs the table kernels\n' "$1" >> "$RESULTS/timing.tsv"; return 1
 }
 
+skip() {  # ROW STAGE UPSTREAM: a launch left out because a launch it reads (UPSTREAM: "ROW STAGE") failed
+  printf '%s\t%s\t0\tskipped: upstream %s failed\n' "$1" "$2" "$3" >> "$RESULTS/timing.tsv"
+  say "$1: --stage $2 skipped: upstream $3 failed"
+}
+
 # The rows of configs/gpu/comparison/ as three lanes sharing the GPU, each stage starting as soon as the artifacts
 # it reads exist (sharing costs each lane speed: GPU run 5, docs/results.md): SeLLa-Rec's stages in lane 1 (stages
 # 1-2 always, as the others' upstream; stage 3 and its test when --rows lists sella),
 # popularity, MF, CoLLM-like (MF tables + lane 1's adapter) and text-only in lane 2, and SeLLa-Rec without
-# <Warm_ID> (lane 1's aligned tables) in lane 3. Every launch stops at the deadline, so the results always come back.
+# <Warm_ID> (lane 1's aligned tables) in lane 3. Every launch stops at the deadline, so the results always come back;
+# a launch whose upstream failed writes its timing line as skipped.
 rm -f "$WORK"/.marks/*
 if [ -n "$ROWS" ]; then
 { if row sella lora; then
     mark lora ok
-    if [ $TABLES = 1 ] && row sella distill,collab; then
+    if needs_tables sella && row sella distill,collab; then
       mark collab ok
       if wanted sella; then row sella sella,eval || true; fi
-    else mark collab failed; fi
-  else mark lora failed; mark collab failed; fi; } &
+    else
+      mark collab failed
+      if [ $TABLES = 1 ] && wanted sella; then skip sella sella,eval "sella distill,collab"; fi
+    fi
+  else
+    mark lora failed; mark collab failed
+    skip sella distill,collab "sella lora"
+    if wanted sella; then skip sella sella,eval "sella lora"; fi
+  fi; } &
 LANES=($!)
 { if wanted popularity; then row popularity eval || true; fi
-  if wanted mf && needs_tables mf && row mf collab,eval && wanted collm-like && await lora; then
-    row collm-like sella,eval || true
+  if wanted mf; then
+    MF=failed
+    if needs_tables mf && row mf collab,eval; then MF=ok; fi
+    if wanted collm-like && needs_tables collm-like; then
+      if [ $MF != ok ]; then skip collm-like sella,eval "mf collab,eval"
+      elif ! await lora; then skip collm-like sella,eval "sella lora"
+      else row collm-like sella,eval || true; fi
+    fi
   fi
-  if wanted text-only && await lora; then row text-only eval || true; fi; } &
+  if wanted text-only; then
+    if await lora; then row text-only eval || true; else skip text-only eval "sella lora"; fi
+  fi; } &
 LANES+=($!)
-{ if wanted sella-no-warm && needs_tables sella-no-warm && await collab; then row sella-no-warm sella,eval || true; fi; } &
+{ if wanted sella-no-warm && needs_tables sella-no-warm; then
+    if await collab; then row sella-no-warm sella,eval || true; else skip sella-no-warm sella,eval "sella distill,collab"; fi
+  fi; } &
 LANES+=($!)
 wait "${LANES[@]}"  # the lanes only: a plain wait would also wait for the log's tee
 fi
@@ -184,12 +210,17 @@ if [ $BENCH = 1 ]; then
 fi
 
 say "collecting results"
-[ -z "$ROWS" ] || (cd "$WORK" && $PY "$REPO/scripts/results_table.py" $(printf "$REPO/configs/gpu/comparison/%s.yaml " ${ROWS//,/ }) \
-    --stages > "$RESULTS/table.md") || say "no results table"
-# what comes back from the host (8 files at most): summaries, metrics, per-row scores, TensorBoard scalars and the logs;
-# no weights, checkpoints, exports or TensorBoard projector tensors
-(cd "$WORK" && find $(ls -d runs logs 2>/dev/null) -type f \( -path '*/ckpt/*' -o -path '*/export/*' -o -path '*/chunks/*' \
-    -o -path '*/tb/*/[0-9]*/*' -o -name '*.safetensors' -o -name '*.gguf' \) -prune -o -type f -print \
-  | tar -czf "$RESULTS/results.tar.gz" -T -)
+ROW_CONFIGS=()
+for r in "${ROW_LIST[@]}"; do ROW_CONFIGS+=("$REPO/configs/gpu/comparison/$r.yaml"); done
+[ -z "$ROWS" ] || (cd "$WORK" && $PY "$REPO/scripts/results_table.py" "${ROW_CONFIGS[@]}" --stages > "$RESULTS/table.md") \
+  || say "no results table"
+collected() {  # what comes back from the host (8 files at most): summaries, metrics, per-row scores, TensorBoard
+  # scalars and the logs of runs/ and logs/ under the working folder; no weights, checkpoints, exports or projector tensors
+  local dirs=() d
+  for d in runs logs; do if [ -d "$d" ]; then dirs+=("$d"); fi; done
+  [ ${#dirs[@]} = 0 ] || find "${dirs[@]}" -type f \( -path '*/ckpt/*' -o -path '*/export/*' -o -path '*/chunks/*' \
+    -o -path '*/tb/*/[0-9]*/*' -o -name '*.safetensors' -o -name '*.gguf' \) -prune -o -type f -print
+}
+(cd "$WORK" && collected | tar -czf "$RESULTS/results.tar.gz" -T -)
 cat "$RESULTS/timing.tsv"
 say "done: $RESULTS"
