@@ -2,8 +2,9 @@
 
 Same model, LoRA settings, prompts (llm/prompts.py), micro-batch, gradient accumulation, step count and
 world size, in one invocation. Three runs:
-  ours-zero3  deepspeed --hostfile (2 ranks) launcher/train.py --stage lora, ZeRO-3 (the default)
-  ours-zero0  the same with ZeRO stage 0
+  ours-zero3  deepspeed --hostfile (2 ranks) launcher/train.py --stage lora, ZeRO-3 (set by the bench; the
+              config default `auto` picks 0 on one host, 3 across hosts)
+  ours-zero0  the same with ZeRO stage 0 (set by the bench)
   hf-trainer  torchrun (2 ranks, DDP) transformers.Trainer + peft, right padding, full-vocabulary logits
 Reported: tokens/s over training steps only (non-pad tokens, all ranks; start-up and validation
 excluded), the ratio ours / hf-trainer, and peak RSS per rank (ZeRO-3 vs ZeRO-0 vs DDP).
