@@ -5,7 +5,7 @@ fixed half of the items is liked by everyone, so the target title alone decides 
 it with Spark, trains stage 1 on 2 CPU ranks, scores every train row with the saved adapter and prints the
 train AUC with its 95% bootstrap interval:
 
-    python scripts/probe_stage1.py --model smollm2 --lr 1e-3 --epochs 3 --out out/probe/stage1
+    python scripts/probe_stage1.py --model smollm2 --lr 1e-3 --epochs 4 --out out/probe/stage1
 
 A model that reads the titles fits these rows; one at chance does not read them, whatever the path.
 """
@@ -28,7 +28,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="llm.model (smollm2, tiny, a model directory, a .gguf)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--out", type=Path, default=Path("out/probe/stage1"))
     args = p.parse_args()
     if args.out.exists():

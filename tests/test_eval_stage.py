@@ -39,11 +39,37 @@ def test_eval_writes_scores_metrics_and_curves(ml100k_out: Path, tmp_path: Path)
         assert metrics[split] == expected
         lo, hi = metrics[split]["overall"]["auc_ci"]
         assert lo <= metrics[split]["overall"]["auc"] <= hi
+    _scores_are_each_rows_own_p_yes(run, ml100k_out, pd.read_parquet(run / "eval" / "scores-test.parquet"))
     events = EventAccumulator(str(run / "tb" / "eval"), size_guidance={"tensors": 0, "images": 0}).Reload()
     tags = events.Tags()
     assert {"valid/overall/auc", "test/overall/auc"} <= set(tags["scalars"])
     assert {"valid/roc", "test/roc"} <= set(tags["images"])
     assert {"valid/pr", "test/pr"} <= set(tags["tensors"])  # PR curves
+
+
+def _scores_are_each_rows_own_p_yes(run: Path, data: Path, table: pd.DataFrame) -> None:
+    """The 2-rank, batched, left-padded scores equal P(Yes) of each row's own prompt scored alone, unpadded, in this
+    process: the rows are the fixed subset and every score sits beside its own row after the gather."""
+    import torch
+
+    from launcher.data import eval_samples
+    from llm.model import load_tuned
+    from llm.prompts import encode
+    from llm.scorer import yes_no_ids
+    from tests.conftest import config
+
+    cfg = config("ml-100k", llm=LLM)
+    samples = eval_samples(data, "test", 30, 0, 1, cfg.llm.drop_no_history)
+    assert sorted(table.row_id) == sorted(s["row_id"] for s in samples)
+    model, tokenizer = load_tuned(cfg.llm, run / "lora" / "adapter")
+    no_yes = list(yes_no_ids(tokenizer))
+    score = dict(zip(table.row_id, table.score, strict=True))
+    for sample in samples[:8]:
+        prompt = encode(tokenizer, sample, "lora", cfg.domain, cfg.llm.max_length, cfg.llm.history_titles,
+                        cfg.llm.chat_template, with_answer=False).prompt
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt])).logits[0, -1, no_yes]
+        assert abs(float(logits.softmax(-1)[1]) - score[sample["row_id"]]) < 1e-5, sample["row_id"]
 
 
 def test_popularity_scores_are_train_positive_rates(ml100k_out: Path, tmp_path: Path) -> None:

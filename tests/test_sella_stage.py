@@ -320,3 +320,19 @@ def test_missing_semantic_table_is_a_clear_error(runs: dict[str, Path], ml100k_o
     proc = launch(cfg, "sella", 1)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "no semantic table (stage 2b ran as plain MF)" in out
+
+
+def test_scoring_with_fewer_rows_than_ranks_names_the_keys(runs: dict[str, Path], tmp_path: Path) -> None:
+    """One test row on two ranks: a rank with no rows cannot stand in with a real stage-3 row, so eval stops on
+    every rank with the keys to change (it crashed on a KeyError in the injection before)."""
+    import shutil
+
+    run = tmp_path / "two"
+    shutil.copytree(runs["two"], run, ignore=shutil.ignore_patterns("ckpt", "eval"))
+    cfg = yaml.safe_load((runs["two"].parent / "two.yaml").read_text()) | {"run_dir": str(run)}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfg))
+    proc = launch(tmp_path / "two.yaml", "eval", 2, "--set", "eval.rows=1", "--set", "eval.splits=[test]")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert "a rank has no rows to score (2 ranks): score at least one row per rank (sella.eval_rows, eval.rows)" in out
+    assert not (run / "eval" / "metrics.json").exists()
