@@ -40,6 +40,36 @@ def test_collm_source_counts(collm_out) -> None:
     assert m["rows_in"] == m["rows_out"] == 51_623
 
 
+@needs_shared("collm-ml-1m", "ml-1m.zip")
+def test_collm_rows_carry_the_pickles_values_row_for_row(collm_out) -> None:
+    """Every output row is its pickle row: ids, label, time, split, warm (not_cold), the full history without
+    CoLLM's padding entry, and the last history_len ids and titles; the shards carry the same."""
+    from launcher.data import SampleIndex
+
+    _, out = collm_out
+    n = config("collm-ml-1m").protocol.history_len
+    ours = pd.read_parquet(out / "tables" / "interactions")
+    theirs = pd.concat([df.assign(split=s) for s, df in collm_frames().items()])
+    both = ours.merge(theirs, left_on=["split", "user_id", "item_id"], right_on=["split", "uid", "iid"],
+                      suffixes=("", "_collm"), validate="one_to_one")
+    assert len(both) == len(ours) == len(theirs) == 51_623
+    for ours_col, theirs_col in (("label", "label_collm"), ("timestamp", "timestamp_collm"), ("warm", "not_cold"),
+                                 ("title", "title_collm")):
+        assert (both[ours_col].to_numpy() == both[theirs_col].to_numpy()).all(), ours_col
+    his = both.his.map(lambda h: [int(i) for i in h[1:]])
+    titles = both.his_title.map(lambda t: [str(x) for x in t[1:]])
+    assert (both.history.map(list) == his).all()
+    assert (both.history_ids.map(list) == his.map(lambda h: h[-n:])).all()
+    assert (both.history_titles.map(list) == titles.map(lambda t: t[-n:])).all()
+    index = SampleIndex(out, "test")
+    by_row = both.set_index("row_id")
+    for k in random.Random(0).sample(range(len(index)), 50):
+        sample = index[k]
+        row = by_row.loc[sample["row_id"]]
+        assert (sample["user_id"], sample["item_id"], sample["label"]) == (row.uid, row.iid, row.label_collm)
+        assert list(sample["history_titles"]) == [str(x) for x in row.his_title[1:]][-n:]
+
+
 @needs_shared("ml-1m-cs100-subset", "ratings.dat.gz")
 @needs_shared("ml-1m", "movies.dat")
 @needs_shared("collm-ml-1m", "ml-1m.zip")
