@@ -172,6 +172,24 @@ def test_eval_of_the_exported_model_reproduces_the_selected_valid_auc(runs: dict
     assert metrics["valid"]["overall"]["auc"] == pytest.approx(summary["valid"]["overall"]["auc"], abs=1e-6)
 
 
+@pytest.mark.parametrize("name", ["two", "collm"])
+def test_the_exported_tables_are_the_best_valid_state(runs: dict[str, Path], name: str) -> None:
+    """The export is the state chosen on valid (ckpt/best), and not the last one when the best came earlier."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    run = runs[name] / "sella"
+    summary = json.loads((run / "summary.json").read_text())
+    dcp_to_torch_save(run / "ckpt" / "best", run.parent / "best-tables.pt")
+    best = table_weights(torch.load(run.parent / "best-tables.pt", weights_only=False))
+    exported = load_file(runs[name] / SELLA_TABLES)
+    assert set(best) == set(exported) and {"user", "item"} <= set(exported)
+    for table in exported:
+        assert torch.equal(exported[table], best[table]), table
+    last = table_weights(read_tables_checkpoint(run / "ckpt" / f"step{summary['steps']:08d}"))
+    moved = any(not torch.equal(exported[t], last[t]) for t in exported)
+    assert moved == (summary["best_step"] != summary["steps"])
+
+
 def read_samples(data: Path, row_ids: list[int]) -> dict[int, dict]:
     """The samples of `row_ids`, read from the prep output's tar shards with tarfile alone."""
     import tarfile
