@@ -141,7 +141,7 @@ def main() -> int:
     ap.add_argument("--driver-memory", default="12g", help="Spark's heap (local mode: the driver runs the tasks)")
     ap.add_argument("--driver-java-options", default=DRIVER_JAVA_OPTIONS,
                     help="JVM flags for Spark's driver (default: prep's, pipeline/spark.py); pass as --driver-java-options=...")
-    ap.add_argument("--only", choices=("spark", "pandas"), help="run one side only (results merge by size)")
+    ap.add_argument("--only", choices=("spark", "pandas"), help="run one side only (results merge by size; no ratio across invocations)")
     ap.add_argument("--workdir", type=Path, default=REPO / "out" / "bench")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "prep.json")
     args = ap.parse_args()
@@ -190,9 +190,8 @@ def main() -> int:
         earlier = {r["rows"]: r for r in json.loads(args.results.read_text())}
         for r in results:
             merged = {**earlier.pop(r["rows"], {}), **r}
-            s, p = merged.get("spark", {}), merged.get("pandas", {})
-            if s.get("ok") and p.get("ok"):
-                merged["speedup_spark_over_pandas"] = round(p["seconds"] / s["seconds"], 2)
+            if "speedup_spark_over_pandas" not in r:  # a ratio only from both sides of one invocation
+                merged.pop("speedup_spark_over_pandas", None)
             r.clear()
             r.update(merged)
         results = sorted([*results, *earlier.values()], key=lambda r: r["rows"])
