@@ -76,6 +76,17 @@ def test_a_resume_with_another_chunk_size_recomputes_instead_of_misreading_chunk
     assert_close(b["semantic"], a["semantic"], rtol=0, atol=1e-6)
 
 
+def test_one_rank_distills_the_same_table_as_two(runs: dict[str, object], ml100k_out: Path, tmp_path: Path) -> None:
+    """The chunks are the same on any world size (rank r takes chunks r, r + world, ...): the table does not
+    depend on the number of ranks."""
+    run = tmp_path / "one"
+    cfg = _config(tmp_path, ml100k_out, run)
+    finish(launch(cfg, "distill", 1))
+    a, b = load_file(runs["whole"] / "semantic.safetensors"), load_file(run / "semantic.safetensors")
+    assert torch.equal(a["item_ids"], b["item_ids"])
+    assert_close(b["semantic"], a["semantic"], rtol=0, atol=1e-6)
+
+
 def test_merge_refuses_chunks_that_miss_items(runs: dict[str, object]) -> None:
     from launcher.recipes.distillation import merge
 

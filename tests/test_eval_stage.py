@@ -40,6 +40,15 @@ def test_eval_writes_scores_metrics_and_curves(ml100k_out: Path, tmp_path: Path)
         lo, hi = metrics[split]["overall"]["auc_ci"]
         assert lo <= metrics[split]["overall"]["auc"] <= hi
     _scores_are_each_rows_own_p_yes(run, ml100k_out, pd.read_parquet(run / "eval" / "scores-test.parquet"))
+    one = tmp_path / "one"  # the same model on one rank scores the same rows alike
+    (one / "lora").mkdir(parents=True)
+    (one / "lora" / "adapter").symlink_to(run / "lora" / "adapter")
+    finish(launch(write_config(tmp_path / "one.yaml", data_dir=str(ml100k_out), run_dir=str(one), llm=LLM,
+                               eval={"rows": 30, "batch": 8, "model": "lora", "baselines": [], "splits": ["test"]}),
+                  "eval", 1))
+    two_ranks, one_rank = (pd.read_parquet(r / "eval" / "scores-test.parquet") for r in (run, one))
+    assert list(one_rank.row_id) == list(two_ranks.row_id)
+    assert np.abs(one_rank.score.to_numpy() - two_ranks.score.to_numpy()).max() < 1e-5
     events = EventAccumulator(str(run / "tb" / "eval"), size_guidance={"tensors": 0, "images": 0}).Reload()
     tags = events.Tags()
     assert {"valid/overall/auc", "test/overall/auc"} <= set(tags["scalars"])
