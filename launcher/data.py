@@ -55,9 +55,7 @@ class SampleIndex(Sequence):
             raise ValueError(f"{out_dir}: split {split!r} has no shards")
         parts = []
         for k, url in enumerate(self.urls):
-            per_sample = np.load(index_path(url)) if index_path(url).is_file() else index_from_tar(url)
-            if drop_no_history:
-                per_sample = per_sample[per_sample[:, 3] > 0]
+            per_sample = kept_index(url, drop_no_history)
             parts.append(np.column_stack([np.full(len(per_sample), k), per_sample[:, :3]]))
         where = np.concatenate(parts).astype(np.int64)  # shard, offset, size, row id per kept sample
         self.where = where[np.argsort(where[:, 3], kind="stable")]
@@ -71,6 +69,19 @@ class SampleIndex(Sequence):
         with open(self.urls[shard], "rb") as f:
             f.seek(offset)
             return decode_sample(f.read(size))
+
+
+def kept_index(url: str, drop_no_history: bool) -> np.ndarray:
+    """One shard's (offset, size, row id, history length) rows of the samples the LLM stages keep (`usable`):
+    from prep's index file, else from the tar."""
+    per_sample = np.load(index_path(url)) if index_path(url).is_file() else index_from_tar(url)
+    return per_sample[per_sample[:, 3] > 0] if drop_no_history else per_sample
+
+
+def kept_count(out_dir: str | Path, split: str, drop_no_history: bool) -> int:
+    """How many samples of a split the LLM stages keep, one shard index at a time (stage 1 plans its epoch on it
+    without building a SampleIndex of the split)."""
+    return sum(len(kept_index(url, drop_no_history)) for url in shard_urls(out_dir, split))
 
 
 def index_from_tar(url: str) -> np.ndarray:

@@ -85,6 +85,14 @@ def base_source(cfg: Config, export: Path) -> str:
     return f"{spec} (a Hugging Face model, not copied here)"
 
 
+def base_load_args(export: Path, cfg: Config) -> str:
+    """The first arguments of the card's `from_pretrained` call for the base that `base_source` put (or named)."""
+    ggufs = sorted((export / "base").glob("*.gguf"))
+    if ggufs:
+        return f'"base", gguf_file="{ggufs[0].name}", '
+    return '"base", ' if (export / "base").is_dir() else f'"{cfg.llm.model}", '
+
+
 def write(cfg: Config, data_dir: Path, run_dir: Path, tokenizer: Tokenizer, adapter: Path, tables: Path,
           projector: Path, warm: bool, inject_norm: str, token_rms: float, summary: dict) -> Path:
     """Write <run>/sella/export (rank 0, after stage 3 saved its tables, projector and adapter)."""
@@ -177,12 +185,8 @@ def card(export: Path, cfg: Config, metrics: dict | None) -> None:
                              + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "") + f" | {fmt(m['overall']['uauc'])} | "
                              + " | ".join(fmt(m[g]["auc"]) for g in GROUPS[1:]) + " |")
         lines.append(f"\nRows: a fixed subset chosen by row id (`eval.rows` = {cfg.eval.rows}), by stage eval.")
-    base = (export / "base.txt").read_text()
-    gguf = next((export / "base").glob("*.gguf"), None) if (export / "base").is_dir() else None
-    load = ('"base", gguf_file="' + gguf.name + '", ' if gguf else '"base", ' if (export / "base").is_dir()
-            else f'"{base.split(" ", 1)[0]}", ')
     lines += ["", "## Scoring with this folder alone (transformers + peft)", "", "```python",
-              SCORING.replace("{LOAD}", load), "```", ""]
+              SCORING.replace("{LOAD}", base_load_args(export, cfg)), "```", ""]
     (export / CARD).write_text("\n".join(lines))
 
 

@@ -20,7 +20,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from launcher import checkpoint
 from launcher.artifacts import ADAPTER
 from launcher.config import Config, LoraConfig
-from launcher.data import SampleIndex, eval_samples, train_batches, usable
+from launcher.data import eval_samples, kept_count, train_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import cosine_schedule, ds_config, engine_step, out_of_time, planned_steps, save_adapter
 from launcher.metrics import curve_point, format_report, scalars
@@ -60,7 +60,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             return None
         return encode(tokenizer, sample, "lora", cfg.domain, llm_cfg.max_length, llm_cfg.history_titles, llm_cfg.chat_template)
 
-    train_rows = len(SampleIndex(data_dir, "train", llm_cfg.drop_no_history))  # an epoch of the rows it trains on
+    train_rows = kept_count(data_dir, "train", llm_cfg.drop_no_history)  # an epoch of the rows it trains on
     total = planned_steps(lora_cfg, train_rows, dist_ctx.world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
