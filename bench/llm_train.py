@@ -1,13 +1,16 @@
 """Stage-1 training throughput: launcher/train.py against a plain Hugging Face Trainer + PEFT run.
 
-Same model, LoRA settings, prompts (llm/prompts.py), micro-batch, gradient accumulation, step count and
-world size, in one invocation. Three runs:
+Same model, LoRA settings, micro-batch, gradient accumulation, step count and world size, in one invocation,
+and the same micro-batches: each baseline rank trains on exactly the micro-batches, in the order, that the
+launcher's rank of the same number draws (launcher.data.train_batches, encoded by llm/prompts.py; batched by
+length when the config's `lora.length_grouping` is on), read by Trainer in order. Three runs:
   ours-zero3  deepspeed --hostfile (2 ranks) launcher/train.py --stage lora, ZeRO-3 (set by the bench; the
               config default `auto` picks 0 on one host, 3 across hosts)
   ours-zero0  the same with ZeRO stage 0 (set by the bench)
   hf-trainer  torchrun (2 ranks, DDP) transformers.Trainer + peft, right padding, full-vocabulary logits
 Reported: tokens/s over training steps only (non-pad tokens, all ranks; start-up and validation
-excluded), the ratio ours / hf-trainer, and peak RSS per rank (ZeRO-3 vs ZeRO-0 vs DDP).
+excluded), the ratio ours / hf-trainer, and peak RSS per rank (ZeRO-3 vs ZeRO-0 vs DDP), with peak GPU memory
+per rank (torch.cuda.max_memory_allocated) on a GPU host.
 
     python bench/llm_train.py --config configs/collm-ml-1m.yaml --data out/collm-ml-1m --steps 6
 """
@@ -28,6 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from launcher.artifacts import summary_file
 from launcher.config import Config
 from pipeline.config import load_config, parse_config
 
@@ -54,7 +58,7 @@ def run_ours(args: argparse.Namespace, zero_stage: int, tmp: Path) -> dict:
     base["run_dir"] = str(tmp / f"ours-zero{zero_stage}")
     base["deepspeed"]["zero_stage"] = zero_stage
     base["lora"].update(max_steps=args.steps, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
-                        eval_every=0, eval_rows=args.micro_batch, save_every=10**6, max_samples=None)
+                        eval_every=0, eval_rows=args.micro_batch, save_every=10**6, max_samples=None, max_minutes=None)
     cfg_path = tmp / f"ours-zero{zero_stage}.yaml"
     cfg_path.write_text(yaml.safe_dump(parse_config(base, schema=Config).model_dump(mode="json")))
     hostfile = tmp / "hostfile"
@@ -66,10 +70,20 @@ def run_ours(args: argparse.Namespace, zero_stage: int, tmp: Path) -> dict:
     if GPUS:
         cmd[1:3] = ["--num_gpus", str(args.ranks)]  # the GPUs of this host, no hostfile
     subprocess.run(cmd, cwd=REPO, check=True, env=os.environ if GPUS else {**os.environ, "DS_ACCELERATOR": "cpu"})
-    summary = json.loads((tmp / f"ours-zero{zero_stage}" / "lora" / "summary.json").read_text())
+    summary = json.loads((tmp / f"ours-zero{zero_stage}" / summary_file("lora")).read_text())
+    if summary["steps"] != args.steps:  # an epoch of the data ran out first: the two sides would differ
+        raise SystemExit(f"ours-zero{zero_stage} trained {summary['steps']} of {args.steps} steps: lower --steps")
     return {"tokens_per_s": summary["tokens_per_s"], "train_tokens": summary["train_tokens"],
             "train_seconds": summary["train_seconds"], "wall_seconds": time.time() - t0,
-            "peak_rss_mb_per_rank": [m["peak_rss_mb"] for m in summary["memory_per_rank"]]}
+            **memory(summary["memory_per_rank"])}
+
+
+def memory(per_rank: list[dict[str, float]]) -> dict[str, list[float]]:
+    """Peak RSS per rank, and peak GPU memory per rank when the ranks ran on GPUs."""
+    out = {"peak_rss_mb_per_rank": [m["peak_rss_mb"] for m in per_rank]}
+    if all("peak_gpu_mb" in m for m in per_rank):
+        out["peak_gpu_mb_per_rank"] = [m["peak_gpu_mb"] for m in per_rank]
+    return out
 
 
 def run_hf(args: argparse.Namespace, tmp: Path) -> dict:
@@ -86,32 +100,39 @@ def run_hf(args: argparse.Namespace, tmp: Path) -> dict:
 
 def hf_worker(args: argparse.Namespace) -> None:
     """One rank of the baseline: Trainer + PEFT on the same prompts, answer-only labels, right padding."""
-    import resource
+    import itertools
 
     import torch
     import torch.distributed as dist
     from peft import get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from launcher.data import read_shard, usable
+    from launcher.data import train_batches, usable
+    from launcher.monitor import peak_memory_mb
     from launcher.recipes.lora_tuning import peft_config
     from llm.model import load_base
-    from llm.prompts import encode
+    from llm.prompts import Encoded, encode
     from llm.scorer import IGNORE
-    from pipeline.schema import shard_urls
 
     cfg = load_config(args.config, overrides(args), schema=Config)
     lc, tc = cfg.llm, cfg.lora
     torch.manual_seed(tc.seed)
     model, tokenizer = load_base(lc)
     model = get_peft_model(model, peft_config(tc))
-    need = args.steps * args.micro_batch * args.grad_accum * int(os.environ["WORLD_SIZE"])
-    rows, keep = [], usable(lc.drop_no_history)
-    for url in shard_urls(args.data, "train"):
-        for s in read_shard(url):
-            if len(rows) < need and keep(s):
-                e = encode(tokenizer, s, "lora", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template)
-                rows.append({"input_ids": e.prompt + e.answer, "labels": [IGNORE] * len(e.prompt) + e.answer})
+    keep, world = usable(lc.drop_no_history), int(os.environ["WORLD_SIZE"])
+
+    def encode_train(sample) -> Encoded | None:  # as the launcher's stage 1 encodes its training samples
+        if keep(sample):
+            return encode(tokenizer, sample, "lora", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template)
+        return None
+
+    length = (lambda e: len(e.prompt) + len(e.answer)) if tc.length_grouping else None
+    per_rank = [list(itertools.islice(train_batches(args.data, "train", encode_train, args.micro_batch, r, world, tc.seed,
+                                                    tc.shuffle_buffer, length), args.steps * args.grad_accum))
+                for r in range(world)]  # the micro-batches each launcher rank trains on, in its order
+    # interleaved, and read in order: accelerate hands rank r the micro-batches r, r + world, ... of the sampler
+    rows = [{"input_ids": e.prompt + e.answer, "labels": [IGNORE] * len(e.prompt) + e.answer}
+            for batches in zip(*per_rank, strict=True) for batch in batches for e in batch]
 
     def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
         n = max(len(b["input_ids"]) for b in batch)
@@ -139,18 +160,17 @@ def hf_worker(args: argparse.Namespace) -> None:
                               learning_rate=tc.lr, lr_scheduler_type="cosine", warmup_steps=tc.warmup_steps,
                               adam_beta2=tc.betas[1], max_grad_norm=tc.grad_clip, save_strategy="no",
                               report_to=[], logging_steps=1, use_cpu=not GPUS, ddp_backend="nccl" if GPUS else "gloo",
-                              bf16=bool(GPUS),
+                              bf16=bool(GPUS), train_sampling_strategy="sequential",
+                              ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient
                               dataloader_num_workers=0, remove_unused_columns=False, seed=tc.seed)
     Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[StepTimer()]).train()
-    mine = {"tokens": counted["tokens"], "seconds": counted["seconds"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    mine = {"tokens": counted["tokens"], "seconds": counted["seconds"], **peak_memory_mb()}
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     if dist.get_rank() == 0:
         tokens, seconds = sum(p["tokens"] for p in parts), max(p["seconds"] for p in parts)
         Path(args.hf_worker).write_text(json.dumps({
-            "tokens_per_s": tokens / seconds, "train_tokens": tokens, "train_seconds": seconds,
-            "peak_rss_mb_per_rank": [p["peak_rss_mb"] for p in parts]}))
+            "tokens_per_s": tokens / seconds, "train_tokens": tokens, "train_seconds": seconds, **memory(parts)}))
 
 
 def main() -> None:
@@ -178,10 +198,12 @@ def main() -> None:
               "speedup_vs_hf": {k: v["tokens_per_s"] / base for k, v in results.items()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"{'run':<12} {'tokens/s':>9} {'x hf':>6}  peak RSS MiB per rank")
+    print(f"{'run':<12} {'tokens/s':>9} {'x hf':>6}  peak RSS MiB per rank  (peak GPU MiB per rank)")
     for name, r in results.items():
+        gpu = r.get("peak_gpu_mb_per_rank")
         print(f"{name:<12} {r['tokens_per_s']:>9.1f} {report['speedup_vs_hf'][name]:>6.2f}  "
-              + ", ".join(f"{m:.0f}" for m in r["peak_rss_mb_per_rank"]))
+              + ", ".join(f"{m:.0f}" for m in r["peak_rss_mb_per_rank"])
+              + (f"  ({', '.join(f'{m:.0f}' for m in gpu)})" if gpu else ""))
 
 
 if __name__ == "__main__":

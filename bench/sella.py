@@ -29,6 +29,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from launcher.artifacts import EVAL_METRICS, summary_file
 from launcher.config import Config
 from pipeline.config import load_config, parse_config
 
@@ -94,8 +95,8 @@ def run(name: str, args: argparse.Namespace, tmp: Path, shared: Path) -> dict:
                         "--master_addr", "127.0.0.1", "--master_port", str(_port()), str(REPO / "launcher" / "train.py"),
                         "--config", str(cfg_path), "--stage", stage, "--data", args.data],
                        cwd=REPO, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    train = json.loads((tmp / name / "sella" / "summary.json").read_text())
-    scored = json.loads((tmp / name / "eval" / "metrics.json").read_text())
+    train = json.loads((tmp / name / summary_file("sella")).read_text())
+    scored = json.loads((tmp / name / EVAL_METRICS).read_text())
     return {"train_prompts_per_s": train["samples_per_s"], "train_prompts": train["train_prompts"],
             "train_seconds": train["train_seconds"], "zero_stage": train["zero_stage"], "loss": train["loss"],
             "table_optimizer": train["table_optimizer"].split(":")[0],

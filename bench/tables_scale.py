@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from launcher.artifacts import summary_file
 from launcher.config import Config
 from pipeline.config import load_config, run_path
 
@@ -50,7 +51,7 @@ def launch(config: Path, ranks: int, run_dir: Path, steps: int) -> dict:
                     "--set", f"collab.max_steps={steps}"],
                    cwd=REPO, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     os.unlink(f.name)
-    summary = json.loads((run_dir / "collab" / "summary.json").read_text())
+    summary = json.loads((run_dir / summary_file("collab")).read_text())
     return {"ranks": ranks, "wall_seconds": time.time() - t0, "steps": summary["steps"],
             "samples_per_s": summary["samples_per_s"], "row_updates_per_s": 2 * summary["samples_per_s"],
             "train_seconds": summary["train_seconds"], "valid_auc": summary["valid"]["overall"]["auc"],

@@ -20,12 +20,20 @@ SELLA_PROJECTOR = "sella/projector.safetensors"  # stage 3: projectors A (a.*) a
 SELLA_ADAPTER = "sella/adapter"                  # stage 3 with sella.train_lora: the retrained adapter
 SELLA_EXPORT = "sella/export"                    # stage 3: the self-describing folder (launcher/export.py)
 EVAL_SCORES = "eval/scores-{split}.parquet"      # stage eval: per-row scores of one split
+EVAL_METRICS = "eval/metrics.json"               # stage eval: AUC / UAUC with intervals, overall, warm, cold
+
+
+def summary_file(stage: str) -> str:
+    """The summary a training stage writes last (steps, timings, memory), relative to the run directory."""
+    return f"{stage}/summary.json"
+
+
 DONE = {  # a stage is finished when this file exists
-    "lora": "lora/summary.json",
+    "lora": summary_file("lora"),
     "distill": SEMANTIC_FILE,
-    "collab": "collab/summary.json",
-    "sella": "sella/summary.json",
-    "eval": "eval/metrics.json",
+    "collab": summary_file("collab"),
+    "sella": summary_file("sella"),
+    "eval": EVAL_METRICS,
 }
 SHARED_BY_UPSTREAM = ("lora", "distill", "collab")
 RUN_OWN = ("sella", "eval")  # folders of the artifacts a run never takes from its upstream

@@ -18,11 +18,9 @@ from launcher.config import DeepSpeedConfig
 class Dist:
     rank: int
     world: int
-    local_rank: int
     local_world: int  # ranks on this host
     device: torch.device
     dtype: torch.dtype
-    backend: str
 
     @property
     def main(self) -> bool:
@@ -54,8 +52,8 @@ def setup(cfg: DeepSpeedConfig) -> Dist:
     device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(device)
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, local_ranks, device,
-                torch.bfloat16 if precision == "bf16" else torch.float32, backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_ranks, device,
+                torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
 def release_shm_buffer() -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -30,9 +31,10 @@ from embeddings.tables import TableFile
 from launcher.artifacts import SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find, lookup
 from launcher.config import Config
 from launcher.data import read_items
+from launcher.recipes.distillation import semantic_vectors
 from llm.model import load_tuned
-from llm.prompts import Encoded, encode, encode_distill
-from llm.scorer import collate, last_hidden
+from llm.prompts import encode
+from llm.scorer import collate
 from llm.sella import SellaLM
 from pipeline.config import ConfigError, data_path, load_config, run_path
 from pipeline.schema import Sample
@@ -70,6 +72,22 @@ def user_history(data_dir: Path, user: int, length: int) -> list[str]:
     return liked.title.tolist()[-length:] if length else []
 
 
+def warm_inputs(cfg: Config, run_dir: Path, candidates: pd.DataFrame, tables: TableFile,
+                stage1: torch.nn.Module | None, tokenizer) -> torch.Tensor:
+    """Each candidate's `<Warm_ID>` input, in the candidates' order: a known item's row of the stage-3 semantic
+    table; a new item's title distilled as stage 2a distilled the trained items (its collab row is the padding
+    row 0), in float32 on the CPU (stage 2a on a GPU runs in bf16: there the two differ by its rounding).
+    `stage1` is the stage-1 model when it is already loaded."""
+    semantic = tables.rows(SEMANTIC, torch.tensor(candidates.item_id.to_numpy(), dtype=torch.long))
+    new = np.flatnonzero(candidates.new_item.to_numpy())
+    if len(new):
+        adapter = adapter_dir(cfg, run_dir) if cfg.distill.use_lora else None
+        distiller = stage1 if stage1 is not None and adapter else load_tuned(cfg.llm, adapter)[0]
+        titles = candidates.title.to_numpy()[new].tolist()
+        semantic[torch.from_numpy(new)] = semantic_vectors(distiller, tokenizer, cfg, titles, torch.device("cpu"))
+    return semantic
+
+
 @torch.no_grad()
 def rank(cfg: Config, data_dir: Path, run_dir: Path, user: int, candidates: pd.DataFrame) -> pd.DataFrame:
     """Scores of the candidates for `user` with the run's stage-3 model, best first."""
@@ -81,22 +99,14 @@ def rank(cfg: Config, data_dir: Path, run_dir: Path, user: int, candidates: pd.D
     if user <= 0 or user >= tables.shape(USER)[0]:
         raise ValueError(f"user {user} is outside the trained user table (1..{tables.shape(USER)[0] - 1})")
     items = torch.tensor(candidates.item_id.to_numpy(), dtype=torch.long)
-    semantic = tables.rows(SEMANTIC, items) if model.warm else None
-    new = candidates.index[candidates.new_item].tolist()
-    if model.warm and new:
-        distiller = llm if sella_adapter is None and cfg.distill.use_lora else load_tuned(
-            llm_cfg, adapter_dir(cfg, run_dir) if cfg.distill.use_lora else None)[0]
-        for lo in range(0, len(new), cfg.distill.batch):
-            part = new[lo:lo + cfg.distill.batch]
-            prompts = [Encoded(encode_distill(tokenizer, cfg.domain, candidates.title[i], llm_cfg.max_length,
-                                              cfg.distill.chat_template), [], i, 0) for i in part]
-            semantic[part] = last_hidden(distiller, collate(prompts, tokenizer.pad_token_id)).float()
+    semantic = warm_inputs(cfg, run_dir, candidates, tables, llm if sella_adapter is None else None, tokenizer) \
+        if model.warm else None
     history = user_history(data_dir, user, llm_cfg.history_titles)
     scores = []
     for lo in range(0, len(candidates), cfg.eval.batch):
         idx = list(range(lo, min(lo + cfg.eval.batch, len(candidates))))
         samples = [Sample(row_id=i, user_id=user, item_id=int(items[i]), label=0, timestamp=0, split="rank", warm=0,
-                          history_ids=[], history_titles=history, title=candidates.title[i]) for i in idx]
+                          history_ids=[], history_titles=history, title=candidates.title.iat[i]) for i in idx]
         encoded = [encode(tokenizer, s, "sella", cfg.domain, llm_cfg.max_length, llm_cfg.history_titles, llm_cfg.chat_template,
                           with_answer=False, warm=model.warm) for s in samples]
         rows = [tables.rows(USER, torch.full((len(idx),), user)), tables.rows(ITEM, items[idx])]

@@ -23,9 +23,9 @@ from pydantic import (
 )
 
 SourceFormat = Literal["ml-1m", "ml-100k", "recbole", "amazon", "collm", "table"]
-# Python codec name -> the charset name Spark's decode() accepts
-SPARK_CHARSETS = {"utf-8": "UTF-8", "iso8859-1": "ISO-8859-1", "ascii": "US-ASCII", "utf-16": "UTF-16",
-                  "utf-16-be": "UTF-16BE", "utf-16-le": "UTF-16LE", "utf-32": "UTF-32"}
+# Python codec name -> the charset name Spark's decode() accepts. Only encodings in which a newline is the one
+# byte 0x0A: Spark's text reader splits lines on that byte before decoding, which would cut UTF-16/32 lines apart.
+SPARK_CHARSETS = {"utf-8": "UTF-8", "iso8859-1": "ISO-8859-1", "ascii": "US-ASCII"}
 
 
 def spark_charset(encoding: str) -> str | None:
@@ -102,7 +102,8 @@ class SourceConfig(_Strict):
     @classmethod
     def _spark_can_decode(cls, value: str) -> str:
         if spark_charset(value) is None:
-            raise ValueError(f"unsupported encoding {value!r}; expected one of {sorted(SPARK_CHARSETS)}")
+            raise ValueError(f"unsupported encoding {value!r}; expected one of {sorted(SPARK_CHARSETS)} "
+                             "(convert other files first, e.g. iconv -f UTF-16 -t UTF-8)")
         return value
 
 

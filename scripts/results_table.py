@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launcher.artifacts import DONE, EVAL_SCORES, lookup
+from launcher.artifacts import DONE, EVAL_METRICS, EVAL_SCORES, lookup
 from launcher.config import Config
 from launcher.metrics import GROUPS, add_intervals, auc_difference_interval, group_masks, pair
 from pipeline.config import load_config, run_path
@@ -83,7 +83,7 @@ def record(config: Path) -> dict | None:
 def test_metrics(config: Path) -> dict | None:
     """The row's test report with 95% AUC intervals (from metrics.json, or added from the per-row scores for
     runs evaluated before eval wrote them); None when its eval has not run."""
-    metrics_file = run_dir(config) / DONE["eval"]
+    metrics_file = run_dir(config) / EVAL_METRICS
     if not metrics_file.is_file():
         return None
     test = json.loads(metrics_file.read_text())["test"]

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from launcher.artifacts import summary_file
 from tests.conftest import REPO, config
 
 
@@ -123,6 +124,6 @@ def rewind(src: Path, dst: Path, stage: str, step: int) -> Path:
         if tag.is_dir() and int(tag.name[4:]) > step:
             shutil.rmtree(tag)
     (ckpt / "latest.json").write_text((ckpt / f"step{step:08d}" / "state.json").read_text())
-    (dst / stage / "summary.json").unlink(missing_ok=True)
+    (dst / summary_file(stage)).unlink(missing_ok=True)
     return dst
 

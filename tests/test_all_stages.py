@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from launcher.artifacts import DONE
 from tests.conftest import REPO
@@ -82,6 +83,40 @@ def test_rank_scores_a_never_seen_item_from_its_title(run: tuple[Path, Path, str
     assert sorted(new.title) == ["A Film Nobody Has Rated (2031)", "Another Unseen Picture (2032)"]
     assert (new.item_id == 0).all()
     assert set(ranked[~ranked.new_item].item_id) == {50, 100}
+
+
+def test_a_new_items_warm_id_is_its_title_distilled_as_in_stage_2a(run: tuple[Path, Path, str], ml100k_out: Path,
+                                                                     tmp_path: Path) -> None:
+    """rank.py's `<Warm_ID>` input of a new item is stage 2a's vector of its title: a known item's title offered
+    without its id gets the row stage 2a wrote for that item, not the row stages 2b and 3 trained from it; the
+    item offered by id gets the trained row."""
+    from safetensors.torch import load_file
+    from torch.testing import assert_close
+
+    from embeddings.collab import SEMANTIC
+    from embeddings.tables import TableFile
+    from launcher.artifacts import SELLA_TABLES, SEMANTIC_FILE, adapter_dir
+    from launcher.config import Config
+    from launcher.data import read_items
+    from launcher.rank import read_candidates, warm_inputs
+    from llm.model import load_tuned
+    from pipeline.config import load_config
+
+    cfg_path, run_dir, _ = run
+    cfg = load_config(cfg_path, schema=Config)
+    items = read_items(ml100k_out)
+    title = dict(zip(items.item_id, items.title, strict=True))
+    offered = tmp_path / "offered.csv"
+    pd.DataFrame({"item_id": [50, None, None], "title": [None, title[50], title[100]]}).to_csv(offered, index=False)
+    candidates = read_candidates(offered, items).set_axis([7, 3, 5])  # positions count, not index labels
+    assert candidates.new_item.tolist() == [False, True, True]
+    stage1, tokenizer = load_tuned(cfg.llm, adapter_dir(cfg, run_dir))
+    warm = warm_inputs(cfg, run_dir, candidates, TableFile(run_dir / SELLA_TABLES), stage1, tokenizer)
+    distilled = load_file(run_dir / SEMANTIC_FILE)["semantic"]
+    trained = TableFile(run_dir / SELLA_TABLES).rows(SEMANTIC, torch.tensor([50]))
+    assert (trained[0] - distilled[50]).abs().max() > 1e-3  # the two sources differ, so the check below can fail
+    assert torch.equal(warm[0], trained[0])
+    assert_close(warm[1:], distilled[[50, 100]], atol=1e-4, rtol=1e-4)
 
 
 def test_rank_names_the_bad_candidate_line(run: tuple[Path, Path, str], tmp_path: Path) -> None:

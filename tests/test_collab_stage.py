@@ -17,10 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from embeddings.tables import TableFile
+from launcher.artifacts import summary_file
+from launcher.provenance import RUN_CONFIG
 from tests.conftest import REPO
 from tests.launch import finish, launch, read_tables_checkpoint, rewind, table_weights, tiny_adapter, write_config
 
@@ -85,7 +88,7 @@ def test_two_ranks_train_the_same_tables_as_one(runs: dict[str, Path], kind: str
                                     "projector.2.weight", "projector.2.bias"}
     for key in one:
         assert_close(two[key], one[key], rtol=1e-4, atol=1e-4, msg=f"{kind}: {key}")  # summation order
-    summary = json.loads((runs[kind] / "collab" / "summary.json").read_text())
+    summary = json.loads((runs[kind] / summary_file("collab")).read_text())
     assert summary["world"] == 2 and summary["sharding"] == kind and summary["steps"] == COLLAB["max_steps"]
 
 
@@ -125,7 +128,7 @@ def test_a_checkpoint_resumes_on_another_world_size_and_sharding(runs: dict[str,
     run = rewind(runs[src], tmp_path / "run", "collab", 8)
     cfg = _config(tmp_path, ml100k_out, semantic, "run", sharding=sharding)
     finish(launch(cfg, "collab", ranks))
-    summary = json.loads((run / "collab" / "summary.json").read_text())
+    summary = json.loads((run / summary_file("collab")).read_text())
     assert summary["resumed_from"] == 8 and summary["world"] == ranks and summary["sharding"] == sharding
     resumed, straight = (table_weights(read_tables_checkpoint(r / "collab" / "ckpt" / "step00000012"))
                          for r in (run, runs[ref]))
@@ -140,14 +143,14 @@ def test_a_finished_run_run_again_trains_no_further(runs: dict[str, Path], ml100
     shutil.copytree(runs["one"], run)
     cfg = _config(tmp_path, ml100k_out, semantic, "again", sharding="table_wise", max_steps=8)
     finish(launch(cfg, "collab", 1))
-    summary = json.loads((run / "collab" / "summary.json").read_text())
+    summary = json.loads((run / summary_file("collab")).read_text())
     assert summary["resumed_from"] == COLLAB["max_steps"] and summary["steps"] == COLLAB["max_steps"]
     assert sorted(p.name for p in (run / "collab" / "ckpt").glob("step*")) == \
         sorted(p.name for p in (runs["one"] / "collab" / "ckpt").glob("step*"))
 
 
 def test_killed_run_resumes_to_the_same_tables(runs: dict[str, Path]) -> None:
-    summary = json.loads((runs["killed"] / "collab" / "summary.json").read_text())
+    summary = json.loads((runs["killed"] / summary_file("collab")).read_text())
     assert summary["resumed_from"] in (4, 8) and summary["steps"] == COLLAB["max_steps"]
     whole, resumed = _tables(runs["table_wise"]), _tables(runs["killed"])
     for key in whole:
@@ -160,7 +163,7 @@ def test_killed_run_resumes_to_the_same_tables(runs: dict[str, Path]) -> None:
         assert_close(flat[1][key], flat[0][key], rtol=0, atol=1e-6, msg=key)
     adam = [torch.load(run / "collab" / "ckpt" / "step00000012" / "dense_opt.pt") for run in (runs["table_wise"], runs["killed"])]
     assert_close(adam[1]["state"][0]["exp_avg"], adam[0]["state"][0]["exp_avg"], rtol=0, atol=1e-6)
-    assert summary["best_step"] == json.loads((runs["table_wise"] / "collab" / "summary.json").read_text())["best_step"]
+    assert summary["best_step"] == json.loads((runs["table_wise"] / summary_file("collab")).read_text())["best_step"]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -180,7 +183,7 @@ def test_tables_are_trained_and_exported(runs: dict[str, Path], semantic: Path, 
     assert tables["semantic"].shape == start.shape and tables["user"].shape[1] == tables["item"].shape[1] == 16
     moved = (tables["semantic"] - start).abs().amax(-1)
     assert moved.max() > 1e-3 and (moved == 0).any()  # rows of batch items moved, others did not
-    summary = json.loads((runs["table_wise"] / "collab" / "summary.json").read_text())
+    summary = json.loads((runs["table_wise"] / summary_file("collab")).read_text())
     assert summary["valid"]["overall"]["auc"] is not None and summary["test"]["overall"]["rows"] > 0
     assert 0.0 <= summary["align_accuracy"] <= 1.0 and summary["align_items"] == 500
     # the export is the best-valid state: MF scores from it, computed here, give the summary's valid and test reports
@@ -195,9 +198,14 @@ def test_tables_are_trained_and_exported(runs: dict[str, Path], semantic: Path, 
         assert mine["overall"]["auc"] == pytest.approx(summary[split]["overall"]["auc"], abs=1e-6), split
         assert mine["overall"]["uauc"] == pytest.approx(summary[split]["overall"]["uauc"], abs=1e-6), split
     tb = runs["table_wise"] / "tb" / "collab"
-    tags = set(EventAccumulator(str(tb)).Reload().Tags()["scalars"])
-    assert {"train/bce", "train/align", "train/loss", "valid/overall/auc", "valid/overall/uauc",
-            "valid/align_acc"} <= tags
+    events = EventAccumulator(str(tb)).Reload()
+    assert {"train/bce", "train/l2", "train/align", "train/loss", "valid/overall/auc", "valid/overall/uauc",
+            "valid/align_acc"} <= set(events.Tags()["scalars"])
+    # the logged loss is the one minimized: BCE + the L2 penalty on the looked-up rows + weight x alignment
+    weight = yaml.safe_load((runs["table_wise"] / "collab" / RUN_CONFIG).read_text())["collab"]["align"]["weight"]
+    bce, l2, align, loss = ([e.value for e in events.Scalars(f"train/{t}")] for t in ("bce", "l2", "align", "loss"))
+    assert len(loss) == COLLAB["max_steps"] and min(l2) > 0 and weight > 0
+    assert loss == pytest.approx([b + p + weight * a for b, p, a in zip(bce, l2, align, strict=True)], rel=1e-5)
     projector = (tb / "projector_config.pbtxt").read_text()
     assert "collab/item" in projector and "collab/semantic" in projector
     labels = next(tb.rglob("metadata.tsv")).read_text().splitlines()
@@ -207,7 +215,7 @@ def test_tables_are_trained_and_exported(runs: dict[str, Path], semantic: Path, 
 def test_plain_mf_stops_early_without_semantic_table(ml100k_out: Path, semantic: Path, tmp_path: Path) -> None:
     run = _run(tmp_path, ml100k_out, semantic, "mf", 2, max_steps=400, eval_every=4, patience=2,
                table_lr=0.5, align={"weight": 0})
-    summary = json.loads((run / "collab" / "summary.json").read_text())
+    summary = json.loads((run / summary_file("collab")).read_text())
     assert summary["stopped"] == "early_stop" and summary["steps"] < 400
     assert summary["best_step"] == summary["steps"] - 2 * 4
     assert set(_tables(run)) == {"user", "item"} and summary["align_accuracy"] is None

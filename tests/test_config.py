@@ -123,6 +123,9 @@ def test_unsupported_encoding_is_named() -> None:
     with pytest.raises(ConfigError, match=r"source\.items_encoding: Value error, unsupported encoding 'klingon'"):
         parse_config(merged(_base(), {"source": {"items_encoding": "klingon"}}))
     assert parse_config(merged(_base(), {"source": {"items_encoding": "latin1"}})).source.items_encoding == "latin1"
+    # Spark splits lines on the byte 0x0A before decoding: UTF-16 text would be cut inside its characters
+    with pytest.raises(ConfigError, match=r"source\.encoding: .*unsupported encoding 'utf-16'.*iconv"):
+        parse_config(merged(_base(), {"source": {"encoding": "utf-16"}}))
 
 
 def test_command_line_overrides_set_nested_keys_and_name_bad_ones() -> None:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
+from launcher.artifacts import summary_file
 from tests.launch import finish, launch, tiny_adapter, write_config
 
 LLM = {"model": "tiny", "max_length": 64, "tiny": {"hidden": 128, "layers": 4, "intermediate": 256}}
@@ -50,7 +51,7 @@ def runs(ml100k_out: Path, tmp_path_factory) -> dict[str, object]:
 
 def test_killed_run_skips_finished_chunks_and_matches(runs: dict[str, object]) -> None:
     killed, done = runs["killed"], runs["done_at_kill"]
-    summary = json.loads((killed / "distill" / "summary.json").read_text())
+    summary = json.loads((killed / summary_file("distill")).read_text())
     assert 6 <= len(done) < summary["chunks"]
     assert summary["skipped_chunks"] == len(done)
     assert summary["computed_items"] == summary["items"] - len(done) * DISTILL["chunk_items"]
@@ -70,7 +71,7 @@ def test_a_resume_with_another_chunk_size_recomputes_instead_of_misreading_chunk
     cfg = write_config(tmp_path / "resized.yaml", data_dir=str(ml100k_out), run_dir=str(run), llm=LLM,
                        distill={**DISTILL, "chunk_items": 2 * DISTILL["chunk_items"]})
     finish(launch(cfg, "distill"))
-    summary = json.loads((run / "distill" / "summary.json").read_text())
+    summary = json.loads((run / summary_file("distill")).read_text())
     assert summary["skipped_chunks"] == 0 and summary["computed_items"] == summary["items"]
     a, b = load_file(runs["whole"] / "semantic.safetensors"), load_file(run / "semantic.safetensors")
     assert_close(b["semantic"], a["semantic"], rtol=0, atol=1e-6)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from launcher.artifacts import EVAL_METRICS
 from launcher.metrics import add_intervals, auc, report, roc_points
 from tests.launch import finish, launch, tiny_adapter, write_config
 
@@ -29,7 +30,7 @@ def test_eval_writes_scores_metrics_and_curves(ml100k_out: Path, tmp_path: Path)
     cfg = write_config(tmp_path / "eval.yaml", data_dir=str(ml100k_out), run_dir=str(run), llm=LLM,
                        eval={"rows": 30, "batch": 8, "model": "lora", "baselines": []})
     finish(launch(cfg, "eval", 2))
-    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    metrics = json.loads((run / EVAL_METRICS).read_text())
     for split in ("valid", "test"):
         table = pd.read_parquet(run / "eval" / f"scores-{split}.parquet")
         assert len(table) == 30 == metrics[split]["overall"]["rows"] and table.row_id.is_unique
@@ -92,5 +93,5 @@ def test_popularity_scores_are_train_positive_rates(ml100k_out: Path, tmp_path: 
     scored = pd.read_parquet(run / "eval" / "scores-test.parquet")
     want = scored.item_id.map(rate).fillna(train.label.mean())
     assert len(scored) == 200 and np.allclose(scored.score, want, atol=1e-6)
-    assert scored.item_id.isin(rate.index).any() and json.loads((run / "eval" / "metrics.json").read_text())[
+    assert scored.item_id.isin(rate.index).any() and json.loads((run / EVAL_METRICS).read_text())[
         "model"] == "popularity"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.artifacts import EVAL_METRICS, summary_file
 from tests.conftest import REPO, SHARED_DATA
 
 KIT = SHARED_DATA.parent / "gpu-host"
@@ -70,12 +71,12 @@ def test_dry_run_runs_every_row_from_the_parts(payload: tuple[Path, str], tmp_pa
     assert "| `runs/gpu/collm-ml-1m` | sella | 2 |" in stage_table and "| `runs/gpu/collm-ml-1m` | lora | 2 |" in stage_table
     with tarfile.open(results / "results.tar.gz") as tar:
         names = tar.getnames()
-    assert "runs/gpu/collm-ml-1m/eval/metrics.json" in names and "runs/gpu/collm-ml-1m/sella/summary.json" in names
+    assert f"runs/gpu/collm-ml-1m/{EVAL_METRICS}" in names and f"runs/gpu/collm-ml-1m/{summary_file('sella')}" in names
     assert any(n.startswith("runs/gpu/collm-ml-1m/tb/sella/events.") for n in names)
     assert not any(n.endswith((".safetensors", ".gguf")) or "/ckpt/" in n or "/export/" in n for n in names)
     assert "logs/sella-sella-eval.log" in names and "runs/gpu/collm-ml-1m/eval/scores-test.parquet" in names
     with tarfile.open(results / "results.tar.gz") as tar:
-        lora = json.load(tar.extractfile("runs/gpu/collm-ml-1m/lora/summary.json"))
+        lora = json.load(tar.extractfile(f"runs/gpu/collm-ml-1m/{summary_file('lora')}"))
     assert lora["valid"]["overall"]["rows"] == 12  # --set lora.eval_rows=12 over the dry run's 16
     assert (tmp_path / "target" / ".unpacked").is_file()  # a second run.sh on the same host skips the unpack
 
@@ -103,6 +104,7 @@ def test_dry_run_of_some_rows_then_the_benchmarks(payload: tuple[Path, str], tmp
     llm = json.loads((results / "llm_train.json").read_text())
     assert set(llm["speedup_vs_hf"]) == {"hf-trainer", "ours-zero3", "ours-zero0"} and llm["speedup_vs_hf"]["hf-trainer"] == 1.0
     assert all(run["tokens_per_s"] > 0 for run in llm["runs"].values())
+    assert len({run["train_tokens"] for run in llm["runs"].values()}) == 1  # the baseline trains on the same prompts
     collab = json.loads((results / "collab.json").read_text())["sizes"]
     assert list(collab) == ["ml-1m"] and collab["ml-1m"]["runs"]["plain"]["ratio_to_plain"] == 1.0
     assert all(run["samples_per_s"] > 0 for run in collab["ml-1m"]["runs"].values())

@@ -15,6 +15,7 @@ log with one title per item (TITLES).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +36,16 @@ TITLES = ["Alien", "Brazil", "Casablanca", "Dumbo", "Fargo", "Gandhi", "Heat", "
           "Psycho", "Rocky", "Scream", "Titanic", "Vertigo", "Zodiac"]  # one per item: scripts/probe_stage1.py's log
 
 
-def per_item_log(raw: Path, titles: list[str]) -> None:
+def per_item_log(raw: Path, titles: list[str], by_genre: bool = False) -> None:
     """Every user rates every item once, at seeded times over 2024-01..04; rating 5 for the liked half, else 1.
-    Item i is titled titles[i - 1]."""
+    Item i is titled titles[i - 1]. The liked half is the same for every user, or with `by_genre` the user's
+    genre: items 1-8 for odd users, 9-16 for even ones (scripts/probe_stage1.py --log history)."""
     rng = np.random.default_rng(0)
     liked = set((rng.permutation(ITEMS)[:ITEMS // 2] + 1).tolist())
     rows = []
     for user in range(1, USERS + 1):
+        if by_genre:
+            liked = set(range(1, ITEMS // 2 + 1) if user % 2 else range(ITEMS // 2 + 1, ITEMS + 1))
         times = np.sort(rng.uniform(0, 120 * 86400, ITEMS)).astype(int) + 1704067200
         for t, item in zip(times, rng.permutation(ITEMS) + 1, strict=True):
             rows.append((user, int(item), 5 if item in liked else 1, int(t)))
@@ -52,11 +56,12 @@ def per_item_log(raw: Path, titles: list[str]) -> None:
     pd.DataFrame({"item_id": range(1, ITEMS + 1), "title": titles}).to_parquet(raw / "items" / "part-0.parquet")
 
 
-def prep(spark, base: Path, titles: list[str]) -> Path:
-    """The per-item log under base/raw, prepped to base/out (train 2024-01..02, valid 03, test 04)."""
+def prep(spark, base: Path, titles: list[str], log: Callable[[Path, list[str]], None] = per_item_log) -> Path:
+    """The log that `log` writes under base/raw (per_item_log by default), prepped to base/out (train 2024-01..02,
+    valid 03, test 04)."""
     from pipeline.prep import run
 
-    per_item_log(base / "raw", titles)
+    log(base / "raw", titles)
     cfg = config("synthetic", source={"input_dir": str(base / "raw")}, output={"shard_size": 64},
                  protocol={"split": {"origin": "2024-01", "train": [0, 1], "valid": [2, 2], "test": [3, 3]}})
     run(cfg, base / "raw", base / "out")
@@ -95,3 +100,15 @@ def test_without_collab_tokens_the_same_budget_cannot_fit_them(data: Path, tmp_p
                        eval={"batch": 16, "baselines": []}, lora=STEPS | {"r": 8})
     finish(launch(cfg, "lora", 2))
     assert train_fit(cfg, run, "lora")["auc"] < 0.7
+
+
+def test_the_genre_log_leaves_the_label_to_the_history(tmp_path: Path) -> None:
+    """scripts/probe_stage1.py --log history: every item is liked by half the users (its title alone says
+    nothing) and every user likes the 8 items of one genre (the earlier liked titles say which)."""
+    per_item_log(tmp_path, TITLES, by_genre=True)
+    log = pd.read_parquet(tmp_path / "interactions")
+    liked = log[log.rating == 5]
+    assert len(log) == USERS * ITEMS and (liked.groupby("item_id").size() == USERS // 2).all()
+    genres = liked.groupby("user_id").item_id.agg(lambda items: sorted(set((items - 1) // (ITEMS // 2))))
+    assert len(genres) == USERS and (liked.groupby("user_id").size() == ITEMS // 2).all()
+    assert sorted(genres.map(tuple)) == [(0,)] * (USERS // 2) + [(1,)] * (USERS // 2)

@@ -17,6 +17,7 @@ import pytest
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
+from launcher.artifacts import summary_file
 from tests.conftest import REPO
 from tests.launch import finish, launch, rank_pid, write_config
 
@@ -58,8 +59,8 @@ def runs(ml100k_out: Path, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_killed_run_resumes_to_the_same_adapter(runs: dict[str, Path]) -> None:
-    summary = json.loads((runs["killed"] / "lora" / "summary.json").read_text())
-    whole = json.loads((runs["whole"] / "lora" / "summary.json").read_text())
+    summary = json.loads((runs["killed"] / summary_file("lora")).read_text())
+    whole = json.loads((runs["whole"] / summary_file("lora")).read_text())
     assert summary["resumed_from"] >= SAVE_EVERY and summary["steps"] == STEPS
     assert summary["train_tokens"] == whole["train_tokens"] > 0
     a = load_file(runs["whole"] / "lora" / "adapter" / "adapter_model.safetensors")
@@ -75,7 +76,7 @@ def test_run_artifacts(runs: dict[str, Path]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     lora = runs["whole"] / "lora"
-    summary = json.loads((lora / "summary.json").read_text())
+    summary = json.loads((runs["whole"] / summary_file("lora")).read_text())
     assert summary["world"] == 2 and summary["zero_stage"] == 3 and len(summary["memory_per_rank"]) == 2
     assert summary["valid"]["overall"]["rows"] == 24 and summary["zero_shot_valid"]["overall"]["rows"] == 24
     assert PeftConfig.from_pretrained(str(lora / "adapter")).r == 8

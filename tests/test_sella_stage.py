@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.testing import assert_close
 
-from launcher.artifacts import COLLAB_FILE, SELLA_PROJECTOR, SELLA_TABLES
+from launcher.artifacts import COLLAB_FILE, EVAL_METRICS, SELLA_PROJECTOR, SELLA_TABLES, summary_file
 from tests.conftest import REPO
 from tests.launch import (
     finish,
@@ -76,7 +76,7 @@ def test_llm_loss_updates_the_sharded_tables_on_both_ranks(runs: dict[str, Path]
         changed = (saved[name] != before[name]).any(1)
         for rank_rows in (changed[:half], changed[half:]):  # each rank's shard
             assert 0 < int(rank_rows.sum()) < len(rank_rows), name
-    summary = json.loads((runs["collm"] / "sella" / "summary.json").read_text())
+    summary = json.loads((runs["collm"] / summary_file("sella")).read_text())
     assert summary["sharding"] == "row_wise" and summary["zero_stage"] == 3
     assert summary["table_optimizer"].startswith("rowwise_adagrad: FBGEMM fused")
 
@@ -84,7 +84,7 @@ def test_llm_loss_updates_the_sharded_tables_on_both_ranks(runs: dict[str, Path]
 def test_authors_recipe_one_adamw_over_tables_and_projectors(runs: dict[str, Path]) -> None:
     """Replicated tables in the AdamW: after 4 steps the looked-up rows moved by the LLM loss and every other
     row by weight decay alone ((1 - lr x 0.01) per step), as torch's AdamW treats the authors' nn.Embedding rows."""
-    summary = json.loads((runs["two"] / "sella" / "summary.json").read_text())
+    summary = json.loads((runs["two"] / summary_file("sella")).read_text())
     assert summary["sharding"] == "data_parallel" and summary["zero_stage"] == 0 and summary["loss"] == "sequence"
     assert summary["table_optimizer"].startswith("adamw: TorchRec dense kernel")
     before = load_file(runs["two"] / COLLAB_FILE)
@@ -111,7 +111,7 @@ def test_two_ranks_match_one_rank(runs: dict[str, Path]) -> None:
         one, two = ([e.value for e in EventAccumulator(str(runs[n] / "tb" / "sella")).Reload().Scalars(tag)][:4]
                     for n in ("one", "two"))
         assert two == pytest.approx(one, rel=1e-4) and min(one) > 0, tag
-    s1, s2 = (json.loads((runs[n] / "sella" / "summary.json").read_text()) for n in ("one", "two"))
+    s1, s2 = (json.loads((runs[n] / summary_file("sella")).read_text()) for n in ("one", "two"))
     assert s1["best_step"] == s2["best_step"] in (0, 2, 4)
     assert s1["valid"]["overall"]["auc"] == pytest.approx(s2["valid"]["overall"]["auc"], abs=1e-6)
 
@@ -125,7 +125,7 @@ def test_a_checkpoint_resumes_on_another_world_size(runs: dict[str, Path], tmp_p
     cfg = tmp_path / "run.yaml"  # the source run's config, pointed at the copy
     cfg.write_text(yaml.safe_dump(yaml.safe_load((runs[src].parent / f"{src}.yaml").read_text()) | {"run_dir": str(run)}))
     finish(launch(cfg, "sella", ranks, "--set", f"sella.micro_batch={micro_batch}"))
-    summary = json.loads((run / "sella" / "summary.json").read_text())
+    summary = json.loads((run / summary_file("sella")).read_text())
     assert summary["resumed_from"] == 2 and summary["world"] == ranks
     resumed, straight = (table_weights(read_tables_checkpoint(r / "sella" / "ckpt" / "step00000004"))
                          for r in (run, runs[ref]))
@@ -152,8 +152,8 @@ def test_two_nodes_match_one_node_with_two_ranks(runs: dict[str, Path], ml100k_o
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True) for n in (0, 1)]
     for node in nodes:
         finish(node)
-    summary = json.loads((tmp_path / "nodes" / "sella" / "summary.json").read_text())
-    two = json.loads((runs["two"] / "sella" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "nodes" / summary_file("sella")).read_text())
+    two = json.loads((runs["two"] / summary_file("sella")).read_text())
     assert summary["world"] == 2 and summary["zero_stage"] == 3 and two["zero_stage"] == 0
     assert summary["best_step"] == two["best_step"]
     for rel in (SELLA_TABLES, SELLA_PROJECTOR):
@@ -166,8 +166,8 @@ def test_eval_of_the_exported_model_reproduces_the_selected_valid_auc(runs: dict
     """Stage eval rebuilds SellaLM from the exported tables and projector (no engine, no sharding)."""
     cfg = runs["two"].parent / "two.yaml"
     finish(launch(cfg, "eval", 2, "--set", "eval.splits=[valid]", "--set", f"eval.rows={SELLA['eval_rows']}"))
-    metrics = json.loads((runs["two"] / "eval" / "metrics.json").read_text())
-    summary = json.loads((runs["two"] / "sella" / "summary.json").read_text())
+    metrics = json.loads((runs["two"] / EVAL_METRICS).read_text())
+    summary = json.loads((runs["two"] / summary_file("sella")).read_text())
     assert metrics["model"] == "sella" and metrics["valid"]["overall"]["rows"] == SELLA["eval_rows"]
     assert metrics["valid"]["overall"]["auc"] == pytest.approx(summary["valid"]["overall"]["auc"], abs=1e-6)
 
@@ -178,7 +178,7 @@ def test_the_exported_tables_are_the_best_valid_state(runs: dict[str, Path], nam
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     run = runs[name] / "sella"
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads((runs[name] / summary_file("sella")).read_text())
     dcp_to_torch_save(run / "ckpt" / "best", run.parent / "best-tables.pt")
     best = table_weights(torch.load(run.parent / "best-tables.pt", weights_only=False))
     exported = load_file(runs[name] / SELLA_TABLES)
@@ -301,7 +301,7 @@ def test_resuming_with_settings_that_change_the_model_stops_and_names_them(runs:
 def test_collm_like_run_has_no_warm_token_and_keeps_plain_tables(runs: dict[str, Path]) -> None:
     tables, projector = load_file(runs["collm"] / SELLA_TABLES), load_file(runs["collm"] / SELLA_PROJECTOR)
     assert set(tables) == {"user", "item"} and "b.weight" not in projector
-    summary = json.loads((runs["collm"] / "sella" / "summary.json").read_text())
+    summary = json.loads((runs["collm"] / summary_file("sella")).read_text())
     assert summary["warm_token"] is False and summary["projector_init"] == "random"
 
 
@@ -316,7 +316,7 @@ def test_checkpoints_and_tensorboard(runs: dict[str, Path]) -> None:
     assert [e.step for e in events.Scalars("valid/overall/auc")] == [0, 2, 4]
     assert {"inject/norm/<User_ID>", "inject/norm/<Item_ID>", "inject/norm/<Warm_ID>",
             "inject/norm/token_embedding_rms"} <= set(events.Tags()["scalars"])
-    summary = json.loads((run / "sella" / "summary.json").read_text())
+    summary = json.loads((run / summary_file("sella")).read_text())
     assert [p["prompts"] for p in summary["curve"]] == [0, 16, 32]  # steps 0, 2, 4 x 8 prompts (2 x 2 x 2 ranks)
     assert summary["train_prompts"] == 32 and summary["train_seconds"] > 0
 
@@ -324,7 +324,7 @@ def test_checkpoints_and_tensorboard(runs: dict[str, Path]) -> None:
 def test_a_larger_budget_resumes_from_the_last_checkpoint(runs: dict[str, Path]) -> None:
     cfg = runs["two"].parent / "two.yaml"
     finish(launch(cfg, "sella", 2, "--set", "sella.max_steps=6"))
-    summary = json.loads((runs["two"] / "sella" / "summary.json").read_text())
+    summary = json.loads((runs["two"] / summary_file("sella")).read_text())
     latest = json.loads((runs["two"] / "sella" / "ckpt" / "latest.json").read_text())
     assert summary["resumed_from"] == 4 and summary["steps"] == 6
     assert latest["tag"] == "step00000006" and latest["step"] == 6
@@ -353,4 +353,4 @@ def test_scoring_with_fewer_rows_than_ranks_names_the_keys(runs: dict[str, Path]
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2
     assert "a rank has no rows to score (2 ranks): score at least one row per rank (sella.eval_rows, eval.rows)" in out
-    assert not (run / "eval" / "metrics.json").exists()
+    assert not (run / EVAL_METRICS).exists()

@@ -1,7 +1,10 @@
 """Stage 2b (`collab`): the Collab model (MF) on TorchRec-sharded tables, aligned to the semantic table.
 
-Loss per global batch: BCE(<e_u, e_i>, y) + w * L_align(Proj_C->L(e_i), s_i) (docs/method.md, stage 2b); w = 0
-is the plain MF baseline, without semantic table or projector. Tables are updated by fused optimizers in
+Loss per global batch: BCE(<e_u, e_i>, y) + w * L_align(Proj_C->L(e_i), s_i) (docs/method.md, stage 2b), plus
+`l2` x the squared norms of the looked-up user and item rows per sample (the authors' MF weight decay: FBGEMM's
+fused CPU kernels ignore an optimizer's weight decay); w = 0 is the plain MF baseline, without semantic table or
+projector. TensorBoard logs each term (train/bce, train/l2, and train/align when w > 0) and the loss that
+backward ran on, train/loss = bce + l2 + w * align. Tables are updated by fused optimizers in
 the backward pass, the projector by Adam. Each rank takes its slice of every global batch and its loss
 is its share of the global loss, so a run gives the same tables on any number of ranks.
 Validation every epoch (or `eval_every` steps) on all valid rows; the best valid AUC is kept and training
@@ -39,7 +42,7 @@ from embeddings.tables import (
     sharded_export,
 )
 from launcher import checkpoint
-from launcher.artifacts import COLLAB_FILE, SEMANTIC_FILE, lookup
+from launcher.artifacts import COLLAB_FILE, SEMANTIC_FILE, lookup, summary_file
 from launcher.checkpoint import LoopState
 from launcher.config import Config
 from launcher.data import read_items
@@ -181,7 +184,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             rows = sharded_model(ids_kjt(batch))
             y = labels_all[mine].to(dist_ctx.device)
             bce = F.binary_cross_entropy_with_logits(mf_logits(rows), y, reduction="sum") / len(glob)
-            loss = bce + collab_cfg.l2 * (rows[USER].square().sum() + rows[ITEM].square().sum()) / len(glob)
+            l2 = collab_cfg.l2 * (rows[USER].square().sum() + rows[ITEM].square().sum()) / len(glob)
+            loss = bce + l2
             if aligned:
                 align = alignment_loss(rows[SEMANTIC], model.projector(rows[ITEM]), batch[ITEM], collab_cfg.align.loss,
                                        collab_cfg.align.tau, collab_cfg.align.rince_q, collab_cfg.align.rince_lambda, collab_cfg.align.dedupe)
@@ -193,10 +197,10 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             state.step, state.samples = state.step + 1, state.samples + len(glob)
             state.seconds += time.time() - t0
             step = state.step
-            logs = {"bce": sum_over_ranks(bce.item())}
+            logs = {"bce": sum_over_ranks(bce.item()), "l2": sum_over_ranks(l2.item())}
             if aligned:
                 logs["align"] = sum_over_ranks(align.item())
-                logs["loss"] = logs["bce"] + collab_cfg.align.weight * logs["align"]
+            logs["loss"] = sum_over_ranks(loss.item())  # what backward ran on: the terms above, align weighted
             monitor.scalars(step, logs, "train/")
             monitor.step({k: f"{v:.4f}" for k, v in logs.items()} | {"epoch": str(epoch)})
             last = step >= total
@@ -228,7 +232,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
                "train_seconds": seconds, "samples_per_s": state.samples / seconds,
                "memory_per_rank": gather(peak_memory_mb())}
     if dist_ctx.main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / summary_file(STAGE)).write_text(json.dumps(summary, indent=2))
     monitor.close()
     torch.distributed.barrier()
     return summary

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from embeddings.tables import save_tensors
-from launcher.artifacts import SEMANTIC_FILE, adapter_dir
+from launcher.artifacts import SEMANTIC_FILE, adapter_dir, summary_file
 from launcher.config import Config
 from launcher.data import read_items
 from launcher.dist import Dist, gather, max_over_ranks
@@ -51,14 +52,9 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     start, done = time.time(), 0
     for c in tqdm(todo, desc=f"[{STAGE}] rank {dist_ctx.rank}", unit="chunk", disable=not dist_ctx.main, mininterval=1.0):
         part = items.iloc[c * distill_cfg.chunk_items:(c + 1) * distill_cfg.chunk_items]
-        encoded = [Encoded(encode_distill(tokenizer, cfg.domain, title, cfg.llm.max_length, distill_cfg.chat_template), [],
-                           int(i), 0) for i, title in zip(part.item_id, part.title, strict=True)]
-        vectors = []
-        for lo in range(0, len(encoded), distill_cfg.batch):
-            batch = {k: v.to(dist_ctx.device) for k, v in collate(encoded[lo:lo + distill_cfg.batch], tokenizer.pad_token_id).items()}
-            vectors.append(last_hidden(model, batch).float().cpu())
         save_tensors(path(c), {"item_ids": torch.tensor(part.item_id.to_numpy(), dtype=torch.long),
-                               "vectors": torch.cat(vectors)}, {"chunk": str(c)})
+                               "vectors": semantic_vectors(model, tokenizer, cfg, part.title.tolist(), dist_ctx.device)},
+                     {"chunk": str(c)})
         done += len(part)
     seconds = max_over_ranks(time.time() - start)
     dist.barrier()
@@ -70,9 +66,24 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     if dist_ctx.main:
         merge([path(c) for c in range(n_chunks)], items.item_id.to_numpy(), run_dir / SEMANTIC_FILE,
               {"model": cfg.llm.model, "lora": str(distill_cfg.use_lora), "prompt": "distill", "domain": cfg.domain})
-        (run_dir / STAGE / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / summary_file(STAGE)).write_text(json.dumps(summary, indent=2))
     dist.barrier()
     return summary
+
+
+@torch.no_grad()
+def semantic_vectors(model: torch.nn.Module, tokenizer, cfg: Config, titles: Sequence[str],
+                     device: torch.device) -> torch.Tensor:
+    """The semantic vector of each title (float32, on the CPU): the last position's final hidden state of its
+    distillation prompt through `model`, in batches of `distill.batch`. launcher/rank.py gives a new item its
+    `<Warm_ID>` vector through this same function."""
+    encoded = [Encoded(encode_distill(tokenizer, cfg.domain, title, cfg.llm.max_length, cfg.distill.chat_template), [], i, 0)
+               for i, title in enumerate(titles)]
+    vectors = []
+    for lo in range(0, len(encoded), cfg.distill.batch):
+        batch = collate(encoded[lo:lo + cfg.distill.batch], tokenizer.pad_token_id)
+        vectors.append(last_hidden(model, {k: v.to(device) for k, v in batch.items()}).float().cpu())
+    return torch.cat(vectors)
 
 
 def merge(chunks: list[Path], item_ids: np.ndarray, out: Path, metadata: dict[str, str]) -> None:

@@ -29,7 +29,7 @@ from embeddings.tables import TableFile
 from launcher import export
 from launcher.artifacts import (
     COLLAB_FILE,
-    DONE,
+    EVAL_METRICS,
     EVAL_SCORES,
     SELLA_ADAPTER,
     SELLA_EXPORT,
@@ -158,7 +158,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     if compared:
         summary["baselines"] = compared
     if dist_ctx.main:
-        (run_dir / DONE["eval"]).write_text(json.dumps(summary, indent=2))
+        (run_dir / EVAL_METRICS).write_text(json.dumps(summary, indent=2))
         if eval_cfg.model == "sella" and (run_dir / SELLA_EXPORT).is_dir():  # this run's own export: its card's metrics
             export.card(run_dir / SELLA_EXPORT, cfg, results)
     monitor.close()

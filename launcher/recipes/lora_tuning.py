@@ -18,7 +18,7 @@ from peft import get_peft_model
 from transformers.integrations import HfDeepSpeedConfig
 
 from launcher import checkpoint
-from launcher.artifacts import ADAPTER
+from launcher.artifacts import ADAPTER, summary_file
 from launcher.config import Config, LoraConfig
 from launcher.data import eval_samples, kept_count, train_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
@@ -136,7 +136,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
                "skipped_steps": engine.skipped_steps,  # DeepSpeed skipped them: non-finite gradients
                "memory_per_rank": memory}
     if dist_ctx.main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / summary_file(STAGE)).write_text(json.dumps(summary, indent=2))
     monitor.close()
     del zero3
     return summary

@@ -50,7 +50,15 @@ from embeddings.tables import (
     sharded_export,
 )
 from launcher import checkpoint, export
-from launcher.artifacts import COLLAB_FILE, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find
+from launcher.artifacts import (
+    COLLAB_FILE,
+    SELLA_ADAPTER,
+    SELLA_PROJECTOR,
+    SELLA_TABLES,
+    adapter_dir,
+    find,
+    summary_file,
+)
 from launcher.checkpoint import LoopState
 from launcher.config import Config
 from launcher.data import SampleIndex, eval_samples, global_batches
@@ -289,7 +297,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         export.write(cfg, data_dir, run_dir, tokenizer, run_dir / SELLA_ADAPTER if sella_cfg.train_lora else
                      adapter_dir(cfg, run_dir), run_dir / SELLA_TABLES, run_dir / SELLA_PROJECTOR, warm, sella_cfg.inject_norm,
                      model.token_rms, summary)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / summary_file(STAGE)).write_text(json.dumps(summary, indent=2))
     monitor.close()
     del hf_zero3
     torch.distributed.barrier()
