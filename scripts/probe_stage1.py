@@ -7,6 +7,8 @@ Two synthetic logs, 32 users who each rate all 16 items (tests/test_learnability
                  user likes exactly one genre. Every item is liked by half the users, so the target title
                  alone says nothing; the label is whether the target's genre is the genre of the user's history
                  (the earlier liked titles in the prompt). A model fits it only by reading the history.
+  --log genre    the same log with real titles and no shared word: 8 horror films and 8 family animations; the
+                 model must tell the genre from what it knows of the titles.
 The probe preps the log with Spark, trains stage 1 on 2 CPU ranks, scores every train, valid and test row with
 the saved adapter and prints each split's AUC with its 95% bootstrap interval (valid and test rows are later in
 time than every train row: the same users and items, prompts not seen in training):
@@ -14,6 +16,7 @@ time than every train row: the same users and items, prompts not seen in trainin
     python scripts/probe_stage1.py --model smollm2 --lr 1e-3 --epochs 4 --out out/probe/stage1
     python scripts/probe_stage1.py --log history --out out/probe/history
     python scripts/probe_stage1.py --log history --history-titles 0 --out out/probe/history-0   # the control
+    python scripts/probe_stage1.py --log genre --out out/probe/genre
 
 A model that reads the titles fits these rows; one at chance does not read them, whatever the path.
 """
@@ -35,9 +38,12 @@ from tests.test_learnability import TITLES, per_item_log, prep
 
 WORDS = ["Night", "Island", "Hospital", "Winter", "Road", "Harbor", "School", "Train"]
 GENRE_TITLES = [f"Zombie {w}" for w in WORDS] + [f"Puppy {w}" for w in WORDS]  # items 1-8, then 9-16
+FILM_TITLES = ["Psycho", "Scream", "Halloween", "The Exorcist", "Nosferatu", "The Shining", "Poltergeist", "The Thing",
+               "Dumbo", "Bambi", "Toy Story", "Finding Nemo", "The Lion King", "Pinocchio", "Cinderella", "Frozen"]
 
 
-LOGS = {"title": (TITLES, per_item_log), "history": (GENRE_TITLES, partial(per_item_log, by_genre=True))}
+LOGS = {"title": (TITLES, per_item_log), "history": (GENRE_TITLES, partial(per_item_log, by_genre=True)),
+        "genre": (FILM_TITLES, partial(per_item_log, by_genre=True))}
 
 
 def main() -> None:
