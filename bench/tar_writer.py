@@ -2,9 +2,10 @@
 
 The same samples (schema-encoded JSON of realistic rows, as prep writes them) go through each writer into one
 stream per writer that discards the bytes after counting them, so only the writer's own cost is timed (no
-disk). The samples are encoded once before any timing (a pool of distinct samples that the stream cycles through
-under new row ids), so no writer's time includes making its input and nothing is subtracted. Reported: samples/s of each writer, and the ratio of the pipeline's writer to each of the others. All
-three write plain tars that tarfile and webdataset read (checked on a short stream first).
+disk). The samples are encoded once before any timing (a pool of distinct samples that the stream cycles
+through under new row ids), so no writer's time includes making its input and nothing is subtracted. Reported:
+samples/s of each writer, and the ratio of the pipeline's writer to each of the others. All three write plain
+tars that tarfile and webdataset read (checked on a short stream first).
 
     python bench/tar_writer.py --rows 20000000      # writes bench/results/tar_writer.json
 """

@@ -87,3 +87,10 @@ def max_over_ranks(x: float) -> float:
 
 def sum_over_ranks(x: float) -> float:
     return _reduce(x, dist.ReduceOp.SUM)
+
+
+def sums_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each scalar tensor summed over ranks, all in one all-reduce (a per-step log of several terms)."""
+    t = torch.stack([v.detach().to(torch.float64) for v in values.values()]).to(collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(values, t.tolist(), strict=True))

@@ -46,7 +46,7 @@ from launcher.artifacts import COLLAB_FILE, SEMANTIC_FILE, lookup, summary_file
 from launcher.checkpoint import LoopState
 from launcher.config import Config
 from launcher.data import read_items
-from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
+from launcher.dist import Dist, gather, max_over_ranks, sums_over_ranks
 from launcher.metrics import format_report, report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
 from llm.projector import STAGE2_PREFIX, proj_c_to_l
@@ -197,10 +197,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             state.step, state.samples = state.step + 1, state.samples + len(glob)
             state.seconds += time.time() - t0
             step = state.step
-            logs = {"bce": sum_over_ranks(bce.item()), "l2": sum_over_ranks(l2.item())}
-            if aligned:
-                logs["align"] = sum_over_ranks(align.item())
-            logs["loss"] = sum_over_ranks(loss.item())  # what backward ran on: the terms above, align weighted
+            # each term and the loss backward ran on (bce + l2 + w * align), in one all-reduce
+            logs = sums_over_ranks({"bce": bce, "l2": l2} | ({"align": align} if aligned else {}) | {"loss": loss})
             monitor.scalars(step, logs, "train/")
             monitor.step({k: f"{v:.4f}" for k, v in logs.items()} | {"epoch": str(epoch)})
             last = step >= total
