@@ -3,14 +3,17 @@
 Same model, LoRA settings, micro-batch, gradient accumulation, step count and world size, in one invocation,
 and the same micro-batches: each baseline rank trains on exactly the micro-batches, in the order, that the
 launcher's rank of the same number draws (launcher.data.train_batches, encoded by llm/prompts.py; batched by
-length when the config's `lora.length_grouping` is on), read by Trainer in order. Three runs:
-  ours-zero3  deepspeed --hostfile (2 ranks) launcher/train.py --stage lora, ZeRO-3 (set by the bench; the
-              config default `auto` picks 0 on one host, 3 across hosts)
-  ours-zero0  the same with ZeRO stage 0 (set by the bench)
-  hf-trainer  torchrun (2 ranks, DDP) transformers.Trainer + peft, right padding, full-vocabulary logits
+length when the config's `lora.length_grouping` is on), read by Trainer in order. Four runs:
+  hf-trainer        torchrun (2 ranks, DDP) transformers.Trainer + peft, right padding, full-vocabulary logits
+  hf-answer-logits  the same Trainer with stage 1's batches and loss (llm.scorer.collate and lm_loss: left
+                    padding, LM-head logits of the answer positions only), so that ours / hf-answer-logits is
+                    the engine and loop alone and hf-answer-logits / hf-trainer the answer-only logits alone
+  ours-zero3        deepspeed --hostfile (2 ranks) launcher/train.py --stage lora, ZeRO-3 (set by the bench;
+                    the config default `auto` picks 0 on one host, 3 across hosts)
+  ours-zero0        the same with ZeRO stage 0 (set by the bench)
 Reported: tokens/s over training steps only (non-pad tokens, all ranks; start-up and validation
-excluded), the ratio ours / hf-trainer, and peak RSS per rank (ZeRO-3 vs ZeRO-0 vs DDP), with peak GPU memory
-per rank (torch.cuda.max_memory_allocated) on a GPU host.
+excluded), the ratio of each run to hf-trainer, and peak RSS per rank, with peak GPU memory per rank
+(torch.cuda.max_memory_allocated) on a GPU host.
 
     python bench/llm_train.py --config configs/collm-ml-1m.yaml --data out/collm-ml-1m --steps 6
 """
@@ -86,20 +89,21 @@ def memory(per_rank: list[dict[str, float]]) -> dict[str, list[float]]:
     return out
 
 
-def run_hf(args: argparse.Namespace, tmp: Path) -> dict:
-    out = tmp / "hf.json"
+def run_hf(args: argparse.Namespace, tmp: Path, answer_logits: bool) -> dict:
+    out = tmp / f"hf-answer-logits-{answer_logits}.json"
     cmd = [_bin("torchrun"), "--nproc_per_node", str(args.ranks), "--master_addr", "127.0.0.1",
            "--master_port", str(_port()), __file__, "--hf-worker", str(out), "--config", args.config,
            *(["--model", args.model] if args.model else []),
            "--data", args.data, "--steps", str(args.steps), "--micro-batch", str(args.micro_batch),
-           "--grad-accum", str(args.grad_accum)]
+           "--grad-accum", str(args.grad_accum), *(["--answer-logits"] if answer_logits else [])]
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, check=True)
     return {**json.loads(out.read_text()), "wall_seconds": time.time() - t0}
 
 
 def hf_worker(args: argparse.Namespace) -> None:
-    """One rank of the baseline: Trainer + PEFT on the same prompts, answer-only labels, right padding."""
+    """One rank of a baseline: Trainer + PEFT on the same prompts, labels masked to the answer; right padding and
+    full-vocabulary logits, or with --answer-logits stage 1's left-padded batches and answer-only logits."""
     import itertools
 
     import torch
@@ -112,7 +116,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     from launcher.recipes.lora_tuning import peft_config
     from llm.model import load_base
     from llm.prompts import Encoded, encode
-    from llm.scorer import IGNORE
+    from llm.scorer import IGNORE, collate, lm_loss
 
     cfg = load_config(args.config, overrides(args), schema=Config)
     lc, tc = cfg.llm, cfg.lora
@@ -131,15 +135,20 @@ def hf_worker(args: argparse.Namespace) -> None:
                                                     tc.shuffle_buffer, length), args.steps * args.grad_accum))
                 for r in range(world)]  # the micro-batches each launcher rank trains on, in its order
     # interleaved, and read in order: accelerate hands rank r the micro-batches r, r + world, ... of the sampler
-    rows = [{"input_ids": e.prompt + e.answer, "labels": [IGNORE] * len(e.prompt) + e.answer}
-            for batches in zip(*per_rank, strict=True) for batch in batches for e in batch]
+    encoded = [e for batches in zip(*per_rank, strict=True) for batch in batches for e in batch]
 
-    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-        n = max(len(b["input_ids"]) for b in batch)
-        pad = [n - len(b["input_ids"]) for b in batch]
-        return {"input_ids": torch.tensor([b["input_ids"] + [tokenizer.pad_token_id] * p for b, p in zip(batch, pad)]),
-                "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * p for b, p in zip(batch, pad)]),
-                "labels": torch.tensor([b["labels"] + [IGNORE] * p for b, p in zip(batch, pad)])}
+    def right_padded(batch: list[Encoded]) -> dict[str, torch.Tensor]:
+        n = max(len(e.prompt) + len(e.answer) for e in batch)
+        pad = [n - len(e.prompt) - len(e.answer) for e in batch]
+        return {"input_ids": torch.tensor([e.prompt + e.answer + [tokenizer.pad_token_id] * p for e, p in zip(batch, pad)]),
+                "attention_mask": torch.tensor([[1] * (n - p) + [0] * p for p in pad]),
+                "labels": torch.tensor([[IGNORE] * len(e.prompt) + e.answer + [IGNORE] * p for e, p in zip(batch, pad)])}
+
+    class AnswerLogitsTrainer(Trainer):
+        """Trainer whose loss is stage 1's: LM-head logits of the answer positions only."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return lm_loss(model, inputs)
 
     counted = {"tokens": 0.0, "seconds": 0.0, "t0": 0.0}
 
@@ -163,7 +172,9 @@ def hf_worker(args: argparse.Namespace) -> None:
                               bf16=bool(GPUS), train_sampling_strategy="sequential",
                               ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient
                               dataloader_num_workers=0, remove_unused_columns=False, seed=tc.seed)
-    Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[StepTimer()]).train()
+    trainer, batches = ((AnswerLogitsTrainer, lambda b: collate(b, tokenizer.pad_token_id)) if args.answer_logits
+                        else (Trainer, right_padded))
+    trainer(model=model, args=targs, train_dataset=encoded, data_collator=batches, callbacks=[StepTimer()]).train()
     mine = {"tokens": counted["tokens"], "seconds": counted["seconds"], **peak_memory_mb()}
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
@@ -184,12 +195,14 @@ def main() -> None:
     p.add_argument("--model", help="llm.model for both sides (default: the config's), e.g. a .gguf file")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "llm_train.json"))
     p.add_argument("--hf-worker", help=argparse.SUPPRESS)
+    p.add_argument("--answer-logits", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.hf_worker:
         hf_worker(args)
         return
     with tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
-        results = {"hf-trainer": run_hf(args, Path(tmp)),
+        results = {"hf-trainer": run_hf(args, Path(tmp), answer_logits=False),
+                   "hf-answer-logits": run_hf(args, Path(tmp), answer_logits=True),
                    "ours-zero3": run_ours(args, 3, Path(tmp)),
                    "ours-zero0": run_ours(args, 0, Path(tmp))}
     base = results["hf-trainer"]["tokens_per_s"]
@@ -198,10 +211,10 @@ def main() -> None:
               "speedup_vs_hf": {k: v["tokens_per_s"] / base for k, v in results.items()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"{'run':<12} {'tokens/s':>9} {'x hf':>6}  peak RSS MiB per rank  (peak GPU MiB per rank)")
+    print(f"{'run':<16} {'tokens/s':>9} {'x hf':>6}  peak RSS MiB per rank  (peak GPU MiB per rank)")
     for name, r in results.items():
         gpu = r.get("peak_gpu_mb_per_rank")
-        print(f"{name:<12} {r['tokens_per_s']:>9.1f} {report['speedup_vs_hf'][name]:>6.2f}  "
+        print(f"{name:<16} {r['tokens_per_s']:>9.1f} {report['speedup_vs_hf'][name]:>6.2f}  "
               + ", ".join(f"{m:.0f}" for m in r["peak_rss_mb_per_rank"])
               + (f"  ({', '.join(f'{m:.0f}' for m in gpu)})" if gpu else ""))
 

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the reposit
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher import provenance
-from launcher.artifacts import DONE, SEMANTIC_FILE, done
+from launcher.artifacts import DONE, EVAL_METRICS, SEMANTIC_FILE, done
 from launcher.config import Config
 from launcher.metrics import results_table
 from pipeline.config import ConfigError, data_path, load_config, run_path
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         dist.barrier()
     if dist_ctx.main and args.stage == "all":
-        print(results_table(json.loads((run_dir / DONE["eval"]).read_text())))
+        print(results_table(json.loads((run_dir / EVAL_METRICS).read_text())))
     dist.destroy_process_group()
     return 0
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from launcher.artifacts import DONE
+from launcher.artifacts import DONE, EVAL_METRICS
 from tests.conftest import REPO
 from tests.launch import finish, free_port, launch, write_config
 
@@ -41,7 +41,7 @@ def test_all_runs_every_stage_and_prints_the_results(run: tuple[Path, Path, str]
     for stage, rel in DONE.items():
         assert (run_dir / rel).is_file(), stage
         assert f"[all] {stage}: finished\n" in out and "finished artifacts found" not in out
-    metrics = json.loads((run_dir / DONE["eval"]).read_text())
+    metrics = json.loads((run_dir / EVAL_METRICS).read_text())
     assert metrics["model"] == "sella" and metrics["test"]["overall"]["rows"] == 24
     assert "results of model sella and its baselines on the same rows (AUC / UAUC)" in out
     assert f"| test | sella | 24 | {metrics['test']['overall']['auc']:.4f}" in out

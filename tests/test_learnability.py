@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from launcher.artifacts import COLLAB_FILE, DONE
+from launcher.artifacts import COLLAB_FILE, EVAL_METRICS
 from tests.conftest import config
 from tests.launch import finish, launch, tiny_adapter, tiny_collab, write_config
 
@@ -78,7 +78,7 @@ def train_fit(cfg: Path, run: Path, model: str) -> dict:
     """Stage eval of `model` on every train row; its overall metrics (auc, auc_ci, rows)."""
     finish(launch(cfg, "eval", 2, "--set", f"eval.model={model}", "--set", "eval.splits=[train]",
                   "--set", "eval.rows=null"))
-    metrics = json.loads((run / DONE["eval"]).read_text())
+    metrics = json.loads((run / EVAL_METRICS).read_text())
     assert metrics["model"] == model and metrics["train"]["overall"]["rows"] > 150
     return metrics["train"]["overall"]
 

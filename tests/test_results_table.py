@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from launcher.artifacts import DONE, EVAL_SCORES
+from launcher.artifacts import EVAL_METRICS, EVAL_SCORES
 from launcher.metrics import auc, auc_interval, report
 from tests.conftest import CONFIGS, REPO
 
@@ -29,7 +29,7 @@ def _row(tmp: Path, name: str, signal: float) -> Path:
     (run / "eval").mkdir(parents=True)
     table.to_parquet(run / EVAL_SCORES.format(split="test"))
     test = report(table.user_id, table.label, table.score, table.warm)
-    (run / DONE["eval"]).write_text(json.dumps({"stage": "eval", "test": test}))
+    (run / EVAL_METRICS).write_text(json.dumps({"stage": "eval", "test": test}))
     config = tmp / f"{name}.yaml"
     config.write_text(yaml.safe_dump({"base": str(CONFIGS / "collm-ml-1m.yaml"), "run_dir": str(run)}))
     return config
@@ -59,7 +59,7 @@ def test_block_intervals_and_figure(tmp_path: Path) -> None:
 
 def test_intervals_written_by_eval_are_used(tmp_path: Path) -> None:
     row = _row(tmp_path, "evaluated", 0.5)
-    metrics_file = tmp_path / "runs" / "evaluated" / DONE["eval"]
+    metrics_file = tmp_path / "runs" / "evaluated" / EVAL_METRICS
     metrics = json.loads(metrics_file.read_text())
     for group in metrics["test"]:
         metrics["test"][group]["auc_ci"] = [0.1, 0.2]  # what stage eval wrote, not recomputed

@@ -202,7 +202,7 @@ if [ $BENCH = 1 ]; then
     LLM_BENCH=(--micro-batch 2 --grad-accum 1 --steps 1 --ranks 1)
     COLLAB_BENCH=(--sizes ml-1m --steps 2 --plain-steps 1 --warmup 1 --max-ranks 1)
   fi
-  bench bench-llm 180 $PY bench/llm_train.py --config configs/gpu/collm-ml-1m.yaml "${LLM_BENCH[@]}" --data "$DATA" \
+  bench bench-llm 240 $PY bench/llm_train.py --config configs/gpu/collm-ml-1m.yaml "${LLM_BENCH[@]}" --data "$DATA" \
     --model "${SETS[0]#llm.model=}" --out "$RESULTS/llm_train.json"
   if needs_tables bench-collab; then
     bench bench-collab 120 $PY bench/collab.py "${COLLAB_BENCH[@]}" --out "$RESULTS/collab.json"
