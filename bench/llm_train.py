@@ -147,6 +147,8 @@ def hf_worker(args: argparse.Namespace) -> None:
     class AnswerLogitsTrainer(Trainer):
         """Trainer whose loss is stage 1's: LM-head logits of the answer positions only."""
 
+        loss_is_scaled_for_ga = False  # lm_loss is a micro-batch mean: the Trainer divides it by grad_accum
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return lm_loss(model, inputs)
 
@@ -174,14 +176,17 @@ def hf_worker(args: argparse.Namespace) -> None:
                               dataloader_num_workers=0, remove_unused_columns=False, seed=tc.seed)
     trainer, batches = ((AnswerLogitsTrainer, lambda b: collate(b, tokenizer.pad_token_id)) if args.answer_logits
                         else (Trainer, right_padded))
-    trainer(model=model, args=targs, train_dataset=encoded, data_collator=batches, callbacks=[StepTimer()]).train()
+    run = trainer(model=model, args=targs, train_dataset=encoded, data_collator=batches, callbacks=[StepTimer()])
+    run.train()
     mine = {"tokens": counted["tokens"], "seconds": counted["seconds"], **peak_memory_mb()}
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     if dist.get_rank() == 0:
         tokens, seconds = sum(p["tokens"] for p in parts), max(p["seconds"] for p in parts)
         Path(args.hf_worker).write_text(json.dumps({
-            "tokens_per_s": tokens / seconds, "train_tokens": tokens, "train_seconds": seconds, **memory(parts)}))
+            "tokens_per_s": tokens / seconds, "train_tokens": tokens, "train_seconds": seconds, **memory(parts),
+            # the global gradient norm of each step: the two Trainer runs must train alike
+            "grad_norms": [float(h["grad_norm"]) for h in run.state.log_history if "grad_norm" in h]}))
 
 
 def main() -> None:

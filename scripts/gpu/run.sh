@@ -197,9 +197,9 @@ if [ $BENCH = 1 ]; then
     # stage 1's GPU batch (128 prompts in one micro-batch, bf16, 10 history titles) on both sides, few steps:
     # ZeRO-3 is the slow side on one GPU; the tables at both sizes
     LLM_BENCH=(--micro-batch 128 --grad-accum 1 --steps 5) COLLAB_BENCH=()
-  else  # the same two commands at a smoke-test size, one rank as on a one-GPU host: the tiny model, one step;
-    # ML-1M-sized tables, two steps
-    LLM_BENCH=(--micro-batch 2 --grad-accum 1 --steps 1 --ranks 1)
+  else  # the same two commands at a smoke-test size, one rank as on a one-GPU host: the tiny model, two steps of
+    # two micro-batches; ML-1M-sized tables, two steps
+    LLM_BENCH=(--micro-batch 2 --grad-accum 2 --steps 2 --ranks 1)
     COLLAB_BENCH=(--sizes ml-1m --steps 2 --plain-steps 1 --warmup 1 --max-ranks 1)
   fi
   bench bench-llm 240 $PY bench/llm_train.py --config configs/gpu/collm-ml-1m.yaml "${LLM_BENCH[@]}" --data "$DATA" \
