@@ -197,20 +197,20 @@ def main() -> None:
             ("table_wise-2", "table_wise", 2), ("row_wise-2", "row_wise", 2)]
     max_ranks = args.max_ranks or gpus or max(r[2] for r in runs)  # on a GPU host, one rank per GPU
     runs = [r for r in runs if r[2] <= max_ranks]
-    tmp = Path(tempfile.mkdtemp(prefix="bench-collab-"))
-    for size in args.sizes:
-        res = {}
-        for name, kind, ranks in runs:
-            steps = args.plain_steps if name == "plain" else args.steps
-            res[name] = launch(kind, ranks, size, steps, args.warmup, args.threads, tmp)
-            res[name]["ratio_to_plain"] = res[name]["samples_per_s"] / res["plain"]["samples_per_s"]
-            res[name]["row_lookups_per_s"] = 2 * res[name]["samples_per_s"]  # one user and one item row per sample
-            if "kernel" in res:
-                res[name]["share_of_kernel"] = res[name]["samples_per_s"] / res["kernel"]["samples_per_s"]
-            print(f"{size:10} {name:13} {res[name]['samples_per_s']:12,.0f} samples/s  "
-                  f"{res[name]['ratio_to_plain']:7.1f}x plain  {res[name].get('share_of_kernel', float('nan')):5.2f}x kernel  "
-                  f"peak RSS/rank MiB {res[name]['peak_rss_mb_per_rank']}", flush=True)
-        report["sizes"][size] = {"users": SIZES[size][0], "items": SIZES[size][1], "runs": res}
+    with tempfile.TemporaryDirectory(prefix="bench-collab-") as tmp:  # the workers' result files
+        for size in args.sizes:
+            res = {}
+            for name, kind, ranks in runs:
+                steps = args.plain_steps if name == "plain" else args.steps
+                res[name] = launch(kind, ranks, size, steps, args.warmup, args.threads, Path(tmp))
+                res[name]["ratio_to_plain"] = res[name]["samples_per_s"] / res["plain"]["samples_per_s"]
+                res[name]["row_lookups_per_s"] = 2 * res[name]["samples_per_s"]  # one user and one item row per sample
+                if "kernel" in res:
+                    res[name]["share_of_kernel"] = res[name]["samples_per_s"] / res["kernel"]["samples_per_s"]
+                print(f"{size:10} {name:13} {res[name]['samples_per_s']:12,.0f} samples/s  "
+                      f"{res[name]['ratio_to_plain']:7.1f}x plain  {res[name].get('share_of_kernel', float('nan')):5.2f}x kernel  "
+                      f"peak RSS/rank MiB {res[name]['peak_rss_mb_per_rank']}", flush=True)
+            report["sizes"][size] = {"users": SIZES[size][0], "items": SIZES[size][1], "runs": res}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
 

@@ -152,10 +152,10 @@ def test_a_finished_run_run_again_trains_no_further(runs: dict[str, Path], ml100
 def test_killed_run_resumes_to_the_same_tables(runs: dict[str, Path]) -> None:
     summary = json.loads((runs["killed"] / summary_file("collab")).read_text())
     assert summary["resumed_from"] in (4, 8) and summary["steps"] == COLLAB["max_steps"]
-    whole, resumed = _tables(runs["table_wise"]), _tables(runs["killed"])
-    for key in whole:
+    whole, resumed = _tables(runs["table_wise"]), _tables(runs["killed"])  # the exports: the best valid state,
+    for key in whole:                                                   # which may predate the kill
         assert_close(resumed[key], whole[key], rtol=0, atol=1e-6, msg=key)
-    # the last state too (the export is the best one): tables, fused optimizer state, projector and its Adam
+    # the last state, which the resumed process computed: tables, fused optimizer state, projector and its Adam
     last = [read_tables_checkpoint(run / "collab" / "ckpt" / "step00000012") for run in (runs["table_wise"], runs["killed"])]
     flat = [{f"{part}/{k}": v for part in ("model", "fused") for k, v in _flatten(state[part]).items()} for state in last]
     assert flat[0].keys() == flat[1].keys() and len(flat[0]) > 6

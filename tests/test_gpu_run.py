@@ -102,17 +102,22 @@ def test_dry_run_of_some_rows_then_the_benchmarks(payload: tuple[Path, str], tmp
     assert [re.search(r"/([^/`]+\.yaml)`", line).group(1) for line in table] == [
         "mf.yaml", "collm-like.yaml", "sella-no-warm.yaml"]
     llm = json.loads((results / "llm_train.json").read_text())
-    assert set(llm["speedup_vs_hf"]) == {"hf-trainer", "hf-answer-logits", "ours-zero3", "ours-zero0"} and llm["speedup_vs_hf"]["hf-trainer"] == 1.0
-    assert all(run["tokens_per_s"] > 0 for run in llm["runs"].values())
-    assert len({run["train_tokens"] for run in llm["runs"].values()}) == 1  # the baseline trains on the same prompts
+    llm_runs, hf_rate = llm["runs"], llm["runs"]["hf-trainer"]["tokens_per_s"]
+    assert set(llm["speedup_vs_hf"]) == set(llm_runs) == {"hf-trainer", "hf-answer-logits", "ours-zero3", "ours-zero0"}
+    assert all(run["tokens_per_s"] > 0 for run in llm_runs.values())
+    assert llm["speedup_vs_hf"] == pytest.approx({n: r["tokens_per_s"] / hf_rate for n, r in llm_runs.items()}, rel=0.01)
+    assert len({run["train_tokens"] for run in llm_runs.values()}) == 1  # the baseline trains on the same prompts
     # stage 1's loss inside the Trainer trains as the Trainer's own: the gradient norms differ by a few tenths of a
     # percent (the Trainer weights answer tokens over the accumulated batch, stage 1 weights micro-batches equally);
     # a loss left undivided by the gradient accumulation doubles them
     hf, answer_logits = llm["runs"]["hf-trainer"]["grad_norms"], llm["runs"]["hf-answer-logits"]["grad_norms"]
     assert len(hf) == 2 and answer_logits == pytest.approx(hf, rel=0.05)
     collab = json.loads((results / "collab.json").read_text())["sizes"]
-    assert list(collab) == ["ml-1m"] and collab["ml-1m"]["runs"]["plain"]["ratio_to_plain"] == 1.0
-    assert all(run["samples_per_s"] > 0 for run in collab["ml-1m"]["runs"].values())
+    assert list(collab) == ["ml-1m"]
+    bench = collab["ml-1m"]["runs"]
+    assert "plain" in bench and all(run["samples_per_s"] > 0 for run in bench.values())
+    assert {n: r["ratio_to_plain"] for n, r in bench.items()} == pytest.approx(
+        {n: r["samples_per_s"] / bench["plain"]["samples_per_s"] for n, r in bench.items()}, rel=0.01)
     assert len(list(results.rglob("*"))) <= 8  # the GPU tool brings back 8 files at most
     with tarfile.open(results / "results.tar.gz") as tar:
         assert {"logs/bench-llm.log", "logs/bench-collab.log"} <= set(tar.getnames())
