@@ -43,6 +43,10 @@ def score(model: Any, examples: list[Encoded], batch_size: int, no_yes: tuple[in
         if chunk:
             out.append(p.float().cpu())
     model.train(was_training)
+    # a ZeRO-3 engine: scoring leaves params it prefetched along the training step's trace in flight, and a later
+    # GatheredParameters (stage 3's best state and export, stage 1's adapter) fails on them; release them all
+    if getattr(model, "zero_optimization_partition_weights", lambda: False)():
+        model.empty_partition_cache()
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 

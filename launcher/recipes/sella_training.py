@@ -211,8 +211,6 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
 
         metrics, _ = gather_report(valid, score(engine, valid_enc, sella_cfg.eval_batch, model.no_yes,
                                                 tokenizer.pad_token_id, dist_ctx, forward))
-        if zero3:  # scoring leaves params that ZeRO-3 prefetched along the training step's trace in flight, and
-            engine.empty_partition_cache()  # gathering one of them (dense_copy, the export) would fail
         monitor.scalars(step, scalars(metrics), "valid/")
         monitor.write(f"[{STAGE}] step {step}: valid, {metrics['overall']['rows']} rows\n{format_report(metrics)}")
         state.curve.append(curve_point(step, step * per_step, state.seconds, metrics))
