@@ -48,6 +48,11 @@ def prepare(run: Path, data: Path, cfg_path: Path, semantic: bool = True, zero_s
                         sella=SELLA | sella, eval={"rows": 24, "batch": 8}, deepspeed={"zero_stage": zero_stage})
 
 
+def logged(run: Path, tag: str) -> list[float]:
+    """The values stage sella wrote to TensorBoard under `tag`, one per step."""
+    return [e.value for e in EventAccumulator(str(run / "tb" / "sella")).Reload().Scalars(tag)]
+
+
 @pytest.fixture(scope="module")
 def runs(ml100k_out: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The same global micro-batch of 4 on 1 rank (4 each) and on 2 ranks (2 each) with the default recipe, plus
@@ -119,8 +124,7 @@ def test_two_ranks_match_one_rank(runs: dict[str, Path]) -> None:
                         weights_only=False)["module"]
     assert not torch.equal(engine["projector.a.0.weight"], start["projector.0.weight"])  # A trained from Proj_C->L
     for tag in ("train/grad_norm", "train/table_grad_norm", "train/loss"):  # the gradients' scale, not just Adam's steps
-        one, two = ([e.value for e in EventAccumulator(str(runs[n] / "tb" / "sella")).Reload().Scalars(tag)]
-                    for n in ("one", "two"))
+        one, two = logged(runs["one"], tag), logged(runs["two"], tag)
         assert len(one) == 4 and two == pytest.approx(one, rel=1e-4) and min(one) > 0, tag
     s1, s2 = (json.loads((runs[n] / summary_file("sella")).read_text()) for n in ("one", "two"))
     # the fixture's lr moves valid AUC and selects a trained state, so the exports compared above are not the
@@ -171,8 +175,7 @@ def test_two_nodes_match_one_node_with_two_ranks(runs: dict[str, Path], ml100k_o
     assert summary["best_step"] == two["best_step"] > 0  # a trained state, not the stage-2b input
     assert [c["overall_auc"] for c in summary["curve"]] == pytest.approx([c["overall_auc"] for c in two["curve"]], abs=1e-6)
     for tag in ("train/loss", "train/grad_norm", "train/table_grad_norm"):  # every step, not only the export
-        nodes_log, one_node_log = ([e.value for e in EventAccumulator(str(r / "tb" / "sella")).Reload().Scalars(tag)]
-                                   for r in (tmp_path / "nodes", runs["two"]))
+        nodes_log, one_node_log = logged(tmp_path / "nodes", tag), logged(runs["two"], tag)
         assert len(nodes_log) == 4 and nodes_log == pytest.approx(one_node_log, rel=1e-4), tag
     for rel in (SELLA_TABLES, SELLA_PROJECTOR):
         nodes_out, one_node = load_file(tmp_path / "nodes" / rel), load_file(runs["two"] / rel)
