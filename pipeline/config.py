@@ -25,7 +25,8 @@ from pydantic import (
 SourceFormat = Literal["ml-1m", "ml-100k", "recbole", "amazon", "collm", "table"]
 # Python codec name -> the charset name Spark's decode() accepts. Only encodings in which a newline is the one
 # byte 0x0A: Spark's text reader splits lines on that byte before decoding, which would cut UTF-16/32 lines apart.
-SPARK_CHARSETS = {"utf-8": "UTF-8", "iso8859-1": "ISO-8859-1", "ascii": "US-ASCII"}
+# (No ascii: Spark's decode() raises on a byte above 0x7F instead of rejecting the line, and ASCII text is UTF-8.)
+SPARK_CHARSETS = {"utf-8": "UTF-8", "iso8859-1": "ISO-8859-1"}
 
 
 def spark_charset(encoding: str) -> str | None:
@@ -102,8 +103,8 @@ class SourceConfig(_Strict):
     @classmethod
     def _spark_can_decode(cls, value: str) -> str:
         if spark_charset(value) is None:
-            raise ValueError(f"unsupported encoding {value!r}; expected one of {sorted(SPARK_CHARSETS)} "
-                             "(convert other files first, e.g. iconv -f UTF-16 -t UTF-8)")
+            raise ValueError(f"unsupported encoding {value!r}; expected one of {sorted(SPARK_CHARSETS)} (ASCII "
+                             "text is utf-8; convert other files first, e.g. iconv -f UTF-16 -t UTF-8)")
         return value
 
 
@@ -216,6 +217,20 @@ class DataConfig(_Strict):
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if k in cls.model_fields or k not in SECTIONS_READ_ELSEWHERE}
         return data
+
+    @model_validator(mode="after")
+    def _collm_rows_as_they_are(self) -> DataConfig:
+        """CoLLM's benchmark brings its own labels, histories and rows: protocol keys that would change them are
+        refused rather than ignored when they differ from their defaults (a resolved config lists every key); its
+        split is read from the pickles too, the config's `split` only names the months."""
+        fields = ProtocolConfig.model_fields
+        ignored = [k for k in ("filter", "history_keep", "label", "rating_range", "timestamp_range")
+                   if getattr(self.protocol, k) != fields[k].get_default(call_default_factory=True)]
+        if self.source.format == "collm" and ignored:
+            raise ValueError(f"{', '.join(f'protocol.{k}' for k in ignored)}: source.format collm takes CoLLM's rows, "
+                             "labels and histories as they are; remove the key (or use format ml-1m on the raw files)")
+        return self
+
 
 Schema = TypeVar("Schema", bound=DataConfig)
 

@@ -23,7 +23,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, IntegerType, StringType, StructField, StructType
 
-from pipeline.config import ProtocolConfig
+from pipeline.config import ConfigError, ProtocolConfig
 from pipeline.sources import RawLog, mark_first_failure
 
 REJECT_SCHEMA = ("file string, line long, pos long, source string, category string, code string, reason string, "
@@ -166,7 +166,7 @@ def _min_count_filter(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
     f = cfg.filter
     if not (f.min_user_count or f.min_item_count):
         return df
-    for _ in range(f.max_rounds if f.iterative else 1):
+    for round_ in range(1, (f.max_rounds if f.iterative else 1) + 1):
         live = F.col("_code").isNull()
         n_user = F.sum(live.cast("int")).over(Window.partitionBy("user_raw"))
         n_item = F.sum(live.cast("int")).over(Window.partitionBy("item_raw"))
@@ -183,6 +183,9 @@ def _min_count_filter(df: DataFrame, cfg: ProtocolConfig) -> DataFrame:
         low_i = df.where(F.col("_code").isNull()).groupBy("item_raw").count().where(F.col("count") < f.min_item_count)
         if low_u.isEmpty() and low_i.isEmpty():
             break
+        if round_ == f.max_rounds:  # what is left is not the k-core the config asks for
+            raise ConfigError(f"protocol.filter: the iterative filter has not converged after max_rounds {f.max_rounds} "
+                             "(users or items are still below the minimum counts); raise protocol.filter.max_rounds")
     return df
 
 

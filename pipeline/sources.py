@@ -37,8 +37,11 @@ class RawLog:
     item_files: list[Path]
 
 
-def resolve(input_dir: Path, pattern: str, what: str) -> list[Path]:
-    """Files matching `pattern` under `input_dir`, or a SourceError naming what was expected."""
+def resolve(input_dir: Path, pattern: str, what: str, key: str = "") -> list[Path]:
+    """Files matching `pattern` (the config's `source.<key>`) under `input_dir`, or a SourceError naming what was
+    expected."""
+    if not pattern:  # glob would match the directory itself
+        raise SourceError(f"source.{key} is empty: name the {what} file (a name or glob under {input_dir})")
     if not input_dir.exists():
         raise SourceError(f"{input_dir}: input directory does not exist")
     found = sorted(Path(p) for p in glob.glob(str(input_dir / pattern), recursive=True))
@@ -51,6 +54,18 @@ def first_line(path: Path, encoding: str) -> str:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         return f.readline().decode(encoding, errors="replace").rstrip("\r\n")
+
+
+def shared_header(paths: list[Path], encoding: str) -> str:
+    """Line 1 of every file of one input, which must be the same header: the rows of each file are read by the
+    first file's column positions, and line 1 of each is dropped unread."""
+    header = first_line(paths[0], encoding)
+    for path in paths[1:]:
+        line = first_line(path, encoding)
+        if line != header:
+            raise SourceError(f"{path}: line 1 is {line[:120]!r}, not the header of {paths[0]} ({header[:120]!r}); "
+                              "every file of one input needs the same header")
+    return header
 
 
 def file_name(uri: str) -> str:
@@ -129,6 +144,14 @@ def _fields(df: DataFrame, delimiter: str, n: int, names: dict[str, int], what: 
     return df.select("_file", "_line", "_pos", "_raw", "_code", "_reason", *cols)
 
 
+def canonical_id(c: Column, kind: str) -> Column:
+    """An id as the protocol keys it: an integer id in one spelling (`+01`, `01` and `1` are one id, in the log and
+    in the item file alike), a string id as it is."""
+    if kind == "string":
+        return c
+    return F.regexp_replace(F.regexp_replace(c, r"^\+", ""), r"^(-?)0+(?=[0-9])", "$1")
+
+
 def _typed_interactions(df: DataFrame, types: ColumnTypes, names: dict[str, str]) -> DataFrame:
     """Null, number and declared-type checks on the user_raw/item_raw/rating/timestamp strings.
 
@@ -160,7 +183,8 @@ def _typed_interactions(df: DataFrame, types: ColumnTypes, names: dict[str, str]
     ])
     ok = F.col("_code").isNull()
     return df.select(
-        "_file", "_line", "_pos", "_raw", "_code", "_reason", "user_raw", "item_raw",
+        "_file", "_line", "_pos", "_raw", "_code", "_reason", canonical_id(F.col("user_raw"), types.user).alias("user_raw"),
+        canonical_id(F.col("item_raw"), types.item).alias("item_raw"),
         F.when(ok, rating).alias("rating"), F.when(ok, ts_d.cast("long")).alias("timestamp"),
     )
 
@@ -172,8 +196,9 @@ AMAZON = ColumnTypes(user="string", item="string", rating="whole", timestamp="in
 RECBOLE_TYPES = {"token": "string", "float": "number"}  # a RecBole field type -> the check it gets
 
 
-def _items(df: DataFrame, title_year: Column | None, missing: tuple[str, ...]) -> DataFrame:
-    """Item rows: trim titles, re-append ' (year)' where a separate year field is given, null missing titles."""
+def _items(df: DataFrame, title_year: Column | None, missing: tuple[str, ...], id_kind: str) -> DataFrame:
+    """Item rows: ids spelled as the log's (`canonical_id` of the format's item type), trimmed titles with
+    ' (year)' re-appended where a separate year field is given, missing titles null."""
     title = F.trim(F.col("title"))
     if title_year is not None:
         # RecBole split the last parenthesised group off the title ("... (1995) (V)" -> year "V")
@@ -183,7 +208,8 @@ def _items(df: DataFrame, title_year: Column | None, missing: tuple[str, ...]) -
     title = F.when(blank, F.lit(None)).otherwise(title)
     df = mark_first_failure(df, [(F.col("item_raw").isNull() | (F.col("item_raw") == ""), "null_field",
                                   F.lit("null field: item"))])
-    return df.select("_file", "_line", "_pos", "_raw", "_code", "_reason", "item_raw", title.alias("title"))
+    return df.select("_file", "_line", "_pos", "_raw", "_code", "_reason", canonical_id(F.col("item_raw"), id_kind)
+                     .alias("item_raw"), title.alias("title"))
 
 
 def _expect(path: Path, ok: bool, expected: str, line: str) -> None:
@@ -194,8 +220,8 @@ def _expect(path: Path, ok: bool, expected: str, line: str) -> None:
 def _delimited(spark: SparkSession, cfg: SourceConfig, input_dir: Path, *, inter_delim: str, inter_fields: int,
                inter_names: dict[str, int], item_delim: str, item_fields: int, item_names: dict[str, int],
                fmt: str, field_names: tuple[str, str, str, str]) -> RawLog:
-    inter_files = resolve(input_dir, cfg.interactions, "interactions")
-    item_files = resolve(input_dir, cfg.items, "items")
+    inter_files = resolve(input_dir, cfg.interactions, "interactions", "interactions")
+    item_files = resolve(input_dir, cfg.items, "items", "items")
     line = first_line(inter_files[0], cfg.encoding)
     parts = line.split(inter_delim)
     _expect(inter_files[0], len(parts) == inter_fields and all(p.strip().lstrip("-").replace(".", "").isdigit()
@@ -203,7 +229,7 @@ def _delimited(spark: SparkSession, cfg: SourceConfig, input_dir: Path, *, inter
     inter = _fields(read_lines(spark, inter_files, cfg.encoding, False), inter_delim, inter_fields, inter_names, fmt)
     items = _fields(read_lines(spark, item_files, cfg.items_encoding, False), item_delim, item_fields, item_names, fmt)
     names = dict(zip(("user_raw", "item_raw", "rating", "timestamp"), (f"{n} ({fmt})" for n in field_names), strict=True))
-    return RawLog(_typed_interactions(inter, MOVIELENS, names), _items(items, None, cfg.missing_titles),
+    return RawLog(_typed_interactions(inter, MOVIELENS, names), _items(items, None, cfg.missing_titles, MOVIELENS.item),
                   inter_files, item_files)
 
 
@@ -223,10 +249,10 @@ def read_ml100k(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawL
                       field_names=("user id", "item id", "rating", "timestamp"))
 
 
-def _atomic_header(path: Path, encoding: str, wanted: dict[str, str]) -> tuple[int, dict[str, int], dict[str, str]]:
-    """Column count, positions and declared types of the wanted columns in a RecBole atomic header
-    (`name:type` tab-separated)."""
-    line = first_line(path, encoding)
+def _atomic_header(paths: list[Path], encoding: str, wanted: dict[str, str]) -> tuple[int, dict[str, int], dict[str, str]]:
+    """Column count, positions and declared types of the wanted columns in the RecBole atomic header
+    (`name:type` tab-separated) the files share."""
+    path, line = paths[0], shared_header(paths, encoding)
     fields = [h.split(":", 1) for h in line.split("\t")]
     if not all(len(f) == 2 for f in fields):
         raise SourceError(f"{path}: line 1 is not a RecBole atomic header ('name:type' fields); got {line[:120]!r}")
@@ -241,10 +267,10 @@ def _atomic_header(path: Path, encoding: str, wanted: dict[str, str]) -> tuple[i
 def read_recbole(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawLog:
     """RecBole atomic files: `<name>.inter` and `<name>.item` with typed headers, tab-separated."""
     c = cfg.columns
-    inter_files = resolve(input_dir, cfg.interactions, "RecBole .inter")
-    item_files = resolve(input_dir, cfg.items, "RecBole .item")
+    inter_files = resolve(input_dir, cfg.interactions, "RecBole .inter", "interactions")
+    item_files = resolve(input_dir, cfg.items, "RecBole .item", "items")
     wanted = {"user_raw": c.user, "item_raw": c.item, "rating": c.rating, "timestamp": c.timestamp}
-    n_i, pos_i, declared = _atomic_header(inter_files[0], cfg.encoding, wanted)
+    n_i, pos_i, declared = _atomic_header(inter_files, cfg.encoding, wanted)
     unknown = {k: t for k, t in declared.items() if t not in RECBOLE_TYPES}
     if unknown:
         raise SourceError(f"{inter_files[0]}: column type(s) {unknown} are not token or float (RecBole atomic)")
@@ -253,12 +279,12 @@ def read_recbole(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> Raw
     item_cols = {"item_raw": c.item, "title": c.item_title}
     if cfg.title_year_field:
         item_cols["year"] = cfg.title_year_field
-    n_t, pos_t, _ = _atomic_header(item_files[0], cfg.items_encoding, item_cols)
+    n_t, pos_t, _ = _atomic_header(item_files, cfg.items_encoding, item_cols)
     inter = _fields(read_lines(spark, inter_files, cfg.encoding, True), "\t", n_i, pos_i, "RecBole .inter")
     items = _fields(read_lines(spark, item_files, cfg.items_encoding, True), "\t", n_t, pos_t, "RecBole .item")
     year = F.col("year") if cfg.title_year_field else None
     names = {k: f"{v}:{declared[k]} (RecBole)" for k, v in wanted.items()}
-    return RawLog(_typed_interactions(inter, types, names), _items(items, year, cfg.missing_titles),
+    return RawLog(_typed_interactions(inter, types, names), _items(items, year, cfg.missing_titles, types.item),
                   inter_files, item_files)
 
 
@@ -287,8 +313,8 @@ def _json_lines(spark: SparkSession, paths: list[Path], schema: T.StructType, en
 
 def read_amazon(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawLog:
     """Amazon Reviews 2018: `<Category>.json.gz` reviews and `meta_<Category>.json.gz` titles (JSON lines)."""
-    inter_files = resolve(input_dir, cfg.interactions, "Amazon reviews (<Category>.json.gz)")
-    item_files = resolve(input_dir, cfg.items, "Amazon metadata (meta_<Category>.json.gz)")
+    inter_files = resolve(input_dir, cfg.interactions, "Amazon reviews (<Category>.json.gz)", "interactions")
+    item_files = resolve(input_dir, cfg.items, "Amazon metadata (meta_<Category>.json.gz)", "items")
     for path, keys, encoding in ((inter_files[0], ("reviewerID", "asin", "overall"), cfg.encoding),
                                  (item_files[0], ("asin",), cfg.items_encoding)):
         line = first_line(path, encoding)
@@ -306,7 +332,7 @@ def read_amazon(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawL
         F.trim(F.col("_j.asin")).alias("item_raw"), F.col("_j.title").alias("title"))
     names = {"user_raw": "reviewerID", "item_raw": "asin", "rating": "overall", "timestamp": "unixReviewTime"}
     return RawLog(_typed_interactions(inter, AMAZON, {k: f"{v} (Amazon)" for k, v in names.items()}),
-                  _items(items, None, cfg.missing_titles), inter_files, item_files)
+                  _items(items, None, cfg.missing_titles, AMAZON.item), inter_files, item_files)
 
 
 def _table(spark: SparkSession, paths: list[Path], delimiter: str, encoding: str, wanted: list[str]) -> DataFrame:
@@ -316,7 +342,7 @@ def _table(spark: SparkSession, paths: list[Path], delimiter: str, encoding: str
         df = spark.read.parquet(*[str(p) for p in paths])
         header = df.columns
     else:
-        header = [h.strip() for h in first_line(first, encoding).split(delimiter)]
+        header = [h.strip().strip('"') for h in shared_header(paths, encoding).split(delimiter)]
         df = None
     missing = [c for c in wanted if c not in header]
     if missing:
@@ -342,18 +368,18 @@ def _table(spark: SparkSession, paths: list[Path], delimiter: str, encoding: str
 def read_table(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawLog:
     """Generic CSV/Parquet interactions (+ optional item table) with the config's column mapping."""
     c = cfg.columns
-    inter_files = resolve(input_dir, cfg.interactions, "interactions table")
+    inter_files = resolve(input_dir, cfg.interactions, "interactions table", "interactions")
     inter = _table(spark, inter_files, cfg.delimiter, cfg.encoding, [c.user, c.item, c.rating, c.timestamp])
     inter = _typed_interactions(inter.select(
         "_file", "_line", "_pos", "_raw", "_code", "_reason",
         F.trim(F.col(c.user)).alias("user_raw"), F.trim(F.col(c.item)).alias("item_raw"),
         F.col(c.rating).alias("rating"), F.col(c.timestamp).alias("timestamp")), cfg.types,
         {"user_raw": c.user, "item_raw": c.item, "rating": c.rating, "timestamp": c.timestamp})
-    item_files = resolve(input_dir, cfg.items, "item table")
+    item_files = resolve(input_dir, cfg.items, "item table", "items")
     items = _table(spark, item_files, cfg.delimiter, cfg.items_encoding, [c.item, c.item_title]).select(
         "_file", "_line", "_pos", "_raw", "_code", "_reason",
         F.trim(F.col(c.item)).alias("item_raw"), F.col(c.item_title).alias("title"))
-    return RawLog(inter, _items(items, None, cfg.missing_titles), inter_files, item_files)
+    return RawLog(inter, _items(items, None, cfg.missing_titles, cfg.types.item), inter_files, item_files)
 
 
 READERS = {

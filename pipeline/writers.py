@@ -227,10 +227,17 @@ def _shard_writer(shard_dir: str, items_dir: str):
             payload = payloads.slice(lo, hi - lo)
             data, starts = tar_members(sample_names(split, row_ids), payload)
             data = np.concatenate((data, np.zeros(2 * _BLOCK, np.uint8)))  # the end-of-archive blocks
-            path.write_bytes(data.data)
+            # each file written under a name private to this task attempt, then renamed: a retried or speculative
+            # attempt killed mid-write leaves no truncated shard behind
+            private = f".{uuid.uuid4().hex}.tmp"
+            tmp = path.with_name(path.name + private)
+            tmp.write_bytes(data.data)
+            tmp.replace(path)
             history_len = pc.list_value_length(run.column("history_ids")).to_numpy()
-            np.save(index_path(path), np.stack([starts, pc.binary_length(payload).to_numpy(), row_ids, history_len],
-                                               axis=1).astype(np.int64))
+            tmp_index = index_path(path).with_name(index_path(path).name + private + ".npy")
+            np.save(tmp_index, np.stack([starts, pc.binary_length(payload).to_numpy(), row_ids, history_len],
+                                        axis=1).astype(np.int64))
+            tmp_index.replace(index_path(path))
             done.append({"split": split, "name": path.name, "count": hi - lo,
                          "sha256": hashlib.sha256(data.data).hexdigest(), "bytes": data.size})
             pa.default_memory_pool().release_unused()  # the worker lives on: keep its footprint to one shard's

@@ -279,6 +279,37 @@ def test_wrong_format_names_file_and_expectation(spark, tmp_path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_files_of_one_input_share_one_header_and_inputs_are_named(spark, tmp_path) -> None:
+    """Every file is read by the first one's column positions and loses its line 1: a second CSV with its columns
+    in another order (users and items swapped, silently) or without a header (a row dropped) is refused. An empty
+    source.interactions would glob the input directory itself."""
+    ts = 1_709_294_400  # 2024-03-01, a train month of configs/synthetic.yaml
+    (tmp_path / "items.csv").write_text("item_id,title\ni1,A\n")
+    (tmp_path / "a.csv").write_text(f"user_id,item_id,rating,timestamp\nu1,i1,5,{ts}\n")
+    for second in ("item_id,user_id,rating,timestamp\n", ""):
+        (tmp_path / "b.csv").write_text(f"{second}i1,u2,4,{ts}\n")
+        with pytest.raises(SourceError, match=r"b\.csv: line 1 is .*, not the header of .*a\.csv"):
+            run(config("synthetic", source={"interactions": "?.csv", "items": "items.csv"}), tmp_path, tmp_path / "o")
+    with pytest.raises(SourceError, match=r"source\.interactions is empty: name the interactions table file"):
+        run(config("synthetic", source={"interactions": "", "items": "items.csv"}), tmp_path, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_integer_ids_are_one_id_however_they_are_spelled(spark, tmp_path) -> None:
+    """Declared integer ids: `01`, `+1` and `1` are one user, and item `01` of the log is item `1` of the item file."""
+    ts = 1_709_294_400  # 2024-03-01, a train month of configs/synthetic.yaml
+    (tmp_path / "log.csv").write_text(f"user_id,item_id,rating,timestamp\n01,1,5,{ts}\n+1,2,4,{ts}\n1,02,3,{ts}\n"
+                                      f"7,001,5,{ts + 1}\n")
+    (tmp_path / "items.csv").write_text("item_id,title\n1,A\n0002,B\n")
+    cfg = config("synthetic", source={"interactions": "log.csv", "items": "items.csv",
+                                      "types": {"user": "positive_int", "item": "positive_int"}})
+    m = run(cfg, tmp_path, tmp_path / "out")
+    assert (m["rows_in"], m["rows_out"], m["rejected"]) == (4, 3, 1)
+    assert "duplicate (user, item, timestamp)" in m["reject_examples"][0]["reason"]  # user 1, item 2 again
+    rows = spark.read.parquet(str(tmp_path / "out" / "tables" / "interactions")).orderBy("row_id").collect()
+    assert sorted({(r["user_raw"], r["user_id"]) for r in rows}) == [("1", 1), ("7", 2)]
+
+
 def test_missing_column_names_file_and_columns(spark, tmp_path) -> None:
     (tmp_path / "log.csv").write_text("user,item,stars,time\n1,1,5,1000000000\n")
     (tmp_path / "items.csv").write_text("item,title\n1,A\n")

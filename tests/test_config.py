@@ -126,6 +126,9 @@ def test_unsupported_encoding_is_named() -> None:
     # Spark splits lines on the byte 0x0A before decoding: UTF-16 text would be cut inside its characters
     with pytest.raises(ConfigError, match=r"source\.encoding: .*unsupported encoding 'utf-16'.*iconv"):
         parse_config(merged(_base(), {"source": {"encoding": "utf-16"}}))
+    # Spark's decode() fails the whole job on a byte above 0x7F rather than rejecting the line
+    with pytest.raises(ConfigError, match=r"source\.encoding: .*unsupported encoding 'ascii'.*ASCII text is utf-8"):
+        parse_config(merged(_base(), {"source": {"encoding": "ascii"}}))
 
 
 def test_command_line_overrides_set_nested_keys_and_name_bad_ones() -> None:
@@ -217,3 +220,12 @@ def test_prep_and_training_resolve_one_data_and_run_directory(tmp_path: Path, mo
     with pytest.raises(Handed) as handed:
         prep.main(["--config", str(config)])
     assert handed.value.args[0] == tmp_path / "d"
+
+
+def test_protocol_keys_the_collm_format_would_ignore_are_refused() -> None:
+    """CoLLM's pickles bring their labels and histories: a label rule or history cut there would change nothing."""
+    base = load_config(CONFIGS / "collm-ml-1m.yaml").model_dump(mode="json")
+    assert parse_config(base)  # a resolved config (every key, at its default) is fine
+    for key, value in (("history_keep", 5), ("label", {"op": "eq", "threshold": 5})):
+        with pytest.raises(ConfigError, match=rf"protocol\.{key}: source\.format collm takes CoLLM's rows"):
+            parse_config(merged(base, {"protocol": {key: value}}))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import ConfigError
 from pipeline.prep import run
 from pipeline.synth import interactions, item_titles
 from tests.conftest import config
@@ -198,5 +199,8 @@ def test_min_count_filter_once_and_iterated_to_k_core(spark, tmp_path: Path) -> 
                                                                 "iterative": True}}), tmp_path, tmp_path / "core")
     assert (once["rows_out"], once["rejects"]["interactions"]["excluded"]) == (6, {"filtered": 1})
     assert (core["rows_out"], core["rejects"]["interactions"]["excluded"]) == (4, {"filtered": 3})
+    with pytest.raises(ConfigError, match="the iterative filter has not converged after max_rounds 2"):
+        run(config("synthetic", **base, protocol={"filter": {"min_user_count": 2, "min_item_count": 2,
+                                                             "iterative": True, "max_rounds": 2}}), tmp_path, tmp_path / "two")
     kept = spark.read.parquet(str(tmp_path / "core" / "tables" / "interactions")).select("user_raw", "item_raw")
     assert sorted(map(tuple, kept.collect())) == sorted(rows[:4])
