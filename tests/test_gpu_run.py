@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -45,11 +44,13 @@ def test_payload_parts_fit_one_transfer_each(payload: tuple[Path, str]) -> None:
     assert manifest["kit"] is KIT.is_dir()
 
 
-def test_dry_run_runs_every_row_from_the_parts(payload: tuple[Path, str], tmp_path: Path) -> None:
+def test_dry_run_runs_every_row_from_the_parts_then_the_benchmarks(payload: tuple[Path, str], tmp_path: Path) -> None:
+    """Every row, then bench/llm_train.py and bench/collab.py (each with its baseline in the same run) through
+    run.sh's bench path at a smoke-test size."""
     out, _ = payload
     results = tmp_path / "results"
     proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--dry-run", "--data-name", "ml-100k", "--payload", str(out),
-                           "--target", str(tmp_path / "target"), "--results", str(results),
+                           "--target", str(tmp_path / "target"), "--results", str(results), "--bench",
                            "--set", "lora.eval_rows=12",  # run.sh's overrides reach every launch,
                            "--set", "eval.splits=[valid, test]"],  # each value one argument, spaces and all
                           cwd=REPO, capture_output=True, text=True, check=False, env={
@@ -59,8 +60,9 @@ def test_dry_run_runs_every_row_from_the_parts(payload: tuple[Path, str], tmp_pa
     timing = [line.split("\t") for line in (results / "timing.tsv").read_text().splitlines()[1:]]
     assert sorted((row, stage) for row, stage, *_ in timing) == sorted([
         ("sella", "lora"), ("sella", "distill,collab"), ("sella", "sella,eval"), ("text-only", "eval"),
-        ("popularity", "eval"), ("mf", "collab,eval"), ("collm-like", "sella,eval"), ("sella-no-warm", "sella,eval")])
-    assert all(status == "ok" for *_, status in timing)
+        ("popularity", "eval"), ("mf", "collab,eval"), ("collm-like", "sella,eval"), ("sella-no-warm", "sella,eval"),
+        ("bench-llm", "-"), ("bench-collab", "-")])
+    assert all(status == "ok" for *_, status in timing), timing
     order = [(row, stage) for row, stage, *_ in timing]  # the lanes: a launch starts after what it reads
     assert order.index(("collm-like", "sella,eval")) > max(order.index(("sella", "lora")), order.index(("mf", "collab,eval")))
     assert order.index(("sella-no-warm", "sella,eval")) > order.index(("sella", "distill,collab"))
@@ -71,36 +73,15 @@ def test_dry_run_runs_every_row_from_the_parts(payload: tuple[Path, str], tmp_pa
     assert "| `runs/gpu/collm-ml-1m` | sella | 2 |" in stage_table and "| `runs/gpu/collm-ml-1m` | lora | 2 |" in stage_table
     with tarfile.open(results / "results.tar.gz") as tar:
         names = tar.getnames()
+        lora = json.load(tar.extractfile(f"runs/gpu/collm-ml-1m/{summary_file('lora')}"))
     assert f"runs/gpu/collm-ml-1m/{EVAL_METRICS}" in names and f"runs/gpu/collm-ml-1m/{summary_file('sella')}" in names
     assert any(n.startswith("runs/gpu/collm-ml-1m/tb/sella/events.") for n in names)
     assert not any(n.endswith((".safetensors", ".gguf")) or "/ckpt/" in n or "/export/" in n for n in names)
     assert "logs/sella-sella-eval.log" in names and "runs/gpu/collm-ml-1m/eval/scores-test.parquet" in names
-    with tarfile.open(results / "results.tar.gz") as tar:
-        lora = json.load(tar.extractfile(f"runs/gpu/collm-ml-1m/{summary_file('lora')}"))
+    assert {"logs/bench-llm.log", "logs/bench-collab.log"} <= set(names)
     assert lora["valid"]["overall"]["rows"] == 12  # --set lora.eval_rows=12 over the dry run's 16
     assert (tmp_path / "target" / ".unpacked").is_file()  # a second run.sh on the same host skips the unpack
 
-
-def test_dry_run_of_some_rows_then_the_benchmarks(payload: tuple[Path, str], tmp_path: Path) -> None:
-    """`--rows mf,collm-like,sella-no-warm --bench`: what GPU run 5 left for a later host session. SeLLa-Rec's
-    stages 1-2 run as their upstream, its stage 3 and test do not; then bench/llm_train.py and bench/collab.py
-    (each with its baseline in the same run) through run.sh's bench path, at a smoke-test size."""
-    out, _ = payload
-    results = tmp_path / "results"
-    proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--dry-run", "--data-name", "ml-100k", "--payload", str(out),
-                           "--target", str(tmp_path / "target"), "--results", str(results),
-                           "--rows", "mf,collm-like,sella-no-warm", "--bench"],
-                          cwd=REPO, capture_output=True, text=True, check=False, env={
-                              **os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    timing = [line.split("\t") for line in (results / "timing.tsv").read_text().splitlines()[1:]]
-    assert sorted((row, stage) for row, stage, *_ in timing) == sorted([
-        ("sella", "lora"), ("sella", "distill,collab"), ("mf", "collab,eval"), ("collm-like", "sella,eval"),
-        ("sella-no-warm", "sella,eval"), ("bench-llm", "-"), ("bench-collab", "-")])
-    assert all(status == "ok" for *_, status in timing), timing
-    table = (results / "table.md").read_text().split("\n\n")[0].splitlines()[2:]
-    assert [re.search(r"/([^/`]+\.yaml)`", line).group(1) for line in table] == [
-        "mf.yaml", "collm-like.yaml", "sella-no-warm.yaml"]
     llm = json.loads((results / "llm_train.json").read_text())
     llm_runs, hf_rate = llm["runs"], llm["runs"]["hf-trainer"]["tokens_per_s"]
     assert set(llm["speedup_vs_hf"]) == set(llm_runs) == {"hf-trainer", "hf-answer-logits", "ours-zero3", "ours-zero0"}
@@ -118,9 +99,28 @@ def test_dry_run_of_some_rows_then_the_benchmarks(payload: tuple[Path, str], tmp
     assert "plain" in bench and all(run["samples_per_s"] > 0 for run in bench.values())
     assert {n: r["ratio_to_plain"] for n, r in bench.items()} == pytest.approx(
         {n: r["samples_per_s"] / bench["plain"]["samples_per_s"] for n, r in bench.items()}, rel=0.01)
-    assert len(list(results.rglob("*"))) <= 8  # the GPU tool brings back 8 files at most
-    with tarfile.open(results / "results.tar.gz") as tar:
-        assert {"logs/bench-llm.log", "logs/bench-collab.log"} <= set(tar.getnames())
+
+
+@pytest.mark.integration  # starts a subprocess (bash scripts/gpu/run.sh)
+def test_plan_of_some_rows_lists_their_launches_and_upstream(tmp_path: Path) -> None:
+    """`--plan --rows mf,collm-like,sella-no-warm --bench`, what GPU run 5 left for a later host session: SeLLa-Rec's
+    stages 1-2 run as the others' upstream, its stage 3 and test do not; then the two benchmarks. Nothing runs."""
+    results = tmp_path / "results"
+    proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--plan", "--rows", "mf,collm-like,sella-no-warm", "--bench",
+                           "--target", str(tmp_path / "target"), "--results", str(results)],
+                          cwd=REPO, capture_output=True, text=True, check=False, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    timing = [line.split("\t") for line in (results / "timing.tsv").read_text().splitlines()[1:]]
+    assert sorted((row, stage) for row, stage, *_ in timing) == sorted([
+        ("sella", "lora"), ("sella", "distill,collab"), ("mf", "collab,eval"), ("collm-like", "sella,eval"),
+        ("sella-no-warm", "sella,eval"), ("bench-llm", "-"), ("bench-collab", "-")])
+    assert all(status == "planned" for *_, status in timing), timing
+    order = [(row, stage) for row, stage, *_ in timing]
+    assert order.index(("collm-like", "sella,eval")) > order.index(("sella", "lora"))
+    assert order.index(("sella-no-warm", "sella,eval")) > order.index(("sella", "distill,collab"))
+    assert order.index(("bench-llm", "-")) > max(map(order.index, order[:5]))
+    assert not (tmp_path / "target" / ".unpacked").exists() and sorted(p.name for p in results.iterdir()) == [
+        "run.log", "timing.tsv"]
 
 
 def test_step_probe_times_engine_and_plain_loop(ml100k_out: Path, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@
 #   scripts/gpu/run.sh --set lora.micro_batch=64 ...   # config overrides for every launch (repeatable)
 #   scripts/gpu/run.sh --rows sella,text-only,popularity  # some rows only (SeLLa-Rec's stages 1-2 always run: the
 #                                         # others read them; its stage 3 and test only when sella is listed)
+#   scripts/gpu/run.sh --plan --rows ... --bench  # the launches those flags would run, in timing.tsv, none run
 #
 # Steps: (1) check the parts against their manifest, join the model, unpack the prep output and install the kit
 # (scripts/gpu/payload.py unpack); (2) check FBGEMM's CUDA table kernels against a reference on a few fused
@@ -22,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
 PAYLOAD=$REPO/.gpu-payload TARGET=/tmp/sellarec RESULTS=${OUT:-$REPO/results/gpu} MINUTES=9 DRY=0 DATA_NAME=collm-ml-1m
-BENCH=0 EXTRA=() ROWS=sella,text-only,popularity,mf,collm-like,sella-no-warm
+BENCH=0 EXTRA=() ROWS=sella,text-only,popularity,mf,collm-like,sella-no-warm PLAN=0
 while [ $# -gt 0 ]; do
   case $1 in
     --payload) PAYLOAD=$(realpath "$2"); shift 2;;
@@ -31,11 +32,12 @@ while [ $# -gt 0 ]; do
     --minutes) MINUTES=$2; shift 2;;
     --data-name) DATA_NAME=$2; shift 2;;
     --dry-run) DRY=1; shift;;
+    --plan) PLAN=1; shift;;
     --bench) BENCH=1; shift;;
     --bench-only) BENCH=1 ROWS=; shift;;
     --set) EXTRA+=("$2"); shift 2;;
     --rows) ROWS=$2; shift 2;;
-    -h|--help) sed -n 2,19p "$0"; exit 0;;
+    -h|--help) sed -n 2,20p "$0"; exit 0;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -51,7 +53,10 @@ START=$(date +%s)
 left() { echo $(( DEADLINE - $(date +%s) )); }  # seconds to the deadline
 say() { echo "[gpu-run +$(( $(date +%s) - START ))s] $*"; }
 
-if [ $DRY = 1 ]; then
+if [ $PLAN = 1 ]; then
+  PY=${PYTHON:-python} DEVICE=cpu LAUNCH=() SETS=(llm.model=-)
+  say "plan: the launches of these flags, in the order the lanes would start them; nothing is unpacked or run"
+elif [ $DRY = 1 ]; then
   PY=${PYTHON:-python}
   export PYTHONPATH=$REPO
   DEVICE=cpu LAUNCH=(--num_gpus 2)
@@ -77,13 +82,13 @@ SETS+=("${EXTRA[@]}")
 SETARGS=()  # every launch's overrides, one --set per value (values may hold spaces: paths, lists)
 for s in "${SETS[@]}"; do SETARGS+=(--set "$s"); done
 DATA=$TARGET/data/$DATA_NAME
-[ -f "$DATA/manifest.json" ] || { echo "run.sh: no prep output $DATA in the payload" >&2; exit 2; }
+[ $PLAN = 1 ] || [ -f "$DATA/manifest.json" ] || { echo "run.sh: no prep output $DATA in the payload" >&2; exit 2; }
 WORK=$TARGET/work  # run directories (runs/gpu/...) live here, not in the repository copy
 mkdir -p "$WORK"
 printf 'row\tstage\tseconds\tstatus\n' > "$RESULTS/timing.tsv"
 
 TABLES=1
-if $PY scripts/gpu/check_tables.py --device $DEVICE 2>&1 | tee "$RESULTS/check.txt"; then :; else
+if [ $PLAN = 1 ] || $PY scripts/gpu/check_tables.py --device $DEVICE 2>&1 | tee "$RESULTS/check.txt"; then :; else
   TABLES=0
   say "FBGEMM's table kernels failed the check: only the rows without tables run (text-only, popularity)"
 fi
@@ -102,6 +107,7 @@ launch() {  # ROW STAGES: one launcher/train.py job (STAGES: one stage or a comm
     say "$row: --stage $stage skipped (${left}s to the deadline)"; return 1
   fi
   say "$row: --stage $stage"
+  if [ $PLAN = 1 ]; then printf '%s\t%s\t0\tplanned\n' "$row" "$stage" >> "$RESULTS/timing.tsv"; return 0; fi
   (cd "$WORK" && timeout -k 15 $left $PY -m deepspeed.launcher.runner "${LAUNCH[@]}" --master_addr 127.0.0.1 \
       --master_port $(( 29500 + RANDOM % 3000 )) "$REPO/launcher/train.py" --config "$REPO/configs/gpu/comparison/$row.yaml" \
       --stage "$stage" --data "$DATA" "${SETARGS[@]}") > "$log" 2>&1 || rc=$?
@@ -187,6 +193,7 @@ bench() {  # NAME SECONDS COMMAND...: one benchmark (it measures its own baselin
     printf '%s\t-\t0\tskipped: %ss to the deadline\n' "$name" "$(left)" >> "$RESULTS/timing.tsv"; return
   fi
   say "$name: $*"; t0=$(date +%s)
+  if [ $PLAN = 1 ]; then printf '%s\t-\t0\tplanned\n' "$name" >> "$RESULTS/timing.tsv"; return; fi
   timeout -k 15 "$(left)" "$@" > "$WORK/logs/$name.log" 2>&1 || rc=$?
   printf '%s\t-\t%s\t%s\n' "$name" $(( $(date +%s) - t0 )) "$([ $rc = 0 ] && echo ok || echo "failed ($rc)")" \
     >> "$RESULTS/timing.tsv"
@@ -209,6 +216,7 @@ if [ $BENCH = 1 ]; then
   fi
 fi
 
+if [ $PLAN = 1 ]; then cat "$RESULTS/timing.tsv"; exit 0; fi
 say "collecting results"
 ROW_CONFIGS=()
 for r in "${ROW_LIST[@]}"; do ROW_CONFIGS+=("$REPO/configs/gpu/comparison/$r.yaml"); done
