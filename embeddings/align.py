@@ -2,8 +2,9 @@
 
 With a_b = normalize(s_b), c_b = normalize(Proj(e_b)) and sim_bb' = a_b . c_b' / tau over the batch's
 distinct items (a repeated item would be its own false negative), InfoNCE is
--mean_b log softmax_b'(sim_b.)[b]; RINCE (Chuang et al. 2022, the authors' code) is the robust variant
-mean_b [ -exp(q sim_bb) / q + (lambda sum_b' exp(sim_bb'))^q / q ].
+-mean_b log softmax_b'(sim_b.)[b]; RINCE (Chuang et al. 2022) is the robust variant
+mean_b [ -exp(q sim_bb) / q + (lambda sum_b' exp(sim_bb'))^q / q ], the positive counted once in the sum as in
+the paper (the authors' code adds it to a sum that already holds it, and keeps repeated items).
 """
 from __future__ import annotations
 

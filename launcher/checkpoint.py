@@ -83,8 +83,10 @@ def save(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any], keep: in
         tmp = ckpt_dir / f".{LATEST}.tmp"
         tmp.write_text(record)
         tmp.replace(ckpt_dir / LATEST)
-        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())  # (ckpt_dir/best is kept)
-        for old in tags[:-keep]:
+        # the newest `keep` up to this one; a later tag is a crashed save's leftover (or a run resumed with a
+        # smaller budget) that no latest.json points at (ckpt_dir/best is kept)
+        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
+        for old in [p for p in tags if p.name <= tag][:-keep] + [p for p in tags if p.name > tag]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 

@@ -101,8 +101,10 @@ class SellaConfig(TrainConfig):
     collab_path: str | None = Field(None, description="stage-2b tables (default <run>/collab/collab.safetensors)")
     table_optimizer: Literal["adamw", "rowwise_adagrad", "adagrad", "sgd"] = Field(
         "adamw", description="adamw: the tables join the projectors' AdamW (same lr, schedule, weight decay) as "
-        "replicated TorchRec tables with the dense kernel (FBGEMM's CPU kernels have no fused Adam); otherwise "
-        "a fused in-backward optimizer on tables sharded by collab.sharding, at table_lr / semantic_lr")
+        "replicated TorchRec tables with the dense kernel (FBGEMM's CPU kernels have no fused Adam), their gradient "
+        "clipped to grad_clip on its own norm; otherwise a fused in-backward optimizer on tables sharded by "
+        "collab.sharding, at table_lr / semantic_lr, stepping every micro-batch on a loss DeepSpeed divides by "
+        "grad_accum (sgd's effective lr is then table_lr / grad_accum; Adagrad's steps do not depend on the scale)")
     table_lr: float = Field(1e-3, gt=0, description="lr of the user and item tables' fused optimizer")
     semantic_lr: float = Field(1e-3, ge=0, description="lr of the semantic table's fused optimizer")
     eval_rows: int | None = Field(256, ge=1, description="valid rows used for checkpoint selection; null = all")

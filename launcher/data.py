@@ -190,3 +190,9 @@ def read_items(data_dir: Path) -> pd.DataFrame:
     have no id), by item id."""
     items = pd.read_parquet(data_dir / "tables" / "items", columns=["item_id", "title"]).dropna()
     return items.astype({"item_id": "int64"}).sort_values("item_id").reset_index(drop=True)
+
+
+def largest_ids(data_dir: Path) -> tuple[int, int]:
+    """The largest user id and item id of a prep output (stage 2b's tables have one row more: ids start at 1)."""
+    users = pd.read_parquet(data_dir / "tables" / "users", columns=["user_id"])
+    return int(users.user_id.max()), int(read_items(data_dir).item_id.max())

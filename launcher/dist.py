@@ -21,6 +21,7 @@ class Dist:
     local_world: int  # ranks on this host
     device: torch.device
     dtype: torch.dtype
+    backend: str  # the process group's: gloo or nccl
 
     @property
     def main(self) -> bool:
@@ -53,7 +54,7 @@ def setup(cfg: DeepSpeedConfig) -> Dist:
     if gpu:
         torch.cuda.set_device(device)
     return Dist(dist.get_rank(), dist.get_world_size(), local_ranks, device,
-                torch.bfloat16 if precision == "bf16" else torch.float32)
+                torch.bfloat16 if precision == "bf16" else torch.float32, backend)
 
 
 def release_shm_buffer() -> None:

@@ -26,8 +26,17 @@ def zero_stage(ds: DeepSpeedConfig, dist_ctx: Dist) -> int:
 
 
 def resolve(cfg: Config, dist_ctx: Dist) -> Config:
-    """The config with the values that depend on the machine (`deepspeed.zero_stage: auto`) made concrete."""
-    return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"zero_stage": zero_stage(cfg.deepspeed, dist_ctx)})})
+    """The config with the values that depend on the machine (`deepspeed.zero_stage`, `precision`, `backend`:
+    auto) made concrete, as the run records it: a bf16 GPU run resumed in fp32 on CPU is then a changed key."""
+    ds = cfg.deepspeed.model_copy(update={
+        "zero_stage": zero_stage(cfg.deepspeed, dist_ctx), "precision": "bf16" if dist_ctx.dtype == torch.bfloat16 else "fp32",
+        "backend": dist_ctx.backend})
+    for key, need in (("offload_param", 3), ("offload_optimizer", 1)):
+        if getattr(ds, key) != "none" and ds.zero_stage < need:
+            raise ValueError(f"deepspeed.{key}: {getattr(ds, key)} needs ZeRO stage {need} or more, and this run is "
+                             f"ZeRO-{ds.zero_stage} (deepspeed.zero_stage: {cfg.deepspeed.zero_stage}); set "
+                             f"deepspeed.zero_stage: {need if need == 3 else '1, 2 or 3'} or deepspeed.{key}: none")
+    return cfg.model_copy(update={"deepspeed": ds})
 
 
 def ds_config(ds: DeepSpeedConfig, train_cfg: TrainConfig, dist_ctx: Dist, hidden_size: int) -> dict[str, Any]:

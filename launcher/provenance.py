@@ -38,10 +38,12 @@ SHAPES = {
               "deepspeed.precision"),
     "eval": (),
 }
-BUDGET = {"max_steps", "epochs", "max_samples", "max_minutes", "eval_every", "eval_rows", "eval_batch", "save_every",
+BUDGET = {"max_steps", "epochs", "max_samples", "max_minutes", "eval_every", "eval_batch", "save_every",
           "keep_checkpoints", "log_every", "patience", "max_epochs", "projector_items", "align_eval_items",
           "distill.batch", "distill.chunk_items",  # leaf names in any section, or full keys; and the layout:
           "collab.sharding", "collab.export"}  # checkpoints reshard, so a run may resume with another
+# (eval_rows is not a budget key: stages 1 and 3 keep the state that scores best on those valid rows, and a resume
+# on others would compare AUCs of two subsets)
 
 
 class ConfigChanged(ValueError):
@@ -59,7 +61,7 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def shaping(config: dict[str, Any], stage: str, world: int) -> dict[str, Any]:
     """The flattened keys of `config` that shape `stage`'s model. Stage 3's micro-batch counts as the global one
-    (micro_batch x world, `sella.global_micro_batch`): 2 ranks x 2 see the data of 1 rank x 4
+    (`sella.micro_batch x ranks`): 2 ranks x 2 see the data of 1 rank x 4
     (launcher.data.global_batches). Stage 1 streams each rank its own shards (train_batches), so there the
     world size itself shapes the data a resumed run would skip: `world`."""
     flat = _flat(config)
@@ -70,7 +72,7 @@ def shaping(config: dict[str, Any], stage: str, world: int) -> dict[str, Any]:
     if stage == "lora":
         out["world"] = world
     elif f"{stage}.micro_batch" in out:
-        out[f"{stage}.global_micro_batch"] = out.pop(f"{stage}.micro_batch") * world
+        out[f"{stage}.micro_batch x ranks"] = out.pop(f"{stage}.micro_batch") * world
     return out
 
 

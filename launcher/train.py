@@ -108,15 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     stages = STAGES if args.stage == "all" else tuple(args.stage.split(","))
     recipes = load_recipes(stages)
     dist_ctx = setup(cfg.deepspeed)
-    cfg = resolve(cfg, dist_ctx)
+    import torch.distributed as dist
+
+    try:
+        cfg = resolve(cfg, dist_ctx)
+    except ValueError as err:  # a setting this machine's resolved ZeRO stage cannot take
+        if dist_ctx.main:
+            print(f"error: {err}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 2
     if args.fresh and dist_ctx.main:
         for stage in stages:
             shutil.rmtree(run_dir / stage, ignore_errors=True)
             shutil.rmtree(run_dir / "tb" / stage, ignore_errors=True)
             if stage == "distill":
                 (run_dir / SEMANTIC_FILE).unlink(missing_ok=True)
-    import torch.distributed as dist
-
     dist.barrier()
     try:
         changes = {stage: provenance.check(cfg, run_dir, stage, dist_ctx.world, args.allow_config_change) for stage in stages}

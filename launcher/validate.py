@@ -55,5 +55,9 @@ def gather_report(samples: list[Sample], scores: np.ndarray) -> tuple[dict[str, 
     rows = [{"row_id": s["row_id"], "user_id": s["user_id"], "item_id": s["item_id"], "label": s["label"],
              "warm": s["warm"], "score": float(p)} for s, p in zip(samples, scores, strict=True)]
     rows = sorted((r for part in gather(rows) for r in part), key=lambda r: r["row_id"])
+    bad = [r["row_id"] for r in rows if not math.isfinite(r["score"])]
+    if bad:  # AUC would rank NaN above every score; on every rank alike, since every rank holds all rows
+        raise ValueError(f"{len(bad)} of {len(rows)} rows scored a non-finite P(Yes) (row_id {', '.join(map(str, bad[:5]))}"
+                         f"{', ...' if len(bad) > 5 else ''}): the model's weights or injected vectors hold NaN or inf")
     cols = {k: np.array([r[k] for r in rows]) for k in ("user_id", "label", "score", "warm")}
     return report(cols["user_id"], cols["label"], cols["score"], cols["warm"]), rows

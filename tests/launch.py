@@ -73,18 +73,16 @@ def tiny_adapter(run: Path, llm: dict[str, Any]) -> None:
     peft.save_pretrained(str(run / "lora" / "adapter"))
 
 
-
 def tiny_collab(path: Path, data_dir: Path, dim: int, llm_dim: int, hidden: int = 32, semantic: bool = True) -> Path:
     """A stage-2b collab.safetensors for the prep output `data_dir`: seeded random user/item tables and,
     with `semantic`, a semantic table and Proj_C->L (the shapes stage 3 reads)."""
-    import pandas as pd
     import torch
 
     from embeddings.tables import save_tensors
+    from launcher.data import largest_ids
     from llm.projector import proj_c_to_l
 
-    users = int(pd.read_parquet(data_dir / "tables" / "users").user_id.max())
-    items = int(pd.read_parquet(data_dir / "tables" / "items").item_id.max())
+    users, items = largest_ids(data_dir)
     g = torch.Generator().manual_seed(0)
     tensors = {"user": torch.randn(users + 1, dim, generator=g) * 0.1, "item": torch.randn(items + 1, dim, generator=g) * 0.1}
     if semantic:

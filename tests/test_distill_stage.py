@@ -62,19 +62,31 @@ def test_killed_run_skips_finished_chunks_and_matches(runs: dict[str, object]) -
     assert torch.equal(a["item_ids"], b["item_ids"])
 
 
-def test_a_resume_with_another_chunk_size_recomputes_instead_of_misreading_chunks(
-        runs: dict[str, object], ml100k_out: Path, tmp_path: Path) -> None:
-    """Chunk files of size 4 must not stand in for chunks of size 8 (items 8c..8c+7, not 4c..4c+3)."""
-    run = tmp_path / "resized"
+@pytest.mark.parametrize("change", ["chunk size", "adapter"])
+def test_a_resume_with_other_chunks_recomputes_instead_of_misreading_them(
+        runs: dict[str, object], ml100k_out: Path, tmp_path: Path, change: str) -> None:
+    """Chunk files of size 4 must not stand in for chunks of size 8 (items 8c..8c+7, not 4c..4c+3), nor chunks
+    distilled through an earlier adapter (stage 1 trained again) for this one's."""
+    from safetensors.torch import save_file
+
+    run = tmp_path / "resumed"
     shutil.copytree(runs["killed"], run)
     (run / "semantic.safetensors").unlink()
-    cfg = write_config(tmp_path / "resized.yaml", data_dir=str(ml100k_out), run_dir=str(run), llm=LLM,
-                       distill={**DISTILL, "chunk_items": 2 * DISTILL["chunk_items"]})
+    distill = DISTILL
+    if change == "chunk size":
+        distill = {**DISTILL, "chunk_items": 2 * DISTILL["chunk_items"]}
+    else:
+        weights = run / "lora" / "adapter" / "adapter_model.safetensors"
+        save_file({k: 2 * v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    cfg = write_config(tmp_path / "resumed.yaml", data_dir=str(ml100k_out), run_dir=str(run), llm=LLM, distill=distill)
     finish(launch(cfg, "distill"))
     summary = json.loads((run / summary_file("distill")).read_text())
     assert summary["skipped_chunks"] == 0 and summary["computed_items"] == summary["items"]
     a, b = load_file(runs["whole"] / "semantic.safetensors"), load_file(run / "semantic.safetensors")
-    assert_close(b["semantic"], a["semantic"], rtol=0, atol=1e-6)
+    if change == "chunk size":
+        assert_close(b["semantic"], a["semantic"], rtol=0, atol=1e-6)
+    else:
+        assert not torch.allclose(b["semantic"], a["semantic"])
 
 
 def test_one_rank_distills_the_same_table_as_two(runs: dict[str, object], ml100k_out: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
@@ -90,6 +91,42 @@ def test_run_artifacts(runs: dict[str, Path]) -> None:
     assert lrs[0] == pytest.approx(1e-3 / 3) and lrs[1] == pytest.approx(2e-3 / 3)  # each step's own lr: warmup 2,
     assert lrs[2] == pytest.approx(1e-3) and lrs[-1] < max(lrs)  # then cosine decay
     assert 1 <= len(list((lora / "ckpt").glob("step*"))) <= 2  # keep_checkpoints
+
+
+def test_the_written_adapter_is_the_best_trained_one_on_valid(runs: dict[str, Path], tmp_path: Path,
+                                                             ml100k_out: Path) -> None:
+    """Selection on valid, as in TALLRec: of the validations at steps 10, 20 and 30 (step 0, zero-shot, is only
+    reported) the best is written, and stage eval of the written adapter scores that AUC on the same rows."""
+    import shutil
+
+    from launcher.artifacts import EVAL_METRICS
+
+    summary = json.loads((runs["whole"] / summary_file("lora")).read_text())
+    trained = [p for p in summary["curve"] if p["step"] > 0]
+    assert [p["step"] for p in trained] == [10, 20, 30]
+    best = max(trained, key=lambda p: p["overall_auc"])  # the first of equal ones
+    assert summary["best_step"] == best["step"] and summary["valid"]["overall"]["auc"] == best["overall_auc"]
+    assert summary["last_valid"]["overall"]["auc"] == trained[-1]["overall_auc"]
+    run = shutil.copytree(runs["whole"], tmp_path / "whole", ignore=shutil.ignore_patterns("ckpt"))
+    finish(launch(_write_config(tmp_path, ml100k_out, run), "eval", 2, "--set", "eval.model=lora", "--set",
+                  "eval.splits=[valid]", "--set", "eval.rows=24", "--set", "eval.baselines=[]"))
+    scored = json.loads((run / EVAL_METRICS).read_text())["valid"]["overall"]
+    assert scored["rows"] == 24 and scored["auc"] == pytest.approx(best["overall_auc"], abs=1e-4)
+
+
+def test_a_run_out_of_time_trains_no_further_step(runs: dict[str, Path], tmp_path: Path, ml100k_out: Path) -> None:
+    """The last step is checkpointed, so launching a finished (or time-stopped) run again with its time budget spent
+    trains nothing and writes the same adapter."""
+    import shutil
+
+    run = shutil.copytree(runs["whole"], tmp_path / "whole")
+    before = load_file(run / "lora" / "adapter" / "adapter_model.safetensors")
+    finish(launch(_write_config(tmp_path, ml100k_out, run), "lora", 2, "--set", f"lora.max_steps={STEPS + 10}",
+                  "--set", "lora.max_minutes=0.0001"))
+    summary = json.loads((run / summary_file("lora")).read_text())
+    assert summary["resumed_from"] == summary["steps"] == STEPS
+    after = load_file(run / "lora" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_train_batches_are_seeded_and_rank_disjoint(ml100k_out: Path) -> None:

@@ -136,3 +136,21 @@ def test_intervals_join_the_report_and_its_table() -> None:
     one_class = report([1, 2], [1, 1], [0.2, 0.3], [1, 0])
     add_intervals(one_class, [1, 1], [0.2, 0.3], [1, 0])
     assert one_class["overall"]["auc_ci"] is None and format_report(one_class).splitlines()[1].endswith("-")
+
+
+def test_non_finite_scores_are_refused_with_their_row_ids(tmp_path) -> None:
+    """A NaN P(Yes) would rank above every score in the bootstrap and UAUC (and crash scikit-learn's AUC after all
+    the scoring): gather_report names the rows instead."""
+    import torch.distributed as dist
+
+    from launcher.validate import gather_report
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        samples = [{"row_id": i, "user_id": i % 3, "item_id": i, "label": i % 2, "warm": True} for i in range(8)]
+        metrics, rows = gather_report(samples, np.linspace(0.1, 0.9, 8))
+        assert [r["row_id"] for r in rows] == list(range(8)) and metrics["overall"]["rows"] == 8
+        with pytest.raises(ValueError, match=r"2 of 8 rows scored a non-finite P\(Yes\) \(row_id 3, 6\)"):
+            gather_report(samples, np.array([0.1, 0.2, 0.3, np.nan, 0.5, 0.6, np.inf, 0.8]))
+    finally:
+        dist.destroy_process_group()

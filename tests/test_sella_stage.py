@@ -354,21 +354,42 @@ def test_a_larger_budget_resumes_from_the_last_checkpoint(runs: dict[str, Path],
     run = shutil.copytree(runs["two"], tmp_path / "two")  # a copy: the other tests read the 4-step run
     cfg = tmp_path / "two.yaml"
     cfg.write_text(yaml.safe_dump(yaml.safe_load((runs["two"].parent / "two.yaml").read_text()) | {"run_dir": str(run)}))
+    stale = run / "sella" / "ckpt" / "step00000099"  # what a save that crashed before latest.json leaves
+    shutil.copytree(run / "sella" / "ckpt" / "step00000004", stale)
     finish(launch(cfg, "sella", 2, "--set", "sella.max_steps=6"))
     summary = json.loads((run / summary_file("sella")).read_text())
     latest = json.loads((run / "sella" / "ckpt" / "latest.json").read_text())
     assert summary["resumed_from"] == 4 and summary["steps"] == 6
     assert latest["tag"] == "step00000006" and latest["step"] == 6
+    assert sorted(p.name for p in (run / "sella" / "ckpt").glob("step*") if p.is_dir()) == ["step00000004", "step00000006"]
     events = EventAccumulator(str(run / "tb" / "sella")).Reload()
     assert [e.step for e in events.Scalars("valid/overall/auc")][-1] == 6
+    # its time budget spent, the run stops where it is, however often it is launched again
+    finish(launch(cfg, "sella", 2, "--set", "sella.max_steps=8", "--set", "sella.max_minutes=0.0001"))
+    again = json.loads((run / summary_file("sella")).read_text())
+    assert again["resumed_from"] == again["steps"] == 6 and again["curve"] == summary["curve"]
+    assert json.loads((run / "sella" / "ckpt" / "latest.json").read_text())["tag"] == "step00000006"
 
 
-def test_missing_semantic_table_is_a_clear_error(runs: dict[str, Path], ml100k_out: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tables", ["plain MF", "another prep output's"])
+def test_stage_2b_tables_that_do_not_fit_are_a_clear_error(runs: dict[str, Path], ml100k_out: Path, tmp_path: Path,
+                                                           tables: str) -> None:
+    """Plain MF tables have no semantic table for <Warm_ID>; tables one user short would send that user's lookups
+    to row 0 without a word from FBGEMM."""
+    from embeddings.tables import save_tensors
+
+    collab = runs["collm" if tables == "plain MF" else "two"] / COLLAB_FILE
+    if tables != "plain MF":
+        short = load_file(collab)
+        save_tensors(tmp_path / "short.safetensors", short | {"user": short["user"][:-1]}, {})
+        collab = tmp_path / "short.safetensors"
     cfg = write_config(tmp_path / "bad.yaml", data_dir=str(ml100k_out), run_dir=str(tmp_path / "run"), llm=LLM,
-                       collab=COLLAB, sella=SELLA | {"collab_path": str(runs["collm"] / COLLAB_FILE)})
+                       collab=COLLAB, sella=SELLA | {"collab_path": str(collab)})
     proc = launch(cfg, "sella", 1)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and "no semantic table (stage 2b ran as plain MF)" in out
+    says = "no semantic table (stage 2b ran as plain MF)" if tables == "plain MF" else \
+        f"{collab}: tables for user ids up to 942 and item ids up to 1681, but {ml100k_out} has ids up to 943 and 1681"
+    assert proc.returncode == 2 and says in out
 
 
 def test_scoring_with_fewer_rows_than_ranks_names_the_keys(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -385,3 +406,38 @@ def test_scoring_with_fewer_rows_than_ranks_names_the_keys(runs: dict[str, Path]
     assert proc.returncode == 2
     assert "a rank has no rows to score (2 ranks): score at least one row per rank (sella.eval_rows, eval.rows)" in out
     assert not (run / EVAL_METRICS).exists()
+
+
+def test_the_tables_do_not_step_on_a_step_the_engine_skipped() -> None:
+    """bf16's non-finite gradient norm makes DeepSpeed skip its step: the tables' AdamW skips it too, and a
+    non-finite table norm alone skips it, rather than clipping every row by a NaN factor."""
+    from launcher.recipes.sella_training import step_tables
+
+    def stepped(grad: torch.Tensor, applied: bool) -> tuple[torch.Tensor, float]:
+        w = torch.nn.Parameter(torch.ones(5, 4))
+        opt = torch.optim.AdamW([w], lr=0.1)
+        w.grad = grad
+        norm = step_tables(opt, [w], 0.1, 1.0, applied)
+        assert w.grad is not None and not w.grad.any()  # zeroed for the next step either way
+        return w.detach(), norm
+
+    nan = torch.zeros(5, 4)
+    nan[2, 1] = float("nan")
+    for grad, applied in ((nan, True), (torch.ones(5, 4), False)):
+        w, _ = stepped(grad, applied)
+        assert torch.equal(w, torch.ones(5, 4))
+    w, norm = stepped(torch.ones(5, 4), True)
+    assert norm == pytest.approx(20 ** 0.5) and (w < 1).all()
+
+
+def test_fused_tables_get_no_step_from_a_non_finite_micro_batch() -> None:
+    """The rows' gradient to fused tables is the rank's share (divided by the world size), or zero when any of it
+    is NaN or inf: FBGEMM's fused optimizer steps inside backward and cannot skip."""
+    from launcher.recipes.sella_training import fused_rows_grad
+
+    grad = torch.arange(8.0).reshape(2, 4)
+    assert torch.equal(fused_rows_grad(grad, 2), grad / 2)
+    for bad in (float("nan"), float("inf")):
+        broken = grad.clone()
+        broken[1, 2] = bad
+        assert torch.equal(fused_rows_grad(broken, 2), torch.zeros(2, 4))

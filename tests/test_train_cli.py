@@ -31,6 +31,59 @@ def test_a_resume_on_another_world_size_is_a_change_for_stage_1_but_not_stage_3(
     two_by_2 = config("ml-100k", sella={"micro_batch": 2}, lora={"micro_batch": 2}).model_dump(mode="json")
     one_by_4 = config("ml-100k", sella={"micro_batch": 4}, lora={"micro_batch": 4}).model_dump(mode="json")
     assert changed_keys(two_by_2, one_by_4, "sella", 2, 1) == []
-    assert changed_keys(two_by_2, one_by_4, "sella", 2, 2) == ["sella.global_micro_batch"]
+    assert changed_keys(two_by_2, one_by_4, "sella", 2, 2) == ["sella.micro_batch x ranks"]
     assert changed_keys(two_by_2, two_by_2, "lora", 2, 2) == []
     assert changed_keys(two_by_2, two_by_2, "lora", 2, 1) == ["world"]
+
+
+def test_the_valid_rows_a_stage_selects_on_shape_it() -> None:
+    """Stages 1 and 3 keep the state that scores best on their valid rows: a resume on other rows would compare
+    AUCs of two subsets. Budget keys such as eval_every may change."""
+    from launcher.provenance import changed_keys
+    from tests.conftest import config
+
+    a = config("ml-100k", sella={"eval_rows": 24}, lora={"eval_rows": 24}).model_dump(mode="json")
+    b = config("ml-100k", sella={"eval_rows": 48}, lora={"eval_rows": 48}).model_dump(mode="json")
+    assert changed_keys(a, b, "sella") == ["sella.eval_rows"] and changed_keys(a, b, "lora") == ["lora.eval_rows"]
+    c = config("ml-100k", sella={"eval_rows": 24, "eval_every": 7}, lora={"eval_rows": 24, "eval_every": 7})
+    assert changed_keys(a, c.model_dump(mode="json"), "sella") == changed_keys(a, c.model_dump(mode="json"), "lora") == []
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_auto_settings_are_recorded_as_they_ran(gpu: bool) -> None:
+    """`auto` precision and backend are made concrete, so a bf16 GPU run resumed in fp32 on CPU is a changed key."""
+    import torch
+
+    from launcher.dist import Dist
+    from launcher.engine import resolve
+    from launcher.provenance import changed_keys
+    from tests.conftest import config
+
+    def ran(gpu: bool) -> dict:
+        ctx = Dist(0, 1, 1, torch.device("cpu"), torch.bfloat16 if gpu else torch.float32, "nccl" if gpu else "gloo")
+        return resolve(config("ml-100k"), ctx).model_dump(mode="json")
+
+    ds = ran(gpu)["deepspeed"]
+    assert (ds["zero_stage"], ds["precision"], ds["backend"]) == ((0, "bf16", "nccl") if gpu else (0, "fp32", "gloo"))
+    assert changed_keys(ran(gpu), ran(not gpu), "sella") == ["deepspeed.precision"]
+
+
+@pytest.mark.parametrize(("offload", "zero", "says"), [
+    ({"offload_param": "cpu"}, "auto", "deepspeed.offload_param: cpu needs ZeRO stage 3 or more, and this run is ZeRO-0"),
+    ({"offload_param": "cpu"}, 2, "deepspeed.offload_param: cpu needs ZeRO stage 3"),
+    ({"offload_optimizer": "cpu"}, 0, "deepspeed.offload_optimizer: cpu needs ZeRO stage 1 or more"),
+])
+def test_an_offload_its_zero_stage_ignores_is_refused(offload: dict, zero: int | str, says: str) -> None:
+    """DeepSpeed accepts both offloads under any stage and ignores them where they do not apply."""
+    import torch
+
+    from launcher.dist import Dist
+    from launcher.engine import resolve
+    from tests.conftest import config
+
+    cfg = config("ml-100k", deepspeed={"zero_stage": zero, **offload})
+    with pytest.raises(ValueError, match="needs ZeRO stage") as err:
+        resolve(cfg, Dist(0, 1, 1, torch.device("cpu"), torch.float32, "gloo"))
+    assert says in str(err.value)
+    assert resolve(config("ml-100k", deepspeed={"zero_stage": 3, **offload}), Dist(0, 1, 1, torch.device("cpu"),
+                                                                                 torch.float32, "gloo"))

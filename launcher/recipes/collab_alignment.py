@@ -45,7 +45,7 @@ from launcher import checkpoint
 from launcher.artifacts import COLLAB_FILE, SEMANTIC_FILE, lookup, summary_file
 from launcher.checkpoint import LoopState
 from launcher.config import Config
-from launcher.data import read_items
+from launcher.data import largest_ids, read_items
 from launcher.dist import Dist, gather, max_over_ranks, sums_over_ranks
 from launcher.metrics import format_report, report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
@@ -72,8 +72,7 @@ def read_data(data_dir: Path) -> tuple[dict[str, pd.DataFrame], int, pd.DataFram
             splits[split] = part.to_pandas(self_destruct=True, split_blocks=True)
         del part
         pa.default_memory_pool().release_unused()
-    users = pd.read_parquet(data_dir / "tables" / "users", columns=["user_id"])
-    return splits, int(users.user_id.max()), read_items(data_dir)
+    return splits, largest_ids(data_dir)[0], read_items(data_dir)
 
 
 def semantic_dim(path: Path) -> int:

@@ -4,12 +4,14 @@ For every item, the final-layer hidden state at the last position of the distill
 ("Movie: {title}") through the base model and the stage-1 LoRA adapter (docs/method.md, stage 2a). Items are
 cut into chunks of `distill.chunk_items`; rank r takes chunks r, r + world, ...; each finished chunk is
 written to <run>/distill/chunks/ at once, so a killed run skips the chunks it already has (chunk files are named
-by their size too: a run resumed with another `distill.chunk_items` recomputes rather than misreads them).
+by their size and by the adapter's weights too: a run resumed with another `distill.chunk_items`, or after stage 1
+was trained again, recomputes rather than misreads them).
 Writes: <run>/semantic.safetensors, float32: `semantic` [max item id + 1, d_llm] indexed by item id (row 0 and
 items without a title are zero) and `item_ids`, the ids that have a vector; <run>/distill/summary.json.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -41,13 +43,15 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     chunk_dir.mkdir(parents=True, exist_ok=True)
     items = read_items(data_dir)
     n_chunks = -(-len(items) // distill_cfg.chunk_items)
+    adapter = adapter_dir(cfg, run_dir) if distill_cfg.use_lora else None
+    source = weights_digest(adapter)
 
     def path(chunk: int) -> Path:
-        return chunk_dir / f"chunk-{distill_cfg.chunk_items}-{chunk:06d}.safetensors"
+        return chunk_dir / f"chunk-{distill_cfg.chunk_items}-{source}-{chunk:06d}.safetensors"
 
     todo = [c for c in range(dist_ctx.rank, n_chunks, dist_ctx.world) if not path(c).is_file()]
     skipped = len(range(dist_ctx.rank, n_chunks, dist_ctx.world)) - len(todo)
-    model, tokenizer = load_tuned(cfg.llm, adapter_dir(cfg, run_dir) if distill_cfg.use_lora else None, dist_ctx.dtype)
+    model, tokenizer = load_tuned(cfg.llm, adapter, dist_ctx.dtype)
     model = model.to(dist_ctx.device)
     start, done = time.time(), 0
     for c in tqdm(todo, desc=f"[{STAGE}] rank {dist_ctx.rank}", unit="chunk", disable=not dist_ctx.main, mininterval=1.0):
@@ -65,10 +69,23 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
                "memory_per_rank": gather(peak_memory_mb())}
     if dist_ctx.main:
         merge([path(c) for c in range(n_chunks)], items.item_id.to_numpy(), run_dir / SEMANTIC_FILE,
-              {"model": cfg.llm.model, "lora": str(distill_cfg.use_lora), "prompt": "distill", "domain": cfg.domain})
+              {"model": cfg.llm.model, "lora": str(distill_cfg.use_lora), "adapter_digest": source, "prompt": "distill",
+               "domain": cfg.domain})
         (run_dir / summary_file(STAGE)).write_text(json.dumps(summary, indent=2))
     dist.barrier()
     return summary
+
+
+def weights_digest(adapter: Path | None) -> str:
+    """The first 12 hex digits of the sha256 of the stage-1 adapter's weights ("base" without one): what the
+    chunks were distilled through."""
+    if adapter is None:
+        return "base"
+    digest = hashlib.sha256()
+    with (adapter / "adapter_model.safetensors").open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 @torch.no_grad()

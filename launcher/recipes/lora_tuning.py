@@ -1,13 +1,17 @@
 """Stage 1 (`lora`): TALLRec-style LoRA tuning of the base LLM on the text-only prompts, under DeepSpeed.
 
-Reads: the prep output's train shards (streamed) and a fixed subset of valid rows.
-Writes: <run>/lora/adapter (PEFT adapter + tokenizer), checkpoints under <run>/lora/ckpt, TensorBoard
-scalars under <run>/tb/lora, <run>/lora/summary.json. Resumes from the latest checkpoint by default.
+Checkpoint selection on valid, as in TALLRec: a fixed valid subset is scored every `eval_every` steps and at the
+end, and the adapter of the trained step that scores best is the one written (the zero-shot step 0 is reported, not
+selected). Reads: the prep output's train shards (streamed) and a fixed subset of valid rows.
+Writes: <run>/lora/adapter (PEFT adapter + tokenizer), checkpoints under <run>/lora/ckpt (the best adapter so far in
+ckpt/best-adapter), TensorBoard scalars under <run>/tb/lora, <run>/lora/summary.json. Resumes from the latest
+checkpoint by default.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -65,8 +69,10 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
                                       lr_scheduler=cosine_schedule(lora_cfg, total))
-    state = checkpoint.load(engine, out / "ckpt") or {"step": 0, "zero_shot": None, "curve": [], "seconds": 0.0,
-                                                      "tokens": 0.0}
+    state = {"step": 0, "zero_shot": None, "curve": [], "seconds": 0.0, "tokens": 0.0, "best_auc": -1.0, "best_step": 0,
+             "best_valid": None} | (checkpoint.load(engine, out / "ckpt") or {})
+    carried = ("zero_shot", "curve", "seconds", "tokens", "best_auc", "best_step", "best_valid")
+    best_adapter = out / "ckpt" / "best-adapter"
     start = state["step"]
     per_step = lora_cfg.micro_batch * lora_cfg.grad_accum * dist_ctx.world
 
@@ -75,15 +81,20 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
                         with_answer=False) for s in valid]
     monitor = Monitor(dist_ctx.main, run_dir / "tb" / STAGE, total, start, STAGE)
 
-    def validate(step: int) -> dict:
+    def validate(step: int, selectable: bool = True) -> dict:
+        """Score the valid rows at `step`; the adapter is kept when it is the best trained one so far."""
         metrics, _ = gather_report(valid, score(engine, valid_enc, lora_cfg.eval_batch, no_yes, pad, dist_ctx))
         state["curve"].append(curve_point(step, step * per_step, state["seconds"], metrics))
         monitor.scalars(step, scalars(metrics), "valid/")
         monitor.write(f"[{STAGE}] step {step}: valid, {metrics['overall']['rows']} rows\n{format_report(metrics)}")
+        auc = metrics["overall"]["auc"] or 0.0  # None (one class only) counts as 0
+        if selectable and auc > state["best_auc"]:
+            state["best_auc"], state["best_step"], state["best_valid"] = auc, step, metrics
+            save_adapter(engine.module, tokenizer, best_adapter, cfg.deepspeed.zero_stage == 3, dist_ctx)
         return metrics
 
     if start == 0 and lora_cfg.eval_every and state["zero_shot"] is None:
-        state["zero_shot"] = validate(0)
+        state["zero_shot"] = validate(0, selectable=False)
 
     batches = train_batches(data_dir, "train", encode_train, lora_cfg.micro_batch, dist_ctx.rank, dist_ctx.world, lora_cfg.seed,
                             lora_cfg.shuffle_buffer, (lambda e: len(e.prompt) + len(e.answer)) if lora_cfg.length_grouping else None)
@@ -91,8 +102,9 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     engine.train()
     answer_only = lora_cfg.loss == "answer"
     window_time, tokens, losses = 0.0, 0.0, []
-    stop = total
-    for step in range(start + 1, total + 1):
+    # a run that stopped at its max_minutes, or resumes past a lowered budget, trains no further step
+    stop = start if out_of_time(lora_cfg, state["seconds"]) else max(start, total)
+    for step in range(start + 1, stop + 1):
         t0, lr, step_tokens = time.time(), engine.get_lr()[0], 0.0  # this step's lr, before the scheduler moves on
         for _ in range(lora_cfg.grad_accum):
             batch = {k: v.to(dist_ctx.device) for k, v in collate(next(batches), pad).items()}
@@ -117,18 +129,21 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             window_time, tokens, losses = 0.0, 0.0, []
         else:
             monitor.step({})
+        if lora_cfg.eval_every and step % lora_cfg.eval_every == 0 and step != stop:  # the last one follows the loop
+            validate(step)
+        if step % lora_cfg.save_every == 0 or step == stop:  # the last step too: a relaunch trains no further
+            checkpoint.save(engine, out / "ckpt", step, {k: state[k] for k in carried}, lora_cfg.keep_checkpoints)
         if step == stop:
             break
-        if lora_cfg.eval_every and step % lora_cfg.eval_every == 0:
-            validate(step)
-        if step % lora_cfg.save_every == 0:
-            checkpoint.save(engine, out / "ckpt", step, {k: state[k] for k in ("zero_shot", "curve", "seconds", "tokens")},
-                            lora_cfg.keep_checkpoints)
-    metrics = validate(stop)
-    save_adapter(engine.module, tokenizer, run_dir / ADAPTER, cfg.deepspeed.zero_stage == 3, dist_ctx)
+    metrics = validate(stop)  # (max_steps 0: the untrained adapter is the only one, and selected)
+    if dist_ctx.main:
+        shutil.rmtree(run_dir / ADAPTER, ignore_errors=True)
+        shutil.copytree(best_adapter, run_dir / ADAPTER)
+    torch.distributed.barrier()
     memory = gather(peak_memory_mb())
     summary = {"stage": STAGE, "steps": stop, "planned_steps": total, "resumed_from": start, "world": dist_ctx.world,
-               "zero_stage": cfg.deepspeed.zero_stage, "loss": lora_cfg.loss, "valid": metrics,
+               "zero_stage": cfg.deepspeed.zero_stage, "loss": lora_cfg.loss, "best_step": state["best_step"],
+               "valid": state["best_valid"], "last_valid": metrics,
                "zero_shot_valid": state["zero_shot"], "curve": state["curve"], "train_prompts": stop * per_step,
                "train_tokens": state["tokens"], "train_seconds": state["seconds"],
                "tokens_per_s": state["tokens"] / state["seconds"] if state["seconds"] else None,

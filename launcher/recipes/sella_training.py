@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ from launcher.artifacts import (
 )
 from launcher.checkpoint import LoopState
 from launcher.config import Config
-from launcher.data import SampleIndex, eval_samples, global_batches
+from launcher.data import SampleIndex, eval_samples, global_batches, largest_ids
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import cosine_schedule, ds_config, engine_step, out_of_time, planned_steps, save_adapter
 from launcher.metrics import curve_point, format_report, scalars
@@ -110,18 +111,29 @@ TABLE_OPTIMIZER = {
 }
 
 
-
-
-def step_tables(opt: torch.optim.Optimizer, params: list[torch.Tensor], lr: float, clip: float) -> float:
+def step_tables(opt: torch.optim.Optimizer, params: list[torch.Tensor], lr: float, clip: float, applied: bool) -> float:
     """One AdamW step of the replicated tables, at the engine's lr, their gradients clipped to `clip` like the
-    engine's. TorchRec wraps data_parallel lookups in DDP, so the gradients arrive averaged over ranks, as
-    DeepSpeed averages the projectors'. Returns the tables' gradient norm before clipping."""
+    engine's (the tables' own norm: the projectors' is clipped by DeepSpeed). TorchRec wraps data_parallel lookups
+    in DDP, so the gradients arrive averaged over ranks, as DeepSpeed averages the projectors'. Returns the tables'
+    gradient norm before clipping.
+
+    No step when the engine skipped its own (`applied` false: bf16's non-finite gradient norm) or the tables'
+    norm is not finite: clipping by a NaN factor would turn every row, and AdamW's moments, into NaN for good."""
     norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf")))
-    for group in opt.param_groups:
-        group["lr"] = lr
-    opt.step()
+    if applied and math.isfinite(norm):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
     opt.zero_grad(set_to_none=False)
     return norm
+
+
+def fused_rows_grad(grad: torch.Tensor, world: int) -> torch.Tensor:
+    """The gradient a micro-batch's looked-up rows send to fused-optimizer tables: divided by the world size (the
+    lookup's backward sums the ranks'), and all zero when any of it is not finite, since a fused optimizer steps
+    inside backward and cannot skip a step as DeepSpeed does (a NaN would stay in the rows and their Adagrad
+    state for good). On the device, without a host sync."""
+    return torch.where(torch.isfinite(grad).all(), grad / world, torch.zeros_like(grad))
 
 
 def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
@@ -135,6 +147,11 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         raise ValueError(f"{collab_path}: no semantic table (stage 2b ran as plain MF); "
                          "set sella.warm_token: false or use aligned collab tables")
     names = [USER, ITEM, SEMANTIC] if warm else [USER, ITEM]
+    max_user, max_item = largest_ids(data_dir)
+    if max_user >= shapes[USER][0] or max_item >= shapes[ITEM][0]:  # FBGEMM would read row 0 for them, silently
+        raise ValueError(f"{collab_path}: tables for user ids up to {shapes[USER][0] - 1} and item ids up to "
+                         f"{shapes[ITEM][0] - 1}, but {data_dir} has ids up to {max_user} and {max_item}: stage 2b ran "
+                         "on another prep output; run --stage distill,collab on this one")
     zero3 = cfg.deepspeed.zero_stage == 3
     adamw_tables = sella_cfg.table_optimizer == "adamw"
 
@@ -169,7 +186,6 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     table_opt = torch.optim.AdamW(table_params, lr=sella_cfg.lr, betas=sella_cfg.betas, weight_decay=sella_cfg.weight_decay) \
         if adamw_tables else None
     answer_only = sella_cfg.loss == "answer"
-
 
     def encode_one(sample: Sample, with_answer: bool = True) -> Encoded:
         return encode(tokenizer, sample, STAGE, cfg.domain, llm_cfg.max_length, llm_cfg.history_titles, llm_cfg.chat_template,
@@ -218,15 +234,16 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             tables_state.save_best(out / "ckpt", dense_copy())
         return metrics
 
-    if start == 0 and sella_cfg.eval_every:
+    # a run that stopped at its max_minutes, or resumes past a lowered budget, trains no further step
+    stop = start if out_of_time(sella_cfg, state.seconds) else max(start, total)
+    if start == 0 and (sella_cfg.eval_every or stop == 0):
         validate(state)  # step 0, where training starts: the stage-1 adapter with stage 2b's tables and Proj_C->L
     batches = itertools.islice(global_batches(train, sella_cfg.micro_batch, dist_ctx.rank, dist_ctx.world, sella_cfg.seed),
                                start * sella_cfg.grad_accum, None)
     engine.train()
     losses: list[float] = []
     norms: list[dict[str, float]] = []
-    stop = total
-    for step in range(start + 1, total + 1):
+    for step in range(start + 1, stop + 1):
         t0 = time.time()
         lr = engine.get_lr()[0]  # this step's lr, before the engine's scheduler moves on
         for _ in range(sella_cfg.grad_accum):
@@ -234,9 +251,9 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             batch = {k: v.to(dist_ctx.device) for k, v in collate([encode_one(s) for s in samples],
                                                             tokenizer.pad_token_id).items()}
             rows = rows_of([s["user_id"] for s in samples], [s["item_id"] for s in samples])
-            if dist_ctx.world > 1 and not adamw_tables:  # replicated tables: TorchRec's DDP already averages
+            if not adamw_tables:  # replicated tables: TorchRec's DDP already averages, step_tables skips
                 for r in rows:
-                    r.register_hook(lambda g: g / dist_ctx.world)
+                    r.register_hook(lambda g: fused_rows_grad(g, dist_ctx.world))
             # the global micro-batch's token mean, whatever its split over ranks (DeepSpeed averages the ranks)
             tokens = sum_over_ranks(loss_tokens(batch, answer_only)) / dist_ctx.world
             loss = engine(batch, *rows, answer_only=answer_only, tokens=tokens)
@@ -244,7 +261,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             grad_norm = engine_step(engine, trainable)
             losses.append(loss.item())
             norms.append(engine.module.injected_norms)
-        table_norm = step_tables(table_opt, table_params, lr, sella_cfg.grad_clip) if table_opt is not None else None
+        table_norm = step_tables(table_opt, table_params, lr, sella_cfg.grad_clip, engine.was_step_applied()) \
+            if table_opt is not None else None
         state.step = step
         state.seconds += max_over_ranks(time.time() - t0)
         if out_of_time(sella_cfg, state.seconds):
