@@ -77,9 +77,9 @@ def run(cfg, data: str, mode: str, micro: int, steps: int, dist_ctx, profile: bo
     tokens, nonfinite, table = 0.0, 0, None
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if dist_ctx.device.type == "cuda" else [])
-    for step in range(steps + 1):
-        timed = step > 0
-        profiled = profile and step == steps
+    for step in range(steps + 1 + int(profile)):  # step 0 warms up; the profiled step is one more, not timed
+        timed = 0 < step <= steps
+        profiled = profile and step == steps + 1
         with torch.profiler.profile(activities=activities) if profiled else contextlib.nullcontext() as prof:
             for _ in range(accum):
                 t0 = sync(dist_ctx.device)

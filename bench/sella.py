@@ -38,8 +38,11 @@ RUNS = {
                "sella": {"loss": "answer", "table_optimizer": "rowwise_adagrad"}},
     "zero0": {"deepspeed": {"zero_stage": 0}, "llm": {"history_titles": 10},
               "sella": {"loss": "answer", "table_optimizer": "rowwise_adagrad"}},
-    "after-10": {"deepspeed": {"zero_stage": "auto"}, "llm": {"history_titles": 10}, "sella": {}},
-    "after-3": {"deepspeed": {"zero_stage": "auto"}, "llm": {"history_titles": 3}, "sella": {}},
+    # pinned, not the config's: configs/collm-ml-1m.yaml has since chosen the answer loss on valid
+    "after-10": {"deepspeed": {"zero_stage": "auto"}, "llm": {"history_titles": 10},
+                 "sella": {"loss": "sequence", "table_optimizer": "adamw"}},
+    "after-3": {"deepspeed": {"zero_stage": "auto"}, "llm": {"history_titles": 3},
+                "sella": {"loss": "sequence", "table_optimizer": "adamw"}},
 }
 
 
@@ -51,12 +54,12 @@ def _port() -> int:
 
 def upstream(cfg_path: str, data: Path, run: Path) -> None:
     """A zero-initialised stage-1 adapter and seeded random stage-2b tables (with Proj_C->L) for `data`."""
-    import pandas as pd
     import torch
     from peft import get_peft_model
 
     from embeddings.tables import save_tensors
     from launcher.artifacts import ADAPTER, COLLAB_FILE
+    from launcher.data import largest_ids
     from launcher.recipes.lora_tuning import peft_config
     from llm.model import hidden_size, load_base
     from llm.projector import proj_c_to_l
@@ -65,8 +68,7 @@ def upstream(cfg_path: str, data: Path, run: Path) -> None:
     model, tokenizer = load_base(cfg.llm)
     get_peft_model(model, peft_config(cfg.lora)).save_pretrained(str(run / ADAPTER))
     tokenizer.save_pretrained(str(run / ADAPTER))
-    users = int(pd.read_parquet(data / "tables" / "users").user_id.max())
-    items = int(pd.read_parquet(data / "tables" / "items").item_id.max())
+    users, items = largest_ids(data)
     g = torch.Generator().manual_seed(0)
     dim, d_llm = cfg.collab.dim, hidden_size(cfg.llm)
     tensors = {"user": torch.randn(users + 1, dim, generator=g) * 0.1,

@@ -318,21 +318,26 @@ class TableState:
         return str(Path(ckpt_dir) / tag), None
 
     def save_best(self, ckpt_dir: Path, dense: list[torch.Tensor]) -> None:
-        """Keep the current tables (and the given dense tensors, replicated) as the best state; atomic."""
-        best, tmp = ckpt_dir / "best", ckpt_dir / "best.tmp"
+        """Keep the current tables (and the given dense tensors, replicated) as the best state: written beside it,
+        then renamed in; killed at any point, a best state (the new or the previous one) is left."""
+        best, tmp, previous = ckpt_dir / "best", ckpt_dir / "best.tmp", ckpt_dir / "best.previous"
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
         dcp.save({"model": self.model.state_dict()}, checkpoint_id=tmp)
         if dist.get_rank() == 0:
             torch.save([t.detach().cpu() for t in dense], tmp / "dense.pt")
-            shutil.rmtree(best, ignore_errors=True)
+            if best.exists():
+                shutil.rmtree(previous, ignore_errors=True)
+                best.rename(previous)
             tmp.rename(best)
+            shutil.rmtree(previous, ignore_errors=True)
         dist.barrier()
 
     @torch.no_grad()
     def load_best(self, ckpt_dir: Path) -> list[torch.Tensor]:
         """Restore the best tables into the model; the dense tensors saved with them."""
+        best = ckpt_dir / "best" if (ckpt_dir / "best").exists() else ckpt_dir / "best.previous"  # killed mid-swap
         state = {"model": self.model.state_dict()}
-        dcp.load(state, checkpoint_id=ckpt_dir / "best")
-        return torch.load(ckpt_dir / "best" / "dense.pt", weights_only=False)
+        dcp.load(state, checkpoint_id=best)
+        return torch.load(best / "dense.pt", weights_only=False)

@@ -76,8 +76,12 @@ def adapter_dir(cfg: Config, run_dir: Path) -> Path:
 
 def done(cfg: Config, run_dir: Path, stage: str) -> bool:
     """Whether `--stage all` may skip `stage`: its finished artifact is in this run, or, for the stages whose
-    artifacts `upstream` shares (lora, distill, collab), in the upstream run. The stage-3 model and the
-    eval results are always this run's own."""
-    if (run_dir / DONE[stage]).exists():
-        return True
-    return stage in SHARED_BY_UPSTREAM and lookup(cfg, run_dir, DONE[stage]) is not None
+    artifacts `upstream` shares (lora, distill, collab), in the upstream run (the stage-3 model and the eval
+    results are always this run's own); and, as make decides, no earlier stage finished after it: a stage whose
+    inputs were made again (`--fresh`, a larger budget) is stale and runs again."""
+    own = run_dir / DONE[stage]
+    path = own if own.exists() else lookup(cfg, run_dir, DONE[stage]) if stage in SHARED_BY_UPSTREAM else None
+    if path is None:
+        return False
+    earlier = [lookup(cfg, run_dir, DONE[s]) for s in list(DONE)[:list(DONE).index(stage)]]
+    return all(p is None or p.stat().st_mtime <= path.stat().st_mtime for p in earlier)

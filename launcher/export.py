@@ -153,8 +153,9 @@ def card(export: Path, cfg: Config, metrics: dict | None) -> None:
         ("- `projector.safetensors`: projector A (`a.0` Linear, exact GELU, `a.2` Linear) for user and item vectors, "
         "projector B (`b` Linear) for the semantic vector."),
         "- `tables.safetensors`: `user`, `item`" + (", `semantic`" if "<Warm_ID>" in spec["special_tokens"] else "")
-        + " tables; row = remapped id, row 0 = padding. `ids/users.parquet` and `ids/items.parquet` map the raw "
-        "ids of the data to them (items with their titles).",
+        + " tables; row = remapped id, row 0 = padding (a sharded export has `tables.safetensors.index.json` and "
+        "the files it names instead). `ids/users.parquet` and `ids/items.parquet` map the raw ids of the data to "
+        "them (items with their titles).",
         ("- `prompt.json`: the prompt texts, how titles are chosen and fitted, the chat template, the answer tokens "
         f"(`{spec['answer']['yes']}` = token {spec['answer']['yes_token_id']}, `{spec['answer']['no']}` = token "
         f"{spec['answer']['no_token_id']}, no leading space) and the score rule."),
@@ -190,8 +191,9 @@ def card(export: Path, cfg: Config, metrics: dict | None) -> None:
     (export / CARD).write_text("\n".join(lines))
 
 
-SCORING = '''import json, torch
+SCORING = '''import json, os, torch
 from peft import PeftModel
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -200,7 +202,26 @@ tok = AutoTokenizer.from_pretrained("tokenizer")                   # left paddin
 base = AutoModelForCausalLM.from_pretrained({LOAD}dtype=torch.float32)  # see base.txt
 base.resize_token_embeddings(len(tok))
 model = PeftModel.from_pretrained(base, "adapter").eval()
-tables, proj = load_file("tables.safetensors"), load_file("projector.safetensors")
+
+
+def load_tables(path="tables.safetensors"):                    # one file, or the pieces its index names (sharded)
+    if os.path.exists(path):
+        return load_file(path)
+    tables = {}
+    for key, t in json.load(open(path + ".index.json"))["tensors"].items():
+        tables[key] = full = torch.empty(t["shape"])
+        for p in t["pieces"]:
+            with safe_open(p["file"], "pt") as f:
+                piece = f.get_tensor(p["key"])
+            (r0, r1), (c0, c1) = p["rows"], p["cols"]
+            if full.dim() == 1:
+                full[r0:r1] = piece
+            else:
+                full[r0:r1, c0:c1] = piece
+    return tables
+
+
+tables, proj = load_tables(), load_file("projector.safetensors")
 a = lambda x: torch.nn.functional.linear(torch.nn.functional.gelu(
     torch.nn.functional.linear(x, proj["a.0.weight"], proj["a.0.bias"])), proj["a.2.weight"], proj["a.2.bias"])
 b = lambda x: torch.nn.functional.linear(x, proj["b.weight"], proj["b.bias"])

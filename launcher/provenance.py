@@ -101,9 +101,49 @@ def versions() -> dict[str, str]:
     return out
 
 
+def check_scored(cfg: Config, run_dir: Path, allow_change: bool) -> list[str]:
+    """Stage eval's check: the prompt and model settings (`llm`, `domain`) it scores with against those the stage
+    that trained the scored model (eval.model sella or lora) recorded; the changed keys (raises ConfigChanged on
+    any, unless `allow_change`). Scores of 10-title prompts from a model trained on 3 would be reported as its."""
+    from launcher.artifacts import lookup
+
+    trained = {"sella": "sella", "lora": "lora"}.get(cfg.eval.model)
+    recorded = lookup(cfg, run_dir, f"{trained}/{RUN_CONFIG}") if trained else None
+    if recorded is None:
+        return []
+    old, new = _flat(yaml.safe_load(recorded.read_text())), _flat(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in old.keys() | new.keys() if (k == "domain" or k.startswith("llm.")) and old.get(k) != new.get(k))
+    if changed and not allow_change:
+        detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ConfigChanged(f"{recorded}: eval.model {cfg.eval.model} scores a model stage {trained} trained with other "
+                            f"prompt or model settings ({detail}). Score with the settings it trained with, or "
+                            "continue anyway with --allow-config-change")
+    return changed
+
+
+def check_upstream(cfg: Config, upstream: Path, stage: str, allow_change: bool) -> list[str]:
+    """`--stage all` takes a shared stage (lora, distill, collab) that its `upstream` run finished instead of running
+    it: the keys that shape that stage must be the ones it ran with there (world size and `upstream` aside); the
+    changed keys (raises ConfigChanged on any, unless `allow_change`)."""
+    recorded = upstream / stage / RUN_CONFIG
+    if not recorded.is_file():
+        return []
+    old, new = yaml.safe_load(recorded.read_text()), cfg.model_dump(mode="json")
+    changed = [k for k in changed_keys(old, new, stage) if k != "upstream"]
+    if changed and not allow_change:
+        was, now = shaping(old, stage, 1), shaping(new, stage, 1)
+        detail = "; ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ConfigChanged(f"{recorded}: this run takes stage {stage} from its upstream run, which ran it with other "
+                            f"settings ({detail}). Set them as there, run the stage in a run without upstream, or "
+                            "continue anyway with --allow-config-change")
+    return changed
+
+
 def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool) -> list[str]:
     """Compare `cfg` on `world` ranks with the config recorded by this stage's earlier run; the changed shaping
-    keys (raises ConfigChanged on any, unless `allow_change`)."""
+    keys (raises ConfigChanged on any, unless `allow_change`). For stage eval: `check_scored`."""
+    if stage == "eval":
+        return check_scored(cfg, run_dir, allow_change)
     recorded = run_dir / stage / RUN_CONFIG
     if not recorded.is_file():
         return []

@@ -10,9 +10,9 @@ semantic item vectors from the tuned LLM), collab (stage 2b, the TorchRec-sharde
 them; `--set collab.align.weight=0` gives plain MF), sella (stage 3, the LLM reading the projected collab
 and semantic vectors at <User_ID>, <Item_ID>, <Warm_ID>; the tables stay TorchRec-sharded), eval (Yes/No
 scores of valid and test: per-row Parquet, metrics JSON, ROC/PR curves; eval.model picks sella, lora,
-mf or popularity), all (every stage in that order, skipping those whose finished artifacts exist, then a
-results table). A comma list such as `--stage sella,eval` runs those stages in one launch, in that order.
-Each stage reads the prep output (--data, default out/<config name>) and writes under the run directory
+mf or popularity), all (every stage in that order, skipping those whose finished artifacts exist and are not
+older than an earlier stage's, then a results table). A comma list such as `--stage sella,eval` runs those
+stages in one launch, in that order. Each stage reads the prep output (--data, default out/<config name>) and writes under the run directory
 (--run-dir, default runs/<config name>); a killed run resumes from its latest checkpoint when started
 again. Exit status 2 on a bad config or missing input.
 """
@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the reposit
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher import provenance
-from launcher.artifacts import DONE, EVAL_METRICS, SEMANTIC_FILE, done
+from launcher.artifacts import DONE, EVAL_METRICS, SEMANTIC_FILE, SHARED_BY_UPSTREAM, done
 from launcher.config import Config
 from launcher.metrics import results_table
 from pipeline.config import ConfigError, data_path, load_config, run_path
@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     dist.barrier()
     try:
         changes = {stage: provenance.check(cfg, run_dir, stage, dist_ctx.world, args.allow_config_change) for stage in stages}
+        for stage in SHARED_BY_UPSTREAM if args.stage == "all" else ():
+            if done(cfg, run_dir, stage) and not (run_dir / DONE[stage]).exists():  # taken from the upstream run
+                provenance.check_upstream(cfg, Path(cfg.upstream), stage, args.allow_config_change)
     except provenance.ConfigChanged as err:
         if dist_ctx.main:
             print(f"error: {err}", file=sys.stderr)

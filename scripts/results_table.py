@@ -128,6 +128,9 @@ def paired(configs: list[Path], base: str) -> str:
         if config.stem == base or rows is None:
             continue
         both = rows.merge(reference, on="row_id", suffixes=("", "_base"))
+        if not (both.label == both.label_base).all():
+            raise SystemExit(f"--paired {base}: {config.stem}'s test rows carry other labels under the same row ids "
+                             "(another prep output); pair rows scored on one prep output")
         cells = []
         for mask in group_masks(both.warm.to_numpy()).values():
             d, lo, hi = auc_difference_interval(both.label[mask], both.score[mask], both.score_base[mask])

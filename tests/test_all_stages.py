@@ -61,6 +61,21 @@ def test_all_skips_finished_stages(run: tuple[Path, Path, str]) -> None:
     assert "results of model sella" in out
 
 
+def test_a_row_that_takes_upstream_stages_run_with_other_settings_stops(run: tuple[Path, Path, str],
+                                                                          ml100k_out: Path, tmp_path: Path) -> None:
+    """`--stage all` on a row whose upstream finished stages 1-2 skips them and uses their artifacts, so its own
+    settings of those stages must be the upstream's: a row asking for LoRA r=4 is told, before anything runs."""
+    _, run_dir, _ = run
+    cfg = write_config(tmp_path / "row.yaml", data_dir=str(ml100k_out), run_dir=str(tmp_path / "row"),
+                       upstream=str(run_dir), llm=LLM, **(BUDGET | {"lora": BUDGET["lora"] | {"r": 4}}))
+    proc = launch(cfg, "all", 2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-3000:]
+    assert (f"{run_dir / 'lora' / 'config.yaml'}: this run takes stage lora from its upstream run, which ran it with "
+            "other settings (lora.r: 64 -> 4)") in out
+    assert not (tmp_path / "row" / "sella").exists()
+
+
 def rank(cfg: Path, candidates: Path, out: Path) -> subprocess.CompletedProcess:
     """launcher/rank.py for user 7 of the run."""
     return subprocess.run([sys.executable, "launcher/rank.py", "--config", str(cfg), "--user", "7", "--candidates",

@@ -36,3 +36,22 @@ def test_stage_3_artifacts_are_never_taken_from_upstream(tmp_path: Path) -> None
     (run / SELLA_TABLES).parent.mkdir(parents=True)
     (run / SELLA_TABLES).write_text("{}")
     assert find(cfg, run, SELLA_TABLES) == run / SELLA_TABLES
+
+
+@pytest.mark.parametrize("where", ["this run", "upstream"])
+def test_a_stage_older_than_an_earlier_stages_artifact_is_run_again(tmp_path: Path, where: str) -> None:
+    """make's rule for `--stage all`: stage 2b made again (--fresh, a larger budget) after stage 3 and eval
+    finished leaves those two stale, in this run or when the tables are the upstream run's."""
+    import os
+
+    upstream, run = tmp_path / "upstream", tmp_path / "row"
+    cfg = config("collm-ml-1m", upstream=str(upstream) if where == "upstream" else None)
+    for when, stage in enumerate(DONE):
+        path = (upstream if where == "upstream" and stage in SHARED_BY_UPSTREAM else run) / DONE[stage]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+        os.utime(path, (1_000_000 + when, 1_000_000 + when))
+    assert all(done(cfg, run, s) for s in DONE)
+    collab = lookup(cfg, run, DONE["collab"])
+    os.utime(collab, (2_000_000, 2_000_000))
+    assert [s for s in DONE if not done(cfg, run, s)] == ["sella", "eval"]

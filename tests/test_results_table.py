@@ -80,6 +80,10 @@ def test_paired_differences_against_a_base_row(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py"), *map(str, rows), "--paired", "mf"],
                          cwd=REPO, capture_output=True, text=True, check=False)
     assert bad.returncode != 0 and "--paired mf: not one of the rows given (strong, chance)" in bad.stderr
+    other = _row(tmp_path, "relabeled", 0.8)  # another seed: other labels under the same row ids
+    mixed = subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py"), str(other), str(rows[1]),
+                            "--paired", "chance"], cwd=REPO, capture_output=True, text=True, check=False)
+    assert mixed.returncode != 0 and "--paired chance: relabeled's test rows carry other labels" in mixed.stderr
     usage = subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py"), "--help"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout
     assert "--paired ROW" in usage and "95% intervals" in usage

@@ -292,10 +292,41 @@ def test_the_export_scores_anywhere(runs: dict[str, Path], ml100k_out: Path, val
     assert len(pd.read_parquet(export / "ids" / "items.parquet")) == len(pd.read_parquet(ml100k_out / "tables" / "items").dropna())
 
 
+def shard_export_tables(export: Path) -> None:
+    """Rewrite an export's tables.safetensors as a sharded export: each table in two row pieces in two files, with
+    the index embeddings.tables writes (checked against its reader, TableFile)."""
+    from embeddings.tables import INDEX_FORMAT, INDEX_SUFFIX, TableFile, save_tensors
+
+    whole = load_file(export / "tables.safetensors")
+    files: dict[str, dict[str, torch.Tensor]] = {"collab-00000-of-00002.safetensors": {},
+                                                 "collab-00001-of-00002.safetensors": {}}
+    index: dict[str, dict] = {}
+    for key, t in whole.items():
+        cut = t.shape[0] // 2
+        index[key] = {"shape": list(t.shape), "pieces": []}
+        for (name, part), (lo, hi) in zip(files.items(), ((0, cut), (cut, t.shape[0])), strict=True):
+            part[f"{key}.0"] = t[lo:hi].clone()
+            index[key]["pieces"].append({"file": name, "key": f"{key}.0", "rows": [lo, hi], "cols": [0, t.shape[1]]})
+    for name, part in files.items():
+        save_tensors(export / name, part, {})
+    (export / ("tables.safetensors" + INDEX_SUFFIX)).write_text(json.dumps(
+        {"format": INDEX_FORMAT, "metadata": {}, "tensors": index}))
+    (export / "tables.safetensors").unlink()
+    tables = TableFile(export / "tables.safetensors")
+    assert all(torch.equal(tables.tensor(k), v) for k, v in whole.items())
+
+
+@pytest.mark.parametrize("tables", ["one file", "sharded"])
 def test_the_model_cards_scoring_code_reproduces_stage_eval(runs: dict[str, Path], ml100k_out: Path,
-                                                            valid_eval: dict) -> None:
-    """The card's "Scoring with this folder alone" snippet, run as printed from inside the folder."""
+                                                            valid_eval: dict, tmp_path: Path, tables: str) -> None:
+    """The card's "Scoring with this folder alone" snippet, run as printed from inside the folder, with the tables
+    in one file or sharded (collab.export: sharded, or auto above 2 GiB)."""
+    import shutil
+
     export = runs["two"] / "sella" / "export"
+    if tables == "sharded":
+        export = shutil.copytree(export, tmp_path / "export", symlinks=True)
+        shard_export_tables(export)
     code = (export / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
     scores = pd.read_parquet(runs["two"] / "eval" / "scores-valid.parquet")  # written by valid_eval
     samples = read_samples(ml100k_out, scores.row_id.tolist())

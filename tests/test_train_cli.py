@@ -87,3 +87,28 @@ def test_an_offload_its_zero_stage_ignores_is_refused(offload: dict, zero: int |
     assert says in str(err.value)
     assert resolve(config("ml-100k", deepspeed={"zero_stage": 3, **offload}), Dist(0, 1, 1, torch.device("cpu"),
                                                                                  torch.float32, "gloo"))
+
+
+@pytest.mark.parametrize("model", ["sella", "lora", "popularity"])
+def test_eval_scores_with_the_prompt_settings_the_scored_model_trained_with(tmp_path, model: str) -> None:
+    """Stage eval checks `llm` and `domain` against the config the trained stage recorded (stage 1's may be the
+    upstream run's); popularity reads no LLM."""
+    import yaml
+
+    from launcher.provenance import RUN_CONFIG, ConfigChanged, check
+    from tests.conftest import config
+
+    upstream, run = tmp_path / "upstream", tmp_path / "run"
+    where = (upstream if model == "lora" else run) / {"sella": "sella", "lora": "lora"}.get(model, "sella")
+    where.mkdir(parents=True)
+    (where / RUN_CONFIG).write_text(yaml.safe_dump(config("ml-100k").model_dump(mode="json")))
+    same = config("ml-100k", upstream=str(upstream), eval={"model": model})
+    assert check(same, run, "eval", 2, False) == []
+    other = config("ml-100k", upstream=str(upstream), eval={"model": model}, llm={"history_titles": 7})
+    if model == "popularity":
+        assert check(other, run, "eval", 2, False) == []
+        return
+    with pytest.raises(ConfigChanged, match=rf"eval.model {model} scores a model stage {model} trained with other "
+                                            r"prompt or model settings \(llm.history_titles: \d+ -> 7\)"):
+        check(other, run, "eval", 2, False)
+    assert check(other, run, "eval", 2, True) == ["llm.history_titles"]
