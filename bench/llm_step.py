@@ -112,7 +112,7 @@ def run(cfg, data: str, mode: str, micro: int, steps: int, dist_ctx, profile: bo
     out = {"mode": mode, "micro_batch": micro, "grad_accum": accum, "steps": steps,
            "prompts_per_s": steps * micro * accum / seconds, "tokens_per_s": tokens / seconds,
            "seconds_per_step": {k: v / steps for k, v in phases.items()},
-           "nonfinite_grad_norm_steps": nonfinite, "grad_norm_steps": steps + 1,  # the warm-up step counts here
+           "nonfinite_grad_norm_steps": nonfinite, "grad_norm_steps": steps + 1 + int(profile),  # warm-up and profiled steps count here
            "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if dist_ctx.device.type == "cuda" else None}
     if table:
         out["profile"] = table

@@ -74,14 +74,24 @@ def adapter_dir(cfg: Config, run_dir: Path) -> Path:
     return path
 
 
-def done(cfg: Config, run_dir: Path, stage: str) -> bool:
-    """Whether `--stage all` may skip `stage`: its finished artifact is in this run, or, for the stages whose
-    artifacts `upstream` shares (lora, distill, collab), in the upstream run (the stage-3 model and the eval
-    results are always this run's own); and, as make decides, no earlier stage finished after it: a stage whose
-    inputs were made again (`--fresh`, a larger budget) is stale and runs again."""
+def finished(cfg: Config, run_dir: Path, stage: str) -> Path | None:
+    """`stage`'s finished artifact: in this run, or, for the stages whose artifacts `upstream` shares (lora, distill,
+    collab), in the upstream run (the stage-3 model and the eval results are always this run's own); else None."""
     own = run_dir / DONE[stage]
-    path = own if own.exists() else lookup(cfg, run_dir, DONE[stage]) if stage in SHARED_BY_UPSTREAM else None
-    if path is None:
-        return False
-    earlier = [lookup(cfg, run_dir, DONE[s]) for s in list(DONE)[:list(DONE).index(stage)]]
-    return all(p is None or p.stat().st_mtime <= path.stat().st_mtime for p in earlier)
+    return own if own.exists() else lookup(cfg, run_dir, DONE[stage]) if stage in SHARED_BY_UPSTREAM else None
+
+
+def newer_input(cfg: Config, run_dir: Path, stage: str) -> Path | None:
+    """An earlier stage's finished artifact made after `stage`'s (that stage was run again: `stage` is stale, and
+    launching it would resume its finished run on the old inputs' results), or None."""
+    path = finished(cfg, run_dir, stage)
+    for earlier in list(DONE)[:list(DONE).index(stage)] if path is not None else ():
+        other = lookup(cfg, run_dir, DONE[earlier])
+        if other is not None and other.stat().st_mtime > path.stat().st_mtime:
+            return other
+    return None
+
+
+def done(cfg: Config, run_dir: Path, stage: str) -> bool:
+    """Whether `--stage all` may skip `stage`: it finished, and no earlier stage finished after it (make's rule)."""
+    return finished(cfg, run_dir, stage) is not None and newer_input(cfg, run_dir, stage) is None

@@ -78,6 +78,9 @@ def shaping(config: dict[str, Any], stage: str, world: int) -> dict[str, Any]:
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], stage: str, old_world: int = 1, world: int = 1) -> list[str]:
     a, b = shaping(old, stage, old_world), shaping(new, stage, world)
+    if "auto" in (a.get("deepspeed.precision"), b.get("deepspeed.precision")):  # recorded before it was resolved
+        a.pop("deepspeed.precision", None)
+        b.pop("deepspeed.precision", None)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
@@ -123,13 +126,14 @@ def check_scored(cfg: Config, run_dir: Path, allow_change: bool) -> list[str]:
 
 def check_upstream(cfg: Config, upstream: Path, stage: str, allow_change: bool) -> list[str]:
     """`--stage all` takes a shared stage (lora, distill, collab) that its `upstream` run finished instead of running
-    it: the keys that shape that stage must be the ones it ran with there (world size and `upstream` aside); the
-    changed keys (raises ConfigChanged on any, unless `allow_change`)."""
+    it: the keys that shape that stage must be the ones it ran with there (world size, precision and `upstream`
+    aside); the changed keys (raises ConfigChanged on any, unless `allow_change`)."""
     recorded = upstream / stage / RUN_CONFIG
     if not recorded.is_file():
         return []
     old, new = yaml.safe_load(recorded.read_text()), cfg.model_dump(mode="json")
-    changed = [k for k in changed_keys(old, new, stage) if k != "upstream"]
+    changed = [k for k in changed_keys(old, new, stage) if k not in ("upstream", "deepspeed.precision")]  # (a bf16
+    # adapter serves an fp32 row)
     if changed and not allow_change:
         was, now = shaping(old, stage, 1), shaping(new, stage, 1)
         detail = "; ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in changed)

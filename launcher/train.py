@@ -10,8 +10,8 @@ semantic item vectors from the tuned LLM), collab (stage 2b, the TorchRec-sharde
 them; `--set collab.align.weight=0` gives plain MF), sella (stage 3, the LLM reading the projected collab
 and semantic vectors at <User_ID>, <Item_ID>, <Warm_ID>; the tables stay TorchRec-sharded), eval (Yes/No
 scores of valid and test: per-row Parquet, metrics JSON, ROC/PR curves; eval.model picks sella, lora,
-mf or popularity), all (every stage in that order, skipping those whose finished artifacts exist and are not
-older than an earlier stage's, then a results table). A comma list such as `--stage sella,eval` runs those
+mf or popularity), all (every stage in that order, skipping those whose finished artifacts exist, stopping at
+one older than an earlier stage's, then a results table). A comma list such as `--stage sella,eval` runs those
 stages in one launch, in that order. Each stage reads the prep output (--data, default out/<config name>) and writes under the run directory
 (--run-dir, default runs/<config name>); a killed run resumes from its latest checkpoint when started
 again. Exit status 2 on a bad config or missing input.
@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the reposit
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher import provenance
-from launcher.artifacts import DONE, EVAL_METRICS, SEMANTIC_FILE, SHARED_BY_UPSTREAM, done
+from launcher.artifacts import DONE, EVAL_METRICS, SEMANTIC_FILE, SHARED_BY_UPSTREAM, done, finished, newer_input
 from launcher.config import Config
 from launcher.metrics import results_table
 from pipeline.config import ConfigError, data_path, load_config, run_path
@@ -136,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dist.barrier()  # every rank has read the earlier run's records before rank 0 writes this run's
     for stage in stages:
+        newer = newer_input(cfg, run_dir, stage) if args.stage == "all" else None
+        if newer is not None:
+            if dist_ctx.main:
+                print(f"error: [all] {finished(cfg, run_dir, stage)} is older than {newer}: an earlier stage ran again "
+                      f"after {stage} finished, and resuming {stage} would keep what it made from the old inputs. Run "
+                      f"it again from scratch: --stage {','.join(STAGES[STAGES.index(stage):])} --fresh", file=sys.stderr)
+            dist.destroy_process_group()
+            return 2
         if args.stage == "all" and done(cfg, run_dir, stage):
             if dist_ctx.main:
                 print(f"[all] {stage}: finished artifacts found ({DONE[stage]}), skipped", flush=True)

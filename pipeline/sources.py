@@ -149,7 +149,7 @@ def canonical_id(c: Column, kind: str) -> Column:
     in the item file alike), a string id as it is."""
     if kind == "string":
         return c
-    return F.regexp_replace(F.regexp_replace(c, r"^\+", ""), r"^(-?)0+(?=[0-9])", "$1")
+    return F.regexp_replace(F.regexp_replace(F.regexp_replace(c, r"^\+", ""), r"^(-?)0+(?=[0-9])", "$1"), "^-0$", "0")
 
 
 def _typed_interactions(df: DataFrame, types: ColumnTypes, names: dict[str, str]) -> DataFrame:

@@ -61,6 +61,28 @@ def test_all_skips_finished_stages(run: tuple[Path, Path, str]) -> None:
     assert "results of model sella" in out
 
 
+def test_a_stage_older_than_an_earlier_one_stops_all_and_names_the_command(run: tuple[Path, Path, str],
+                                                                            tmp_path: Path) -> None:
+    """Stage 2b ran again after stage 3 finished: `--stage all` would resume stage 3's finished run and keep tables
+    trained on the old ones, so it stops and says how to run stage 3 and eval again."""
+    import os
+    import shutil
+
+    import yaml
+
+    cfg, run_dir, _ = run
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump(yaml.safe_load(cfg.read_text()) | {"run_dir": str(copy)}))
+    later = (copy / DONE["sella"]).stat().st_mtime + 60
+    os.utime(copy / DONE["collab"], (later, later))
+    proc = launch(tmp_path / "all.yaml", "all", 2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-3000:]
+    assert (f"{copy / DONE['sella']} is older than {copy / DONE['collab']}: an earlier stage ran again after sella "
+            "finished") in out and "--stage sella,eval --fresh" in out
+    assert (copy / DONE["sella"]).stat().st_mtime < later  # nothing ran
+
+
 def test_a_row_that_takes_upstream_stages_run_with_other_settings_stops(run: tuple[Path, Path, str],
                                                                           ml100k_out: Path, tmp_path: Path) -> None:
     """`--stage all` on a row whose upstream finished stages 1-2 skips them and uses their artifacts, so its own

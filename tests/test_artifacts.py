@@ -3,7 +3,17 @@ from pathlib import Path
 
 import pytest
 
-from launcher.artifacts import ADAPTER, DONE, SELLA_PROJECTOR, SELLA_TABLES, SHARED_BY_UPSTREAM, done, find, lookup
+from launcher.artifacts import (
+    ADAPTER,
+    DONE,
+    SELLA_PROJECTOR,
+    SELLA_TABLES,
+    SHARED_BY_UPSTREAM,
+    done,
+    find,
+    lookup,
+    newer_input,
+)
 from tests.conftest import config
 
 
@@ -41,7 +51,8 @@ def test_stage_3_artifacts_are_never_taken_from_upstream(tmp_path: Path) -> None
 @pytest.mark.parametrize("where", ["this run", "upstream"])
 def test_a_stage_older_than_an_earlier_stages_artifact_is_run_again(tmp_path: Path, where: str) -> None:
     """make's rule for `--stage all`: stage 2b made again (--fresh, a larger budget) after stage 3 and eval
-    finished leaves those two stale, in this run or when the tables are the upstream run's."""
+    finished leaves those two stale, in this run or when the tables are the upstream run's (train.py then stops
+    and names the newer artifact)."""
     import os
 
     upstream, run = tmp_path / "upstream", tmp_path / "row"
@@ -55,3 +66,4 @@ def test_a_stage_older_than_an_earlier_stages_artifact_is_run_again(tmp_path: Pa
     collab = lookup(cfg, run, DONE["collab"])
     os.utime(collab, (2_000_000, 2_000_000))
     assert [s for s in DONE if not done(cfg, run, s)] == ["sella", "eval"]
+    assert newer_input(cfg, run, "sella") == newer_input(cfg, run, "eval") == collab

@@ -295,6 +295,16 @@ def test_files_of_one_input_share_one_header_and_inputs_are_named(spark, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+def test_canonical_integer_ids(spark) -> None:
+    from pipeline.sources import canonical_id
+
+    spelled = ["+01", "01", "1", "0", "-0", "-00", "-010", "10", "007"]
+    df = spark.createDataFrame([(v,) for v in spelled], "v string")
+    assert [r[0] for r in df.select(canonical_id(F.col("v"), "int")).collect()] == [
+        "1", "1", "1", "0", "0", "0", "-10", "10", "7"]
+    assert [r[0] for r in df.select(canonical_id(F.col("v"), "string")).collect()] == spelled
+
+
 def test_integer_ids_are_one_id_however_they_are_spelled(spark, tmp_path) -> None:
     """Declared integer ids: `01`, `+1` and `1` are one user, and item `01` of the log is item `1` of the item file."""
     ts = 1_709_294_400  # 2024-03-01, a train month of configs/synthetic.yaml

@@ -66,6 +66,8 @@ def test_auto_settings_are_recorded_as_they_ran(gpu: bool) -> None:
     ds = ran(gpu)["deepspeed"]
     assert (ds["zero_stage"], ds["precision"], ds["backend"]) == ((0, "bf16", "nccl") if gpu else (0, "fp32", "gloo"))
     assert changed_keys(ran(gpu), ran(not gpu), "sella") == ["deepspeed.precision"]
+    legacy = config("ml-100k").model_dump(mode="json")  # recorded before precision was resolved: `auto`
+    assert legacy["deepspeed"]["precision"] == "auto" and changed_keys(legacy, ran(gpu), "sella") == []
 
 
 @pytest.mark.parametrize(("offload", "zero", "says"), [

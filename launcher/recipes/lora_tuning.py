@@ -129,9 +129,12 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             window_time, tokens, losses = 0.0, 0.0, []
         else:
             monitor.step({})
-        if lora_cfg.eval_every and step % lora_cfg.eval_every == 0 and step != stop:  # the last one follows the loop
+        evaluated = lora_cfg.eval_every and step % lora_cfg.eval_every == 0 and step != stop  # (the last follows)
+        if evaluated:
             validate(step)
-        if step % lora_cfg.save_every == 0 or step == stop:  # the last step too: a relaunch trains no further
+        # the last step too (a relaunch trains no further), and every validation (the best adapter it may have kept
+        # and the best AUC a resume compares with are committed together)
+        if step % lora_cfg.save_every == 0 or step == stop or evaluated:
             checkpoint.save(engine, out / "ckpt", step, {k: state[k] for k in carried}, lora_cfg.keep_checkpoints)
         if step == stop:
             break
