@@ -80,6 +80,12 @@ def out_of_time(train_cfg: TrainConfig, train_seconds: float) -> bool:
     return train_cfg.max_minutes is not None and train_seconds >= 60 * train_cfg.max_minutes
 
 
+def last_step(train_cfg: TrainConfig, start: int, total: int, train_seconds: float) -> int:
+    """The step a loop resumed at `start` runs to: `total`, or `start` itself when the run already stopped at its
+    max_minutes or resumes past a lowered budget (a relaunch trains no further step)."""
+    return start if out_of_time(train_cfg, train_seconds) else max(start, total)
+
+
 def planned_steps(train_cfg: TrainConfig, train_rows: int, world: int) -> int:
     """Optimizer steps allowed by the first budget to run out: epochs, max_samples, max_steps."""
     per_step = train_cfg.micro_batch * train_cfg.grad_accum * world

@@ -37,6 +37,7 @@ SHAPES = {
     "sella": ("data_dir", "upstream", "domain", "llm", "sella", "collab.dim", "collab.proj_hidden",
               "deepspeed.precision"),
     "eval": (),
+    "scored": ("domain", "llm"),  # stage eval against the stage that trained the model it scores (check_scored)
 }
 BUDGET = {"max_steps", "epochs", "max_samples", "max_minutes", "eval_every", "eval_batch", "save_every",
           "keep_checkpoints", "log_every", "patience", "max_epochs", "projector_items", "align_eval_items",
@@ -84,6 +85,10 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], stage: str, old_world
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
+def _detail(was: dict[str, Any], now: dict[str, Any], changed: list[str]) -> str:
+    return "; ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in changed)
+
+
 def git_commit(repo: Path) -> dict[str, Any]:
     """HEAD of the repository the code runs from, and whether its tracked files differ from it."""
     def git(*args: str) -> str | None:
@@ -114,10 +119,10 @@ def check_scored(cfg: Config, run_dir: Path, allow_change: bool) -> list[str]:
     recorded = lookup(cfg, run_dir, f"{trained}/{RUN_CONFIG}") if trained else None
     if recorded is None:
         return []
-    old, new = _flat(yaml.safe_load(recorded.read_text())), _flat(cfg.model_dump(mode="json"))
-    changed = sorted(k for k in old.keys() | new.keys() if (k == "domain" or k.startswith("llm.")) and old.get(k) != new.get(k))
+    old, new = yaml.safe_load(recorded.read_text()), cfg.model_dump(mode="json")
+    changed = changed_keys(old, new, "scored")
     if changed and not allow_change:
-        detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        detail = _detail(shaping(old, "scored", 1), shaping(new, "scored", 1), changed)
         raise ConfigChanged(f"{recorded}: eval.model {cfg.eval.model} scores a model stage {trained} trained with other "
                             f"prompt or model settings ({detail}). Score with the settings it trained with, or "
                             "continue anyway with --allow-config-change")
@@ -135,8 +140,7 @@ def check_upstream(cfg: Config, upstream: Path, stage: str, allow_change: bool) 
     changed = [k for k in changed_keys(old, new, stage) if k not in ("upstream", "deepspeed.precision")]  # (a bf16
     # adapter serves an fp32 row)
     if changed and not allow_change:
-        was, now = shaping(old, stage, 1), shaping(new, stage, 1)
-        detail = "; ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        detail = _detail(shaping(old, stage, 1), shaping(new, stage, 1), changed)
         raise ConfigChanged(f"{recorded}: this run takes stage {stage} from its upstream run, which ran it with other "
                             f"settings ({detail}). Set them as there, run the stage in a run without upstream, or "
                             "continue anyway with --allow-config-change")
@@ -157,7 +161,7 @@ def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool
     if changed and not allow_change:
         new = shaping(cfg.model_dump(mode="json"), stage, world) | _flat(cfg.model_dump(mode="json"))
         was = shaping(old, stage, old_world) | _flat(old)
-        detail = "; ".join(f"{k}: {was.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        detail = _detail(was, new, changed)
         raise ConfigChanged(f"{recorded}: stage {stage} ran with other settings that change its model ({detail}). "
                             "Start it over with --fresh, use another --run-dir, or continue anyway with "
                             "--allow-config-change")

@@ -26,7 +26,15 @@ from launcher.artifacts import ADAPTER, summary_file
 from launcher.config import Config, LoraConfig
 from launcher.data import eval_samples, kept_count, train_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
-from launcher.engine import cosine_schedule, ds_config, engine_step, out_of_time, planned_steps, save_adapter
+from launcher.engine import (
+    cosine_schedule,
+    ds_config,
+    engine_step,
+    last_step,
+    out_of_time,
+    planned_steps,
+    save_adapter,
+)
 from launcher.metrics import curve_point, format_report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
 from launcher.validate import gather_report, score
@@ -102,8 +110,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     engine.train()
     answer_only = lora_cfg.loss == "answer"
     window_time, tokens, losses = 0.0, 0.0, []
-    # a run that stopped at its max_minutes, or resumes past a lowered budget, trains no further step
-    stop = start if out_of_time(lora_cfg, state["seconds"]) else max(start, total)
+    stop = last_step(lora_cfg, start, total, state["seconds"])
     for step in range(start + 1, stop + 1):
         t0, lr, step_tokens = time.time(), engine.get_lr()[0], 0.0  # this step's lr, before the scheduler moves on
         for _ in range(lora_cfg.grad_accum):

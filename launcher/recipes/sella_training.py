@@ -64,7 +64,15 @@ from launcher.checkpoint import LoopState
 from launcher.config import Config
 from launcher.data import SampleIndex, eval_samples, global_batches, largest_ids
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
-from launcher.engine import cosine_schedule, ds_config, engine_step, out_of_time, planned_steps, save_adapter
+from launcher.engine import (
+    cosine_schedule,
+    ds_config,
+    engine_step,
+    last_step,
+    out_of_time,
+    planned_steps,
+    save_adapter,
+)
 from launcher.metrics import curve_point, format_report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
 from launcher.validate import gather_report, score
@@ -234,8 +242,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             tables_state.save_best(out / "ckpt", dense_copy())
         return metrics
 
-    # a run that stopped at its max_minutes, or resumes past a lowered budget, trains no further step
-    stop = start if out_of_time(sella_cfg, state.seconds) else max(start, total)
+    stop = last_step(sella_cfg, start, total, state.seconds)
     if start == 0 and (sella_cfg.eval_every or stop == 0):
         validate(state)  # step 0, where training starts: the stage-1 adapter with stage 2b's tables and Proj_C->L
     batches = itertools.islice(global_batches(train, sella_cfg.micro_batch, dist_ctx.rank, dist_ctx.world, sella_cfg.seed),
