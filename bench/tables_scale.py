@@ -45,12 +45,14 @@ def launch(config: Path, ranks: int, run_dir: Path, steps: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".hostfile", delete=False) as f:
         f.write(f"localhost slots={ranks}\n")
     t0 = time.time()
-    subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--hostfile", f.name, "--no_ssh_check",
-                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(REPO / "launcher" / "train.py"),
-                    "--config", str(config), "--stage", "collab", "--fresh", "--run-dir", str(run_dir),
-                    "--set", f"collab.max_steps={steps}"],
-                   cwd=REPO, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    os.unlink(f.name)
+    try:
+        subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--hostfile", f.name, "--no_ssh_check",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                        str(REPO / "launcher" / "train.py"), "--config", str(config), "--stage", "collab", "--fresh",
+                        "--run-dir", str(run_dir), "--set", f"collab.max_steps={steps}"],
+                       cwd=REPO, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    finally:  # a failed launch too
+        os.unlink(f.name)
     summary = json.loads((run_dir / summary_file("collab")).read_text())
     return {"ranks": ranks, "wall_seconds": time.time() - t0, "steps": summary["steps"],
             "samples_per_s": summary["samples_per_s"], "row_updates_per_s": 2 * summary["samples_per_s"],

@@ -7,7 +7,10 @@ fail, not score its upstream's model under its own name.
 """
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 from embeddings.tables import INDEX_SUFFIX
 from launcher.config import Config
@@ -21,6 +24,15 @@ SELLA_ADAPTER = "sella/adapter"                  # stage 3 with sella.train_lora
 SELLA_EXPORT = "sella/export"                    # stage 3: the self-describing folder (launcher/export.py)
 EVAL_SCORES = "eval/scores-{split}.parquet"      # stage eval: per-row scores of one split
 EVAL_METRICS = "eval/metrics.json"               # stage eval: AUC / UAUC with intervals, overall, warm, cold
+
+
+def checkpoint_dir(stage: str) -> str:
+    """Where a training stage keeps its checkpoints, relative to the run directory; `latest.json` there names the
+    newest committed one (launcher/checkpoint.py)."""
+    return f"{stage}/ckpt"
+
+
+CHECKPOINT_LATEST = "latest.json"
 
 
 def summary_file(stage: str) -> str:
@@ -46,13 +58,34 @@ def _run_own(rel: str) -> bool:
     return rel.split("/", 1)[0] in RUN_OWN
 
 
+def replace_folder(new: Path, path: Path) -> None:
+    """Put the finished folder `new` at `path`: the old one is renamed aside first and deleted last, so a kill at any
+    point leaves a whole folder at `path` or at its `.previous` name (`settled`), never a half-written one."""
+    previous = path.with_name(path.name + ".previous")
+    if path.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        path.rename(previous)
+    new.rename(path)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def settled(path: Path) -> Path:
+    """The whole folder `replace_folder` left: `path`, or its `.previous` when a kill fell between the renames."""
+    previous = path.with_name(path.name + ".previous")
+    return previous if not path.exists() and previous.exists() else path
+
+
+def present(path: Path) -> bool:
+    """Whether an artifact is there; a table file also counts when it was exported sharded (its index
+    `<path>.index.json` is there: embeddings.tables.TableFile reads both)."""
+    return path.exists() or Path(str(path) + INDEX_SUFFIX).exists()
+
+
 def lookup(cfg: Config, run_dir: Path, rel: str) -> Path | None:
-    """<run>/<rel>, else <upstream>/<rel> (not for stage 3's and eval's, RUN_OWN), else None. A table file also
-    counts when it was exported sharded (its index `<rel>.index.json` is there: embeddings.tables.TableFile reads
-    both)."""
+    """<run>/<rel>, else <upstream>/<rel> (not for stage 3's and eval's, RUN_OWN), else None."""
     upstream = Path(cfg.upstream) if cfg.upstream and not _run_own(rel) else None
     for base in (run_dir, upstream):
-        if base is not None and ((base / rel).exists() or (base / (rel + INDEX_SUFFIX)).exists()):
+        if base is not None and present(base / rel):
             return base / rel
     return None
 
@@ -81,15 +114,33 @@ def finished(cfg: Config, run_dir: Path, stage: str) -> Path | None:
     return own if own.exists() else lookup(cfg, run_dir, DONE[stage]) if stage in SHARED_BY_UPSTREAM else None
 
 
+def made_so_far(cfg: Config, run_dir: Path, stage: str) -> Path | None:
+    """What `stage` has made from its inputs: its finished artifact, else this run's latest checkpoint of it (a
+    killed run); None when it has not started."""
+    latest = run_dir / checkpoint_dir(stage) / CHECKPOINT_LATEST
+    return finished(cfg, run_dir, stage) or (latest if latest.is_file() else None)
+
+
 def newer_input(cfg: Config, run_dir: Path, stage: str) -> Path | None:
-    """An earlier stage's finished artifact made after `stage`'s (that stage was run again: `stage` is stale, and
-    launching it would resume its finished run on the old inputs' results), or None."""
-    path = finished(cfg, run_dir, stage)
+    """An earlier stage's finished artifact made after what `stage` made (`made_so_far`): that stage was run again,
+    `stage` is stale, and launching it would resume on, or return, what it made from the old inputs; else None."""
+    path = made_so_far(cfg, run_dir, stage)
     for earlier in list(DONE)[:list(DONE).index(stage)] if path is not None else ():
         other = lookup(cfg, run_dir, DONE[earlier])
         if other is not None and other.stat().st_mtime > path.stat().st_mtime:
             return other
     return None
+
+
+def recorded_summary(run_dir: Path, stage: str, outputs: tuple[str, ...], **fields: Any) -> dict[str, Any] | None:
+    """The summary this run's `stage` wrote last, when it records `fields` (the step a relaunch resumed at, the
+    adapter distilled through) and its `outputs` are all there; else None. A relaunch with nothing left to do
+    returns it and writes nothing, so the stages after it stay current (`newer_input` compares times)."""
+    path = run_dir / summary_file(stage)
+    if not path.is_file() or not all(present(run_dir / rel) for rel in outputs):
+        return None
+    summary = json.loads(path.read_text())
+    return summary if all(summary.get(k) == v for k, v in fields.items()) else None
 
 
 def done(cfg: Config, run_dir: Path, stage: str) -> bool:

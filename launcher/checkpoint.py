@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-LATEST = "latest.json"
+from launcher.artifacts import CHECKPOINT_LATEST as LATEST
 
 
 @dataclass

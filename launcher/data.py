@@ -1,6 +1,6 @@
 """Reading the pipeline's WebDataset shards (plain tar files) as schema samples, three ways:
 
-- train_batches: stage 1's endless seeded stream; each rank reads every world-th shard of an epoch.
+- train_batches: stage 1's endless seeded stream; each rank takes every world-th sample of an epoch's shards.
 - SampleIndex + global_batches: stage 3's random access to the whole split at a few bytes per sample, so
   that 1 and n ranks see the same global micro-batches.
 - eval_samples: the fixed valid/test rows every stage scores, chosen by row id, split over ranks.
@@ -114,15 +114,15 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T 
                   length: Callable[[T], int] | None = None) -> Iterator[list[T]]:
     """An endless, seeded stream of this rank's micro-batches of encoded samples, epoch after epoch.
 
-    Epoch e shuffles the shard list with (seed, e) and gives rank r every world-th shard; samples pass a
-    seeded shuffle buffer; `encode` returns None to drop a sample. With `length`, a window of 32
-    micro-batches is sorted by length, cut into batches and the batches shuffled (less padding). The
-    stream depends only on its arguments, so a resumed run skips the batches it already consumed.
+    Epoch e shuffles the shard list with (seed, e); rank r reads every shard in that order and takes every
+    world-th sample, so the ranks' shares of an epoch differ by one sample at most whatever the number and sizes of
+    the shards (with one shard list per rank, a rank with fewer rows would start the next epoch while another had
+    not seen its last rows: an epoch would repeat some rows and miss others). Samples pass a seeded shuffle buffer;
+    `encode` returns None to drop a sample. With `length`, a window of 32 micro-batches is sorted by length, cut
+    into batches and the batches shuffled (less padding). The stream depends only on its arguments, so a resumed
+    run skips the batches it already consumed.
     """
     urls = shard_urls(out_dir, split)
-    if len(urls) < world:
-        raise ValueError(f"{out_dir}: split {split!r} has {len(urls)} shard(s) for {world} ranks; "
-                         "write smaller shards (output.shard_size) or use fewer ranks")
     window = micro_batch * 32 if length else micro_batch
 
     def emit(items: list[T], rng: random.Random) -> list[list[T]]:
@@ -139,26 +139,27 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T 
         buffer: list[Sample] = []
         pending: list[T] = []
         produced = 0
-        for url in order[rank::world]:
-            for sample in read_shard(url):
-                buffer.append(sample)
-                if len(buffer) <= shuffle_buffer:
-                    continue
-                encoded = encode(buffer.pop(rng.randrange(len(buffer))))
-                if encoded is not None:
-                    pending.append(encoded)
-                if len(pending) == window:
-                    batches = emit(pending, rng)
-                    produced += len(batches)
-                    yield from batches
-                    pending = []
+        mine = itertools.islice(itertools.chain.from_iterable(map(read_shard, order)), rank, None, world)
+        for sample in mine:
+            buffer.append(sample)
+            if len(buffer) <= shuffle_buffer:
+                continue
+            encoded = encode(buffer.pop(rng.randrange(len(buffer))))
+            if encoded is not None:
+                pending.append(encoded)
+            if len(pending) == window:
+                batches = emit(pending, rng)
+                produced += len(batches)
+                yield from batches
+                pending = []
         rng.shuffle(buffer)
         pending.extend(e for e in map(encode, buffer) if e is not None)
         batches = emit(pending, rng)
         yield from batches
         if not produced + len(batches):
-            raise ValueError(f"{out_dir}: rank {rank}'s shards of split {split!r} hold fewer than {micro_batch} usable "
-                             "samples (lora.micro_batch; rows without history are dropped with llm.drop_no_history)")
+            raise ValueError(f"{out_dir}: rank {rank}'s share of split {split!r} holds fewer than {micro_batch} usable "
+                             f"samples (lora.micro_batch; {world} ranks; rows without history are dropped with "
+                             "llm.drop_no_history)")
 
 
 def usable(drop_no_history: bool) -> Callable[[Sample], bool]:

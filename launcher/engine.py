@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from launcher.artifacts import recorded_summary, replace_folder, summary_file
 from launcher.config import Config, DeepSpeedConfig, TrainConfig
-from launcher.dist import Dist
+from launcher.dist import Dist, gather
 
 
 def zero_stage(ds: DeepSpeedConfig, dist_ctx: Dist) -> int:
@@ -86,6 +88,16 @@ def last_step(train_cfg: TrainConfig, start: int, total: int, train_seconds: flo
     return start if out_of_time(train_cfg, train_seconds) else max(start, total)
 
 
+def finished_run(run_dir: Path, stage: str, dist_ctx: Dist, outputs: tuple[str, ...], **fields: Any) -> dict[str, Any] | None:
+    """The recorded summary of a relaunched `stage` that has nothing left to do (`artifacts.recorded_summary`, rank
+    0's reading on every rank), announced on rank 0; None when the stage must run."""
+    summary = gather(recorded_summary(run_dir, stage, outputs, **fields) if dist_ctx.main else None)[0]
+    if summary is not None and dist_ctx.main:
+        print(f"[{stage}] {run_dir / summary_file(stage)}: this run already finished with these settings; nothing "
+              "is trained or rewritten (raise its budget to train further, or add --fresh to start over)", flush=True)
+    return summary
+
+
 def planned_steps(train_cfg: TrainConfig, train_rows: int, world: int) -> int:
     """Optimizer steps allowed by the first budget to run out: epochs, max_samples, max_steps."""
     per_step = train_cfg.micro_batch * train_cfg.grad_accum * world
@@ -117,7 +129,8 @@ def engine_step(engine: Any, params: list[torch.nn.Parameter]) -> float:
 
 
 def save_adapter(peft_model: torch.nn.Module, tokenizer, path: Path, zero3: bool, dist_ctx: Dist) -> None:
-    """Gather the LoRA weights (ZeRO-3 partitions them) and save a PEFT adapter with the tokenizer (stages 1 and 3)."""
+    """Gather the LoRA weights (ZeRO-3 partitions them) and save a PEFT adapter with the tokenizer (stages 1 and 3),
+    written beside `path` and then put in place (`artifacts.replace_folder`: a kill never leaves half an adapter)."""
     import deepspeed
     from peft import get_peft_model_state_dict
 
@@ -126,6 +139,9 @@ def save_adapter(peft_model: torch.nn.Module, tokenizer, path: Path, zero3: bool
         if dist_ctx.main:
             state = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(
                 peft_model, save_embedding_layers=False).items()}
-            peft_model.save_pretrained(str(path), state_dict=state, save_embedding_layers=False)
-            tokenizer.save_pretrained(str(path))
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            peft_model.save_pretrained(str(tmp), state_dict=state, save_embedding_layers=False)
+            tokenizer.save_pretrained(str(tmp))
+            replace_folder(tmp, path)
     torch.distributed.barrier()

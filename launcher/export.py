@@ -13,6 +13,8 @@
   ids/users.parquet, ids/items.parquet   raw id -> remapped id (items with their titles)
   base/                 the base weights when no public checkpoint has them: the GGUF file the base came
                         from, or the tiny test model
+  base.txt              where the base model comes from (a hub name, or base/)
+  training.json         stage 3's budget and selection (steps, best step, valid metrics), command, commit, versions
 """
 from __future__ import annotations
 

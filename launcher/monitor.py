@@ -11,10 +11,15 @@ from tqdm import tqdm
 
 
 class Monitor:
-    """TensorBoard writer and tqdm bar on rank 0; no-ops on the other ranks."""
+    """TensorBoard writer and tqdm bar on rank 0; no-ops on the other ranks.
+
+    `initial` is the step a stage resumes at. A resumed stage logs again from step initial + 1, a fresh one (or
+    stage eval, which rescores) from step 0; the writer tells TensorBoard to hide what an earlier writer in `tb_dir`
+    logged from that step on (a killed run's steps past its checkpoint, an earlier eval), so no step shows twice.
+    """
 
     def __init__(self, main: bool, tb_dir: Path, total: int, initial: int, desc: str) -> None:
-        self.writer = SummaryWriter(str(tb_dir)) if main else None
+        self.writer = SummaryWriter(str(tb_dir), purge_step=initial + 1 if initial else 0) if main else None
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
                         disable=not main, file=sys.stderr, mininterval=1.0)
 

@@ -31,11 +31,11 @@ STACK = ("torch", "torchrec", "fbgemm-gpu", "fbgemm-gpu-cpu", "deepspeed", "tran
          "pyspark", "numpy", "pydantic")
 # what shapes each stage's model: top-level keys and sections (budget keys inside them excepted)
 SHAPES = {
-    "lora": ("data_dir", "domain", "llm", "lora", "deepspeed.precision"),
+    "lora": ("data_dir", "domain", "llm", "lora", "deepspeed.precision", "deepspeed.zero_stage"),
     "distill": ("data_dir", "upstream", "domain", "llm", "distill"),
     "collab": ("data_dir", "upstream", "collab"),
     "sella": ("data_dir", "upstream", "domain", "llm", "sella", "collab.dim", "collab.proj_hidden",
-              "deepspeed.precision"),
+              "deepspeed.precision", "deepspeed.zero_stage"),
     "eval": (),
     "scored": ("domain", "llm"),  # stage eval against the stage that trained the model it scores (check_scored)
 }
@@ -45,6 +45,11 @@ BUDGET = {"max_steps", "epochs", "max_samples", "max_minutes", "eval_every", "ev
           "collab.sharding", "collab.export"}  # checkpoints reshard, so a run may resume with another
 # (eval_rows is not a budget key: stages 1 and 3 keep the state that scores best on those valid rows, and a resume
 # on others would compare AUCs of two subsets)
+
+
+RESOLVED = ("deepspeed.precision", "deepspeed.zero_stage")  # `auto` in a config, the machine's value in a record
+# how a stage ran rather than what it made: ignored for a finished stage that `--stage all` skips
+HOW_IT_RAN = ("world", *RESOLVED)
 
 
 class ConfigChanged(ValueError):
@@ -63,25 +68,28 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
 def shaping(config: dict[str, Any], stage: str, world: int) -> dict[str, Any]:
     """The flattened keys of `config` that shape `stage`'s model. Stage 3's micro-batch counts as the global one
     (`sella.micro_batch x ranks`): 2 ranks x 2 see the data of 1 rank x 4
-    (launcher.data.global_batches). Stage 1 streams each rank its own shards (train_batches), so there the
-    world size itself shapes the data a resumed run would skip: `world`."""
+    (launcher.data.global_batches). Stage 1 streams each rank its share through its own shuffle buffer (train_batches), so there the
+    world size itself shapes the data a resumed run would skip: `world`; so it does for stage 3 under ZeRO 1-3, whose
+    partitioned optimizer state DeepSpeed cannot load on another number of ranks. The ZeRO stage shapes what a
+    checkpoint holds."""
     flat = _flat(config)
     keep = SHAPES[stage]
     out = {k: v for k, v in flat.items()
            if any(k == s or k.startswith(s + ".") for s in keep) and k.rsplit(".", 1)[-1] not in BUDGET
            and k not in BUDGET}
-    if stage == "lora":
+    if stage == "lora" or (stage == "sella" and flat.get("deepspeed.zero_stage") not in (0, "auto", None)):
         out["world"] = world
-    elif f"{stage}.micro_batch" in out:
+    if stage != "lora" and f"{stage}.micro_batch" in out:
         out[f"{stage}.micro_batch x ranks"] = out.pop(f"{stage}.micro_batch") * world
     return out
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], stage: str, old_world: int = 1, world: int = 1) -> list[str]:
     a, b = shaping(old, stage, old_world), shaping(new, stage, world)
-    if "auto" in (a.get("deepspeed.precision"), b.get("deepspeed.precision")):  # recorded before it was resolved
-        a.pop("deepspeed.precision", None)
-        b.pop("deepspeed.precision", None)
+    for key in RESOLVED:
+        if "auto" in (a.get(key), b.get(key)):  # recorded before it was resolved
+            a.pop(key, None)
+            b.pop(key, None)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
@@ -147,9 +155,11 @@ def check_upstream(cfg: Config, upstream: Path, stage: str, allow_change: bool) 
     return changed
 
 
-def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool) -> list[str]:
+def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool, resumes: bool = True) -> list[str]:
     """Compare `cfg` on `world` ranks with the config recorded by this stage's earlier run; the changed shaping
-    keys (raises ConfigChanged on any, unless `allow_change`). For stage eval: `check_scored`."""
+    keys (raises ConfigChanged on any, unless `allow_change`). A finished stage that `--stage all` skips
+    (`resumes` False) is not compared on how it ran (HOW_IT_RAN: ranks, precision, ZeRO stage): stages 1-2 on 2
+    CPU ranks, stage 3 on 8 GPUs. For stage eval: `check_scored`."""
     if stage == "eval":
         return check_scored(cfg, run_dir, allow_change)
     recorded = run_dir / stage / RUN_CONFIG
@@ -158,6 +168,8 @@ def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool
     old = yaml.safe_load(recorded.read_text())
     old_world = json.loads((run_dir / stage / PROVENANCE).read_text())["world"]
     changed = changed_keys(old, cfg.model_dump(mode="json"), stage, old_world, world)
+    if not resumes:
+        changed = [k for k in changed if k not in HOW_IT_RAN and not k.endswith(" x ranks")]
     if changed and not allow_change:
         new = shaping(cfg.model_dump(mode="json"), stage, world) | _flat(cfg.model_dump(mode="json"))
         was = shaping(old, stage, old_world) | _flat(old)
@@ -168,12 +180,25 @@ def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool
     return changed
 
 
-def record(cfg: Config, run_dir: Path, stage: str, world: int, changed: list[str]) -> None:
-    """Write <run>/<stage>/config.yaml and provenance.json (rank 0 calls this)."""
+def record(cfg: Config, run_dir: Path, stage: str, world: int, changed: list[str]) -> dict[Path, bytes | None]:
+    """Write <run>/<stage>/config.yaml and provenance.json (rank 0 calls this); returns what they held before, for
+    `restore`."""
     folder = run_dir / stage
     folder.mkdir(parents=True, exist_ok=True)
+    earlier = {p: p.read_bytes() if p.is_file() else None for p in (folder / RUN_CONFIG, folder / PROVENANCE)}
     (folder / RUN_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     repo = Path(__file__).resolve().parents[1]
     (folder / PROVENANCE).write_text(json.dumps({
         "stage": stage, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "world": world,
         "code": git_commit(repo), "versions": versions(), "changed_on_resume": changed}, indent=2))
+    return earlier
+
+
+def restore(earlier: dict[Path, bytes | None]) -> None:
+    """Put back the records `record` replaced: a relaunched stage that had nothing left to do keeps the record of the
+    run that made its artifacts."""
+    for path, data in earlier.items():
+        if data is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(data)

@@ -12,9 +12,11 @@ and semantic vectors at <User_ID>, <Item_ID>, <Warm_ID>; the tables stay TorchRe
 scores of valid and test: per-row Parquet, metrics JSON, ROC/PR curves; eval.model picks sella, lora,
 mf or popularity), all (every stage in that order, skipping those whose finished artifacts exist, stopping at
 one older than an earlier stage's, then a results table). A comma list such as `--stage sella,eval` runs those
-stages in one launch, in that order. Each stage reads the prep output (--data, default out/<config name>) and writes under the run directory
-(--run-dir, default runs/<config name>); a killed run resumes from its latest checkpoint when started
-again. Exit status 2 on a bad config or missing input.
+stages in one launch, in that order. Each stage reads the prep output (--data, else the config's `data_dir`, else
+out/<config name>) and writes under the run directory (--run-dir, else the config's `run_dir`, else runs/<config
+name>); a killed run resumes from its latest checkpoint when started again, and a finished one launched again with
+nothing left to train rewrites nothing. A stage whose run is older than an earlier stage's artifact stops the launch
+(exit 2) with the command that runs it again. Exit status 2 on a bad config or missing input.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the reposit
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher import provenance
-from launcher.artifacts import DONE, EVAL_METRICS, SEMANTIC_FILE, SHARED_BY_UPSTREAM, done, finished, newer_input
+from launcher.artifacts import DONE, EVAL_METRICS, SEMANTIC_FILE, SHARED_BY_UPSTREAM, done, made_so_far, newer_input
 from launcher.config import Config
 from launcher.metrics import results_table
 from pipeline.config import ConfigError, data_path, load_config, run_path
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 (run_dir / SEMANTIC_FILE).unlink(missing_ok=True)
     dist.barrier()
     try:
-        changes = {stage: provenance.check(cfg, run_dir, stage, dist_ctx.world, args.allow_config_change) for stage in stages}
+        changes = {stage: provenance.check(cfg, run_dir, stage, dist_ctx.world, args.allow_config_change,
+                                           resumes=args.stage != "all" or not done(cfg, run_dir, stage)) for stage in stages}
         for stage in SHARED_BY_UPSTREAM if args.stage == "all" else ():
             if done(cfg, run_dir, stage) and not (run_dir / DONE[stage]).exists():  # taken from the upstream run
                 provenance.check_upstream(cfg, Path(cfg.upstream), stage, args.allow_config_change)
@@ -136,26 +139,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dist.barrier()  # every rank has read the earlier run's records before rank 0 writes this run's
     for stage in stages:
-        newer = newer_input(cfg, run_dir, stage) if args.stage == "all" else None
+        newer = newer_input(cfg, run_dir, stage) if stage != "eval" else None  # (eval keeps nothing: it rescores)
         if newer is not None:
             if dist_ctx.main:
-                print(f"error: [all] {finished(cfg, run_dir, stage)} is older than {newer}: an earlier stage ran again "
-                      f"after {stage} finished, and resuming {stage} would keep what it made from the old inputs. Run "
-                      f"it again from scratch: --stage {','.join(STAGES[STAGES.index(stage):])} --fresh", file=sys.stderr)
+                print(f"error: [{args.stage}] {made_so_far(cfg, run_dir, stage)} is older than {newer}: an earlier stage "
+                      f"ran again after {stage} finished or checkpointed, and launching {stage} would keep what it made "
+                      f"from the old inputs. Run it again from scratch: --stage {','.join(STAGES[STAGES.index(stage):])} "
+                      "--fresh", file=sys.stderr)
             dist.destroy_process_group()
             return 2
         if args.stage == "all" and done(cfg, run_dir, stage):
             if dist_ctx.main:
                 print(f"[all] {stage}: finished artifacts found ({DONE[stage]}), skipped", flush=True)
             continue
-        if dist_ctx.main:
-            provenance.record(cfg, run_dir, stage, dist_ctx.world, changes[stage])
+        made = run_dir / DONE[stage]
+        stamp = made.stat().st_mtime_ns if made.exists() else None
+        earlier = provenance.record(cfg, run_dir, stage, dist_ctx.world, changes[stage]) if dist_ctx.main else {}
         try:
             summary = recipes[stage].run(cfg, data_dir, run_dir, dist_ctx)
         except (FileNotFoundError, ValueError) as err:  # a missing artifact or a bad input, named by the stage
             print(f"error: [{stage}, rank {dist_ctx.rank}] {err}", file=sys.stderr, flush=True)
             dist.destroy_process_group()
             return 2
+        if stamp is not None and made.exists() and made.stat().st_mtime_ns == stamp:  # it had nothing left to do
+            provenance.restore(earlier)
         if dist_ctx.main:
             print(json.dumps(summary, indent=1) if len(stages) == 1 else f"[{args.stage}] {stage}: finished", flush=True)
         gc.collect()

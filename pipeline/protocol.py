@@ -15,6 +15,7 @@ import math
 import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -104,8 +105,10 @@ def interaction_rejects(df: DataFrame, source_rows: DataFrame, category: Column)
     return _as_rejects(joined, "interactions", F.col("_category"))
 
 
-def validate_items(items: DataFrame) -> tuple[DataFrame, DataFrame]:
-    """(valid items: item_raw, title; rejected item rows). A repeated item id keeps its first row."""
+def validate_items(items: DataFrame) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """(valid items: item_raw, title; rejected item rows; `item_raw, _rejected_line` for the ids with no valid line
+    but a rejected one: file, line and code of the first, for the interactions that name them). A repeated item id
+    keeps its first row."""
     ok = items.where(F.col("_code").isNull())
     w = Window.partitionBy("item_raw").orderBy("_pos")
     ok = ok.withColumn("_rank", F.row_number().over(w)).withColumn("_first", F.first("_line").over(w))
@@ -113,16 +116,24 @@ def validate_items(items: DataFrame) -> tuple[DataFrame, DataFrame]:
         "duplicate item id %s (first on line %d)", F.col("item_raw"), F.col("_first")))])
     bad = items.where(F.col("_code").isNotNull()).unionByName(
         ok.where(F.col("_code").isNotNull()), allowMissingColumns=True)
-    return ok.where(F.col("_code").isNull()).select("item_raw", "title"), _as_rejects(bad, "items", "invalid")
+    valid = ok.where(F.col("_code").isNull()).select("item_raw", "title")
+    line = F.format_string("%s:%d (%s)", F.regexp_extract("_file", r"([^/]+)$", 1), F.col("_line"), F.col("_code"))
+    rejected_ids = items.where(F.col("_code").isNotNull() & F.col("item_raw").isNotNull()).groupBy("item_raw").agg(
+        F.min_by(line, "_pos").alias("_rejected_line")).join(valid, "item_raw", "left_anti")
+    return valid, _as_rejects(bad, "items", "invalid"), rejected_ids
 
 
-def validate_interactions(inter: DataFrame, items: DataFrame, cfg: ProtocolConfig, items_file: str) -> DataFrame:
-    """Row checks that need the config or the item catalog: ranges, unknown items, missing titles."""
+def validate_interactions(inter: DataFrame, items: DataFrame, rejected_ids: DataFrame, cfg: ProtocolConfig,
+                          items_file: str) -> DataFrame:
+    """Row checks that need the config or the item catalog: ranges, unknown items (an item whose line was rejected
+    is named with that line), missing titles."""
     lo, hi = cfg.rating_range
     t_lo, t_hi = cfg.timestamp_range
     # The item catalog is broadcast (Spark cannot size it: its row numbers come from a driver-side table), so the
     # interaction rows are not shuffled for it.
-    df = inter.join(F.broadcast(items.withColumn("_known", F.lit(True))), "item_raw", "left")
+    known = items.withColumn("_known", F.lit(True)).unionByName(rejected_ids.withColumn("_known", F.lit(False)),
+                                                                 allowMissingColumns=True)
+    df = inter.join(F.broadcast(known), "item_raw", "left")
     return mark_first_failure(df, [
         ((F.col("rating") < lo) | (F.col("rating") > hi), "rating_out_of_range",
          F.format_string(f"rating out of range [{lo:g}, {hi:g}]: %s", F.col("rating").cast("string"))),
@@ -130,27 +141,37 @@ def validate_interactions(inter: DataFrame, items: DataFrame, cfg: ProtocolConfi
          F.format_string(f"timestamp out of range [{t_lo}, {t_hi}]: %d", F.col("timestamp"))),
         (F.col("_known").isNull(), "unknown_item",
          F.format_string(f"unknown item id %s (not in {items_file})", F.col("item_raw"))),
+        (~F.col("_known"), "unknown_item",
+         F.format_string("item id %s: its line %s was rejected", F.col("item_raw"), F.col("_rejected_line"))),
         (F.col("title").isNull(), "missing_title",
          F.format_string(f"item %s has no title in {items_file}", F.col("item_raw"))),
-    ]).drop("title", "_known")  # the title comes back with the item ids (a broadcast): narrower rows till then
+    ]).drop("title", "_known", "_rejected_line")  # the title comes back with the item ids (a broadcast): narrower rows till then
 
 
-def mark_duplicates(df: DataFrame) -> DataFrame:
+def mark_duplicates(df: DataFrame, source_rows: DataFrame, several_files: bool) -> DataFrame:
     """Mark the repeats of a (user, item, timestamp) key among the rows without a code: every row after the first
-    (by input position) is a duplicate_row. The rows themselves are not shuffled: an aggregate of a 64-bit hash of
-    the key finds the hashes seen twice (nearly every key is distinct, so this shuffle holds every row: 8 bytes
-    each instead of the key's strings), the rows with those hashes give the repeated keys, and these are broadcast
-    back to the rows (usually_small)."""
+    (by input position) is a duplicate_row, whose reason names the first one's line (and file, when the input has
+    several: the reader's `source_rows` tell where each file's positions start). The rows themselves are not
+    shuffled: an aggregate of a 64-bit hash of the key finds the hashes seen twice (nearly every key is distinct,
+    so this shuffle holds every row: 8 bytes each instead of the key's strings), the rows with those hashes give the
+    repeated keys, and these are broadcast back to the rows (usually_small)."""
     key = ["user_raw", "item_raw", "timestamp"]
     valid = df.where(F.col("_code").isNull()).withColumn("_kh", F.xxhash64(*key))
     repeated, _ = usually_small(valid.groupBy("_kh").count().where(F.col("count") > 1).select("_kh"))
-    dups = valid.join(repeated, "_kh", "left_semi").groupBy(*key).agg(
+    dups, n = usually_small(valid.join(repeated, "_kh", "left_semi").groupBy(*key).agg(
         F.count(F.lit(1)).alias("_n"), F.min("_pos").alias("_first"), F.min_by("_line", "_pos").alias("_first_line"),
-    ).where(F.col("_n") > 1).drop("_n")
-    df = df.join(usually_small(dups)[0], key, "left")
+    ).where(F.col("_n") > 1).drop("_n"))
+    first = F.format_string("line %d", F.col("_first_line"))
+    if several_files and n:  # a file's rows have the positions from its first row's to the next file's
+        starts = source_rows.groupBy("_file").agg(F.min("_pos").alias("start")).collect()
+        name = F.lit("?")
+        for row in sorted(starts, key=lambda r: r["start"]):
+            name = F.when(F.col("_first") >= row["start"], F.lit(Path(row["_file"]).name)).otherwise(name)
+        first = F.format_string("%s:%d", name, F.col("_first_line"))
+    df = df.join(dups, key, "left")
     return mark_first_failure(df, [(F.col("_code").isNull() & (F.col("_pos") > F.col("_first")), "duplicate_row",
-                                    F.format_string("duplicate (user, item, timestamp) of line %d",
-                                                    F.col("_first_line")))]).drop("_first", "_first_line")
+                                    F.format_string("duplicate (user, item, timestamp) of %s", first))]
+                              ).drop("_first", "_first_line")
 
 
 def month_index(ts: Column, origin: str) -> Column:
@@ -303,11 +324,11 @@ def apply_protocol(raw: RawLog, cfg: ProtocolConfig, user_id_order: str = "numer
     """Turn a RawLog into the protocol's interactions, users, items and rejects."""
     spark = raw.interactions.sparkSession
     spark.conf.set("spark.sql.session.timeZone", "UTC")
-    items_ok, item_rejects = validate_items(raw.items)
+    items_ok, item_rejects, rejected_ids = validate_items(raw.items)
     items_file = ", ".join(p.name for p in raw.item_files)
     # Without the file name and raw text: the rejects take them back from the input (interaction_rejects).
-    validated = validate_interactions(raw.interactions, items_ok, cfg, items_file).drop("_file", "_raw").localCheckpoint()
-    df = mark_duplicates(validated)
+    validated = validate_interactions(raw.interactions, items_ok, rejected_ids, cfg, items_file).drop("_file", "_raw").localCheckpoint()
+    df = mark_duplicates(validated, raw.interactions, len(raw.interaction_files) > 1)
     first_pos = df.where(F.col("_code").isNull()).groupBy("item_raw").agg(
         F.min("_pos").alias("_first_pos"))  # over every valid row
     # Valid rows only: an invalid row's timestamp may be out of any date's range.

@@ -127,8 +127,11 @@ def mark_first_failure(df: DataFrame, checks: list[tuple[Column, str, Column]]) 
     return df.withColumn("_reason", F.coalesce("_reason", reason)).withColumn("_code", F.coalesce("_code", code))
 
 
-def _fields(df: DataFrame, delimiter: str, n: int, names: dict[str, int], what: str) -> DataFrame:
-    """Split `_raw` on a literal delimiter; flag undecodable and malformed lines; pick named fields."""
+def _fields(df: DataFrame, delimiter: str, n: int, names: dict[str, int], what: str,
+            keep: str | None = None) -> DataFrame:
+    """Split `_raw` on a literal delimiter; flag undecodable and malformed lines; pick named fields (null on a flagged
+    line, but for `keep` where the line has it: an item line's id, so that the interactions naming a rejected item
+    can name its line)."""
     parts = F.split(F.col("_raw"), re.escape(delimiter), -1)
     df = df.withColumn("_parts", parts).withColumn("_code", F.lit(None).cast("string")).withColumn(
         "_reason", F.lit(None).cast("string")
@@ -140,7 +143,8 @@ def _fields(df: DataFrame, delimiter: str, n: int, names: dict[str, int], what: 
             F.size("_parts"))),
     ])
     ok = F.col("_code").isNull()
-    cols = [F.when(ok, F.trim(F.col("_parts")[i])).alias(name) for name, i in names.items()]
+    cols = [F.when(ok | ((F.size("_parts") > i) & F.lit(name == keep)), F.trim(F.col("_parts")[i])).alias(name)
+            for name, i in names.items()]
     return df.select("_file", "_line", "_pos", "_raw", "_code", "_reason", *cols)
 
 
@@ -227,7 +231,8 @@ def _delimited(spark: SparkSession, cfg: SourceConfig, input_dir: Path, *, inter
     _expect(inter_files[0], len(parts) == inter_fields and all(p.strip().lstrip("-").replace(".", "").isdigit()
             for p in parts), f"{fmt} ratings (user{inter_delim}item{inter_delim}rating{inter_delim}timestamp)", line)
     inter = _fields(read_lines(spark, inter_files, cfg.encoding, False), inter_delim, inter_fields, inter_names, fmt)
-    items = _fields(read_lines(spark, item_files, cfg.items_encoding, False), item_delim, item_fields, item_names, fmt)
+    items = _fields(read_lines(spark, item_files, cfg.items_encoding, False), item_delim, item_fields, item_names, fmt,
+                    keep="item_raw")
     names = dict(zip(("user_raw", "item_raw", "rating", "timestamp"), (f"{n} ({fmt})" for n in field_names), strict=True))
     return RawLog(_typed_interactions(inter, MOVIELENS, names), _items(items, None, cfg.missing_titles, MOVIELENS.item),
                   inter_files, item_files)
@@ -281,7 +286,8 @@ def read_recbole(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> Raw
         item_cols["year"] = cfg.title_year_field
     n_t, pos_t, _ = _atomic_header(item_files, cfg.items_encoding, item_cols)
     inter = _fields(read_lines(spark, inter_files, cfg.encoding, True), "\t", n_i, pos_i, "RecBole .inter")
-    items = _fields(read_lines(spark, item_files, cfg.items_encoding, True), "\t", n_t, pos_t, "RecBole .item")
+    items = _fields(read_lines(spark, item_files, cfg.items_encoding, True), "\t", n_t, pos_t, "RecBole .item",
+                    keep="item_raw")
     year = F.col("year") if cfg.title_year_field else None
     names = {k: f"{v}:{declared[k]} (RecBole)" for k, v in wanted.items()}
     return RawLog(_typed_interactions(inter, types, names), _items(items, year, cfg.missing_titles, types.item),

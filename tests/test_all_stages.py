@@ -64,7 +64,8 @@ def test_all_skips_finished_stages(run: tuple[Path, Path, str]) -> None:
 def test_a_stage_older_than_an_earlier_one_stops_all_and_names_the_command(run: tuple[Path, Path, str],
                                                                             tmp_path: Path) -> None:
     """Stage 2b ran again after stage 3 finished: `--stage all` would resume stage 3's finished run and keep tables
-    trained on the old ones, so it stops and says how to run stage 3 and eval again."""
+    trained on the old ones, so it stops and says how to run stage 3 and eval again; so does `--stage sella`, and
+    so it does when stage 3 was killed with a checkpoint older than the tables."""
     import os
     import shutil
 
@@ -78,9 +79,15 @@ def test_a_stage_older_than_an_earlier_one_stops_all_and_names_the_command(run: 
     proc = launch(tmp_path / "all.yaml", "all", 2)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2, out[-3000:]
-    assert (f"{copy / DONE['sella']} is older than {copy / DONE['collab']}: an earlier stage ran again after sella "
-            "finished") in out and "--stage sella,eval --fresh" in out
+    assert (f"[all] {copy / DONE['sella']} is older than {copy / DONE['collab']}: an earlier stage ran again after "
+            "sella finished or checkpointed") in out and "--stage sella,eval --fresh" in out
     assert (copy / DONE["sella"]).stat().st_mtime < later  # nothing ran
+    (copy / DONE["sella"]).unlink()  # as a run killed after its last checkpoint leaves it
+    proc = launch(tmp_path / "all.yaml", "sella", 2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-3000:]
+    assert (f"[sella] {copy / 'sella' / 'ckpt' / 'latest.json'} is older than {copy / DONE['collab']}") in out
+    assert not (copy / DONE["sella"]).exists()
 
 
 def test_a_row_that_takes_upstream_stages_run_with_other_settings_stops(run: tuple[Path, Path, str],

@@ -12,7 +12,12 @@ from launcher.artifacts import (
     done,
     find,
     lookup,
+    made_so_far,
     newer_input,
+    recorded_summary,
+    replace_folder,
+    settled,
+    summary_file,
 )
 from tests.conftest import config
 
@@ -67,3 +72,41 @@ def test_a_stage_older_than_an_earlier_stages_artifact_is_run_again(tmp_path: Pa
     os.utime(collab, (2_000_000, 2_000_000))
     assert [s for s in DONE if not done(cfg, run, s)] == ["sella", "eval"]
     assert newer_input(cfg, run, "sella") == newer_input(cfg, run, "eval") == collab
+
+
+def test_a_folder_replaced_is_whole_wherever_a_kill_falls(tmp_path: Path) -> None:
+    """The new folder is written beside and renamed in; a kill between the two renames leaves the old one whole at
+    `.previous`, and `settled` finds it."""
+    path = tmp_path / "best-adapter"
+    for version in ("one", "two"):
+        new = tmp_path / "best-adapter.tmp"
+        new.mkdir()
+        (new / "weights").write_text(version)
+        replace_folder(new, path)
+        assert (settled(path) / "weights").read_text() == version and not new.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-adapter"]
+    path.rename(tmp_path / "best-adapter.previous")  # killed after the old folder was renamed aside
+    assert (settled(path) / "weights").read_text() == "two"
+
+
+def test_a_killed_stage_is_stale_by_its_checkpoint_and_a_summary_is_taken_as_recorded(tmp_path: Path) -> None:
+    """A stage killed after a checkpoint has made something from its inputs: an earlier stage's artifact newer than
+    that checkpoint makes it stale. `recorded_summary` returns a summary only when it records the given fields and
+    the outputs are there."""
+    import json
+    import os
+
+    cfg, run = config("ml-100k"), tmp_path / "run"
+    latest = run / "sella" / "ckpt" / "latest.json"
+    latest.parent.mkdir(parents=True)
+    latest.write_text("{}")
+    (run / DONE["collab"]).parent.mkdir(parents=True)
+    (run / DONE["collab"]).write_text("{}")
+    os.utime(latest, (1_000, 1_000))
+    assert made_so_far(cfg, run, "sella") == latest and newer_input(cfg, run, "sella") == run / DONE["collab"]
+    os.utime(latest, (2e9, 2e9))
+    assert newer_input(cfg, run, "sella") is None
+    (run / summary_file("collab")).write_text(json.dumps({"steps": 12}))
+    assert recorded_summary(run, "collab", ("collab/summary.json",), steps=12) == {"steps": 12}
+    assert recorded_summary(run, "collab", ("collab/summary.json",), steps=8) is None
+    assert recorded_summary(run, "collab", ("collab/collab.safetensors",), steps=12) is None

@@ -83,6 +83,8 @@ def test_each_bad_row_has_its_reason_file_and_line(spark, bad_run) -> None:
         assert (r["raw_bytes"], r["pos"]) == (RATINGS[line_no - 1][0], line_no - 1)  # the input's own line
     assert rejects[("interactions", 3)]["reason"] == "duplicate (user, item, timestamp) of line 2"
     assert "unknown item id 7 (not in movies.dat)" in rejects[("interactions", 4)]["reason"]
+    # item 3 is in movies.dat, on a line that was rejected: that line is named, not "not in movies.dat"
+    assert rejects[("interactions", 5)]["reason"] == "item id 3: its line movies.dat:3 (malformed_line) was rejected"
     assert "rating out of range [1, 5]: 9.0" in rejects[("interactions", 7)]["reason"]
     assert "rating x is not a number" in rejects[("interactions", 8)]["reason"]
     assert "expected 4 fields separated by '::'" in rejects[("interactions", 9)]["reason"]
@@ -293,6 +295,22 @@ def test_files_of_one_input_share_one_header_and_inputs_are_named(spark, tmp_pat
     with pytest.raises(SourceError, match=r"source\.interactions is empty: name the interactions table file"):
         run(config("synthetic", source={"interactions": "", "items": "items.csv"}), tmp_path, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_duplicate_row_names_the_file_of_the_first_one(spark, tmp_path) -> None:
+    """With several interaction files, a repeat names the file and line of the first row (line 1 of either file
+    would be ambiguous); a repeat within one file too."""
+    (tmp_path / "movies.dat").write_bytes(b"1::Toy Story (1995)::Animation\n2::Jumanji (1995)::Adventure\n")
+    (tmp_path / "ratings-a.dat").write_bytes(b"1::1::5::1000000000\n1::2::3::1000000100\n")
+    (tmp_path / "ratings-b.dat").write_bytes(b"2::1::4::1000000000\n1::2::3::1000000100\n2::1::4::1000000000\n")
+    m = run(config("ml-1m", source={"input_dir": str(tmp_path), "interactions": "ratings-?.dat"}), tmp_path,
+            tmp_path / "out")
+    assert (m["rows_in"], m["rows_out"], m["rejected"]) == (5, 3, 2)
+    rejects = {(Path(r["file"]).name, r["line"]): (r["code"], r["reason"])
+               for r in spark.read.parquet(str(tmp_path / "out" / "rejects")).collect()}
+    assert rejects == {
+        ("ratings-b.dat", 2): ("duplicate_row", "duplicate (user, item, timestamp) of ratings-a.dat:2"),
+        ("ratings-b.dat", 3): ("duplicate_row", "duplicate (user, item, timestamp) of ratings-b.dat:1")}
 
 
 def test_canonical_integer_ids(spark) -> None:

@@ -138,13 +138,16 @@ def test_a_checkpoint_resumes_on_another_world_size_and_sharding(runs: dict[str,
 
 def test_a_finished_run_run_again_trains_no_further(runs: dict[str, Path], ml100k_out: Path, semantic: Path,
                                                    tmp_path: Path) -> None:
-    """`--stage collab` on a finished run, with `max_steps` lowered (a budget key): no step past the budget."""
+    """`--stage collab` on a finished run, with `max_steps` lowered (a budget key): no step past the budget, and
+    nothing rewritten (the summary and the tables keep their bytes and times, so stage 3 stays current)."""
     run = tmp_path / "again"
     shutil.copytree(runs["one"], run)
+    files = [run / summary_file("collab"), run / "collab" / "collab.safetensors"]
+    before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
     cfg = _config(tmp_path, ml100k_out, semantic, "again", sharding="table_wise", max_steps=8)
-    finish(launch(cfg, "collab", 1))
-    summary = json.loads((run / summary_file("collab")).read_text())
-    assert summary["resumed_from"] == COLLAB["max_steps"] and summary["steps"] == COLLAB["max_steps"]
+    out = finish(launch(cfg, "collab", 1))
+    assert "this run already finished with these settings; nothing is trained or rewritten" in out
+    assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before
     assert sorted(p.name for p in (run / "collab" / "ckpt").glob("step*")) == \
         sorted(p.name for p in (runs["one"] / "collab" / "ckpt").glob("step*"))
 
@@ -219,6 +222,17 @@ def test_plain_mf_stops_early_without_semantic_table(ml100k_out: Path, semantic:
     assert summary["stopped"] == "early_stop" and summary["steps"] < 400
     assert summary["best_step"] == summary["steps"] - 2 * 4
     assert set(_tables(run)) == {"user", "item"} and summary["align_accuracy"] is None
+    # launched again, with the summary gone as a kill after the last checkpoint leaves it: patience has run out, so
+    # no step is trained past the early stop, and the same tables are written
+    tables = _tables(run)
+    (run / summary_file("collab")).unlink()
+    cfg = _config(tmp_path, ml100k_out, semantic, "mf", max_steps=400, eval_every=4, patience=2, table_lr=0.5,
+                  align={"weight": 0})
+    finish(launch(cfg, "collab", 2))
+    again = json.loads((run / summary_file("collab")).read_text())
+    assert (again["stopped"], again["steps"], again["resumed_from"], again["best_step"]) == (
+        "early_stop", summary["steps"], summary["steps"], summary["best_step"])
+    assert all(torch.equal(tables[k], v) for k, v in _tables(run).items())
 
 
 def test_scale_bench_reads_the_two_rank_export_back_with_stage_3s_loader(ml100k_out: Path, tmp_path: Path) -> None:

@@ -89,6 +89,26 @@ def test_a_resume_with_other_chunks_recomputes_instead_of_misreading_them(
         assert not torch.allclose(b["semantic"], a["semantic"])
 
 
+def test_a_finished_run_launched_again_rewrites_nothing_unless_its_source_changed(
+        runs: dict[str, object], ml100k_out: Path, tmp_path: Path) -> None:
+    """Every chunk and the merged table of the same source are there: nothing is rewritten (so stage 2b, made after
+    it, stays current). With the prompt length changed (the guard overridden), the chunks are of another source and
+    every one is recomputed (here to the same vectors: these prompts are shorter than either length)."""
+    run = tmp_path / "again"
+    shutil.copytree(runs["whole"], run)
+    files = [run / "semantic.safetensors", run / summary_file("distill")]
+    before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
+    cfg = write_config(tmp_path / "again.yaml", data_dir=str(ml100k_out), run_dir=str(run), llm=LLM, distill=DISTILL)
+    out = finish(launch(cfg, "distill"))
+    assert "this run already finished with these settings; nothing is trained or rewritten" in out
+    assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before
+    finish(launch(cfg, "distill", 2, "--set", "llm.max_length=48", "--allow-config-change"))
+    summary = json.loads((run / summary_file("distill")).read_text())
+    assert summary["skipped_chunks"] == 0 and summary["computed_items"] == summary["items"]
+    earlier = json.loads((runs["whole"] / summary_file("distill")).read_text())["source_digest"]
+    assert summary["source_digest"] != earlier and (run / "semantic.safetensors").stat().st_mtime_ns > before[0][1]
+
+
 def test_one_rank_distills_the_same_table_as_two(runs: dict[str, object], ml100k_out: Path, tmp_path: Path) -> None:
     """The chunks are the same on any world size (rank r takes chunks r, r + world, ...): the table does not
     depend on the number of ranks."""

@@ -104,13 +104,18 @@ def test_dry_run_runs_every_row_from_the_parts_then_the_benchmarks(payload: tupl
 @pytest.mark.integration  # starts a subprocess (bash scripts/gpu/run.sh)
 def test_plan_of_some_rows_lists_their_launches_and_upstream(tmp_path: Path) -> None:
     """`--plan --rows mf,collm-like,sella-no-warm --bench`, what GPU run 5 left for a later host session: SeLLa-Rec's
-    stages 1-2 run as the others' upstream, its stage 3 and test do not; then the two benchmarks. Nothing runs."""
+    stages 1-2 run as the others' upstream, its stage 3 and test do not; then the two benchmarks. Nothing runs, and
+    a real run's records in the same folder stay as they were."""
     results = tmp_path / "results"
+    results.mkdir()
+    earlier = {"timing.tsv": "row\tstage\tseconds\tstatus\nsella\tlora\t97\tok\n", "run.log": "an earlier run\n"}
+    for name, text in earlier.items():
+        (results / name).write_text(text)
     proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--plan", "--rows", "mf,collm-like,sella-no-warm", "--bench",
                            "--target", str(tmp_path / "target"), "--results", str(results)],
                           cwd=REPO, capture_output=True, text=True, check=False, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    timing = [line.split("\t") for line in (results / "timing.tsv").read_text().splitlines()[1:]]
+    timing = [line.split("\t") for line in (results / "plan.tsv").read_text().splitlines()[1:]]
     assert sorted((row, stage) for row, stage, *_ in timing) == sorted([
         ("sella", "lora"), ("sella", "distill,collab"), ("mf", "collab,eval"), ("collm-like", "sella,eval"),
         ("sella-no-warm", "sella,eval"), ("bench-llm", "-"), ("bench-collab", "-")])
@@ -120,7 +125,9 @@ def test_plan_of_some_rows_lists_their_launches_and_upstream(tmp_path: Path) -> 
     assert order.index(("sella-no-warm", "sella,eval")) > order.index(("sella", "distill,collab"))
     assert order.index(("bench-llm", "-")) > max(map(order.index, order[:5]))
     assert not (tmp_path / "target" / ".unpacked").exists() and sorted(p.name for p in results.iterdir()) == [
-        "run.log", "timing.tsv"]
+        "plan.log", "plan.tsv", "run.log", "timing.tsv"]
+    assert {name: (results / name).read_text() for name in earlier} == earlier
+    assert "plan: the launches of these flags" in (results / "plan.log").read_text()
 
 
 def test_step_probe_times_engine_and_plain_loop(ml100k_out: Path, tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
@@ -115,18 +114,24 @@ def test_the_written_adapter_is_the_best_trained_one_on_valid(runs: dict[str, Pa
 
 
 def test_a_run_out_of_time_trains_no_further_step(runs: dict[str, Path], tmp_path: Path, ml100k_out: Path) -> None:
-    """The last step is checkpointed, so launching a finished (or time-stopped) run again with its time budget spent
-    trains nothing and writes the same adapter."""
+    """The last step and its validation are checkpointed, so launching a finished (or time-stopped) run again with its
+    time budget spent trains nothing and rewrites nothing: not the adapter, not the summary (so the stages after it
+    stay current for `--stage all`), not a point of the curve."""
     import shutil
 
     run = shutil.copytree(runs["whole"], tmp_path / "whole")
-    before = load_file(run / "lora" / "adapter" / "adapter_model.safetensors")
-    finish(launch(_write_config(tmp_path, ml100k_out, run), "lora", 2, "--set", f"lora.max_steps={STEPS + 10}",
-                  "--set", "lora.max_minutes=0.0001"))
+    files = [run / "lora" / "adapter" / "adapter_model.safetensors", run / summary_file("lora")]
+    before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
+    latest = json.loads((run / "lora" / "ckpt" / "latest.json").read_text())
     summary = json.loads((run / summary_file("lora")).read_text())
-    assert summary["resumed_from"] == summary["steps"] == STEPS
-    after = load_file(run / "lora" / "adapter" / "adapter_model.safetensors")
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert latest["step"] == latest["curve"][-1]["step"] == summary["steps"] == STEPS  # the last validation is in it
+    assert (latest["best_step"], latest["last_valid"]) == (summary["best_step"], summary["last_valid"])
+    out = finish(launch(_write_config(tmp_path, ml100k_out, run), "lora", 2, "--set", f"lora.max_steps={STEPS + 10}",
+                        "--set", "lora.max_minutes=0.0001"))
+    assert "this run already finished with these settings; nothing is trained or rewritten" in out
+    assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before
+    for record in ("config.yaml", "provenance.json"):  # the record of the run that made them, not of this launch
+        assert (run / "lora" / record).read_bytes() == (runs["whole"] / "lora" / record).read_bytes()
 
 
 def test_train_batches_are_seeded_and_rank_disjoint(ml100k_out: Path) -> None:
@@ -143,6 +148,28 @@ def test_train_batches_are_seeded_and_rank_disjoint(ml100k_out: Path) -> None:
     assert take(0, 2) != first
     rows0 = {r for b in first for r in b}
     assert len(rows0) == 240 and not rows0 & {r for b in take(1, 1) for r in b}
+
+
+def test_an_epoch_on_two_ranks_covers_every_row_once_whatever_the_shard_count(ml100k_out: Path, tmp_path: Path) -> None:
+    """Three train shards on two ranks: the ranks' shares of an epoch are equal, so the two streams' first half-epoch
+    each hold every row once (one shard list per rank gave one rank two shards and the other one, which then
+    repeated rows of its next epoch while the first never reached its last rows)."""
+    from itertools import islice
+
+    from launcher.data import read_shard, train_batches
+    from pipeline.schema import shard_urls
+
+    manifest = json.loads((ml100k_out / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"] = manifest["splits"]["train"]["shards"][:3]
+    out = tmp_path / "three-shards"
+    out.mkdir()
+    (out / "shards").symlink_to(ml100k_out / "shards")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    rows = [s["row_id"] for url in shard_urls(out, "train") for s in read_shard(url)]
+    per_rank = len(rows) // 2 // 4
+    seen = [r for rank in (0, 1) for batch in islice(train_batches(out, "train", lambda s: s["row_id"], 4, rank, 2, 0, 50),
+                                                     per_rank) for r in batch]
+    assert len(seen) == len(set(seen)) == 8 * per_rank and set(seen) <= set(rows) and len(rows) - len(seen) < 16
 
 
 def test_a_checkpoint_deepspeed_cannot_load_stops_the_run(runs: dict[str, Path], tmp_path: Path,

@@ -24,7 +24,7 @@ def test_bad_stage_lists_are_named(stage: str, says: str, capsys: pytest.Capture
 
 def test_a_resume_on_another_world_size_is_a_change_for_stage_1_but_not_stage_3() -> None:
     """Stage 3's global micro-batches are the same on 2 ranks x 2 as on 1 rank x 4 (global_batches); stage 1
-    streams each rank its own shards, so a resume on another world size would skip other data."""
+    streams each rank its share through its own shuffle buffer, so a resume on another world size would skip other data."""
     from launcher.provenance import changed_keys
     from tests.conftest import config
 
@@ -34,6 +34,37 @@ def test_a_resume_on_another_world_size_is_a_change_for_stage_1_but_not_stage_3(
     assert changed_keys(two_by_2, one_by_4, "sella", 2, 2) == ["sella.micro_batch x ranks"]
     assert changed_keys(two_by_2, two_by_2, "lora", 2, 2) == []
     assert changed_keys(two_by_2, two_by_2, "lora", 2, 1) == ["world"]
+
+
+def test_under_zero_1_to_3_stage_3_resumes_only_on_its_world_size(tmp_path) -> None:
+    """DeepSpeed partitions ZeRO 1-3 optimizer state by rank and refuses to load it on another number of ranks, so
+    there the world size is a key of stage 3 too; the ZeRO stage is a key of stages 1 and 3. A finished stage that
+    `--stage all` skips (resumes=False) is not compared on how it ran, only on what shapes it."""
+    import json
+
+    import yaml
+
+    from launcher.provenance import PROVENANCE, RUN_CONFIG, ConfigChanged, changed_keys, check
+    from tests.conftest import config
+
+    def ran(zero: int, micro_batch: int, **lora) -> dict:
+        return config("ml-100k", sella={"micro_batch": micro_batch}, lora=lora,
+                      deepspeed={"zero_stage": zero, "precision": "fp32"}).model_dump(mode="json")
+
+    assert changed_keys(ran(3, 2), ran(3, 4), "sella", 2, 1) == ["world"]
+    assert changed_keys(ran(0, 2), ran(0, 4), "sella", 2, 1) == []
+    assert changed_keys(ran(0, 2), ran(3, 2), "sella", 2, 2) == ["deepspeed.zero_stage", "world"]
+    assert changed_keys(ran(0, 2), ran(3, 2), "lora", 2, 2) == ["deepspeed.zero_stage"]
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / RUN_CONFIG).write_text(yaml.safe_dump(ran(0, 2)))  # stage 1 ran on 2 CPU ranks
+    (tmp_path / "lora" / PROVENANCE).write_text(json.dumps({"world": 2}))
+    on_8_gpus = config("ml-100k", sella={"micro_batch": 2}, deepspeed={"zero_stage": 3, "precision": "bf16"})
+    with pytest.raises(ConfigChanged, match=r"deepspeed\.zero_stage: 0 -> 3.*world: 2 -> 8"):
+        check(on_8_gpus, tmp_path, "lora", 8, allow_change=False)
+    assert check(on_8_gpus, tmp_path, "lora", 8, allow_change=False, resumes=False) == []
+    other_rank = on_8_gpus.model_copy(update={"lora": on_8_gpus.lora.model_copy(update={"r": 4})})
+    with pytest.raises(ConfigChanged, match=r"lora\.r: 64 -> 4"):
+        check(other_rank, tmp_path, "lora", 8, allow_change=False, resumes=False)
 
 
 def test_the_valid_rows_a_stage_selects_on_shape_it() -> None:

@@ -10,8 +10,10 @@ is its share of the global loss, so a run gives the same tables on any number of
 Validation every epoch (or `eval_every` steps) on all valid rows; the best valid AUC is kept and training
 stops after `patience` validations without improvement. Test is scored once, on the kept state.
 
-Reads: <data>/tables/{interactions,users,items}, <run>/semantic.safetensors (stage 2a) when w > 0.
-Writes: <run>/collab/collab.safetensors (the gathered tables `user`, `item`, `semantic`, and `projector.*`),
+Reads: <data>/tables/{interactions,users,items}; when w > 0, stage 2a's vectors: `collab.semantic_path`, else
+<run>/semantic.safetensors, else the `upstream` run's.
+Writes: <run>/collab/collab.safetensors (the gathered tables `user`, `item`, `semantic`, and `projector.*`; sharded
+with an index file under `collab.export`, embeddings.tables),
 <run>/collab/summary.json, TensorBoard under <run>/tb/collab (losses, valid AUC/UAUC, alignment accuracy,
 the embedding projector of item vectors labelled with titles).
 """
@@ -42,11 +44,12 @@ from embeddings.tables import (
     sharded_export,
 )
 from launcher import checkpoint
-from launcher.artifacts import COLLAB_FILE, SEMANTIC_FILE, lookup, summary_file
+from launcher.artifacts import COLLAB_FILE, SEMANTIC_FILE, checkpoint_dir, lookup, summary_file
 from launcher.checkpoint import LoopState
 from launcher.config import Config
 from launcher.data import largest_ids, read_items
 from launcher.dist import Dist, gather, max_over_ranks, sums_over_ranks
+from launcher.engine import finished_run
 from launcher.metrics import format_report, report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
 from llm.projector import STAGE2_PREFIX, proj_c_to_l
@@ -103,7 +106,7 @@ def forward_all(model: torch.nn.Module, ids: dict[str, torch.Tensor], batch: int
 def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     """Train the Collab model; returns the summary written to <run>/collab/summary.json."""
     collab_cfg = cfg.collab
-    out = run_dir / STAGE
+    ckpt = run_dir / checkpoint_dir(STAGE)
     splits, max_user, items = read_data(data_dir)
     max_item = int(items.item_id.max())
     aligned = collab_cfg.align.weight > 0
@@ -150,8 +153,12 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     total = min(collab_cfg.max_epochs * per_epoch, collab_cfg.max_steps or 1 << 62)
     align_items = items.item_id.to_numpy()[:collab_cfg.align_eval_items]
     tables_state = TableState(sharded_model, dense_opt)  # world-size independent: a run may resume on other ranks
-    state = LoopState.restored(checkpoint.load(tables_state, out / "ckpt"))
-    stopped, resumed_from = "budget", state.step
+    state = LoopState.restored(checkpoint.load(tables_state, ckpt))
+    early = state.stale >= collab_cfg.patience  # stopped early before: a relaunch trains no further
+    if (early or state.step >= total) and (recorded := finished_run(run_dir, STAGE, dist_ctx, (COLLAB_FILE,),
+                                                                    steps=state.step)):
+        return recorded
+    stopped, resumed_from = "early_stop" if early else "budget", state.step
     monitor = Monitor(dist_ctx.main, run_dir / "tb" / STAGE, total, state.step, STAGE)
 
     def validate(state: LoopState) -> bool:
@@ -165,13 +172,14 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         monitor.write(f"[{STAGE}] step {step}: valid\n{format_report(metrics)}"
                       + (f"\nalignment accuracy {logs['align_acc']:.4f}" if aligned else ""))
         if state.record(metrics):
-            tables_state.save_best(out / "ckpt", [])  # the projector is in the model's state dict
-        checkpoint.save(tables_state, out / "ckpt", step, state.carried(), collab_cfg.keep_checkpoints)
+            tables_state.save_best(ckpt, [])  # the projector is in the model's state dict
+        state.seconds = max_over_ranks(state.seconds)  # the slowest rank's: a resumed run's time is a whole run's
+        checkpoint.save(tables_state, ckpt, step, state.carried(), collab_cfg.keep_checkpoints)
         return state.stale >= collab_cfg.patience
 
     labels_all = torch.as_tensor(train.label.to_numpy(), dtype=torch.float32)
     users_all, items_all = train.user_id.to_numpy(), train.item_id.to_numpy()
-    for epoch in range(state.step // per_epoch, collab_cfg.max_epochs if state.step < total else 0):
+    for epoch in range(state.step // per_epoch, collab_cfg.max_epochs if state.step < total and not early else 0):
         order = np.random.default_rng([collab_cfg.seed, epoch]).permutation(len(train))
         for b in range(state.step - epoch * per_epoch if epoch == state.step // per_epoch else 0, per_epoch):
             t0 = time.time()
@@ -209,7 +217,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         if stopped == "early_stop" or state.step >= total:
             break
 
-    tables_state.load_best(out / "ckpt")
+    tables_state.load_best(ckpt)
     test = evaluate("test")
     monitor.write(f"[{STAGE}] best step {state.best_step}: test\n{format_report(test)}")
     accuracy = align_accuracy(align_items) if aligned else None

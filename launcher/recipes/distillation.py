@@ -4,8 +4,10 @@ For every item, the final-layer hidden state at the last position of the distill
 ("Movie: {title}") through the base model and the stage-1 LoRA adapter (docs/method.md, stage 2a). Items are
 cut into chunks of `distill.chunk_items`; rank r takes chunks r, r + world, ...; each finished chunk is
 written to <run>/distill/chunks/ at once, so a killed run skips the chunks it already has (chunk files are named
-by their size and by the adapter's weights too: a run resumed with another `distill.chunk_items`, or after stage 1
-was trained again, recomputes rather than misreads them).
+by their size and by a digest of the adapter's weights and the model and prompt settings, `source_digest`: a run
+resumed with another `distill.chunk_items`, after stage 1 was trained again, or with other settings, recomputes
+rather than misreads them). A relaunch that finds every chunk and the merged file of the same source rewrites
+nothing.
 Writes: <run>/semantic.safetensors, float32: `semantic` [max item id + 1, d_llm] indexed by item id (row 0 and
 items without a title are zero) and `item_ids`, the ids that have a vector; <run>/distill/summary.json.
 """
@@ -28,6 +30,7 @@ from launcher.artifacts import SEMANTIC_FILE, adapter_dir, summary_file
 from launcher.config import Config
 from launcher.data import read_items
 from launcher.dist import Dist, gather, max_over_ranks
+from launcher.engine import finished_run
 from launcher.monitor import peak_memory_mb
 from llm.model import load_tuned
 from llm.prompts import Encoded, encode_distill
@@ -44,13 +47,16 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     items = read_items(data_dir)
     n_chunks = -(-len(items) // distill_cfg.chunk_items)
     adapter = adapter_dir(cfg, run_dir) if distill_cfg.use_lora else None
-    source = weights_digest(adapter)
+    source = source_digest(adapter, cfg, dist_ctx.dtype)
 
     def path(chunk: int) -> Path:
         return chunk_dir / f"chunk-{distill_cfg.chunk_items}-{source}-{chunk:06d}.safetensors"
 
     todo = [c for c in range(dist_ctx.rank, n_chunks, dist_ctx.world) if not path(c).is_file()]
     skipped = len(range(dist_ctx.rank, n_chunks, dist_ctx.world)) - len(todo)
+    if not any(gather(len(todo))) and (recorded := finished_run(run_dir, STAGE, dist_ctx, (SEMANTIC_FILE,), items=len(items),
+                                                                chunks=n_chunks, source_digest=source)):
+        return recorded
     model, tokenizer = load_tuned(cfg.llm, adapter, dist_ctx.dtype)
     model = model.to(dist_ctx.device)
     start, done = time.time(), 0
@@ -63,28 +69,29 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     seconds = max_over_ranks(time.time() - start)
     dist.barrier()
     computed = sum(gather(done))
-    summary = {"stage": STAGE, "items": len(items), "chunks": n_chunks, "computed_items": computed,
+    summary = {"stage": STAGE, "items": len(items), "chunks": n_chunks, "source_digest": source, "computed_items": computed,
                "skipped_chunks": sum(gather(skipped)), "seconds": seconds, "world": dist_ctx.world,
                "items_per_s": computed / seconds if computed else None,
                "memory_per_rank": gather(peak_memory_mb())}
     if dist_ctx.main:
         merge([path(c) for c in range(n_chunks)], items.item_id.to_numpy(), run_dir / SEMANTIC_FILE,
-              {"model": cfg.llm.model, "lora": str(distill_cfg.use_lora), "adapter_digest": source, "prompt": "distill",
+              {"model": cfg.llm.model, "lora": str(distill_cfg.use_lora), "source_digest": source, "prompt": "distill",
                "domain": cfg.domain})
         (run_dir / summary_file(STAGE)).write_text(json.dumps(summary, indent=2))
     dist.barrier()
     return summary
 
 
-def weights_digest(adapter: Path | None) -> str:
-    """The first 12 hex digits of the sha256 of the stage-1 adapter's weights ("base" without one): what the
-    chunks were distilled through."""
-    if adapter is None:
-        return "base"
-    digest = hashlib.sha256()
-    with (adapter / "adapter_model.safetensors").open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
+def source_digest(adapter: Path | None, cfg: Config, dtype: torch.dtype) -> str:
+    """The first 12 hex digits of the sha256 of what the vectors are made from: the stage-1 adapter's weights (none:
+    the base model) and the settings of the model and the distillation prompt. Chunks of another source (stage 1
+    trained again, another model, prompt length, domain, chat template or precision) are recomputed, not reused."""
+    digest = hashlib.sha256(json.dumps([cfg.llm.model, cfg.llm.max_length, cfg.domain, cfg.distill.chat_template,
+                                        str(dtype)]).encode())
+    if adapter is not None:
+        with (adapter / "adapter_model.safetensors").open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
     return digest.hexdigest()[:12]
 
 

@@ -13,7 +13,9 @@ import itertools
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import deepspeed
 import torch
@@ -22,7 +24,8 @@ from peft import get_peft_model
 from transformers.integrations import HfDeepSpeedConfig
 
 from launcher import checkpoint
-from launcher.artifacts import ADAPTER, summary_file
+from launcher.artifacts import ADAPTER, checkpoint_dir, settled, summary_file
+from launcher.checkpoint import LoopState
 from launcher.config import Config, LoraConfig
 from launcher.data import eval_samples, kept_count, train_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
@@ -30,6 +33,7 @@ from launcher.engine import (
     cosine_schedule,
     ds_config,
     engine_step,
+    finished_run,
     last_step,
     out_of_time,
     planned_steps,
@@ -52,10 +56,20 @@ def peft_config(lora_cfg: LoraConfig) -> PeftLoraConfig:
                           task_type="CAUSAL_LM")
 
 
+@dataclass
+class LoraState(LoopState):
+    """The loop state of stages 2b and 3 (the best valid AUC, selected by the same rule) and what stage 1 reports
+    besides: the zero-shot validation at step 0 (never selected), the tokens trained on, the last validation."""
+
+    zero_shot: dict[str, Any] | None = None
+    tokens: float = 0.0
+    last_valid: dict[str, Any] | None = None
+
+
 def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     """Train the stage-1 adapter; returns the summary written to <run>/lora/summary.json."""
     lora_cfg, llm_cfg = cfg.lora, cfg.llm
-    out = run_dir / STAGE
+    ckpt = run_dir / checkpoint_dir(STAGE)
     torch.manual_seed(lora_cfg.seed)
     config = ds_config(cfg.deepspeed, lora_cfg, dist_ctx, hidden_size(llm_cfg))
     zero3 = HfDeepSpeedConfig(config) if cfg.deepspeed.zero_stage == 3 else None  # load into partitions
@@ -77,11 +91,12 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
                                       lr_scheduler=cosine_schedule(lora_cfg, total))
-    state = {"step": 0, "zero_shot": None, "curve": [], "seconds": 0.0, "tokens": 0.0, "best_auc": -1.0, "best_step": 0,
-             "best_valid": None} | (checkpoint.load(engine, out / "ckpt") or {})
-    carried = ("zero_shot", "curve", "seconds", "tokens", "best_auc", "best_step", "best_valid")
-    best_adapter = out / "ckpt" / "best-adapter"
-    start = state["step"]
+    state = LoraState.restored(checkpoint.load(engine, ckpt))
+    best_adapter = ckpt / "best-adapter"
+    start = state.step
+    stop = last_step(lora_cfg, start, total, state.seconds)
+    if stop == start and (recorded := finished_run(run_dir, STAGE, dist_ctx, (ADAPTER,), steps=start)):
+        return recorded
     per_step = lora_cfg.micro_batch * lora_cfg.grad_accum * dist_ctx.world
 
     valid = eval_samples(data_dir, "valid", lora_cfg.eval_rows, dist_ctx.rank, dist_ctx.world, llm_cfg.drop_no_history)
@@ -89,20 +104,21 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
                         with_answer=False) for s in valid]
     monitor = Monitor(dist_ctx.main, run_dir / "tb" / STAGE, total, start, STAGE)
 
-    def validate(step: int, selectable: bool = True) -> dict:
-        """Score the valid rows at `step`; the adapter is kept when it is the best trained one so far."""
+    def validate(selectable: bool = True) -> dict:
+        """Score the valid rows at `state.step`; the adapter is kept when it is the best trained one so far."""
+        step = state.step
         metrics, _ = gather_report(valid, score(engine, valid_enc, lora_cfg.eval_batch, no_yes, pad, dist_ctx))
-        state["curve"].append(curve_point(step, step * per_step, state["seconds"], metrics))
+        state.curve.append(curve_point(step, step * per_step, state.seconds, metrics))
         monitor.scalars(step, scalars(metrics), "valid/")
         monitor.write(f"[{STAGE}] step {step}: valid, {metrics['overall']['rows']} rows\n{format_report(metrics)}")
-        auc = metrics["overall"]["auc"] or 0.0  # None (one class only) counts as 0
-        if selectable and auc > state["best_auc"]:
-            state["best_auc"], state["best_step"], state["best_valid"] = auc, step, metrics
-            save_adapter(engine.module, tokenizer, best_adapter, cfg.deepspeed.zero_stage == 3, dist_ctx)
+        if selectable:
+            state.last_valid = metrics
+            if state.record(metrics):
+                save_adapter(engine.module, tokenizer, best_adapter, cfg.deepspeed.zero_stage == 3, dist_ctx)
         return metrics
 
-    if start == 0 and lora_cfg.eval_every and state["zero_shot"] is None:
-        state["zero_shot"] = validate(0, selectable=False)
+    if start == 0 and lora_cfg.eval_every and state.zero_shot is None:
+        state.zero_shot = validate(selectable=False)
 
     batches = train_batches(data_dir, "train", encode_train, lora_cfg.micro_batch, dist_ctx.rank, dist_ctx.world, lora_cfg.seed,
                             lora_cfg.shuffle_buffer, (lambda e: len(e.prompt) + len(e.answer)) if lora_cfg.length_grouping else None)
@@ -110,7 +126,6 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     engine.train()
     answer_only = lora_cfg.loss == "answer"
     window_time, tokens, losses = 0.0, 0.0, []
-    stop = last_step(lora_cfg, start, total, state["seconds"])
     for step in range(start + 1, stop + 1):
         t0, lr, step_tokens = time.time(), engine.get_lr()[0], 0.0  # this step's lr, before the scheduler moves on
         for _ in range(lora_cfg.grad_accum):
@@ -122,11 +137,12 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             step_tokens += float(batch["attention_mask"].sum())
         elapsed = max_over_ranks(time.time() - t0)
         step_tokens = sum_over_ranks(step_tokens)  # counted every step: a resumed run's total equals a whole run's
-        state["seconds"] += elapsed
-        state["tokens"] += step_tokens
+        state.step, state.samples = step, state.samples + per_step
+        state.seconds += elapsed
+        state.tokens += step_tokens
         window_time += elapsed
         tokens += step_tokens
-        if out_of_time(lora_cfg, state["seconds"]):
+        if out_of_time(lora_cfg, state.seconds):
             stop = step
         if step % lora_cfg.log_every == 0 or step == stop:
             logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / dist_ctx.world, "lr": lr,
@@ -136,28 +152,31 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             window_time, tokens, losses = 0.0, 0.0, []
         else:
             monitor.step({})
-        evaluated = lora_cfg.eval_every and step % lora_cfg.eval_every == 0 and step != stop  # (the last follows)
+        evaluated = (lora_cfg.eval_every and step % lora_cfg.eval_every == 0) or step == stop
         if evaluated:
-            validate(step)
-        # the last step too (a relaunch trains no further), and every validation (the best adapter it may have kept
-        # and the best AUC a resume compares with are committed together)
-        if step % lora_cfg.save_every == 0 or step == stop or evaluated:
-            checkpoint.save(engine, out / "ckpt", step, {k: state[k] for k in carried}, lora_cfg.keep_checkpoints)
+            validate()
+        # every validation, the last step's included (the best adapter it may have kept and the best AUC a resume
+        # compares with are committed together; a relaunch trains no further)
+        if step % lora_cfg.save_every == 0 or evaluated:
+            checkpoint.save(engine, ckpt, step, state.carried(), lora_cfg.keep_checkpoints)
         if step == stop:
             break
-    metrics = validate(stop)  # (max_steps 0: the untrained adapter is the only one, and selected)
+    # a relaunch at a step without a validation (its budget lowered below it); max_steps 0: the untrained adapter is
+    # the only one, and selected
+    if stop == 0 or not state.curve or state.curve[-1]["step"] != stop:
+        validate()
     if dist_ctx.main:
         shutil.rmtree(run_dir / ADAPTER, ignore_errors=True)
-        shutil.copytree(best_adapter, run_dir / ADAPTER)
+        shutil.copytree(settled(best_adapter), run_dir / ADAPTER)
     torch.distributed.barrier()
     memory = gather(peak_memory_mb())
     summary = {"stage": STAGE, "steps": stop, "planned_steps": total, "resumed_from": start, "world": dist_ctx.world,
-               "zero_stage": cfg.deepspeed.zero_stage, "loss": lora_cfg.loss, "best_step": state["best_step"],
-               "valid": state["best_valid"], "last_valid": metrics,
-               "zero_shot_valid": state["zero_shot"], "curve": state["curve"], "train_prompts": stop * per_step,
-               "train_tokens": state["tokens"], "train_seconds": state["seconds"],
-               "tokens_per_s": state["tokens"] / state["seconds"] if state["seconds"] else None,
-               "samples_per_s": stop * per_step / state["seconds"] if state["seconds"] else None,
+               "zero_stage": cfg.deepspeed.zero_stage, "loss": lora_cfg.loss, "best_step": state.best_step,
+               "valid": state.best_valid, "last_valid": state.last_valid,
+               "zero_shot_valid": state.zero_shot, "curve": state.curve, "train_prompts": stop * per_step,
+               "train_tokens": state.tokens, "train_seconds": state.seconds,
+               "tokens_per_s": state.tokens / state.seconds if state.seconds else None,
+               "samples_per_s": stop * per_step / state.seconds if state.seconds else None,
                "skipped_steps": engine.skipped_steps,  # DeepSpeed skipped them: non-finite gradients
                "memory_per_rank": memory}
     if dist_ctx.main:

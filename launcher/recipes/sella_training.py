@@ -2,10 +2,9 @@
 
 One job, one process group. A DeepSpeed engine (ZeRO auto: 0 on one host, 3 across hosts) holds SellaLM: the frozen base LLM,
 the stage-1 LoRA (trained too with `sella.train_lora`) and the hybrid projector. The collab user/item
-tables and the semantic table stay TorchRec-sharded (DistributedModelParallel) with fused optimizers.
-Per micro-batch each rank looks its rows up in the sharded tables, the engine injects their projections at
-<User_ID>, <Item_ID>, <Warm_ID> and computes the answer loss, and engine.backward carries the gradient
-through the projector into the tables, whose fused optimizers update them inside that backward pass.
+tables and the semantic table are TorchRec tables (DistributedModelParallel). Per micro-batch each rank looks
+its rows up in the tables, the engine injects their projections at <User_ID>, <Item_ID>, <Warm_ID> and computes
+the loss, and engine.backward carries the gradient through the projector into the tables.
 
 The authors' recipe is the default (docs/method.md): one AdamW, one lr, over projectors and tables. FBGEMM's
 CPU kernels have no fused Adam, so with `table_optimizer: adamw` the tables are TorchRec `data_parallel`
@@ -54,9 +53,11 @@ from launcher import checkpoint, export
 from launcher.artifacts import (
     COLLAB_FILE,
     SELLA_ADAPTER,
+    SELLA_EXPORT,
     SELLA_PROJECTOR,
     SELLA_TABLES,
     adapter_dir,
+    checkpoint_dir,
     find,
     summary_file,
 )
@@ -68,6 +69,7 @@ from launcher.engine import (
     cosine_schedule,
     ds_config,
     engine_step,
+    finished_run,
     last_step,
     out_of_time,
     planned_steps,
@@ -147,7 +149,7 @@ def fused_rows_grad(grad: torch.Tensor, world: int) -> torch.Tensor:
 def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     """Train SeLLa-Rec; returns the summary written to <run>/sella/summary.json."""
     sella_cfg, llm_cfg, collab_cfg = cfg.sella, cfg.llm, cfg.collab
-    out = run_dir / STAGE
+    ckpt = run_dir / checkpoint_dir(STAGE)
     collab_path = Path(sella_cfg.collab_path) if sella_cfg.collab_path else find(cfg, run_dir, COLLAB_FILE)
     shapes, stage2 = read_collab(collab_path, STAGE2_PREFIX if sella_cfg.projector_init == "stage2" else None)
     warm = sella_cfg.warm_token
@@ -211,8 +213,12 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
                                       lr_scheduler=cosine_schedule(sella_cfg, total))
     tables_state = TableState(sharded_model, table_opt)  # world-size independent: a run may resume on other ranks
     both = EngineAndTables(engine, tables_state)
-    state = LoopState.restored(checkpoint.load(both, out / "ckpt"))
+    state = LoopState.restored(checkpoint.load(both, ckpt))
     start = state.step
+    stop = last_step(sella_cfg, start, total, state.seconds)
+    outputs = (SELLA_TABLES, SELLA_PROJECTOR, SELLA_EXPORT) + ((SELLA_ADAPTER,) if sella_cfg.train_lora else ())
+    if stop == start and (recorded := finished_run(run_dir, STAGE, dist_ctx, outputs, steps=start)):
+        return recorded
     per_step = sella_cfg.micro_batch * sella_cfg.grad_accum * dist_ctx.world
 
     valid = eval_samples(data_dir, "valid", sella_cfg.eval_rows, dist_ctx.rank, dist_ctx.world, llm_cfg.drop_no_history)
@@ -239,10 +245,9 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         monitor.write(f"[{STAGE}] step {step}: valid, {metrics['overall']['rows']} rows\n{format_report(metrics)}")
         state.curve.append(curve_point(step, step * per_step, state.seconds, metrics))
         if state.record(metrics):
-            tables_state.save_best(out / "ckpt", dense_copy())
+            tables_state.save_best(ckpt, dense_copy())
         return metrics
 
-    stop = last_step(sella_cfg, start, total, state.seconds)
     if start == 0 and (sella_cfg.eval_every or stop == 0):
         validate(state)  # step 0, where training starts: the stage-1 adapter with stage 2b's tables and Proj_C->L
     batches = itertools.islice(global_batches(train, sella_cfg.micro_batch, dist_ctx.rank, dist_ctx.world, sella_cfg.seed),
@@ -289,11 +294,11 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         if (sella_cfg.eval_every and step % sella_cfg.eval_every == 0) or step == stop:
             validate(state)
         if (sella_cfg.eval_every and step % sella_cfg.eval_every == 0) or step % sella_cfg.save_every == 0 or step == stop:
-            checkpoint.save(both, out / "ckpt", step, state.carried(), sella_cfg.keep_checkpoints)
+            checkpoint.save(both, ckpt, step, state.carried(), sella_cfg.keep_checkpoints)
         if step == stop:
             break
 
-    dense_best = tables_state.load_best(out / "ckpt")
+    dense_best = tables_state.load_best(ckpt)
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=0, enabled=zero3), torch.no_grad():
         for p, v in zip(trainable, dense_best, strict=True):
             p.copy_(v.to(p.device, p.dtype))

@@ -9,7 +9,7 @@
 #   scripts/gpu/run.sh --set lora.micro_batch=64 ...   # config overrides for every launch (repeatable)
 #   scripts/gpu/run.sh --rows sella,text-only,popularity  # some rows only (SeLLa-Rec's stages 1-2 always run: the
 #                                         # others read them; its stage 3 and test only when sella is listed)
-#   scripts/gpu/run.sh --plan --rows ... --bench  # the launches those flags would run, in timing.tsv, none run
+#   scripts/gpu/run.sh --plan --rows ... --bench  # the launches those flags would run, in plan.tsv, none run
 #
 # Steps: (1) check the parts against their manifest, join the model, unpack the prep output and install the kit
 # (scripts/gpu/payload.py unpack); (2) check FBGEMM's CUDA table kernels against a reference on a few fused
@@ -48,7 +48,9 @@ done
 [[ ,$ROWS, != *,collm-like,* || ,$ROWS, == *,mf,* ]] || { echo "run.sh: --rows: collm-like reads mf's tables, list mf too" >&2; exit 2; }
 mkdir -p "$RESULTS" "$TARGET"
 RESULTS=$(realpath "$RESULTS") TARGET=$(realpath "$TARGET")
-exec > >(tee "$RESULTS/run.log") 2>&1
+TIMING=$RESULTS/timing.tsv LOG=$RESULTS/run.log
+[ $PLAN = 0 ] || TIMING=$RESULTS/plan.tsv LOG=$RESULTS/plan.log  # a plan leaves a real run's records as they are
+exec > >(tee "$LOG") 2>&1
 START=$(date +%s)
 left() { echo $(( DEADLINE - $(date +%s) )); }  # seconds to the deadline
 say() { echo "[gpu-run +$(( $(date +%s) - START ))s] $*"; }
@@ -85,7 +87,7 @@ DATA=$TARGET/data/$DATA_NAME
 [ $PLAN = 1 ] || [ -f "$DATA/manifest.json" ] || { echo "run.sh: no prep output $DATA in the payload" >&2; exit 2; }
 WORK=$TARGET/work  # run directories (runs/gpu/...) live here, not in the repository copy
 mkdir -p "$WORK"
-printf 'row\tstage\tseconds\tstatus\n' > "$RESULTS/timing.tsv"
+printf 'row\tstage\tseconds\tstatus\n' > "$TIMING"
 
 TABLES=1
 if [ $PLAN = 1 ] || $PY scripts/gpu/check_tables.py --device $DEVICE 2>&1 | tee "$RESULTS/check.txt"; then :; else
@@ -103,16 +105,16 @@ launch() {  # ROW STAGES: one launcher/train.py job (STAGES: one stage or a comm
   local row=$1 stage=$2 t0 left rc=0 status=ok log=$WORK/logs/$1-${2//,/-}.log
   t0=$(date +%s) left=$(left)
   if [ $left -lt 45 ]; then
-    printf '%s\t%s\t0\tskipped: %ss to the deadline\n' "$row" "$stage" $left >> "$RESULTS/timing.tsv"
+    printf '%s\t%s\t0\tskipped: %ss to the deadline\n' "$row" "$stage" $left >> "$TIMING"
     say "$row: --stage $stage skipped (${left}s to the deadline)"; return 1
   fi
   say "$row: --stage $stage"
-  if [ $PLAN = 1 ]; then printf '%s\t%s\t0\tplanned\n' "$row" "$stage" >> "$RESULTS/timing.tsv"; return 0; fi
+  if [ $PLAN = 1 ]; then printf '%s\t%s\t0\tplanned\n' "$row" "$stage" >> "$TIMING"; return 0; fi
   (cd "$WORK" && timeout -k 15 $left $PY -m deepspeed.launcher.runner "${LAUNCH[@]}" --master_addr 127.0.0.1 \
       --master_port $(( 29500 + RANDOM % 3000 )) "$REPO/launcher/train.py" --config "$REPO/configs/gpu/comparison/$row.yaml" \
       --stage "$stage" --data "$DATA" "${SETARGS[@]}") > "$log" 2>&1 || rc=$?
   case $rc in 0) ;; 124|137) status="stopped at the deadline";; *) status=failed;; esac
-  printf '%s\t%s\t%s\t%s\n' "$row" "$stage" $(( $(date +%s) - t0 )) "$status" >> "$RESULTS/timing.tsv"
+  printf '%s\t%s\t%s\t%s\n' "$row" "$stage" $(( $(date +%s) - t0 )) "$status" >> "$TIMING"
   say "$row: --stage $stage $status in $(( $(date +%s) - t0 ))s"
   [ "$status" = ok ] || { grep -v '^\s*$' "$log" | tail -n 25 | sed "s/^/[$row $stage] /"; return 1; }
 }
@@ -135,11 +137,11 @@ wanted() {  # ROW: true when --rows lists it
 
 needs_tables() {  # ROW: false (and the row skipped) when the table kernels failed their check
   [ $TABLES = 1 ] && return 0
-  printf '%s\t-\t0\tskipped: needs the table kernels\n' "$1" >> "$RESULTS/timing.tsv"; return 1
+  printf '%s\t-\t0\tskipped: needs the table kernels\n' "$1" >> "$TIMING"; return 1
 }
 
 skip() {  # ROW STAGE UPSTREAM: a launch left out because a launch it reads (UPSTREAM: "ROW STAGE") failed
-  printf '%s\t%s\t0\tskipped: upstream %s failed\n' "$1" "$2" "$3" >> "$RESULTS/timing.tsv"
+  printf '%s\t%s\t0\tskipped: upstream %s failed\n' "$1" "$2" "$3" >> "$TIMING"
   say "$1: --stage $2 skipped: upstream $3 failed"
 }
 
@@ -190,13 +192,13 @@ fi
 bench() {  # NAME SECONDS COMMAND...: one benchmark (it measures its own baseline) when SECONDS fit the deadline
   local name=$1 need=$2 t0 rc=0; shift 2
   if [ "$(left)" -lt "$need" ]; then
-    printf '%s\t-\t0\tskipped: %ss to the deadline\n' "$name" "$(left)" >> "$RESULTS/timing.tsv"; return
+    printf '%s\t-\t0\tskipped: %ss to the deadline\n' "$name" "$(left)" >> "$TIMING"; return
   fi
   say "$name: $*"; t0=$(date +%s)
-  if [ $PLAN = 1 ]; then printf '%s\t-\t0\tplanned\n' "$name" >> "$RESULTS/timing.tsv"; return; fi
+  if [ $PLAN = 1 ]; then printf '%s\t-\t0\tplanned\n' "$name" >> "$TIMING"; return; fi
   timeout -k 15 "$(left)" "$@" > "$WORK/logs/$name.log" 2>&1 || rc=$?
   printf '%s\t-\t%s\t%s\n' "$name" $(( $(date +%s) - t0 )) "$([ $rc = 0 ] && echo ok || echo "failed ($rc)")" \
-    >> "$RESULTS/timing.tsv"
+    >> "$TIMING"
   [ $rc = 0 ] || grep -v '^\s*$' "$WORK/logs/$name.log" | tail -n 25 | sed "s/^/[$name] /"
 }
 if [ $BENCH = 1 ]; then
@@ -216,7 +218,7 @@ if [ $BENCH = 1 ]; then
   fi
 fi
 
-if [ $PLAN = 1 ]; then cat "$RESULTS/timing.tsv"; exit 0; fi
+if [ $PLAN = 1 ]; then cat "$TIMING"; exit 0; fi
 say "collecting results"
 ROW_CONFIGS=()
 for r in "${ROW_LIST[@]}"; do ROW_CONFIGS+=("$REPO/configs/gpu/comparison/$r.yaml"); done
@@ -230,5 +232,5 @@ collected() {  # what comes back from the host (8 files at most): summaries, met
     -o -path '*/tb/*/[0-9]*/*' -o -name '*.safetensors' -o -name '*.gguf' \) -prune -o -type f -print
 }
 (cd "$WORK" && collected | tar -czf "$RESULTS/results.tar.gz" -T -)
-cat "$RESULTS/timing.tsv"
+cat "$TIMING"
 say "done: $RESULTS"
