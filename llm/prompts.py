@@ -88,10 +88,11 @@ def encode(tokenizer: Tokenizer, sample: Sample, kind: Kind, domain: Domain, max
            history_titles: int = 10, chat: bool = True, with_answer: bool = True, warm: bool = True) -> Encoded:
     """Tokenize one sample; drops the oldest history titles until prompt + answer fit in `max_length`.
 
-    `warm` keeps <Warm_ID> in the stage-3 prompt.
+    The answer's length is reserved when scoring too (`with_answer` False), so a scored prompt keeps the titles the
+    same sample keeps in training. `warm` keeps <Warm_ID> in the stage-3 prompt.
     """
     titles = list(sample["history_titles"])[-history_titles:] if history_titles else []
-    answer = answer_ids(tokenizer, int(sample["label"])) if with_answer else []
+    answer = answer_ids(tokenizer, int(sample["label"]))
     while True:
         text = render(tokenizer, system_text(kind, domain), user_text(kind, domain, titles, sample["title"], warm), chat)
         prompt = tokenizer(text, add_special_tokens=False).input_ids
@@ -101,4 +102,4 @@ def encode(tokenizer: Tokenizer, sample: Sample, kind: Kind, domain: Domain, max
     if len(prompt) + len(answer) > max_length:
         raise ValueError(f"row {sample['row_id']}: the prompt without history needs {len(prompt) + len(answer)} "
                          f"tokens, more than llm.max_length={max_length}")
-    return Encoded(prompt, answer, int(sample["row_id"]), len(titles))
+    return Encoded(prompt, answer if with_answer else [], int(sample["row_id"]), len(titles))
