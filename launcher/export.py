@@ -32,7 +32,7 @@ from launcher.config import Config
 from launcher.metrics import GROUPS
 from launcher.provenance import PROVENANCE, RUN_CONFIG
 from llm.model import SMOLLM2_GGUF, SPECIAL_TOKENS, load_base, smollm2_gguf
-from llm.prompts import ANSWERS, USER, WARM, WORDS, system_text
+from llm.prompts import ANSWERS, USER, WARM, WORDS, answer_room, system_text
 from llm.scorer import yes_no_ids
 
 CARD = "README.md"
@@ -51,7 +51,8 @@ def prompt_spec(cfg: Config, tokenizer: Tokenizer, warm: bool, inject_norm: str,
                   "first, each in double quotes, joined by ', '; {title}: the target title in double quotes",
         "history_titles": llm_cfg.history_titles,
         "max_length": llm_cfg.max_length,
-        "fit": "while the tokenized prompt is longer than max_length, drop the oldest title",
+        "answer_room": answer_room(tokenizer),
+        "fit": "while the tokenized prompt is longer than max_length - answer_room, drop the oldest title",
         "chat_template": bool(llm_cfg.chat_template and tokenizer.chat_template),
         "render": ("tokenizer.apply_chat_template([{role: system, content: system}, {role: user, content: user}], "
                    "tokenize=False, add_generation_prompt=True), then tokenizer(text, add_special_tokens=False)")
@@ -240,7 +241,7 @@ def p_yes(user_id, item_id, liked_titles, title):              # remapped ids (i
         else:
             text = f'{spec["system"]}\\n{user}\\nAnswer: '
         ids = tok(text, add_special_tokens=False).input_ids
-        if len(ids) <= spec["max_length"] or not titles:
+        if len(ids) + spec["answer_room"] <= spec["max_length"] or not titles:
             break
         titles = titles[1:]
     ids = torch.tensor([ids])

@@ -84,22 +84,27 @@ def answer_ids(tokenizer: Tokenizer, label: int) -> list[int]:
     return tokenizer(ANSWERS[label], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
+def answer_room(tokenizer: Tokenizer) -> int:
+    """Tokens a prompt leaves for its answer within max_length: the longer answer's, so that which titles fit does
+    not depend on the label (a scored prompt must not tell it) and a scored prompt is the one its sample trains on."""
+    return max(len(answer_ids(tokenizer, label)) for label in ANSWERS)
+
+
 def encode(tokenizer: Tokenizer, sample: Sample, kind: Kind, domain: Domain, max_length: int,
            history_titles: int = 10, chat: bool = True, with_answer: bool = True, warm: bool = True) -> Encoded:
-    """Tokenize one sample; drops the oldest history titles until prompt + answer fit in `max_length`.
-
-    The answer's length is reserved when scoring too (`with_answer` False), so a scored prompt keeps the titles the
-    same sample keeps in training. `warm` keeps <Warm_ID> in the stage-3 prompt.
+    """Tokenize one sample; drops the oldest history titles until the prompt and `answer_room` fit in `max_length`,
+    the same when scoring (`with_answer` False). `warm` keeps <Warm_ID> in the stage-3 prompt.
     """
     titles = list(sample["history_titles"])[-history_titles:] if history_titles else []
-    answer = answer_ids(tokenizer, int(sample["label"]))
+    room = answer_room(tokenizer)
     while True:
         text = render(tokenizer, system_text(kind, domain), user_text(kind, domain, titles, sample["title"], warm), chat)
         prompt = tokenizer(text, add_special_tokens=False).input_ids
-        if len(prompt) + len(answer) <= max_length or not titles:
+        if len(prompt) + room <= max_length or not titles:
             break
         titles = titles[1:]
-    if len(prompt) + len(answer) > max_length:
-        raise ValueError(f"row {sample['row_id']}: the prompt without history needs {len(prompt) + len(answer)} "
-                         f"tokens, more than llm.max_length={max_length}")
-    return Encoded(prompt, answer if with_answer else [], int(sample["row_id"]), len(titles))
+    if len(prompt) + room > max_length:
+        raise ValueError(f"row {sample['row_id']}: the prompt without history needs {len(prompt) + room} "
+                         f"tokens with its answer, more than llm.max_length={max_length}")
+    answer = answer_ids(tokenizer, int(sample["label"])) if with_answer else []
+    return Encoded(prompt, answer, int(sample["row_id"]), len(titles))

@@ -50,9 +50,11 @@ def test_encode_drops_oldest_titles_to_fit(tiny) -> None:
     assert full.titles_used == 2 and full.answer[-1] == tokenizer.eos_token_id
     short = encode(tokenizer, SAMPLES[0], "lora", "movie", len(full.prompt) + len(full.answer) - 1)
     assert short.titles_used == 1 and "Casino" in tokenizer.decode(short.prompt)
-    # scored, the same sample keeps the titles it trains with (the answer's length is reserved either way)
-    scored = encode(tokenizer, SAMPLES[0], "lora", "movie", len(full.prompt) + len(full.answer) - 1, with_answer=False)
-    assert (scored.prompt, scored.answer, scored.titles_used) == (short.prompt, [], 1)
+    # scored, the same sample keeps the titles it trains with, whatever its label (the longer answer's room is kept)
+    for label in (0, 1):
+        scored = encode(tokenizer, SAMPLES[0] | {"label": label}, "lora", "movie",
+                        len(full.prompt) + len(full.answer) - 1, with_answer=False)
+        assert (scored.prompt, scored.answer, scored.titles_used) == (short.prompt, [], 1)
     with pytest.raises(ValueError, match="llm.max_length"):
         encode(tokenizer, SAMPLES[0], "lora", "movie", 20)
 
