@@ -283,6 +283,23 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     tmp.replace(path)
 
 
+def replace_folder(new: Path, path: Path) -> None:
+    """Put the finished folder `new` at `path`: the old one is renamed aside first and deleted last, so a kill at any
+    point leaves a whole folder at `path` or at its `.previous` name (`settled`), never a half-written one."""
+    previous = path.with_name(path.name + ".previous")
+    if path.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        path.rename(previous)
+    new.rename(path)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def settled(path: Path) -> Path:
+    """The whole folder `replace_folder` left: `path`, or its `.previous` when a kill fell between the renames."""
+    previous = path.with_name(path.name + ".previous")
+    return previous if not path.exists() and previous.exists() else path
+
+
 class TableState:
     """The tables' part of a checkpoint, independent of the world size and the sharding.
 
@@ -320,24 +337,20 @@ class TableState:
     def save_best(self, ckpt_dir: Path, dense: list[torch.Tensor]) -> None:
         """Keep the current tables (and the given dense tensors, replicated) as the best state: written beside it,
         then renamed in; killed at any point, a best state (the new or the previous one) is left."""
-        best, tmp, previous = ckpt_dir / "best", ckpt_dir / "best.tmp", ckpt_dir / "best.previous"
+        best, tmp = ckpt_dir / "best", ckpt_dir / "best.tmp"
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
         dcp.save({"model": self.model.state_dict()}, checkpoint_id=tmp)
         if dist.get_rank() == 0:
             torch.save([t.detach().cpu() for t in dense], tmp / "dense.pt")
-            if best.exists():
-                shutil.rmtree(previous, ignore_errors=True)
-                best.rename(previous)
-            tmp.rename(best)
-            shutil.rmtree(previous, ignore_errors=True)
+            replace_folder(tmp, best)
         dist.barrier()
 
     @torch.no_grad()
     def load_best(self, ckpt_dir: Path) -> list[torch.Tensor]:
         """Restore the best tables into the model; the dense tensors saved with them."""
-        best = ckpt_dir / "best" if (ckpt_dir / "best").exists() else ckpt_dir / "best.previous"  # killed mid-swap
+        best = settled(ckpt_dir / "best")  # (killed mid-swap: the previous best)
         state = {"model": self.model.state_dict()}
         dcp.load(state, checkpoint_id=best)
         return torch.load(best / "dense.pt", weights_only=False)

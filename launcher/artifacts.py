@@ -8,7 +8,6 @@ fail, not score its upstream's model under its own name.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -56,23 +55,6 @@ HINT = {ADAPTER: "run --stage lora first", SEMANTIC_FILE: "run --stage distill f
 
 def _run_own(rel: str) -> bool:
     return rel.split("/", 1)[0] in RUN_OWN
-
-
-def replace_folder(new: Path, path: Path) -> None:
-    """Put the finished folder `new` at `path`: the old one is renamed aside first and deleted last, so a kill at any
-    point leaves a whole folder at `path` or at its `.previous` name (`settled`), never a half-written one."""
-    previous = path.with_name(path.name + ".previous")
-    if path.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        path.rename(previous)
-    new.rename(path)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def settled(path: Path) -> Path:
-    """The whole folder `replace_folder` left: `path`, or its `.previous` when a kill fell between the renames."""
-    previous = path.with_name(path.name + ".previous")
-    return previous if not path.exists() and previous.exists() else path
 
 
 def present(path: Path) -> bool:

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from launcher.artifacts import recorded_summary, replace_folder, summary_file
+from embeddings.tables import replace_folder
+from launcher.artifacts import recorded_summary, summary_file
 from launcher.config import Config, DeepSpeedConfig, TrainConfig
 from launcher.dist import Dist, gather
 
@@ -130,7 +131,7 @@ def engine_step(engine: Any, params: list[torch.nn.Parameter]) -> float:
 
 def save_adapter(peft_model: torch.nn.Module, tokenizer, path: Path, zero3: bool, dist_ctx: Dist) -> None:
     """Gather the LoRA weights (ZeRO-3 partitions them) and save a PEFT adapter with the tokenizer (stages 1 and 3),
-    written beside `path` and then put in place (`artifacts.replace_folder`: a kill never leaves half an adapter)."""
+    written beside `path` and then put in place (`embeddings.tables.replace_folder`: a kill never leaves half an adapter)."""
     import deepspeed
     from peft import get_peft_model_state_dict
 

@@ -68,8 +68,9 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
 def shaping(config: dict[str, Any], stage: str, world: int) -> dict[str, Any]:
     """The flattened keys of `config` that shape `stage`'s model. Stage 3's micro-batch counts as the global one
     (`sella.micro_batch x ranks`): 2 ranks x 2 see the data of 1 rank x 4
-    (launcher.data.global_batches). Stage 1 streams each rank its share through its own shuffle buffer (train_batches), so there the
-    world size itself shapes the data a resumed run would skip: `world`; so it does for stage 3 under ZeRO 1-3, whose
+    (launcher.data.global_batches). Stage 1 streams each rank its share through its own shuffle buffer
+    (train_batches), so there the world size itself shapes the data a resumed run would skip: `world`; so it does
+    for stage 3 under ZeRO 1-3, whose
     partitioned optimizer state DeepSpeed cannot load on another number of ranks. The ZeRO stage shapes what a
     checkpoint holds."""
     flat = _flat(config)

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from embeddings.tables import replace_folder, settled
 from launcher.artifacts import (
     ADAPTER,
     DONE,
@@ -15,8 +16,6 @@ from launcher.artifacts import (
     made_so_far,
     newer_input,
     recorded_summary,
-    replace_folder,
-    settled,
     summary_file,
 )
 from tests.conftest import config

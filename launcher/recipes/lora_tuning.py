@@ -23,8 +23,9 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers.integrations import HfDeepSpeedConfig
 
+from embeddings.tables import settled
 from launcher import checkpoint
-from launcher.artifacts import ADAPTER, checkpoint_dir, settled, summary_file
+from launcher.artifacts import ADAPTER, checkpoint_dir, summary_file
 from launcher.checkpoint import LoopState
 from launcher.config import Config, LoraConfig
 from launcher.data import eval_samples, kept_count, train_batches, usable
