@@ -71,7 +71,7 @@ def run(cfg, data: str, mode: str, micro: int, steps: int, dist_ctx, profile: bo
     model.train()
     keep = usable(cfg.llm.drop_no_history)
     batches = train_batches(data, "train", lambda s: encode(tokenizer, s, "lora", cfg.domain, cfg.llm.max_length,
-                                                             cfg.llm.history_titles, cfg.llm.chat_template) if keep(s) else None,
+                                                             cfg.llm.history_titles) if keep(s) else None,
                             micro, 0, 1, lora_cfg.seed, lora_cfg.shuffle_buffer, lambda e: len(e.prompt) + len(e.answer))
     phases = {"data": 0.0, "forward": 0.0, "backward": 0.0, "step": 0.0}
     tokens, nonfinite, table = 0.0, 0, None

@@ -127,7 +127,7 @@ def hf_worker(args: argparse.Namespace) -> None:
 
     def encode_train(sample) -> Encoded | None:  # as the launcher's stage 1 encodes its training samples
         if keep(sample):
-            return encode(tokenizer, sample, "lora", cfg.domain, lc.max_length, lc.history_titles, lc.chat_template)
+            return encode(tokenizer, sample, "lora", cfg.domain, lc.max_length, lc.history_titles)
         return None
 
     length = (lambda e: len(e.prompt) + len(e.answer)) if tc.length_grouping else None

@@ -74,7 +74,8 @@ class DistillConfig(_Strict):
     batch: int = Field(32, ge=1, description="prompts per forward")
     chunk_items: int = Field(256, ge=1, description="items per chunk file; a resumed run skips finished chunks")
     use_lora: bool = Field(True, description="distill through base + stage-1 adapter (false: base model only)")
-    chat_template: bool = Field(False, description="wrap the prompt in the chat template (default: raw text)")
+    chat_template: bool = Field(False, description="wrap the prompt in the chat template (default: raw text; "
+                                "always raw when llm.chat_template is off)")
 
 
 class SellaConfig(TrainConfig):

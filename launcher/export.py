@@ -32,7 +32,7 @@ from launcher.config import Config
 from launcher.metrics import GROUPS
 from launcher.provenance import PROVENANCE, RUN_CONFIG
 from llm.model import SMOLLM2_GGUF, SPECIAL_TOKENS, load_base, smollm2_gguf
-from llm.prompts import ANSWERS, USER, WARM, WORDS, answer_room, system_text
+from llm.prompts import ANSWERS, CUE, USER, WARM, WORDS, answer_room, leading_ids, system_text
 from llm.scorer import yes_no_ids
 
 CARD = "README.md"
@@ -42,7 +42,7 @@ def prompt_spec(cfg: Config, tokenizer: Tokenizer, warm: bool, inject_norm: str,
     """Everything needed to rebuild a stage-3 prompt and its score from a sample."""
     llm_cfg = cfg.llm
     no, yes = yes_no_ids(tokenizer)
-    words = WORDS[cfg.domain]
+    words, chat = WORDS[cfg.domain], bool(tokenizer.chat_template)
     return {
         "system": system_text("sella", cfg.domain),
         "user": USER["sella"].replace("{warm}", WARM if warm else "").format(
@@ -53,10 +53,12 @@ def prompt_spec(cfg: Config, tokenizer: Tokenizer, warm: bool, inject_norm: str,
         "max_length": llm_cfg.max_length,
         "answer_room": answer_room(tokenizer),
         "fit": "while the tokenized prompt is longer than max_length - answer_room, drop the oldest title",
-        "chat_template": bool(llm_cfg.chat_template and tokenizer.chat_template),
+        "chat_template": chat,
         "render": ("tokenizer.apply_chat_template([{role: system, content: system}, {role: user, content: user}], "
                    "tokenize=False, add_generation_prompt=True), then tokenizer(text, add_special_tokens=False)")
-        if llm_cfg.chat_template and tokenizer.chat_template else "f'{system}\\n{user}\\nAnswer: '",
+        if chat else f"leading_ids + tokenizer(f'{{system}}\\n{{user}}\\n{CUE}', add_special_tokens=False)",
+        "cue": CUE,
+        "leading_ids": [] if chat else leading_ids(tokenizer),
         "special_tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS[:3 if warm else 2]},
         "inject": {"<User_ID>": "a(tables.user[user_id])", "<Item_ID>": "a(tables.item[item_id])",
                    **({"<Warm_ID>": "b(tables.semantic[item_id])"} if warm else {}),
@@ -239,8 +241,8 @@ def p_yes(user_id, item_id, liked_titles, title):              # remapped ids (i
             text = tok.apply_chat_template([{"role": "system", "content": spec["system"]},
                                             {"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
         else:
-            text = f'{spec["system"]}\\n{user}\\nAnswer: '
-        ids = tok(text, add_special_tokens=False).input_ids
+            text = f'{spec["system"]}\\n{user}\\n{spec["cue"]}'  # raw: the answer continues the cue (" Yes.")
+        ids = spec["leading_ids"] + tok(text, add_special_tokens=False).input_ids
         if len(ids) + spec["answer_room"] <= spec["max_length"] or not titles:
             break
         titles = titles[1:]

@@ -107,7 +107,7 @@ def rank(cfg: Config, data_dir: Path, run_dir: Path, user: int, candidates: pd.D
         idx = list(range(lo, min(lo + cfg.eval.batch, len(candidates))))
         samples = [Sample(row_id=i, user_id=user, item_id=int(items[i]), label=0, timestamp=0, split="rank", warm=0,
                           history_ids=[], history_titles=history, title=candidates.title.iat[i]) for i in idx]
-        encoded = [encode(tokenizer, s, "sella", cfg.domain, llm_cfg.max_length, llm_cfg.history_titles, llm_cfg.chat_template,
+        encoded = [encode(tokenizer, s, "sella", cfg.domain, llm_cfg.max_length, llm_cfg.history_titles,
                           with_answer=False, warm=model.warm) for s in samples]
         rows = [tables.rows(USER, torch.full((len(idx),), user)), tables.rows(ITEM, items[idx])]
         if model.warm:

@@ -31,4 +31,5 @@ class LLMConfig(_Strict):
                             "titles are dropped until a prompt fits")
     history_titles: int = Field(10, ge=0, description="last positively rated titles shown in the prompt")
     drop_no_history: bool = Field(True, description="skip samples without history (authors' code)")
-    chat_template: bool = Field(True, description="wrap prompts in the model's chat template when it has one")
+    chat_template: bool = Field(True, description="wrap prompts in the model's chat template when it has one "
+                                "(false: raw prompts ending 'Answer:', and no template for distill either)")

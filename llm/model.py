@@ -152,6 +152,8 @@ def load_base(cfg: LLMConfig, dtype: torch.dtype = torch.float32,
         model = AutoModelForCausalLM.from_pretrained(model_dir(cfg.model, cache), dtype=dtype, local_files_only=True)
     add_special_tokens(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if not cfg.chat_template:  # prompts are raw text (llm.prompts), and a saved tokenizer says so
+        tokenizer.chat_template = None
     return model, tokenizer
 
 

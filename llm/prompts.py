@@ -2,7 +2,10 @@
 
 Three prompts: the text-only stage-1 prompt (`lora`), the stage-3 prompt with the special tokens
 (`sella`), and the semantic distillation prompt (`distill`). The ML-1M wording is the template; Amazon
-Book swaps the domain words. Prompts are wrapped in the model's chat template when it has one.
+Book swaps the domain words. Prompts are wrapped in the model's chat template when it has one (llm.model.load_base
+drops it when `llm.chat_template` is off); a raw prompt ends with the cue "Answer:", its answer is the cue's
+continuation (" Yes.", as the model reads "Answer: Yes." in running text) and it starts with the BOS the tokenizer
+adds by default (Llama, Vicuna), as in pretraining.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ USER = {
 }
 WARM = ", <Warm_ID>"  # dropped from the stage-3 prompt when sella.warm_token is off
 DISTILL = "{Item}: {title}"
+CUE = "Answer:"  # a raw prompt's last word: the answer is its continuation
 
 
 @dataclass(frozen=True)
@@ -64,24 +68,48 @@ def distill_text(domain: Domain, title: str) -> str:
 def encode_distill(tokenizer: Tokenizer, domain: Domain, title: str, max_length: int, chat: bool = False) -> list[int]:
     """Token ids of the distillation prompt of one item (as a user turn when `chat`), at most `max_length`."""
     text = distill_text(domain, title)
-    if chat and tokenizer.chat_template:
+    chat = bool(chat and tokenizer.chat_template)
+    if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids[-max_length:]
+    return prompt_ids(tokenizer, text, chat)[-max_length:]
 
 
-def render(tokenizer: Tokenizer, system: str, user: str, chat: bool = True) -> str:
-    """The prompt text up to where the answer starts (the assistant turn's opening when chatting)."""
-    if chat and tokenizer.chat_template:
+def leading_ids(tokenizer: Tokenizer) -> list[int]:
+    """The BOS a tokenizer puts before a text by default ([] for SmolLM2, [<s>] for Llama and Vicuna)."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a").input_ids[:1] == [bos] else []
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str, chat: bool) -> list[int]:
+    """Token ids of a rendered prompt: a chat template writes its own special tokens, a raw prompt gets the
+    tokenizer's leading BOS."""
+    return ([] if chat else leading_ids(tokenizer)) + tokenizer(text, add_special_tokens=False).input_ids
+
+
+def render(tokenizer: Tokenizer, system: str, user: str) -> str:
+    """The prompt text up to where the answer starts: the assistant turn's opening in the chat template, else the
+    raw text ending with the cue."""
+    if tokenizer.chat_template:
         return tokenizer.apply_chat_template([{"role": "system", "content": system},
                                               {"role": "user", "content": user}],
                                              tokenize=False, add_generation_prompt=True)
-    return f"{system}\n{user}\nAnswer: "
+    return f"{system}\n{user}\n{CUE}"
 
 
 def answer_ids(tokenizer: Tokenizer, label: int) -> list[int]:
-    """Token ids of the answer ('Yes.' or 'No.') followed by end-of-turn."""
-    return tokenizer(ANSWERS[label], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    """Token ids of the answer ('Yes.' or 'No.') followed by end-of-turn: at the start of the assistant turn when
+    chatting, else the tokens that continue the cue in "Answer: Yes." (" Yes", not a lone space and "Yes")."""
+    if tokenizer.chat_template:
+        ids = tokenizer(ANSWERS[label], add_special_tokens=False).input_ids
+    else:
+        cue = tokenizer(CUE, add_special_tokens=False).input_ids
+        ids = tokenizer(f"{CUE} {ANSWERS[label]}", add_special_tokens=False).input_ids
+        if ids[:len(cue)] != cue:
+            raise ValueError(f"the tokenizer splits {CUE!r} differently before an answer: raw prompts need a cue "
+                             "that ends on a token boundary")
+        ids = ids[len(cue):]
+    return ids + [tokenizer.eos_token_id]
 
 
 def answer_room(tokenizer: Tokenizer) -> int:
@@ -91,15 +119,15 @@ def answer_room(tokenizer: Tokenizer) -> int:
 
 
 def encode(tokenizer: Tokenizer, sample: Sample, kind: Kind, domain: Domain, max_length: int,
-           history_titles: int = 10, chat: bool = True, with_answer: bool = True, warm: bool = True) -> Encoded:
+           history_titles: int = 10, with_answer: bool = True, warm: bool = True) -> Encoded:
     """Tokenize one sample; drops the oldest history titles until the prompt and `answer_room` fit in `max_length`,
     the same when scoring (`with_answer` False). `warm` keeps <Warm_ID> in the stage-3 prompt.
     """
     titles = list(sample["history_titles"])[-history_titles:] if history_titles else []
     room = answer_room(tokenizer)
     while True:
-        text = render(tokenizer, system_text(kind, domain), user_text(kind, domain, titles, sample["title"], warm), chat)
-        prompt = tokenizer(text, add_special_tokens=False).input_ids
+        text = render(tokenizer, system_text(kind, domain), user_text(kind, domain, titles, sample["title"], warm))
+        prompt = prompt_ids(tokenizer, text, bool(tokenizer.chat_template))
         if len(prompt) + room <= max_length or not titles:
             break
         titles = titles[1:]

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from llm.prompts import ANSWERS, Encoded
+from llm.prompts import Encoded, answer_ids
 
 IGNORE = -100
 
 
 def yes_no_ids(tokenizer: Tokenizer) -> tuple[int, int]:
-    """Token ids that start the answers 'No.' and 'Yes.'."""
-    no, yes = (tokenizer(ANSWERS[k], add_special_tokens=False).input_ids[0] for k in (0, 1))
+    """Token ids that start the answers 'No.' and 'Yes.' where the prompt ends (llm.prompts.answer_ids)."""
+    no, yes = (answer_ids(tokenizer, k)[0] for k in (0, 1))
     if no == yes:
         raise ValueError("the tokenizer gives 'Yes.' and 'No.' the same first token")
     return no, yes

@@ -76,7 +76,7 @@ def _scores_are_each_rows_own_p_yes(run: Path, data: Path, table: pd.DataFrame) 
     score = dict(zip(table.row_id, table.score, strict=True))
     for sample in samples[:8]:
         prompt = encode(tokenizer, sample, "lora", cfg.domain, cfg.llm.max_length, cfg.llm.history_titles,
-                        cfg.llm.chat_template, with_answer=False).prompt
+                        with_answer=False).prompt
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([prompt])).logits[0, -1, no_yes]
         assert abs(float(logits.softmax(-1)[1]) - score[sample["row_id"]]) < 1e-5, sample["row_id"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from llm.config import LLMConfig
 from llm.model import SPECIAL_TOKENS, ModelSourceError, load_base, model_dir
-from llm.prompts import encode, system_text, user_text
+from llm.prompts import CUE, encode, encode_distill, render, system_text, user_text
 from llm.scorer import IGNORE, collate, lm_loss, loss_tokens, yes_no_ids, yes_prob
 
 SAMPLES = [
@@ -37,6 +37,40 @@ def test_special_tokens_are_single_tokens_with_mean_rows(tiny) -> None:
     assert torch.allclose(weight[ids[0]], weight[: ids[0]].mean(0), atol=1e-6)
     again, _ = load_base(LLMConfig(model="tiny"))
     assert torch.equal(again.get_input_embeddings().weight, weight)  # deterministic on every rank
+
+
+def test_raw_prompts_end_with_the_cue_and_the_answer_continues_it(tiny) -> None:
+    """Without a chat template (llm.chat_template off, or a base model such as Vicuna) the trained sequence is the
+    tokenizer's own reading of "...Answer: Yes.", not a lone space token and a line-initial "Yes", and the
+    scorer reads the first token of that continuation; a tokenizer that adds BOS (Llama) gets it once."""
+    import copy
+
+    from tokenizers import processors
+
+    _, chat_tok = tiny
+    _, tok = load_base(LLMConfig(model="tiny", chat_template=False))
+    assert chat_tok.chat_template and tok.chat_template is None
+    for label, word in ((1, " Yes."), (0, " No.")):
+        enc = encode(tok, SAMPLES[0] | {"label": label}, "lora", "movie", 512)
+        text = render(tok, system_text("lora", "movie"), user_text("lora", "movie", SAMPLES[0]["history_titles"],
+                                                                    SAMPLES[0]["title"]))
+        assert text.endswith(f"\n{CUE}") and tok.decode(enc.prompt).endswith(CUE)
+        assert enc.prompt + enc.answer == tok(text + word, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    no, yes = yes_no_ids(tok)
+    assert (yes, no) == (tok(" Yes").input_ids[0], tok(" No").input_ids[0]) and (no, yes) != yes_no_ids(chat_tok)
+
+    for base in (tok, chat_tok):  # the same tokenizers, made to put BOS before every text as Llama's and Vicuna's do
+        llama_like = copy.deepcopy(base)
+        bos = llama_like.bos_token
+        llama_like.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, llama_like.bos_token_id)])
+        assert llama_like("a").input_ids[0] == llama_like.bos_token_id
+        prompt = encode(llama_like, SAMPLES[0], "lora", "movie", 512).prompt
+        if base is tok:  # raw: BOS once, then the raw prompt's tokens
+            assert prompt == [llama_like.bos_token_id] + encode(tok, SAMPLES[0], "lora", "movie", 512).prompt
+            assert encode_distill(llama_like, "movie", "Fargo", 64) == [llama_like.bos_token_id] + tok("Movie: Fargo").input_ids
+        else:  # a chat template writes its own special tokens: nothing is added
+            assert prompt == encode(chat_tok, SAMPLES[0], "lora", "movie", 512).prompt
 
 
 def test_prompt_wording_and_book_domain() -> None:
@@ -120,3 +154,26 @@ def test_a_converted_model_needs_no_gguf_package(tmp_path, monkeypatch) -> None:
     (converted / "config.json").write_text("{}")
     monkeypatch.setattr(llm.model, "smollm2_gguf", lambda: pytest.fail("the GGUF file was looked up"))
     assert model_dir("smollm2", tmp_path) == converted
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_the_exported_prompt_recipe_rebuilds_the_scored_prompt(chat: bool) -> None:
+    """The model card's prompt.json (launcher.export.prompt_spec), followed as written, gives the tokens stage 3
+    scores, with or without the chat template."""
+    from launcher.export import prompt_spec
+    from tests.conftest import config
+
+    _, tok = load_base(LLMConfig(model="tiny", chat_template=chat))
+    cfg = config("ml-100k", llm={"model": "tiny", "chat_template": chat})
+    spec = prompt_spec(cfg, tok, True, "none", 1.0)
+    assert spec["chat_template"] is chat and spec["leading_ids"] == []  # SmolLM2's tokenizer adds no BOS
+    sample = SAMPLES[0]
+    user = spec["user"].format(titles=", ".join(f'"{t}"' for t in sample["history_titles"]), title=f'"{sample["title"]}"')
+    if chat:
+        text = tok.apply_chat_template([{"role": "system", "content": spec["system"]}, {"role": "user", "content": user}],
+                                       tokenize=False, add_generation_prompt=True)
+    else:
+        text = f'{spec["system"]}\n{user}\n{spec["cue"]}'
+    ids = spec["leading_ids"] + tok(text, add_special_tokens=False).input_ids
+    assert ids == encode(tok, sample, "sella", "movie", spec["max_length"], with_answer=False).prompt
+    assert (spec["answer"]["no_token_id"], spec["answer"]["yes_token_id"]) == yes_no_ids(tok)

@@ -86,8 +86,8 @@ def source_digest(adapter: Path | None, cfg: Config, dtype: torch.dtype) -> str:
     """The first 12 hex digits of the sha256 of what the vectors are made from: the stage-1 adapter's weights (none:
     the base model) and the settings of the model and the distillation prompt. Chunks of another source (stage 1
     trained again, another model, prompt length, domain, chat template or precision) are recomputed, not reused."""
-    digest = hashlib.sha256(json.dumps([cfg.llm.model, cfg.llm.max_length, cfg.domain, cfg.distill.chat_template,
-                                        str(dtype)]).encode())
+    chat = cfg.distill.chat_template and cfg.llm.chat_template
+    digest = hashlib.sha256(json.dumps([cfg.llm.model, cfg.llm.max_length, cfg.domain, chat, str(dtype)]).encode())
     if adapter is not None:
         with (adapter / "adapter_model.safetensors").open("rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):

@@ -105,7 +105,7 @@ class Scorer:
             return torch.sigmoid((self.tables.rows(USER, users) * self.tables.rows(ITEM, items)).sum(-1)).numpy()
         sella = self.model == "sella"
         encoded = [encode(self.tokenizer, s, "sella" if sella else "lora", self.cfg.domain, llm_cfg.max_length,
-                          llm_cfg.history_titles, llm_cfg.chat_template, with_answer=False,
+                          llm_cfg.history_titles, with_answer=False,
                           warm=sella and self.lm.warm) for s in samples]
         forward: Forward | None = None
         if sella:

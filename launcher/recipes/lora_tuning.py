@@ -85,7 +85,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     def encode_train(sample: Sample) -> Encoded | None:
         if not keep(sample):
             return None
-        return encode(tokenizer, sample, "lora", cfg.domain, llm_cfg.max_length, llm_cfg.history_titles, llm_cfg.chat_template)
+        return encode(tokenizer, sample, "lora", cfg.domain, llm_cfg.max_length, llm_cfg.history_titles)
 
     train_rows = kept_count(data_dir, "train", llm_cfg.drop_no_history)  # an epoch of the rows it trains on
     total = planned_steps(lora_cfg, train_rows, dist_ctx.world)
@@ -101,7 +101,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     per_step = lora_cfg.micro_batch * lora_cfg.grad_accum * dist_ctx.world
 
     valid = eval_samples(data_dir, "valid", lora_cfg.eval_rows, dist_ctx.rank, dist_ctx.world, llm_cfg.drop_no_history)
-    valid_enc = [encode(tokenizer, s, "lora", cfg.domain, llm_cfg.max_length, llm_cfg.history_titles, llm_cfg.chat_template,
+    valid_enc = [encode(tokenizer, s, "lora", cfg.domain, llm_cfg.max_length, llm_cfg.history_titles,
                         with_answer=False) for s in valid]
     monitor = Monitor(dist_ctx.main, run_dir / "tb" / STAGE, total, start, STAGE)
 

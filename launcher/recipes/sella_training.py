@@ -198,7 +198,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     answer_only = sella_cfg.loss == "answer"
 
     def encode_one(sample: Sample, with_answer: bool = True) -> Encoded:
-        return encode(tokenizer, sample, STAGE, cfg.domain, llm_cfg.max_length, llm_cfg.history_titles, llm_cfg.chat_template,
+        return encode(tokenizer, sample, STAGE, cfg.domain, llm_cfg.max_length, llm_cfg.history_titles,
                       with_answer, warm)
 
     def rows_of(users: list[int], items: list[int]) -> list[torch.Tensor]:
