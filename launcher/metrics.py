@@ -1,21 +1,22 @@
-"""The one metrics module: AUC and ROC points (scikit-learn), UAUC (CoLLM's rule: the mean of per-user AUC over
+"""The one metrics module: AUC and ROC points (numpy, checked against scikit-learn in tests/test_metrics.py), UAUC (CoLLM's rule: the mean of per-user AUC over
 users with more than one row and both labels), and the overall / warm / cold report every stage uses."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
 
 GROUPS = ("overall", "warm", "cold")
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (scikit-learn; ties count half); NaN when only one class is present."""
+    """Area under the ROC curve (ties count half); NaN when only one class is present. The Mann-Whitney statistic
+    of `uauc` with every row one user's: numpy only, since scikit-learn's import costs each rank of every launch
+    about two seconds."""
     labels = np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         return math.nan
-    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
+    return uauc(np.zeros(len(labels), dtype=np.int64), labels, scores)[0]
 
 
 def uauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
@@ -49,9 +50,14 @@ def uauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[flo
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate) at every distinct score threshold, from (0, 0) to (1, 1)."""
-    fpr, tpr, _ = roc_curve(np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64),
-                            drop_intermediate=False)
-    return fpr, tpr
+    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    ranked = scores[order]
+    last = np.r_[np.flatnonzero(ranked[1:] != ranked[:-1]), len(ranked) - 1]  # each threshold's last row
+    tps = np.cumsum(labels[order])[last]
+    fps = last + 1 - tps
+    with np.errstate(divide="ignore", invalid="ignore"):  # one class only: NaN rates, as scikit-learn gives
+        return np.r_[0, fps] / fps[-1], np.r_[0, tps] / tps[-1]
 
 
 def _resampled_aucs(labels: np.ndarray, score_sets: list[np.ndarray], resamples: int, seed: int,

@@ -2,6 +2,7 @@
 tables' export on 2 table_wise ranks (gloo) and reading it back."""
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import math
@@ -143,6 +144,8 @@ def _export_ranks(rank: int, world: int, port: int, folder: str) -> None:
         torch.save(full, Path(folder) / "full.pt")
     (Path(folder) / f"rank{rank}.json").write_text(json.dumps({"local": local[rank], "bytes": table_bytes(sharded),
                                                                 "auto": auto}))
+    del model, sharded  # the sharded tables hold the group: freed at exit, a gloo thread could abort the process
+    gc.collect()  # (bench/tables_scale.py's readback_worker says more)
     dist.destroy_process_group()
 
 

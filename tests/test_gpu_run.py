@@ -1,5 +1,5 @@
 """The GPU run's script path on CPU: `make gpu-payload`'s builder, then scripts/gpu/run.sh --dry-run (the tiny model,
-2 gloo ranks) unpacking those parts, checking the table kernel and running every comparison row, so that the
+1 gloo rank, as on the one-GPU host) unpacking those parts, checking the table kernel and running every comparison row, so that the
 one-command GPU run cannot rot between the sessions that have a GPU host."""
 from __future__ import annotations
 

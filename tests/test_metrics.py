@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from launcher.metrics import (
     _resampled_aucs,
@@ -15,6 +15,7 @@ from launcher.metrics import (
     auc_interval,
     format_report,
     report,
+    roc_points,
     uauc,
 )
 
@@ -25,6 +26,17 @@ def test_auc_matches_sklearn_with_ties(seed: int) -> None:
     labels = rng.integers(0, 2, 2000)
     scores = np.round(rng.random(2000) + 0.3 * labels, 1)  # rounding makes many ties
     assert auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_roc_points_match_sklearn_with_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 500)
+    scores = np.round(rng.random(500) + 0.3 * labels, 1 + seed)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    ours = roc_points(labels, scores)
+    np.testing.assert_allclose(ours[0], fpr, atol=1e-12)
+    np.testing.assert_allclose(ours[1], tpr, atol=1e-12)
 
 
 def test_auc_one_class_is_nan() -> None:

@@ -61,14 +61,15 @@ if [ $PLAN = 1 ]; then
 elif [ $DRY = 1 ]; then
   PY=${PYTHON:-python}
   export PYTHONPATH=$REPO
-  DEVICE=cpu LAUNCH=(--num_gpus 2)
-  # the same stages and rows at a smoke-test budget: tiny model, 2 CPU ranks (gloo), row_wise on the CPU sharder
+  DEVICE=cpu LAUNCH=(--num_gpus 1)
+  # the same stages and rows at a smoke-test budget: tiny model, one CPU rank (gloo) as on the one-GPU host, row_wise
+  # on the CPU sharder
   SETS=(llm.model=tiny llm.max_length=160 collab.sharding=row_wise collab.dim=16 collab.proj_hidden=32
         collab.max_steps=6 collab.eval_every=3 collab.batch=512 collab.projector_items=0 distill.batch=64
         lora.max_steps=2 lora.micro_batch=2 lora.grad_accum=1 lora.eval_rows=16 lora.eval_batch=8
         sella.max_steps=2 sella.micro_batch=2 sella.grad_accum=1 sella.eval_every=0 sella.eval_rows=16
         sella.eval_batch=8 eval.rows=24 eval.batch=8)
-  say "dry run on CPU: $PY, tiny model, 2 gloo ranks"
+  say "dry run on CPU: $PY, tiny model, 1 gloo rank"
   $PY scripts/gpu/payload.py unpack --payload "$PAYLOAD" --target "$TARGET" --no-install
 else
   PY=${PYTHON:-python3}
