@@ -18,8 +18,8 @@ demo: setup                 ## main job on the embedded default (ML-100K from th
 	$(SUBMIT) pipeline/prep.py --config configs/ml-100k.yaml --output out/ml-100k --overwrite
 	$(DEEPSPEED) launcher/train.py --config configs/ml-100k.yaml --stage all --fresh
 
-test: setup                 ## the test suite (what .ci/run calls)
-	python -m pytest -q tests
+test: setup                 ## the test suite (what .ci/run calls), on 2 workers that each run whole files
+	python -m pytest -q -n 2 --dist loadfile tests
 
 test-fast: setup            ## the unit tests that start neither Spark nor a subprocess (CI runs everything)
 	python -m pytest -q -m "not integration" tests

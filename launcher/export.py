@@ -66,7 +66,9 @@ def prompt_spec(cfg: Config, tokenizer: Tokenizer, warm: bool, inject_norm: str,
                    "how": "the input embedding at the token's position is replaced by the vector (not added to)",
                    "inject_norm": inject_norm, "token_embedding_rms": token_rms,
                    "rescale": "with inject_norm token_rms each vector is scaled to length token_embedding_rms"},
-        "answer": {"yes": ANSWERS[1], "no": ANSWERS[0], "yes_token_id": yes, "no_token_id": no},
+        "answer": {"yes": ANSWERS[1], "no": ANSWERS[0], "yes_token_id": yes, "no_token_id": no,
+                   "tokens": "at the start of the assistant turn, no leading space" if chat else
+                   f"the continuation of the cue {CUE!r}, with its leading space (\" {ANSWERS[1]}\")"},
         "score": "P(Yes) = softmax over the logits of [no_token_id, yes_token_id] at the last prompt position",
         "padding_side": "left (position ids count only the non-pad tokens)",
     }
@@ -163,7 +165,7 @@ def card(export: Path, cfg: Config, metrics: dict | None) -> None:
         "them (items with their titles).",
         ("- `prompt.json`: the prompt texts, how titles are chosen and fitted, the chat template, the answer tokens "
         f"(`{spec['answer']['yes']}` = token {spec['answer']['yes_token_id']}, `{spec['answer']['no']}` = token "
-        f"{spec['answer']['no_token_id']}, no leading space) and the score rule."),
+        f"{spec['answer']['no_token_id']}, {spec['answer']['tokens']}) and the score rule."),
         ("- `config.yaml` and `training.json`: the resolved config, the training summary, the command, the code "
         "commit and the versions of the stack."), "",
         "## Data protocol", "",

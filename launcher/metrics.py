@@ -9,11 +9,20 @@ import numpy as np
 GROUPS = ("overall", "warm", "cold")
 
 
+def finite_scores(scores: np.ndarray) -> np.ndarray:
+    """`scores` as float64; a NaN or infinite score is an error (a diverged model must not rank as a good one)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        bad = int((~np.isfinite(scores)).sum())
+        raise ValueError(f"{bad} of {len(scores)} scores are NaN or infinite: the scored model diverged")
+    return scores
+
+
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve (ties count half); NaN when only one class is present. The Mann-Whitney statistic
     of `uauc` with every row one user's: numpy only, since scikit-learn's import costs each rank of every launch
     about two seconds."""
-    labels = np.asarray(labels).astype(bool)
+    labels, scores = np.asarray(labels).astype(bool), finite_scores(scores)
     if labels.all() or not labels.any():
         return math.nan
     return uauc(np.zeros(len(labels), dtype=np.int64), labels, scores)[0]
@@ -26,8 +35,7 @@ def uauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[flo
     user share their mean rank (ties count half, as in `auc`). No per-user loop: millions of users take
     seconds, not minutes.
     """
-    users, labels = np.asarray(users), np.asarray(labels).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
+    users, labels, scores = np.asarray(users), np.asarray(labels).astype(bool), finite_scores(scores)
     if len(users) == 0:
         return math.nan, 0
     order = np.lexsort((scores, users))
@@ -50,7 +58,7 @@ def uauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[flo
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate) at every distinct score threshold, from (0, 0) to (1, 1)."""
-    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
+    labels, scores = np.asarray(labels).astype(bool), finite_scores(scores)
     order = np.argsort(-scores, kind="stable")
     ranked = scores[order]
     last = np.r_[np.flatnonzero(ranked[1:] != ranked[:-1]), len(ranked) - 1]  # each threshold's last row

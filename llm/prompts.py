@@ -66,25 +66,22 @@ def distill_text(domain: Domain, title: str) -> str:
 
 
 def encode_distill(tokenizer: Tokenizer, domain: Domain, title: str, max_length: int, chat: bool = False) -> list[int]:
-    """Token ids of the distillation prompt of one item (as a user turn when `chat`), at most `max_length`."""
+    """Token ids of the distillation prompt of one item (as a user turn when `chat`), at most `max_length` (a raw
+    prompt keeps its BOS: the title's first tokens go)."""
     text = distill_text(domain, title)
     chat = bool(chat and tokenizer.chat_template)
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
-    return prompt_ids(tokenizer, text, chat)[-max_length:]
+    lead = [] if chat else leading_ids(tokenizer)
+    return lead + tokenizer(text, add_special_tokens=False).input_ids[-(max_length - len(lead)):]
 
 
 def leading_ids(tokenizer: Tokenizer) -> list[int]:
-    """The BOS a tokenizer puts before a text by default ([] for SmolLM2, [<s>] for Llama and Vicuna)."""
+    """The BOS a tokenizer puts before a text by default ([] for SmolLM2, [<s>] for Llama and Vicuna): a raw
+    prompt starts with it, as in pretraining (a chat template writes its own special tokens)."""
     bos = tokenizer.bos_token_id
     return [bos] if bos is not None and tokenizer("a").input_ids[:1] == [bos] else []
-
-
-def prompt_ids(tokenizer: Tokenizer, text: str, chat: bool) -> list[int]:
-    """Token ids of a rendered prompt: a chat template writes its own special tokens, a raw prompt gets the
-    tokenizer's leading BOS."""
-    return ([] if chat else leading_ids(tokenizer)) + tokenizer(text, add_special_tokens=False).input_ids
 
 
 def render(tokenizer: Tokenizer, system: str, user: str) -> str:
@@ -124,10 +121,10 @@ def encode(tokenizer: Tokenizer, sample: Sample, kind: Kind, domain: Domain, max
     the same when scoring (`with_answer` False). `warm` keeps <Warm_ID> in the stage-3 prompt.
     """
     titles = list(sample["history_titles"])[-history_titles:] if history_titles else []
-    room = answer_room(tokenizer)
+    room, lead = answer_room(tokenizer), [] if tokenizer.chat_template else leading_ids(tokenizer)
     while True:
         text = render(tokenizer, system_text(kind, domain), user_text(kind, domain, titles, sample["title"], warm))
-        prompt = prompt_ids(tokenizer, text, bool(tokenizer.chat_template))
+        prompt = lead + tokenizer(text, add_special_tokens=False).input_ids
         if len(prompt) + room <= max_length or not titles:
             break
         titles = titles[1:]

@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Spark session for the whole run, paths to ../shared/data, prep helpers."""
+"""Shared fixtures: one real local Spark session per pytest process (`make test` runs two workers), paths to
+../shared/data, prep helpers."""
 from __future__ import annotations
 
 import os
@@ -52,7 +53,7 @@ def ml100k_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ml100k_out(spark, ml100k_dir, tmp_path_factory) -> Path:
-    """ML-100K through the pipeline once per session (RecBole source), shared by several tests."""
+    """ML-100K through the pipeline once per session (per worker; RecBole source), shared by several tests."""
     from pipeline.prep import run
 
     out = tmp_path_factory.mktemp("prep") / "ml-100k"

@@ -69,6 +69,8 @@ def test_raw_prompts_end_with_the_cue_and_the_answer_continues_it(tiny) -> None:
         if base is tok:  # raw: BOS once, then the raw prompt's tokens
             assert prompt == [llama_like.bos_token_id] + encode(tok, SAMPLES[0], "lora", "movie", 512).prompt
             assert encode_distill(llama_like, "movie", "Fargo", 64) == [llama_like.bos_token_id] + tok("Movie: Fargo").input_ids
+            cut = encode_distill(llama_like, "movie", "The Good, the Bad and the Ugly (1966)", 6)  # the title's start goes
+            assert cut == [llama_like.bos_token_id] + tok("Movie: The Good, the Bad and the Ugly (1966)").input_ids[-5:]
         else:  # a chat template writes its own special tokens: nothing is added
             assert prompt == encode(chat_tok, SAMPLES[0], "lora", "movie", 512).prompt
 
@@ -177,3 +179,4 @@ def test_the_exported_prompt_recipe_rebuilds_the_scored_prompt(chat: bool) -> No
     ids = spec["leading_ids"] + tok(text, add_special_tokens=False).input_ids
     assert ids == encode(tok, sample, "sella", "movie", spec["max_length"], with_answer=False).prompt
     assert (spec["answer"]["no_token_id"], spec["answer"]["yes_token_id"]) == yes_no_ids(tok)
+    assert ("continuation of the cue 'Answer:'" in spec["answer"]["tokens"]) is not chat

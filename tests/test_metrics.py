@@ -39,6 +39,16 @@ def test_roc_points_match_sklearn_with_ties(seed: int) -> None:
     np.testing.assert_allclose(ours[1], tpr, atol=1e-12)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_nan_or_infinite_score_is_an_error(bad: float) -> None:
+    """scikit-learn refused them; a diverged model's scores must not be ranked (NaN sorts as the largest)."""
+    labels, scores = np.array([1, 0, 1, 0]), np.array([0.9, 0.1, bad, 0.5])
+    for metric in (lambda: auc(labels, scores), lambda: uauc(np.zeros(4), labels, scores),
+                   lambda: roc_points(labels, scores), lambda: report(np.zeros(4), labels, scores, np.ones(4))):
+        with pytest.raises(ValueError, match="1 of 4 scores are NaN or infinite"):
+            metric()
+
+
 def test_auc_one_class_is_nan() -> None:
     assert math.isnan(auc(np.ones(5), np.arange(5)))
 

@@ -252,13 +252,16 @@ def independent_scores(export: Path, data: Path, row_ids: list[int]) -> dict[int
         for row in row_ids:
             sample = samples[row]
             titles = sample["history_titles"][-spec["history_titles"]:]
-            while True:
+            while True:  # prompt.json's rules, as its "render" and "fit" say
                 user = spec["user"].format(titles=", ".join(f'"{t}"' for t in titles), title=f'"{sample["title"]}"')
-                text = tok.apply_chat_template([{"role": "system", "content": spec["system"]},
-                                                {"role": "user", "content": user}], tokenize=False,
-                                               add_generation_prompt=True)
-                ids = tok(text, add_special_tokens=False).input_ids
-                if len(ids) <= spec["max_length"] or not titles:
+                if spec["chat_template"]:
+                    text = tok.apply_chat_template([{"role": "system", "content": spec["system"]},
+                                                    {"role": "user", "content": user}], tokenize=False,
+                                                   add_generation_prompt=True)
+                else:
+                    text = f'{spec["system"]}\n{user}\n{spec["cue"]}'
+                ids = spec["leading_ids"] + tok(text, add_special_tokens=False).input_ids
+                if len(ids) + spec["answer_room"] <= spec["max_length"] or not titles:
                     break
                 titles = titles[1:]
             ids = torch.tensor([ids])

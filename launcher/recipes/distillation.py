@@ -32,8 +32,8 @@ from launcher.data import read_items
 from launcher.dist import Dist, gather, max_over_ranks
 from launcher.engine import finished_run
 from launcher.monitor import peak_memory_mb
-from llm.model import load_tuned
-from llm.prompts import Encoded, encode_distill
+from llm.model import load_tokenizer, load_tuned
+from llm.prompts import Encoded, encode_distill, leading_ids
 from llm.scorer import collate, last_hidden
 
 STAGE = "distill"
@@ -87,7 +87,10 @@ def source_digest(adapter: Path | None, cfg: Config, dtype: torch.dtype) -> str:
     the base model) and the settings of the model and the distillation prompt. Chunks of another source (stage 1
     trained again, another model, prompt length, domain, chat template or precision) are recomputed, not reused."""
     chat = cfg.distill.chat_template and cfg.llm.chat_template
-    digest = hashlib.sha256(json.dumps([cfg.llm.model, cfg.llm.max_length, cfg.domain, chat, str(dtype)]).encode())
+    source = [cfg.llm.model, cfg.llm.max_length, cfg.domain, chat, str(dtype)]
+    if not chat and (lead := leading_ids(load_tokenizer(cfg.llm.model))):  # a raw prompt's BOS (since d51340a;
+        source.append(lead)  # none for SmolLM2, whose digests stay as they were)
+    digest = hashlib.sha256(json.dumps(source).encode())
     if adapter is not None:
         with (adapter / "adapter_model.safetensors").open("rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
