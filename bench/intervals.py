@@ -24,9 +24,16 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from launcher.metrics import auc, auc_difference_interval, auc_interval
+from sklearn.metrics import roc_auc_score
+
+from launcher.metrics import auc_difference_interval, auc_interval
 
 RUN5 = REPO / "docs" / "results" / "gpu-h200-2026-12-04-run5" / "runs" / "gpu"
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """scikit-learn's AUC, NaN for a one-class draw: what launcher.metrics.auc was when this loop was replaced."""
+    return math.nan if labels.all() or not labels.any() else float(roc_auc_score(labels, scores))
 
 
 def loop_interval(labels: np.ndarray, statistic: Callable[[np.ndarray], float], resamples: int = 1000,

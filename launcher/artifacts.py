@@ -32,6 +32,12 @@ def checkpoint_dir(stage: str) -> str:
 
 
 CHECKPOINT_LATEST = "latest.json"
+BEST_ADAPTER = "best-adapter"  # stage 1, inside its checkpoint folder: the best adapter on valid so far
+
+
+def tensorboard_dir(stage: str) -> str:
+    """A stage's TensorBoard event files, relative to the run directory (`tensorboard --logdir <run>/tb`)."""
+    return f"tb/{stage}"
 
 
 def summary_file(stage: str) -> str:

@@ -35,7 +35,16 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the reposit
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher import provenance
-from launcher.artifacts import DONE, EVAL_METRICS, SEMANTIC_FILE, SHARED_BY_UPSTREAM, done, made_so_far, newer_input
+from launcher.artifacts import (
+    DONE,
+    EVAL_METRICS,
+    SEMANTIC_FILE,
+    SHARED_BY_UPSTREAM,
+    done,
+    made_so_far,
+    newer_input,
+    tensorboard_dir,
+)
 from launcher.config import Config
 from launcher.metrics import results_table
 from pipeline.config import ConfigError, data_path, load_config, run_path
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and dist_ctx.main:
         for stage in stages:
             shutil.rmtree(run_dir / stage, ignore_errors=True)
-            shutil.rmtree(run_dir / "tb" / stage, ignore_errors=True)
+            shutil.rmtree(run_dir / tensorboard_dir(stage), ignore_errors=True)
             if stage == "distill":
                 (run_dir / SEMANTIC_FILE).unlink(missing_ok=True)
     dist.barrier()

@@ -44,7 +44,7 @@ from embeddings.tables import (
     sharded_export,
 )
 from launcher import checkpoint
-from launcher.artifacts import COLLAB_FILE, SEMANTIC_FILE, checkpoint_dir, lookup, summary_file
+from launcher.artifacts import COLLAB_FILE, SEMANTIC_FILE, checkpoint_dir, lookup, summary_file, tensorboard_dir
 from launcher.checkpoint import LoopState
 from launcher.config import Config
 from launcher.data import largest_ids, read_items
@@ -159,7 +159,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
                                                                     steps=state.step)):
         return recorded
     stopped, resumed_from = "early_stop" if early else "budget", state.step
-    monitor = Monitor(dist_ctx.main, run_dir / "tb" / STAGE, total, state.step, STAGE)
+    monitor = Monitor(dist_ctx.main, run_dir / tensorboard_dir(STAGE), total, state.step, STAGE)
 
     def validate(state: LoopState) -> bool:
         """Validate at `state.step`; keep the tables if valid AUC improved; True when patience has run out."""

@@ -38,6 +38,7 @@ from launcher.artifacts import (
     adapter_dir,
     find,
     lookup,
+    tensorboard_dir,
 )
 from launcher.config import Config, EvalModel
 from launcher.data import eval_samples
@@ -129,7 +130,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     scorer = Scorer(cfg, data_dir, run_dir, dist_ctx, eval_cfg.model)
     baselines = {name: Scorer(cfg, data_dir, run_dir, dist_ctx, name) for name in eval_cfg.baselines if name != eval_cfg.model}
     out = run_dir / STAGE
-    monitor = Monitor(dist_ctx.main, run_dir / "tb" / STAGE, len(eval_cfg.splits), 0, STAGE)
+    monitor = Monitor(dist_ctx.main, run_dir / tensorboard_dir(STAGE), len(eval_cfg.splits), 0, STAGE)
 
     results: dict[str, dict] = {}
     compared: dict[str, dict] = {name: {} for name in baselines}

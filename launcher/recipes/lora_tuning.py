@@ -25,7 +25,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from embeddings.tables import settled
 from launcher import checkpoint
-from launcher.artifacts import ADAPTER, checkpoint_dir, summary_file
+from launcher.artifacts import ADAPTER, BEST_ADAPTER, checkpoint_dir, summary_file, tensorboard_dir
 from launcher.checkpoint import LoopState
 from launcher.config import Config, LoraConfig
 from launcher.data import eval_samples, kept_count, train_batches, usable
@@ -93,7 +93,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
                                       lr_scheduler=cosine_schedule(lora_cfg, total))
     state = LoraState.restored(checkpoint.load(engine, ckpt))
-    best_adapter = ckpt / "best-adapter"
+    best_adapter = ckpt / BEST_ADAPTER
     start = state.step
     stop = last_step(lora_cfg, start, total, state.seconds)
     if stop == start and (recorded := finished_run(run_dir, STAGE, dist_ctx, (ADAPTER,), steps=start)):
@@ -103,7 +103,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     valid = eval_samples(data_dir, "valid", lora_cfg.eval_rows, dist_ctx.rank, dist_ctx.world, llm_cfg.drop_no_history)
     valid_enc = [encode(tokenizer, s, "lora", cfg.domain, llm_cfg.max_length, llm_cfg.history_titles,
                         with_answer=False) for s in valid]
-    monitor = Monitor(dist_ctx.main, run_dir / "tb" / STAGE, total, start, STAGE)
+    monitor = Monitor(dist_ctx.main, run_dir / tensorboard_dir(STAGE), total, start, STAGE)
 
     def validate(selectable: bool = True) -> dict:
         """Score the valid rows at `state.step`; the adapter is kept when it is the best trained one so far."""

@@ -60,6 +60,7 @@ from launcher.artifacts import (
     checkpoint_dir,
     find,
     summary_file,
+    tensorboard_dir,
 )
 from launcher.checkpoint import LoopState
 from launcher.config import Config
@@ -224,7 +225,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     valid = eval_samples(data_dir, "valid", sella_cfg.eval_rows, dist_ctx.rank, dist_ctx.world, llm_cfg.drop_no_history)
     valid_enc = [encode_one(s, with_answer=False) for s in valid]
     by_row = {s["row_id"]: s for s in valid}
-    monitor = Monitor(dist_ctx.main, run_dir / "tb" / STAGE, total, start, STAGE)
+    monitor = Monitor(dist_ctx.main, run_dir / tensorboard_dir(STAGE), total, start, STAGE)
 
     def dense_copy() -> list[torch.Tensor]:
         with deepspeed.zero.GatheredParameters(trainable, enabled=zero3):
