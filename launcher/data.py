@@ -106,6 +106,9 @@ def eval_samples(out_dir: str | Path, split: str, rows: int | None, rank: int, w
     row_ids = index.row_id.tolist()
     kept = sorted(range(len(index)), key=lambda i: _stable_key(row_ids[i]))
     chosen = sorted(kept if rows is None else kept[:rows])  # the index is in row-id order
+    if not chosen:  # every rank sees it: each stops with the same error, none waits on the others
+        raise ValueError(f"{out_dir}: the {split} split has no rows to score"
+                         + (" with a history (llm.drop_no_history drops the others)" if drop_no_history else ""))
     return [index[i] for i in chosen[rank::world]]
 
 

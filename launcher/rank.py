@@ -47,6 +47,8 @@ def read_candidates(path: Path, items: pd.DataFrame) -> pd.DataFrame:
     table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     if not {"item_id", "title"} & set(table.columns):
         raise ValueError(f"{path}: needs an item_id or a title column, found {list(table.columns)}")
+    if table.empty:
+        raise ValueError(f"{path}: no candidates (the file has no rows)")
     titles = dict(zip(items.item_id, items.title, strict=True))
     rows = []
     for line, rec in enumerate(table.to_dict("records"), start=2 if path.suffix != ".parquet" else 0):

@@ -171,6 +171,15 @@ def test_rank_names_the_bad_candidate_line(run: tuple[Path, Path, str], tmp_path
     assert proc.returncode == 2 and f"{candidates}, line 3: item_id 999999 is not in the data" in proc.stderr
 
 
+def test_an_empty_candidates_file_is_named(tmp_path: Path) -> None:
+    from launcher.rank import read_candidates
+
+    candidates = tmp_path / "empty.csv"
+    candidates.write_text("item_id,title\n")
+    with pytest.raises(ValueError, match=f"{candidates}: no candidates"):
+        read_candidates(candidates, pd.DataFrame({"item_id": [1], "title": ["Heat (1995)"]}))
+
+
 ZERO3_THEN_TORCHREC = """
 import sys
 from transformers.integrations import HfDeepSpeedConfig

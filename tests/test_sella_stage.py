@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.testing import assert_close
 
-from launcher.artifacts import COLLAB_FILE, EVAL_METRICS, SELLA_PROJECTOR, SELLA_TABLES, summary_file
+from launcher.artifacts import COLLAB_FILE, EVAL_METRICS, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, summary_file
 from tests.conftest import REPO
 from tests.launch import (
     finish,
@@ -67,6 +68,7 @@ def runs(ml100k_out: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
                           micro_batch=2, warm_token=False, projector_init="random", lr=1e-2,
                           table_optimizer="rowwise_adagrad", loss="answer"), 2),
     }
+    shutil.copytree(base / "one" / "lora" / "adapter", base / "one" / SELLA_ADAPTER)  # an earlier train_lora run's
     for cfg, ranks in jobs.values():
         finish(launch(cfg, "sella", ranks))
     return {name: base / name for name in jobs}
@@ -114,6 +116,7 @@ def test_authors_recipe_one_adamw_over_tables_and_projectors(runs: dict[str, Pat
 
 
 def test_two_ranks_match_one_rank(runs: dict[str, Path]) -> None:
+    assert not (runs["one"] / SELLA_ADAPTER).exists()  # removed with train_lora off: eval and rank would score it
     for rel in (SELLA_TABLES, SELLA_PROJECTOR):
         one, two = load_file(runs["one"] / rel), load_file(runs["two"] / rel)
         assert set(one) == set(two)

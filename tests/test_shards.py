@@ -109,6 +109,8 @@ def test_eval_rows_are_fixed_by_row_id_and_split_over_ranks(ml100k_out: Path) ->
     assert len(fewer) == 40 and fewer < set(ids)  # a smaller budget scores a subset of the same rows
     every = [s["row_id"] for s in eval_samples(ml100k_out, "test", None, 0, 1, keep)]
     assert every == sorted(every) and set(ids) < set(every) and ids != every[:100]  # spread, not the first rows
+    with pytest.raises(ValueError, match=f"{ml100k_out}: the test split has no rows to score with a history"):
+        eval_samples(ml100k_out, "test", 0, 0, 2, True)  # stage eval named no split before: an index error on rank 0
 
 
 def test_prep_writes_each_shards_sample_index(ml100k_out: Path) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -312,6 +313,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         save_tensors(run_dir / SELLA_PROJECTOR, proj, meta)
     if sella_cfg.train_lora:
         save_adapter(engine.module.llm, tokenizer, run_dir / SELLA_ADAPTER, zero3, dist_ctx)
+    elif dist_ctx.main:  # an earlier run's retrained adapter: eval and rank would score it with these tables
+        shutil.rmtree(run_dir / SELLA_ADAPTER, ignore_errors=True)
     summary = {"stage": STAGE, "steps": stop, "planned_steps": total, "resumed_from": start,
                "best_step": state.best_step,
                "world": dist_ctx.world, "zero_stage": cfg.deepspeed.zero_stage, "sharding": sharding,
