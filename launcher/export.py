@@ -58,7 +58,7 @@ def prompt_spec(cfg: Config, tokenizer: Tokenizer, warm: bool, inject_norm: str,
                    "tokenize=False, add_generation_prompt=True), then tokenizer(text, add_special_tokens=False)")
         if chat else f"leading_ids + tokenizer(f'{{system}}\\n{{user}}\\n{CUE}', add_special_tokens=False)",
         "cue": CUE,
-        "leading_ids": [] if chat else leading_ids(tokenizer),
+        "leading_ids": leading_ids(tokenizer, chat),
         "special_tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS[:3 if warm else 2]},
         "inject": {"<User_ID>": "a(tables.user[user_id])", "<Item_ID>": "a(tables.item[item_id])",
                    **({"<Warm_ID>": "b(tables.semantic[item_id])"} if warm else {}),

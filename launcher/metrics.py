@@ -1,5 +1,6 @@
-"""The one metrics module: AUC and ROC points (numpy, checked against scikit-learn in tests/test_metrics.py), UAUC (CoLLM's rule: the mean of per-user AUC over
-users with more than one row and both labels), and the overall / warm / cold report every stage uses."""
+"""The one metrics module: AUC and ROC points (numpy, checked against scikit-learn in tests/test_metrics.py), UAUC
+(CoLLM's rule: the mean of per-user AUC over users with more than one row and both labels), and the overall / warm /
+cold report every stage uses."""
 from __future__ import annotations
 
 import math

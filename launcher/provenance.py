@@ -70,9 +70,8 @@ def shaping(config: dict[str, Any], stage: str, world: int) -> dict[str, Any]:
     (`sella.micro_batch x ranks`): 2 ranks x 2 see the data of 1 rank x 4
     (launcher.data.global_batches). Stage 1 streams each rank its share through its own shuffle buffer
     (train_batches), so there the world size itself shapes the data a resumed run would skip: `world`; so it does
-    for stage 3 under ZeRO 1-3, whose
-    partitioned optimizer state DeepSpeed cannot load on another number of ranks. The ZeRO stage shapes what a
-    checkpoint holds."""
+    for stage 3 under ZeRO 1-3, whose partitioned optimizer state DeepSpeed cannot load on another number of ranks.
+    The ZeRO stage shapes what a checkpoint holds."""
     flat = _flat(config)
     keep = SHAPES[stage]
     out = {k: v for k, v in flat.items()

@@ -73,15 +73,16 @@ def encode_distill(tokenizer: Tokenizer, domain: Domain, title: str, max_length:
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
-    lead = [] if chat else leading_ids(tokenizer)
+    lead = leading_ids(tokenizer, chat)
     return lead + tokenizer(text, add_special_tokens=False).input_ids[-(max_length - len(lead)):]
 
 
-def leading_ids(tokenizer: Tokenizer) -> list[int]:
-    """The BOS a tokenizer puts before a text by default ([] for SmolLM2, [<s>] for Llama and Vicuna): a raw
-    prompt starts with it, as in pretraining (a chat template writes its own special tokens)."""
+def leading_ids(tokenizer: Tokenizer, chat: bool) -> list[int]:
+    """The ids a prompt starts with before its text: none under a chat template (it writes its own special tokens),
+    else the BOS the tokenizer puts before a text by default ([] for SmolLM2, [<s>] for Llama and Vicuna), as in
+    pretraining."""
     bos = tokenizer.bos_token_id
-    return [bos] if bos is not None and tokenizer("a").input_ids[:1] == [bos] else []
+    return [bos] if not chat and bos is not None and tokenizer("a").input_ids[:1] == [bos] else []
 
 
 def render(tokenizer: Tokenizer, system: str, user: str) -> str:
@@ -121,7 +122,7 @@ def encode(tokenizer: Tokenizer, sample: Sample, kind: Kind, domain: Domain, max
     the same when scoring (`with_answer` False). `warm` keeps <Warm_ID> in the stage-3 prompt.
     """
     titles = list(sample["history_titles"])[-history_titles:] if history_titles else []
-    room, lead = answer_room(tokenizer), [] if tokenizer.chat_template else leading_ids(tokenizer)
+    room, lead = answer_room(tokenizer), leading_ids(tokenizer, bool(tokenizer.chat_template))
     while True:
         text = render(tokenizer, system_text(kind, domain), user_text(kind, domain, titles, sample["title"], warm))
         prompt = lead + tokenizer(text, add_special_tokens=False).input_ids

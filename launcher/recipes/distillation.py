@@ -88,7 +88,7 @@ def source_digest(adapter: Path | None, cfg: Config, dtype: torch.dtype) -> str:
     trained again, another model, prompt length, domain, chat template or precision) are recomputed, not reused."""
     chat = cfg.distill.chat_template and cfg.llm.chat_template
     source = [cfg.llm.model, cfg.llm.max_length, cfg.domain, chat, str(dtype)]
-    if not chat and (lead := leading_ids(load_tokenizer(cfg.llm.model))):  # a raw prompt's BOS (since d51340a;
+    if not chat and (lead := leading_ids(load_tokenizer(cfg.llm.model), chat)):  # a raw prompt's BOS (since d51340a;
         source.append(lead)  # none for SmolLM2, whose digests stay as they were)
     digest = hashlib.sha256(json.dumps(source).encode())
     if adapter is not None:
