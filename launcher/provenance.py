@@ -42,9 +42,12 @@ SHAPES = {
 BUDGET = {"max_steps", "epochs", "max_samples", "max_minutes", "eval_every", "eval_batch", "save_every",
           "keep_checkpoints", "log_every", "patience", "max_epochs", "projector_items", "align_eval_items",
           "distill.batch", "distill.chunk_items",  # leaf names in any section, or full keys; and the layout:
-          "collab.sharding", "collab.export"}  # checkpoints reshard, so a run may resume with another
+          "collab.sharding", "collab.export"}  # checkpoints reshard, so a run may resume with another (but:)
 # (eval_rows is not a budget key: stages 1 and 3 keep the state that scores best on those valid rows, and a resume
 # on others would compare AUCs of two subsets)
+# TorchRec cuts a column_wise table into blocks of 128+ columns whatever the world size, and row-wise Adagrad keeps one
+# state per row of each block: another training than under the other shardings, and a checkpoint none of them loads
+COLUMN_BLOCKS = "collab.sharding column_wise (row-wise Adagrad state per 128-column block)"
 
 
 RESOLVED = ("deepspeed.precision", "deepspeed.zero_stage")  # `auto` in a config, the machine's value in a record
@@ -79,6 +82,9 @@ def shaping(config: dict[str, Any], stage: str, world: int) -> dict[str, Any]:
            and k not in BUDGET}
     if stage == "lora" or (stage == "sella" and flat.get("deepspeed.zero_stage") not in (0, "auto", None)):
         out["world"] = world
+    if (stage in ("collab", "sella") and flat.get("collab.sharding") == "column_wise"
+            and flat.get(f"{stage}.table_optimizer") == "rowwise_adagrad"):
+        out[COLUMN_BLOCKS] = True  # absent otherwise, so records written before this key compare equal
     if stage != "lora" and f"{stage}.micro_batch" in out:
         out[f"{stage}.micro_batch x ranks"] = out.pop(f"{stage}.micro_batch") * world
     return out

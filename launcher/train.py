@@ -66,6 +66,11 @@ def stage_list(arg: str) -> str:
     return arg
 
 
+def selected_stages(arg: str) -> tuple[str, ...]:
+    """The stages a `--stage` value (already checked by stage_list) runs, in pipeline order."""
+    return STAGES if arg == "all" else tuple(arg.split(","))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="launcher/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.dist import setup
     from launcher.engine import resolve
 
-    stages = STAGES if args.stage == "all" else tuple(args.stage.split(","))
+    stages = selected_stages(args.stage)
     recipes = load_recipes(stages)
     dist_ctx = setup(cfg.deepspeed)
     import torch.distributed as dist

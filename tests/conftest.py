@@ -17,11 +17,11 @@ SHARED_DATA = Path(os.environ.get("SELLAREC_SHARED_DATA", REPO.parent / "shared"
 CONFIGS = REPO / "configs"
 
 
-def needs_shared(*parts: str) -> pytest.MarkDecorator:
-    """Skip when a file of ../shared/data is absent (MovieLens terms forbid shipping it in the repo)."""
-    path = SHARED_DATA.joinpath(*parts)
-    return pytest.mark.skipif(not path.exists(), reason=f"needs {path}: MovieLens data is read from "
-                              "../shared/data beside the repository and never shipped with it")
+def needs_shared(folder: str, *files: str) -> pytest.MarkDecorator:
+    """Skip when a file of ../shared/data/<folder> is absent (MovieLens terms forbid shipping it in the repo)."""
+    missing = [SHARED_DATA / folder / f for f in files or ("",) if not (SHARED_DATA / folder / f).exists()]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(map(str, missing))}: MovieLens data is read "
+                              "from ../shared/data beside the repository and never shipped with it")
 
 
 def config(name: str, **overrides: Any) -> Config:

@@ -215,6 +215,20 @@ def test_tables_are_trained_and_exported(runs: dict[str, Path], semantic: Path, 
     assert len(labels) == 100 and all(labels)
 
 
+def test_vectors_of_another_prep_output_are_named(ml100k_out: Path, semantic: Path, tmp_path: Path) -> None:
+    """Stage 2b refuses semantic vectors that miss items of its prep output (their rows would be zero, and L_align's
+    normalization would blow their gradients up)."""
+    vectors = load_file(semantic)
+    fewer = tmp_path / "fewer.safetensors"
+    save_file({"semantic": vectors["semantic"][:-2], "item_ids": vectors["item_ids"][:-2]}, str(fewer))
+    proc = launch(_config(tmp_path, ml100k_out, fewer, "fewer"), "collab", 1)
+    out, _ = proc.communicate(timeout=300)
+    n = len(vectors["item_ids"])
+    assert proc.returncode != 0 and (f"{fewer}: no semantic vector for 2 of the {n} items of this prep output "
+                                     f"(item ids [{n - 1}, {n}])") in out, out[-3000:]
+    assert not (tmp_path / "fewer" / "collab" / "collab.safetensors").exists()
+
+
 def test_plain_mf_stops_early_without_semantic_table(ml100k_out: Path, semantic: Path, tmp_path: Path) -> None:
     run = _run(tmp_path, ml100k_out, semantic, "mf", 2, max_steps=400, eval_every=4, patience=2,
                table_lr=0.5, align={"weight": 0})

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
 
 from launcher.artifacts import EVAL_METRICS
 from launcher.metrics import add_intervals, auc, report, roc_points
@@ -37,7 +39,12 @@ def test_eval_writes_scores_metrics_and_curves(ml100k_out: Path, tmp_path: Path)
         assert table.score.between(0, 1).all() and table.score.nunique() > 1
         expected = report(table.user_id, table.label, table.score, table.warm)
         add_intervals(expected, table.label, table.score, table.warm)
-        assert metrics[split] == expected
+        assert metrics[split] == expected  # what eval wrote is the report of the scores it wrote; and independently:
+        for group, rows in (("overall", table), ("warm", table[table.warm == 1]), ("cold", table[table.warm == 0])):
+            want = roc_auc_score(rows.label, rows.score) if rows.label.nunique() == 2 else None
+            assert metrics[split][group]["auc"] == pytest.approx(want, abs=1e-12), group
+        by_user = [roc_auc_score(g.label, g.score) for _, g in table.groupby("user_id") if g.label.nunique() == 2]
+        assert metrics[split]["overall"]["uauc"] == pytest.approx(np.mean(by_user) if by_user else None, abs=1e-12)
         lo, hi = metrics[split]["overall"]["auc_ci"]
         assert lo <= metrics[split]["overall"]["auc"] <= hi
     _scores_are_each_rows_own_p_yes(run, ml100k_out, pd.read_parquet(run / "eval" / "scores-test.parquet"))

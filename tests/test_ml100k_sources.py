@@ -5,7 +5,7 @@ from pipeline.prep import run
 from tests.conftest import SHARED_DATA, config, needs_shared
 
 
-@needs_shared("ml-100k", "u.data")
+@needs_shared("ml-100k", "u.data", "u.item")
 def test_raw_and_recbole_outputs_identical(spark, ml100k_out, tmp_path, monkeypatch) -> None:
     """The raw run also takes the plan for big inputs: side tables too big to broadcast (the user ids, the reject
     keys and the repeated keys joined on the rows' partitioning instead) and more history partitions than Spark's

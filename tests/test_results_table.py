@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from sklearn.metrics import roc_auc_score
 
 from launcher.artifacts import EVAL_METRICS, EVAL_SCORES
-from launcher.metrics import auc, auc_interval, report
+from launcher.metrics import auc_interval, report
 from tests.conftest import CONFIGS, REPO
 
 pytestmark = pytest.mark.integration  # starts subprocesses (the launcher or scripts): not in make test-fast
@@ -49,8 +50,10 @@ def test_block_intervals_and_figure(tmp_path: Path) -> None:
     cells = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
     for name in ("strong", "chance"):
         scores = pd.read_parquet(tmp_path / "runs" / name / EVAL_SCORES.format(split="test"))
-        lo, hi = auc_interval(scores.label, scores.score)
+        lo, hi = auc_interval(scores.label, scores.score)  # checked draw by draw against scikit-learn in test_metrics
         assert cells[name][6] == f"{lo:.3f} - {hi:.3f}"
+        value = roc_auc_score(scores.label, scores.score)
+        assert cells[name][3].startswith(f"{value:.4f} / ") and lo < value < hi
     strong_lo = float(cells["strong"][6].split(" - ")[0])
     chance_lo, chance_hi = (float(x) for x in cells["chance"][6].split(" - "))
     assert chance_lo < 0.5 < chance_hi < strong_lo
@@ -75,7 +78,7 @@ def test_paired_differences_against_a_base_row(tmp_path: Path) -> None:
                          check=True, cwd=REPO, capture_output=True, text=True).stdout
     line = [x for x in out.splitlines() if x.startswith("| strong |")][-1]  # the paired table comes last
     strong, chance = (pd.read_parquet(tmp_path / "runs" / n / EVAL_SCORES.format(split="test")) for n in ("strong", "chance"))
-    diff = auc(strong.label, strong.score) - auc(chance.label, chance.score)  # the same labels (same seed: same rows)
+    diff = roc_auc_score(strong.label, strong.score) - roc_auc_score(chance.label, chance.score)  # the same labels
     assert line.split(" | ")[1] == "400" and line.split(" | ")[2].startswith(f"{diff:+.4f} (+")  # interval above 0
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py"), *map(str, rows), "--paired", "mf"],
                          cwd=REPO, capture_output=True, text=True, check=False)

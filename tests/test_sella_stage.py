@@ -153,7 +153,9 @@ def test_a_checkpoint_resumes_on_another_world_size(runs: dict[str, Path], tmp_p
         assert_close(resumed[name], straight[name], rtol=1e-4, atol=1e-4, msg=name)
     a, b = (torch.load(r / "sella" / "ckpt" / "step00000004" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
             for r in (run, runs[ref]))
-    for key in (k for k in a if k.startswith("projector.")):
+    keys = sorted(k for k in a if k.startswith("projector."))
+    assert keys and keys == sorted(k for k in b if k.startswith("projector.")), keys
+    for key in keys:
         assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=key)
 
 
@@ -410,24 +412,27 @@ def test_a_larger_budget_resumes_from_the_last_checkpoint(runs: dict[str, Path],
     assert json.loads((run / "sella" / "ckpt" / "latest.json").read_text())["tag"] == "step00000006"
 
 
-@pytest.mark.parametrize("tables", ["plain MF", "another prep output's"])
+@pytest.mark.parametrize("tables", ["plain MF", "another prep output's", "semantic only"])
 def test_stage_2b_tables_that_do_not_fit_are_a_clear_error(runs: dict[str, Path], ml100k_out: Path, tmp_path: Path,
                                                            tables: str) -> None:
     """Plain MF tables have no semantic table for <Warm_ID>; tables one user short would send that user's lookups
-    to row 0 without a word from FBGEMM."""
+    to row 0 without a word from FBGEMM; a file without the user and item tables (stage 2a's vectors) is named."""
     from embeddings.tables import save_tensors
 
     collab = runs["collm" if tables == "plain MF" else "two"] / COLLAB_FILE
     if tables != "plain MF":
         short = load_file(collab)
-        save_tensors(tmp_path / "short.safetensors", short | {"user": short["user"][:-1]}, {})
+        kept = short | {"user": short["user"][:-1]} if tables == "another prep output's" else {"semantic": short["semantic"]}
+        save_tensors(tmp_path / "short.safetensors", kept, {})
         collab = tmp_path / "short.safetensors"
     cfg = write_config(tmp_path / "bad.yaml", data_dir=str(ml100k_out), run_dir=str(tmp_path / "run"), llm=LLM,
                        collab=COLLAB, sella=SELLA | {"collab_path": str(collab)})
     proc = launch(cfg, "sella", 1)
     out, _ = proc.communicate(timeout=300)
-    says = "no semantic table (stage 2b ran as plain MF)" if tables == "plain MF" else \
-        f"{collab}: tables for user ids up to 942 and item ids up to 1681, but {ml100k_out} has ids up to 943 and 1681"
+    says = {"plain MF": "no semantic table (stage 2b ran as plain MF)",
+            "another prep output's": f"{collab}: tables for user ids up to 942 and item ids up to 1681, but {ml100k_out} "
+                                     "has ids up to 943 and 1681",
+            "semantic only": f"{collab}: no 'user' and 'item' tables (it holds ['semantic'])"}[tables]
     assert proc.returncode == 2 and says in out
 
 

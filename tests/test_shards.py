@@ -100,14 +100,14 @@ def test_global_micro_batches_are_the_same_on_one_and_two_ranks(ml100k_out: Path
 
 def test_eval_rows_are_fixed_by_row_id_and_split_over_ranks(ml100k_out: Path) -> None:
     keep = usable(drop_no_history=True)
-    one = eval_samples(ml100k_out, "test", 100, 0, 1, keep)
-    shares = [eval_samples(ml100k_out, "test", 100, r, 2, keep) for r in (0, 1)]
+    one = eval_samples(ml100k_out, "test", 100, 0, 1, True)
+    shares = [eval_samples(ml100k_out, "test", 100, r, 2, True) for r in (0, 1)]
     ids = [s["row_id"] for s in one]
     assert len(ids) == 100 and ids == sorted(ids) and all(keep(s) for s in one)
     assert sorted(s["row_id"] for share in shares for s in share) == ids and abs(len(shares[0]) - len(shares[1])) <= 1
-    fewer = {s["row_id"] for s in eval_samples(ml100k_out, "test", 40, 0, 1, keep)}
+    fewer = {s["row_id"] for s in eval_samples(ml100k_out, "test", 40, 0, 1, True)}
     assert len(fewer) == 40 and fewer < set(ids)  # a smaller budget scores a subset of the same rows
-    every = [s["row_id"] for s in eval_samples(ml100k_out, "test", None, 0, 1, keep)]
+    every = [s["row_id"] for s in eval_samples(ml100k_out, "test", None, 0, 1, True)]
     assert every == sorted(every) and set(ids) < set(every) and ids != every[:100]  # spread, not the first rows
     with pytest.raises(ValueError, match=f"{ml100k_out}: the test split has no rows to score with a history"):
         eval_samples(ml100k_out, "test", 0, 0, 2, True)  # stage eval named no split before: an index error on rank 0
@@ -115,10 +115,14 @@ def test_eval_rows_are_fixed_by_row_id_and_split_over_ranks(ml100k_out: Path) ->
 
 def test_prep_writes_each_shards_sample_index(ml100k_out: Path) -> None:
     """The index beside each shard (offset, size, row id, history length per sample) is what the tar holds."""
+    manifest = load_manifest(ml100k_out)
     for split in ("train", "valid", "test"):
-        for url in shard_urls(ml100k_out, split):
+        urls = shard_urls(ml100k_out, split)
+        assert urls, split
+        for url in urls:
             written = np.load(index_path(url))
             assert written.shape[1] == 4 and np.array_equal(written, index_from_tar(url)), url
+        assert sum(len(np.load(index_path(url))) for url in urls) == manifest["splits"][split]["rows"], split
 
 
 TRICKY_TITLES = ["plain", 'quo"te', "back\\slash", "new\nline\ttab\r\b\f", "ctl\x01\x1a\x1f\x7f", "é ü 日本 😀",

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.train import parse_args
+from launcher.train import STAGES, parse_args, selected_stages
 
 BASE = ["--config", "configs/ml-100k.yaml", "--stage"]
 
 
-@pytest.mark.parametrize("stage", ["all", "lora", "sella,eval", "distill,collab", "lora,distill,collab,sella,eval"])
-def test_stage_lists_in_pipeline_order_parse(stage: str) -> None:
-    assert parse_args([*BASE, stage]).stage == stage
+@pytest.mark.parametrize(("stage", "runs"), [("all", STAGES), ("lora", ("lora",)), ("sella,eval", ("sella", "eval")),
+                                            ("distill,collab", ("distill", "collab")),
+                                            ("lora,distill,collab,sella,eval", STAGES)])
+def test_stage_lists_in_pipeline_order_parse(stage: str, runs: tuple[str, ...]) -> None:
+    assert selected_stages(parse_args([*BASE, stage]).stage) == runs
+    assert STAGES == ("lora", "distill", "collab", "sella", "eval")
 
 
 @pytest.mark.parametrize("stage, says", [("eval,sella", "pipeline order"), ("sella,sella", "pipeline order"),
@@ -101,6 +104,24 @@ def test_auto_settings_are_recorded_as_they_ran(gpu: bool) -> None:
     assert legacy["deepspeed"]["precision"] == "auto" and changed_keys(legacy, ran(gpu), "sella") == []
 
 
+def test_column_wise_row_wise_adagrad_tables_do_not_resume_under_another_sharding() -> None:
+    """TorchRec cuts column_wise tables into 128-column blocks, each with its own row-wise Adagrad state: a resume to
+    or from column_wise is a changed key, the other shardings (and other table optimizers) reshard freely."""
+    from launcher.provenance import COLUMN_BLOCKS, changed_keys
+    from tests.conftest import config
+
+    def ran(sharding: str, optimizer: str = "rowwise_adagrad") -> dict:
+        return config("ml-100k", collab={"sharding": sharding, "table_optimizer": optimizer},
+                      sella={"table_optimizer": optimizer}).model_dump(mode="json")
+
+    for stage in ("collab", "sella"):
+        assert changed_keys(ran("table_wise"), ran("column_wise"), stage) == [COLUMN_BLOCKS]
+        assert changed_keys(ran("column_wise"), ran("row_wise"), stage) == [COLUMN_BLOCKS]
+        assert changed_keys(ran("table_wise"), ran("row_wise"), stage) == []
+        assert changed_keys(ran("column_wise"), ran("column_wise"), stage) == []
+        assert COLUMN_BLOCKS not in changed_keys(ran("table_wise", "sgd"), ran("column_wise", "sgd"), stage)
+
+
 @pytest.mark.parametrize(("offload", "zero", "says"), [
     ({"offload_param": "cpu"}, "auto", "deepspeed.offload_param: cpu needs ZeRO stage 3 or more, and this run is ZeRO-0"),
     ({"offload_param": "cpu"}, 2, "deepspeed.offload_param: cpu needs ZeRO stage 3"),
@@ -118,8 +139,10 @@ def test_an_offload_its_zero_stage_ignores_is_refused(offload: dict, zero: int |
     with pytest.raises(ValueError, match="needs ZeRO stage") as err:
         resolve(cfg, Dist(0, 1, 1, torch.device("cpu"), torch.float32, "gloo"))
     assert says in str(err.value)
-    assert resolve(config("ml-100k", deepspeed={"zero_stage": 3, **offload}), Dist(0, 1, 1, torch.device("cpu"),
-                                                                                 torch.float32, "gloo"))
+    fits = resolve(config("ml-100k", deepspeed={"zero_stage": 3, **offload}), Dist(0, 1, 1, torch.device("cpu"),
+                                                                                  torch.float32, "gloo"))
+    (key, device), = offload.items()
+    assert fits.deepspeed.zero_stage == 3 and getattr(fits.deepspeed, key) == device
 
 
 @pytest.mark.parametrize("model", ["sella", "lora", "popularity"])

@@ -78,8 +78,21 @@ def read_data(data_dir: Path) -> tuple[dict[str, pd.DataFrame], int, pd.DataFram
     return splits, largest_ids(data_dir)[0], read_items(data_dir)
 
 
-def semantic_dim(path: Path) -> int:
-    return TableFile(path).shape(SEMANTIC)[1]
+def semantic_dim(path: Path, item_ids: np.ndarray) -> int:
+    """d_llm of stage 2a's vectors, once the file is known to hold a vector for every item of this prep output
+    (its `item_ids`): a missing item's row would be zero, and L_align's normalization turns a zero row's gradient
+    into about 1e12 times the loss's."""
+    tables = TableFile(path)
+    if "item_ids" not in tables:
+        raise ValueError(f"{tables.path}: no item_ids, the ids that have a semantic vector (stage 2a writes them "
+                         f"beside {SEMANTIC!r}); run --stage distill to make the vectors")
+    missing = np.setdiff1d(item_ids, tables.tensor("item_ids").numpy())
+    if len(missing):
+        raise ValueError(f"{tables.path}: no semantic vector for {len(missing)} of the {len(item_ids)} items of this "
+                         f"prep output (item ids {missing[:5].tolist()}{' ...' if len(missing) > 5 else ''}): it was "
+                         "distilled from another one; run --stage distill on this prep output, or point "
+                         "collab.semantic_path at its vectors")
+    return tables.shape(SEMANTIC)[1]
 
 
 @torch.no_grad()
@@ -116,7 +129,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         raise FileNotFoundError(f"{sem_path}: no semantic vectors; run --stage distill first, "
                                 "or set collab.align.weight: 0 for plain MF")
     torch.manual_seed(collab_cfg.seed)
-    sem_dim = semantic_dim(sem_path) if aligned else None
+    sem_dim = semantic_dim(sem_path, items.item_id.to_numpy()) if aligned else None
     proj = proj_c_to_l(collab_cfg.dim, collab_cfg.proj_hidden, sem_dim) if aligned else None
     model = Collab(max_user, max_item, collab_cfg.dim, sem_dim, proj)
     lrs = {USER: collab_cfg.table_lr, ITEM: collab_cfg.table_lr, SEMANTIC: collab_cfg.semantic_lr}

@@ -155,6 +155,9 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     collab_path = Path(sella_cfg.collab_path) if sella_cfg.collab_path else find(cfg, run_dir, COLLAB_FILE)
     shapes, stage2 = read_collab(collab_path, STAGE2_PREFIX if sella_cfg.projector_init == "stage2" else None)
     warm = sella_cfg.warm_token
+    if USER not in shapes or ITEM not in shapes:
+        raise ValueError(f"{collab_path}: no {USER!r} and {ITEM!r} tables (it holds {sorted(shapes)}); sella.collab_path "
+                         "names stage 2b's collab/collab.safetensors")
     if warm and SEMANTIC not in shapes:
         raise ValueError(f"{collab_path}: no semantic table (stage 2b ran as plain MF); "
                          "set sella.warm_token: false or use aligned collab tables")
