@@ -307,7 +307,7 @@ class TableState:
     module inside the model) and the fused optimizers' state, both as sharded tensors, so a checkpoint saved on
     2 ranks with row_wise tables loads on 1 rank with table_wise ones and the other way round. A torch optimizer
     of replicated parameters (`dense_opt`) is the same on every rank: rank 0 writes it. The best state so far is
-    kept the same way in <ckpt_dir>/best, rewritten at each improvement (`save_best`, `load_best`).
+    kept the same way in a folder of its own, rewritten at each improvement (`save_best`, `load_best`).
     launcher/checkpoint.py calls save_checkpoint / load_checkpoint as on a DeepSpeed engine.
     """
 
@@ -334,10 +334,10 @@ class TableState:
             self.dense_opt.load_state_dict(torch.load(Path(ckpt_dir) / tag / "dense_opt.pt", weights_only=False))
         return str(Path(ckpt_dir) / tag), None
 
-    def save_best(self, ckpt_dir: Path, dense: list[torch.Tensor]) -> None:
-        """Keep the current tables (and the given dense tensors, replicated) as the best state: written beside it,
-        then renamed in; killed at any point, a best state (the new or the previous one) is left."""
-        best, tmp = ckpt_dir / "best", ckpt_dir / "best.tmp"
+    def save_best(self, best: Path, dense: list[torch.Tensor]) -> None:
+        """Keep the current tables (and the given dense tensors, replicated) as the best state in folder `best`:
+        written beside it, then renamed in; killed at any point, a best state (the new or the previous one) is left."""
+        tmp = best.with_name(best.name + ".tmp")
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
@@ -348,9 +348,9 @@ class TableState:
         dist.barrier()
 
     @torch.no_grad()
-    def load_best(self, ckpt_dir: Path) -> list[torch.Tensor]:
-        """Restore the best tables into the model; the dense tensors saved with them."""
-        best = settled(ckpt_dir / "best")  # (killed mid-swap: the previous best)
+    def load_best(self, best: Path) -> list[torch.Tensor]:
+        """Restore the best tables of folder `best` into the model; the dense tensors saved with them."""
+        best = settled(best)  # (killed mid-swap: the previous best)
         state = {"model": self.model.state_dict()}
         dcp.load(state, checkpoint_id=best)
         return torch.load(best / "dense.pt", weights_only=False)

@@ -33,6 +33,7 @@ def checkpoint_dir(stage: str) -> str:
 
 CHECKPOINT_LATEST = "latest.json"
 BEST_ADAPTER = "best-adapter"  # stage 1, inside its checkpoint folder: the best adapter on valid so far
+BEST_TABLES = "best"  # stages 2b and 3, inside their checkpoint folders: the best tables (and dense weights) so far
 
 
 def tensorboard_dir(stage: str) -> str:

@@ -1,11 +1,15 @@
 """Resumable checkpoints around DeepSpeed's own: engine state (ZeRO partitions, optimizer, scheduler; the
 trainable parameters only, since every stage rebuilds its frozen weights from their files) plus
 each rank's RNG state and the loop's position, committed by a `latest.json` written after every rank
-has finished, so a crash mid-save leaves the previous checkpoint in charge."""
+has finished, so a crash mid-save leaves the previous checkpoint in charge.
+
+A new best state on valid is written `pending` and put in place when the checkpoint that records its AUC commits
+(`settle`): after a kill, the best state on disk is the one the checkpoint a run resumes from names."""
 from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -15,7 +19,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from embeddings.tables import replace_folder
 from launcher.artifacts import CHECKPOINT_LATEST as LATEST
+
+PENDING = re.compile(r"(?P<name>.+)\.pending-step(?P<step>\d{8})")
 
 
 @dataclass
@@ -53,6 +60,33 @@ class LoopState:
         return cls(**{k: v for k, v in (saved or {}).items() if k in names})
 
 
+def pending(path: Path, step: int) -> Path:
+    """Where the best state of validation `step` is written: beside `path`, which it replaces once a checkpoint of
+    that step or a later one is committed (`settle`)."""
+    return path.with_name(f"{path.name}.pending-step{step:08d}")
+
+
+def settle(ckpt_dir: Path, committed: int | None) -> None:
+    """Put the pending best states of steps up to the `committed` checkpoint's in place, in step order, and delete
+    those of later steps (a kill came before their checkpoint, which records an older best) or all when no
+    checkpoint is committed (None). Rank 0's job."""
+    found = sorted((int(m["step"]), m["name"], p) for p in ckpt_dir.glob("*.pending-step*")
+                   if (m := PENDING.fullmatch(p.name)))
+    for step, name, path in found:
+        if committed is not None and step <= committed:
+            replace_folder(path, ckpt_dir / name)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def commit_best(ckpt_dir: Path, step: int) -> None:
+    """At a stage's end: a best state its last validation found without a checkpoint after it (a run that trained
+    no step) is put in place before the stage exports it; its summary records it."""
+    if dist.get_rank() == 0:
+        settle(ckpt_dir, step)
+    dist.barrier()
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -83,6 +117,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any], keep: in
         tmp = ckpt_dir / f".{LATEST}.tmp"
         tmp.write_text(record)
         tmp.replace(ckpt_dir / LATEST)
+        settle(ckpt_dir, step)
         # the newest `keep` up to this one; a later tag is a crashed save's leftover (or a run resumed with a
         # smaller budget) that no latest.json points at (ckpt_dir/best is kept)
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
@@ -94,9 +129,12 @@ def save(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any], keep: in
 def load(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
     """Restore the latest committed checkpoint into `engine` and the RNGs; its state, or None if none."""
     latest = ckpt_dir / LATEST
-    if not latest.is_file():
+    state = json.loads(latest.read_text()) if latest.is_file() else None
+    if dist.get_rank() == 0:
+        settle(ckpt_dir, state and state["step"])
+    dist.barrier()
+    if state is None:
         return None
-    state = json.loads(latest.read_text())
     try:  # DeepSpeed asserts on a tag without engine files, and returns (None, None) (then trains on from fresh
         load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=state["tag"], load_module_strict=False)  # weights)
     except (AssertionError, FileNotFoundError):  # on a tag whose files are missing or unreadable

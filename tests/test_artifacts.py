@@ -6,6 +6,8 @@ import pytest
 from embeddings.tables import replace_folder, settled
 from launcher.artifacts import (
     ADAPTER,
+    BEST_ADAPTER,
+    BEST_TABLES,
     DONE,
     SELLA_PROJECTOR,
     SELLA_TABLES,
@@ -86,6 +88,33 @@ def test_a_folder_replaced_is_whole_wherever_a_kill_falls(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best-adapter"]
     path.rename(tmp_path / "best-adapter.previous")  # killed after the old folder was renamed aside
     assert (settled(path) / "weights").read_text() == "two"
+
+
+def test_a_best_state_is_put_in_place_when_its_checkpoint_commits(tmp_path: Path) -> None:
+    """A best state is written pending and replaces the best folder only once a checkpoint of its step or a later
+    one commits; a kill before that leaves the best folder the committed checkpoint records (the pending one of a
+    later step is dropped on resume)."""
+    from launcher.checkpoint import pending, settle
+
+    def folder(path: Path, version: str) -> Path:
+        path.mkdir()
+        (path / "weights").write_text(version)
+        return path
+
+    best, adapter = tmp_path / BEST_TABLES, tmp_path / BEST_ADAPTER
+    folder(best, "step 8")
+    folder(pending(best, 16), "step 16")
+    folder(pending(best, 24), "step 24")
+    folder(pending(adapter, 24), "adapter 24")
+    folder(pending(best, 40), "step 40")
+    folder(tmp_path / (pending(best, 48).name + ".tmp"), "half written")  # a writer's own leftover: not a best state
+    settle(tmp_path, 32)  # the checkpoint of step 32 commits (or a run resumes from it)
+    assert (best / "weights").read_text() == "step 24" and (adapter / "weights").read_text() == "adapter 24"
+    # validation 40 came after the committed checkpoint of step 32 (resumed from it): its checkpoint never committed
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([BEST_TABLES, BEST_ADAPTER, pending(best, 48).name + ".tmp"])
+    folder(pending(best, 0), "step 0")
+    settle(tmp_path, None)  # resumed with no checkpoint committed: nothing pending is kept
+    assert not pending(best, 0).exists() and (best / "weights").read_text() == "step 24"
 
 
 def test_a_killed_stage_is_stale_by_its_checkpoint_and_a_summary_is_taken_as_recorded(tmp_path: Path) -> None:

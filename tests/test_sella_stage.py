@@ -21,7 +21,15 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.testing import assert_close
 
-from launcher.artifacts import COLLAB_FILE, EVAL_METRICS, SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, summary_file
+from launcher.artifacts import (
+    BEST_TABLES,
+    COLLAB_FILE,
+    EVAL_METRICS,
+    SELLA_ADAPTER,
+    SELLA_PROJECTOR,
+    SELLA_TABLES,
+    summary_file,
+)
 from tests.conftest import REPO
 from tests.launch import (
     finish,
@@ -206,7 +214,7 @@ def test_the_exported_tables_are_the_best_valid_state(runs: dict[str, Path], nam
     summary = json.loads((runs[name] / summary_file("sella")).read_text())
     assert (summary["best_step"] < summary["steps"]) == earlier_best, f"{name}: best step {summary['best_step']} of " \
         f"{summary['steps']}; the fixture's lrs are meant to cover both paths (see `runs`)"
-    dcp_to_torch_save(run / "ckpt" / "best", run.parent / "best-tables.pt")
+    dcp_to_torch_save(run / "ckpt" / BEST_TABLES, run.parent / "best-tables.pt")
     best = table_weights(torch.load(run.parent / "best-tables.pt", weights_only=False))
     exported = load_file(runs[name] / SELLA_TABLES)
     assert set(best) == set(exported) and {"user", "item"} <= set(exported)
@@ -215,7 +223,7 @@ def test_the_exported_tables_are_the_best_valid_state(runs: dict[str, Path], nam
     last = table_weights(read_tables_checkpoint(run / "ckpt" / f"step{summary['steps']:08d}"))
     moved = any(not torch.equal(exported[t], last[t]) for t in exported)
     assert moved == (summary["best_step"] != summary["steps"])
-    projector, dense_best = load_file(runs[name] / SELLA_PROJECTOR), torch.load(run / "ckpt" / "best" / "dense.pt")
+    projector, dense_best = load_file(runs[name] / SELLA_PROJECTOR), torch.load(run / "ckpt" / BEST_TABLES / "dense.pt")
     assert len(projector) == len(dense_best)  # the projector is the whole dense trainable set (no train_lora)
     assert all(any(torch.equal(v, d) for v in projector.values()) for d in dense_best)
 
@@ -376,7 +384,7 @@ def test_checkpoints_and_tensorboard(runs: dict[str, Path]) -> None:
     latest = json.loads((run / "sella" / "ckpt" / "latest.json").read_text())
     assert latest["step"] == 4 and latest["best_step"] == json.loads((run / summary_file("sella")).read_text())["best_step"] > 0
     assert (run / "sella" / "ckpt" / latest["tag"] / "tables" / ".metadata").is_file()
-    assert (run / "sella" / "ckpt" / "best" / "dense.pt").is_file()
+    assert (run / "sella" / "ckpt" / BEST_TABLES / "dense.pt").is_file()
     events = EventAccumulator(str(run / "tb" / "sella")).Reload()
     assert {"train/loss", "train/lr", "valid/overall/auc"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("valid/overall/auc")] == [0, 2, 4]

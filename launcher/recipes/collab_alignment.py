@@ -44,7 +44,15 @@ from embeddings.tables import (
     sharded_export,
 )
 from launcher import checkpoint
-from launcher.artifacts import COLLAB_FILE, SEMANTIC_FILE, checkpoint_dir, lookup, summary_file, tensorboard_dir
+from launcher.artifacts import (
+    BEST_TABLES,
+    COLLAB_FILE,
+    SEMANTIC_FILE,
+    checkpoint_dir,
+    lookup,
+    summary_file,
+    tensorboard_dir,
+)
 from launcher.checkpoint import LoopState
 from launcher.config import Config
 from launcher.data import largest_ids, read_items
@@ -185,7 +193,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         monitor.write(f"[{STAGE}] step {step}: valid\n{format_report(metrics)}"
                       + (f"\nalignment accuracy {logs['align_acc']:.4f}" if aligned else ""))
         if state.record(metrics):
-            tables_state.save_best(ckpt, [])  # the projector is in the model's state dict
+            tables_state.save_best(checkpoint.pending(ckpt / BEST_TABLES, step), [])  # the projector is in the model
         state.seconds = max_over_ranks(state.seconds)  # the slowest rank's: a resumed run's time is a whole run's
         checkpoint.save(tables_state, ckpt, step, state.carried(), collab_cfg.keep_checkpoints)
         return state.stale >= collab_cfg.patience
@@ -230,7 +238,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         if stopped == "early_stop" or state.step >= total:
             break
 
-    tables_state.load_best(ckpt)
+    checkpoint.commit_best(ckpt, state.step)  # (every validation is checkpointed: nothing is pending here)
+    tables_state.load_best(ckpt / BEST_TABLES)
     test = evaluate("test")
     monitor.write(f"[{STAGE}] best step {state.best_step}: test\n{format_report(test)}")
     accuracy = align_accuracy(align_items) if aligned else None

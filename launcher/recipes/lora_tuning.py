@@ -4,7 +4,7 @@ Checkpoint selection on valid, as in TALLRec: a fixed valid subset is scored eve
 end, and the adapter of the trained step that scores best is the one written (the zero-shot step 0 is reported, not
 selected). Reads: the prep output's train shards (streamed) and a fixed subset of valid rows.
 Writes: <run>/lora/adapter (PEFT adapter + tokenizer), checkpoints under <run>/lora/ckpt (the best adapter so far in
-ckpt/best-adapter), TensorBoard scalars under <run>/tb/lora, <run>/lora/summary.json. Resumes from the latest
+ckpt/best-adapter, put there when the checkpoint that records it commits), TensorBoard scalars under <run>/tb/lora, <run>/lora/summary.json. Resumes from the latest
 checkpoint by default.
 """
 from __future__ import annotations
@@ -115,7 +115,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         if selectable:
             state.last_valid = metrics
             if state.record(metrics):
-                save_adapter(engine.module, tokenizer, best_adapter, cfg.deepspeed.zero_stage == 3, dist_ctx)
+                save_adapter(engine.module, tokenizer, checkpoint.pending(best_adapter, step), cfg.deepspeed.zero_stage == 3,
+                             dist_ctx)
         return metrics
 
     if start == 0 and lora_cfg.eval_every and state.zero_shot is None:
@@ -166,6 +167,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     # the only one, and selected
     if stop == 0 or not state.curve or state.curve[-1]["step"] != stop:
         validate()
+    checkpoint.commit_best(ckpt, stop)
     if dist_ctx.main:
         shutil.rmtree(run_dir / ADAPTER, ignore_errors=True)
         shutil.copytree(settled(best_adapter), run_dir / ADAPTER)

@@ -52,6 +52,7 @@ from embeddings.tables import (
 )
 from launcher import checkpoint, export
 from launcher.artifacts import (
+    BEST_TABLES,
     COLLAB_FILE,
     SELLA_ADAPTER,
     SELLA_EXPORT,
@@ -250,7 +251,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         monitor.write(f"[{STAGE}] step {step}: valid, {metrics['overall']['rows']} rows\n{format_report(metrics)}")
         state.curve.append(curve_point(step, step * per_step, state.seconds, metrics))
         if state.record(metrics):
-            tables_state.save_best(ckpt, dense_copy())
+            tables_state.save_best(checkpoint.pending(ckpt / BEST_TABLES, step), dense_copy())
         return metrics
 
     if start == 0 and (sella_cfg.eval_every or stop == 0):
@@ -303,7 +304,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         if step == stop:
             break
 
-    dense_best = tables_state.load_best(ckpt)
+    checkpoint.commit_best(ckpt, state.step)  # the step-0 validation of a run with no step to train
+    dense_best = tables_state.load_best(ckpt / BEST_TABLES)
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=0, enabled=zero3), torch.no_grad():
         for p, v in zip(trainable, dense_best, strict=True):
             p.copy_(v.to(p.device, p.dtype))
