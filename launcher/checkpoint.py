@@ -69,21 +69,43 @@ def pending(path: Path, step: int) -> Path:
 def settle(ckpt_dir: Path, committed: int | None) -> None:
     """Put the pending best states of steps up to the `committed` checkpoint's in place, in step order, and delete
     those of later steps (a kill came before their checkpoint, which records an older best) or all when no
-    checkpoint is committed (None). Rank 0's job."""
-    found = sorted((int(m["step"]), m["name"], p) for p in ckpt_dir.glob("*.pending-step*")
-                   if (m := PENDING.fullmatch(p.name)))
-    for step, name, path in found:
+    checkpoint is committed (None), and what a killed writer left half-written. Rank 0's job, once every rank's
+    writing is done."""
+    found = []
+    for path in ckpt_dir.glob("*.pending-step*"):
+        if m := PENDING.fullmatch(path.name):
+            found.append((int(m["step"]), m["name"], path))
+        else:  # <pending>.tmp: the writer was killed before renaming it
+            shutil.rmtree(path, ignore_errors=True)
+    for step, name, path in sorted(found):
         if committed is not None and step <= committed:
             replace_folder(path, ckpt_dir / name)
         else:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def commit_best(ckpt_dir: Path, step: int) -> None:
-    """At a stage's end: a best state its last validation found without a checkpoint after it (a run that trained
-    no step) is put in place before the stage exports it; its summary records it."""
+def _commit(ckpt_dir: Path, tag: str, step: int, state: dict[str, Any]) -> None:
+    """Record the loop state of checkpoint `tag` and make it the latest (one rename: a kill leaves the old or the
+    new latest.json), then put the best state it records in place."""
+    record = json.dumps({"tag": tag, "step": step, **state})
+    (ckpt_dir / tag / "state.json").write_text(record)  # the loop state at this tag (to go back to it)
+    tmp = ckpt_dir / f".{LATEST}.tmp"
+    tmp.write_text(record)
+    tmp.replace(ckpt_dir / LATEST)
+    settle(ckpt_dir, step)
+
+
+def commit_best(ckpt_dir: Path, step: int, state: dict[str, Any]) -> None:
+    """At a stage's end: a best state its last validation found with no checkpoint after it is put in place before
+    the stage exports it. A relaunch that validated the checkpoint it resumed from (of `step`) records `state` in
+    that checkpoint first, as its save would have; a run that trained no step has no checkpoint to record it in."""
     if dist.get_rank() == 0:
-        settle(ckpt_dir, step)
+        latest = ckpt_dir / LATEST
+        record = json.loads(latest.read_text()) if latest.is_file() else None
+        if record is not None and record["step"] == step:
+            _commit(ckpt_dir, record["tag"], step, state)
+        else:
+            settle(ckpt_dir, step)
     dist.barrier()
 
 
@@ -112,12 +134,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any], keep: in
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
     dist.barrier()
     if rank == 0:
-        record = json.dumps({"tag": tag, "step": step, **state})
-        (ckpt_dir / tag / "state.json").write_text(record)  # the loop state at this tag (to go back to it)
-        tmp = ckpt_dir / f".{LATEST}.tmp"
-        tmp.write_text(record)
-        tmp.replace(ckpt_dir / LATEST)
-        settle(ckpt_dir, step)
+        _commit(ckpt_dir, tag, step, state)
         # the newest `keep` up to this one; a later tag is a crashed save's leftover (or a run resumed with a
         # smaller budget) that no latest.json points at (ckpt_dir/best is kept)
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())

@@ -47,12 +47,13 @@ BUDGET = {"max_steps", "epochs", "max_samples", "max_minutes", "eval_every", "ev
 # on others would compare AUCs of two subsets)
 # TorchRec cuts a column_wise table into blocks of 128+ columns whatever the world size, and row-wise Adagrad keeps one
 # state per row of each block: another training than under the other shardings, and a checkpoint none of them loads
+# (conservative: a table of 128 columns or fewer is one block, and would resume)
 COLUMN_BLOCKS = "collab.sharding column_wise (row-wise Adagrad state per 128-column block)"
 
 
 RESOLVED = ("deepspeed.precision", "deepspeed.zero_stage")  # `auto` in a config, the machine's value in a record
 # how a stage ran rather than what it made: ignored for a finished stage that `--stage all` skips
-HOW_IT_RAN = ("world", *RESOLVED)
+HOW_IT_RAN = ("world", *RESOLVED, COLUMN_BLOCKS)
 
 
 class ConfigChanged(ValueError):
@@ -151,8 +152,8 @@ def check_upstream(cfg: Config, upstream: Path, stage: str, allow_change: bool) 
     if not recorded.is_file():
         return []
     old, new = yaml.safe_load(recorded.read_text()), cfg.model_dump(mode="json")
-    changed = [k for k in changed_keys(old, new, stage) if k not in ("upstream", "deepspeed.precision")]  # (a bf16
-    # adapter serves an fp32 row)
+    changed = [k for k in changed_keys(old, new, stage) if k not in ("upstream", "deepspeed.precision", COLUMN_BLOCKS)]
+    # (a bf16 adapter serves an fp32 row; the tables' layout is how stage 2b ran, not what it made)
     if changed and not allow_change:
         detail = _detail(shaping(old, stage, 1), shaping(new, stage, 1), changed)
         raise ConfigChanged(f"{recorded}: this run takes stage {stage} from its upstream run, which ran it with other "
@@ -164,8 +165,8 @@ def check_upstream(cfg: Config, upstream: Path, stage: str, allow_change: bool) 
 def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool, resumes: bool = True) -> list[str]:
     """Compare `cfg` on `world` ranks with the config recorded by this stage's earlier run; the changed shaping
     keys (raises ConfigChanged on any, unless `allow_change`). A finished stage that `--stage all` skips
-    (`resumes` False) is not compared on how it ran (HOW_IT_RAN: ranks, precision, ZeRO stage): stages 1-2 on 2
-    CPU ranks, stage 3 on 8 GPUs. For stage eval: `check_scored`."""
+    (`resumes` False) is not compared on how it ran (HOW_IT_RAN: ranks, precision, ZeRO stage, table blocks):
+    stages 1-2 on 2 CPU ranks, stage 3 on 8 GPUs. For stage eval: `check_scored`."""
     if stage == "eval":
         return check_scored(cfg, run_dir, allow_change)
     recorded = run_dir / stage / RUN_CONFIG

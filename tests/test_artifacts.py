@@ -8,6 +8,7 @@ from launcher.artifacts import (
     ADAPTER,
     BEST_ADAPTER,
     BEST_TABLES,
+    CHECKPOINT_LATEST,
     DONE,
     SELLA_PROJECTOR,
     SELLA_TABLES,
@@ -107,11 +108,12 @@ def test_a_best_state_is_put_in_place_when_its_checkpoint_commits(tmp_path: Path
     folder(pending(best, 24), "step 24")
     folder(pending(adapter, 24), "adapter 24")
     folder(pending(best, 40), "step 40")
-    folder(tmp_path / (pending(best, 48).name + ".tmp"), "half written")  # a writer's own leftover: not a best state
+    folder(tmp_path / (pending(best, 48).name + ".tmp"), "half written")  # a killed writer's leftover: not a best state
     settle(tmp_path, 32)  # the checkpoint of step 32 commits (or a run resumes from it)
     assert (best / "weights").read_text() == "step 24" and (adapter / "weights").read_text() == "adapter 24"
-    # validation 40 came after the committed checkpoint of step 32 (resumed from it): its checkpoint never committed
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([BEST_TABLES, BEST_ADAPTER, pending(best, 48).name + ".tmp"])
+    # validation 40 came after the committed checkpoint of step 32 (resumed from it): its checkpoint never committed;
+    # and what a killed writer left is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([BEST_TABLES, BEST_ADAPTER])
     folder(pending(best, 0), "step 0")
     settle(tmp_path, None)  # resumed with no checkpoint committed: nothing pending is kept
     assert not pending(best, 0).exists() and (best / "weights").read_text() == "step 24"
@@ -138,3 +140,36 @@ def test_a_killed_stage_is_stale_by_its_checkpoint_and_a_summary_is_taken_as_rec
     assert recorded_summary(run, "collab", ("collab/summary.json",), steps=12) == {"steps": 12}
     assert recorded_summary(run, "collab", ("collab/summary.json",), steps=8) is None
     assert recorded_summary(run, "collab", ("collab/collab.safetensors",), steps=12) is None
+
+
+def test_a_relaunch_that_validates_its_checkpoint_records_the_best_it_keeps(tmp_path: Path) -> None:
+    """Stage 1 relaunched at a checkpoint with no validation (its budget lowered to it) validates that state at the
+    end: the checkpoint's record names the best state put in place, as a save would have."""
+    import json
+
+    import torch.distributed as dist
+
+    from launcher.checkpoint import commit_best, pending
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "step00000048").mkdir(parents=True)
+    old = {"tag": "step00000048", "step": 48, "best_step": 32, "best_auc": 0.6}
+    (ckpt / CHECKPOINT_LATEST).write_text(json.dumps(old))
+    (ckpt / BEST_ADAPTER).mkdir()
+    (ckpt / BEST_ADAPTER / "weights").write_text("step 32")
+    pending(ckpt / BEST_ADAPTER, 48).mkdir()
+    (pending(ckpt / BEST_ADAPTER, 48) / "weights").write_text("step 48")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        commit_best(ckpt, 48, {"best_step": 48, "best_auc": 0.7})
+        record = json.loads((ckpt / CHECKPOINT_LATEST).read_text())
+        assert record == {"tag": "step00000048", "step": 48, "best_step": 48, "best_auc": 0.7}
+        assert json.loads((ckpt / "step00000048" / "state.json").read_text()) == record
+        assert (ckpt / BEST_ADAPTER / "weights").read_text() == "step 48"
+        pending(ckpt / BEST_ADAPTER, 0).mkdir()  # a run of no step: no checkpoint records it, its summary does
+        (pending(ckpt / BEST_ADAPTER, 0) / "weights").write_text("step 0")
+        (ckpt / CHECKPOINT_LATEST).unlink()
+        commit_best(ckpt, 0, {"best_step": 0})
+        assert not (ckpt / CHECKPOINT_LATEST).exists() and (ckpt / BEST_ADAPTER / "weights").read_text() == "step 0"
+    finally:
+        dist.destroy_process_group()

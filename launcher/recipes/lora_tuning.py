@@ -167,7 +167,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     # the only one, and selected
     if stop == 0 or not state.curve or state.curve[-1]["step"] != stop:
         validate()
-    checkpoint.commit_best(ckpt, stop)
+    checkpoint.commit_best(ckpt, stop, state.carried())
     if dist_ctx.main:
         shutil.rmtree(run_dir / ADAPTER, ignore_errors=True)
         shutil.copytree(settled(best_adapter), run_dir / ADAPTER)

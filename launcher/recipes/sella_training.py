@@ -304,7 +304,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         if step == stop:
             break
 
-    checkpoint.commit_best(ckpt, state.step)  # the step-0 validation of a run with no step to train
+    checkpoint.commit_best(ckpt, state.step, state.carried())  # the step-0 validation of a run with no step to train
     dense_best = tables_state.load_best(ckpt / BEST_TABLES)
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=0, enabled=zero3), torch.no_grad():
         for p, v in zip(trainable, dense_best, strict=True):
