@@ -1,5 +1,6 @@
 """Valid AUC (overall / cold) per validation step of the two 128-step rows, as a Markdown table."""
 import json
+
 rows = {"SeLLa-Rec": "runs/collm-ml-1m-sella", "without `<Warm_ID>`": "runs/collm-ml-1m-nowarm"}
 curves = {n: {c["step"]: c for c in json.load(open(f"{d}/sella/summary.json"))["curve"]} for n, d in rows.items()}
 steps = sorted(next(iter(curves.values())))
