@@ -238,7 +238,6 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         if stopped == "early_stop" or state.step >= total:
             break
 
-    checkpoint.commit_best(ckpt, state.step, state.carried())  # (every validation is checkpointed: a no-op)
     tables_state.load_best(ckpt / BEST_TABLES)
     test = evaluate("test")
     monitor.write(f"[{STAGE}] best step {state.best_step}: test\n{format_report(test)}")

@@ -4,8 +4,8 @@ Checkpoint selection on valid, as in TALLRec: a fixed valid subset is scored eve
 end, and the adapter of the trained step that scores best is the one written (the zero-shot step 0 is reported, not
 selected). Reads: the prep output's train shards (streamed) and a fixed subset of valid rows.
 Writes: <run>/lora/adapter (PEFT adapter + tokenizer), checkpoints under <run>/lora/ckpt (the best adapter so far in
-ckpt/best-adapter, put there when the checkpoint that records it commits), TensorBoard scalars under <run>/tb/lora, <run>/lora/summary.json. Resumes from the latest
-checkpoint by default.
+ckpt/best-adapter, put there when the checkpoint that records it commits), TensorBoard scalars under <run>/tb/lora,
+<run>/lora/summary.json. Resumes from the latest checkpoint by default.
 """
 from __future__ import annotations
 
