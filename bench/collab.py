@@ -126,11 +126,13 @@ def sharded(users: int, items: int, steps: int, warmup: int, sharding: str) -> d
     start = 0.0
     for step, (u, i, y) in enumerate(batches(users, items, warmup + steps)):
         if step == warmup:
+            sync()
             dist.barrier()
             start = time.perf_counter()
         part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
         rows = sharded_model(ids_kjt({USER: u[part].to(device), ITEM: i[part].to(device)}))
         loss_fn(rows[USER], rows[ITEM], y[part].to(device), BATCH).backward()
+    sync()
     dist.barrier()
     seconds = time.perf_counter() - start
     dist.destroy_process_group()
@@ -163,7 +165,7 @@ def launch(kind: str, ranks: int, size: str, steps: int, warmup: int, threads: i
     if kind.startswith("plain") or kind == "kernel":
         cmd = [sys.executable, *script]
     else:
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(ranks),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),  # no script on the GPU host
                "--master_addr", "127.0.0.1", "--master_port", str(_port()), *script]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // ranks))}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)

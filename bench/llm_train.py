@@ -38,7 +38,7 @@ from launcher.artifacts import summary_file
 from launcher.config import Config
 from pipeline.config import load_config, parse_config
 
-GPUS = __import__("torch").cuda.device_count()  # on a GPU host: one rank per GPU, bf16 + NCCL on both sides
+GPUS = __import__("torch").cuda.device_count()  # on a GPU host: one rank per GPU, bf16 weights + NCCL on both sides
 
 
 def _port() -> int:
@@ -47,8 +47,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
+def _module(name: str) -> list[str]:
+    """A launcher run as a module of this interpreter: on the GPU host the kit installs DeepSpeed with `pip --target`,
+    which leaves no `deepspeed` script beside the interpreter."""
+    return [sys.executable, "-m", name]
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
@@ -66,12 +68,11 @@ def run_ours(args: argparse.Namespace, zero_stage: int, tmp: Path) -> dict:
     cfg_path.write_text(yaml.safe_dump(parse_config(base, schema=Config).model_dump(mode="json")))
     hostfile = tmp / "hostfile"
     hostfile.write_text(f"localhost slots={args.ranks}\n")
-    cmd = [_bin("deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
+    hosts = ["--num_gpus", str(args.ranks)] if GPUS else ["--hostfile", str(hostfile)]  # on a GPU host: its GPUs
+    cmd = [*_module("deepspeed.launcher.runner"), *hosts, "--no_ssh_check", "--master_addr", "127.0.0.1",
            "--master_port", str(_port()), str(REPO / "launcher" / "train.py"), "--config", str(cfg_path),
            "--stage", "lora", "--data", args.data]
     t0 = time.time()
-    if GPUS:
-        cmd[1:3] = ["--num_gpus", str(args.ranks)]  # the GPUs of this host, no hostfile
     subprocess.run(cmd, cwd=REPO, check=True, env=os.environ if GPUS else {**os.environ, "DS_ACCELERATOR": "cpu"})
     summary = json.loads((tmp / f"ours-zero{zero_stage}" / summary_file("lora")).read_text())
     if summary["steps"] != args.steps:  # an epoch of the data ran out first: the two sides would differ
@@ -91,7 +92,7 @@ def memory(per_rank: list[dict[str, float]]) -> dict[str, list[float]]:
 
 def run_hf(args: argparse.Namespace, tmp: Path, answer_logits: bool) -> dict:
     out = tmp / f"hf-answer-logits-{answer_logits}.json"
-    cmd = [_bin("torchrun"), "--nproc_per_node", str(args.ranks), "--master_addr", "127.0.0.1",
+    cmd = [*_module("torch.distributed.run"), "--nproc_per_node", str(args.ranks), "--master_addr", "127.0.0.1",
            "--master_port", str(_port()), __file__, "--hf-worker", str(out), "--config", args.config,
            *(["--model", args.model] if args.model else []),
            "--data", args.data, "--steps", str(args.steps), "--micro-batch", str(args.micro_batch),
@@ -121,7 +122,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, overrides(args), schema=Config)
     lc, tc = cfg.llm, cfg.lora
     torch.manual_seed(tc.seed)
-    model, tokenizer = load_base(lc)
+    model, tokenizer = load_base(lc, torch.bfloat16 if GPUS else torch.float32)  # the launcher's weights on both sides
     model = get_peft_model(model, peft_config(tc))
     keep, world = usable(lc.drop_no_history), int(os.environ["WORLD_SIZE"])
 
@@ -189,6 +190,17 @@ def hf_worker(args: argparse.Namespace) -> None:
             "grad_norms": [float(h["grad_norm"]) for h in run.state.log_history if "grad_norm" in h]}))
 
 
+def write_report(args: argparse.Namespace, results: dict[str, dict]) -> dict:
+    """--out: the runs so far, each as a ratio to hf-trainer (the first run)."""
+    base = results["hf-trainer"]["tokens_per_s"]
+    report = {"config": args.config, "data": args.data, "steps": args.steps, "micro_batch": args.micro_batch,
+              "grad_accum": args.grad_accum, "ranks": args.ranks, "runs": results,
+              "speedup_vs_hf": {k: v["tokens_per_s"] / base for k, v in results.items()}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    return report
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/collm-ml-1m.yaml")
@@ -205,17 +217,15 @@ def main() -> None:
     if args.hf_worker:
         hf_worker(args)
         return
+    runs = {"hf-trainer": lambda tmp: run_hf(args, tmp, answer_logits=False),
+            "hf-answer-logits": lambda tmp: run_hf(args, tmp, answer_logits=True),
+            "ours-zero3": lambda tmp: run_ours(args, 3, tmp),
+            "ours-zero0": lambda tmp: run_ours(args, 0, tmp)}
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
-        results = {"hf-trainer": run_hf(args, Path(tmp), answer_logits=False),
-                   "hf-answer-logits": run_hf(args, Path(tmp), answer_logits=True),
-                   "ours-zero3": run_ours(args, 3, Path(tmp)),
-                   "ours-zero0": run_ours(args, 0, Path(tmp))}
-    base = results["hf-trainer"]["tokens_per_s"]
-    report = {"config": args.config, "data": args.data, "steps": args.steps, "micro_batch": args.micro_batch,
-              "grad_accum": args.grad_accum, "ranks": args.ranks, "runs": results,
-              "speedup_vs_hf": {k: v["tokens_per_s"] / base for k, v in results.items()}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+        for name, run in runs.items():  # the report after each run: a bench stopped by a deadline keeps what ran
+            results[name] = run(Path(tmp))
+            report = write_report(args, results)
     print(f"{'run':<16} {'tokens/s':>9} {'x hf':>6}  peak RSS MiB per rank  (peak GPU MiB per rank)")
     for name, r in results.items():
         gpu = r.get("peak_gpu_mb_per_rank")

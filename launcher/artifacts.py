@@ -8,11 +8,13 @@ fail, not score its upstream's model under its own name.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from embeddings.tables import INDEX_SUFFIX
 from launcher.config import Config
+from pipeline.schema import MANIFEST
 
 ADAPTER = "lora/adapter"                         # stage 1: PEFT adapter + tokenizer
 SEMANTIC_FILE = "semantic.safetensors"           # stage 2a: `semantic` [max item id + 1, d_llm]
@@ -110,15 +112,19 @@ def made_so_far(cfg: Config, run_dir: Path, stage: str) -> Path | None:
     return finished(cfg, run_dir, stage) or (latest if latest.is_file() else None)
 
 
-def newer_input(cfg: Config, run_dir: Path, stage: str) -> Path | None:
-    """An earlier stage's finished artifact made after what `stage` made (`made_so_far`): that stage was run again,
-    `stage` is stale, and launching it would resume on, or return, what it made from the old inputs; else None."""
+def newer_input(cfg: Config, run_dir: Path, data_dir: Path, stage: str) -> Path | None:
+    """An input made after what `stage` made (`made_so_far`): the prep output (its manifest's `created`: prep ran
+    again into `data_dir`; a copy keeps it) or an earlier stage's finished artifact (that stage ran again). `stage` is
+    then stale, and launching it would resume on, or return, what it made from the old inputs; else None."""
     path = made_so_far(cfg, run_dir, stage)
-    for earlier in list(DONE)[:list(DONE).index(stage)] if path is not None else ():
-        other = lookup(cfg, run_dir, DONE[earlier])
-        if other is not None and other.stat().st_mtime > path.stat().st_mtime:
-            return other
-    return None
+    if path is None:
+        return None
+    made = path.stat().st_mtime
+    manifest = data_dir / MANIFEST
+    if manifest.is_file() and datetime.fromisoformat(json.loads(manifest.read_text())["created"]).timestamp() > made:
+        return manifest
+    earlier = [lookup(cfg, run_dir, DONE[s]) for s in list(DONE)[:list(DONE).index(stage)]]
+    return next((p for p in earlier if p is not None and p.stat().st_mtime > made), None)
 
 
 def recorded_summary(run_dir: Path, stage: str, outputs: tuple[str, ...], **fields: Any) -> dict[str, Any] | None:
@@ -132,6 +138,7 @@ def recorded_summary(run_dir: Path, stage: str, outputs: tuple[str, ...], **fiel
     return summary if all(summary.get(k) == v for k, v in fields.items()) else None
 
 
-def done(cfg: Config, run_dir: Path, stage: str) -> bool:
-    """Whether `--stage all` may skip `stage`: it finished, and no earlier stage finished after it (make's rule)."""
-    return finished(cfg, run_dir, stage) is not None and newer_input(cfg, run_dir, stage) is None
+def done(cfg: Config, run_dir: Path, data_dir: Path, stage: str) -> bool:
+    """Whether `--stage all` may skip `stage`: it finished, and neither prep nor an earlier stage finished after it
+    (make's rule)."""
+    return finished(cfg, run_dir, stage) is not None and newer_input(cfg, run_dir, data_dir, stage) is None

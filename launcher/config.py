@@ -41,7 +41,8 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(8, ge=1)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=0, description="optimizer steps; the budget that ends first wins")
-    max_samples: int | None = Field(None, ge=1, description="training samples over all ranks")
+    max_samples: int | None = Field(None, ge=1, description="training samples over all ranks (rounded up to whole "
+                                     "optimizer steps)")
     max_minutes: float | None = Field(None, gt=0, description="stop after this much training time (start-up and "
                                       "validation not counted); the lr schedule is planned on the other budgets")
     eval_every: int = Field(50, ge=0, description="validate every N steps (0: only at the end)")

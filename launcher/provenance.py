@@ -54,6 +54,7 @@ COLUMN_BLOCKS = "collab.sharding column_wise (row-wise Adagrad state per 128-col
 RESOLVED = ("deepspeed.precision", "deepspeed.zero_stage")  # `auto` in a config, the machine's value in a record
 # how a stage ran rather than what it made: ignored for a finished stage that `--stage all` skips
 HOW_IT_RAN = ("world", *RESOLVED, COLUMN_BLOCKS)
+DATA = "data (the prep output)"  # a changed key when a stage resumes or is skipped on another prep output
 
 
 class ConfigChanged(ValueError):
@@ -162,24 +163,35 @@ def check_upstream(cfg: Config, upstream: Path, stage: str, allow_change: bool) 
     return changed
 
 
-def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool, resumes: bool = True) -> list[str]:
-    """Compare `cfg` on `world` ranks with the config recorded by this stage's earlier run; the changed shaping
-    keys (raises ConfigChanged on any, unless `allow_change`). A finished stage that `--stage all` skips
-    (`resumes` False) is not compared on how it ran (HOW_IT_RAN: ranks, precision, ZeRO stage, table blocks):
-    stages 1-2 on 2 CPU ranks, stage 3 on 8 GPUs. For stage eval: `check_scored`."""
+def prep_output(data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Which prep output a stage ran on, as provenance.json records it: its folder, and when prep made it (the same
+    output copied elsewhere is the same data; prep run again, or another output, is not)."""
+    return {"path": str(data_dir), "name": manifest.get("name"), "created": manifest.get("created")}
+
+
+def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool, data: dict[str, Any],
+          resumes: bool = True) -> list[str]:
+    """Compare `cfg` on `world` ranks and the prep output `data` (`prep_output`) with the config and data recorded by
+    this stage's earlier run; the changed shaping keys (raises ConfigChanged on any, unless `allow_change`). A finished
+    stage that `--stage all` skips (`resumes` False) is not compared on how it ran (HOW_IT_RAN: ranks, precision, ZeRO
+    stage, table blocks): stages 1-2 on 2 CPU ranks, stage 3 on 8 GPUs. For stage eval: `check_scored`."""
     if stage == "eval":
         return check_scored(cfg, run_dir, allow_change)
     recorded = run_dir / stage / RUN_CONFIG
     if not recorded.is_file():
         return []
     old = yaml.safe_load(recorded.read_text())
-    old_world = json.loads((run_dir / stage / PROVENANCE).read_text())["world"]
+    ran = json.loads((run_dir / stage / PROVENANCE).read_text())
+    old_world = ran["world"]
     changed = changed_keys(old, cfg.model_dump(mode="json"), stage, old_world, world)
+    was_data = ran.get("data")  # absent in records written before it was recorded
+    if was_data is not None and (was_data["name"], was_data["created"]) != (data["name"], data["created"]):
+        changed.append(DATA)
     if not resumes:
         changed = [k for k in changed if k not in HOW_IT_RAN and not k.endswith(" x ranks")]
     if changed and not allow_change:
-        new = shaping(cfg.model_dump(mode="json"), stage, world) | _flat(cfg.model_dump(mode="json"))
-        was = shaping(old, stage, old_world) | _flat(old)
+        new = shaping(cfg.model_dump(mode="json"), stage, world) | _flat(cfg.model_dump(mode="json")) | {DATA: data}
+        was = shaping(old, stage, old_world) | _flat(old) | {DATA: was_data}
         detail = _detail(was, new, changed)
         raise ConfigChanged(f"{recorded}: stage {stage} ran with other settings that change its model ({detail}). "
                             "Start it over with --fresh, use another --run-dir, or continue anyway with "
@@ -187,7 +199,8 @@ def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool
     return changed
 
 
-def record(cfg: Config, run_dir: Path, stage: str, world: int, changed: list[str]) -> dict[Path, bytes | None]:
+def record(cfg: Config, run_dir: Path, stage: str, world: int, changed: list[str],
+           data: dict[str, Any]) -> dict[Path, bytes | None]:
     """Write <run>/<stage>/config.yaml and provenance.json (rank 0 calls this); returns what they held before, for
     `restore`."""
     folder = run_dir / stage
@@ -196,7 +209,7 @@ def record(cfg: Config, run_dir: Path, stage: str, world: int, changed: list[str
     (folder / RUN_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     repo = Path(__file__).resolve().parents[1]
     (folder / PROVENANCE).write_text(json.dumps({
-        "stage": stage, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "world": world,
+        "stage": stage, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "world": world, "data": data,
         "code": git_commit(repo), "versions": versions(), "changed_on_resume": changed}, indent=2))
     return earlier
 

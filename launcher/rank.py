@@ -65,12 +65,19 @@ def read_candidates(path: Path, items: pd.DataFrame) -> pd.DataFrame:
 
 
 def user_history(data_dir: Path, user: int, length: int) -> list[str]:
-    """Titles of the user's last `length` positively rated items, oldest first."""
+    """Titles of the user's last `length` positively rated items, oldest first, in the protocol's history order.
+
+    Prep orders a user's rows by timestamp, then by where the item first appears in the log (ML-1M has many ratings
+    in one second); a row's `history` holds the positives before it, so among one second's positives the one with
+    the longer history comes later. Exact while histories are kept whole (`protocol.history_keep: null`, every
+    bundled config but the Amazon and synthetic ones, which keep 50); past that length, ties fall back to the row id."""
     rows = pd.read_parquet(data_dir / "tables" / "interactions",
-                           columns=["row_id", "user_id", "label", "timestamp", "title"], filters=[("user_id", "==", user)])
+                           columns=["row_id", "user_id", "label", "timestamp", "title", "history"],
+                           filters=[("user_id", "==", user)])
     if rows.empty:
         raise ValueError(f"user {user} has no interactions in {data_dir}")
-    liked = rows[rows.label == 1].sort_values(["timestamp", "row_id"])
+    liked = rows[rows.label == 1].assign(earlier=lambda r: r.history.map(len))
+    liked = liked.sort_values(["timestamp", "earlier", "row_id"])
     return liked.title.tolist()[-length:] if length else []
 
 

@@ -103,16 +103,27 @@ def load_recipes(stages: tuple[str, ...]) -> dict[str, ModuleType]:
     return {stage: importlib.import_module(f"launcher.recipes.{RECIPES[stage]}") for stage in stages}
 
 
+def check_prep(cfg: Config, data_dir: Path, manifest: dict) -> None:
+    """The prep output fits the config: its samples hold the history titles the prompts show."""
+    kept = manifest["config"]["protocol"]["history_len"]
+    if cfg.llm.history_titles > kept:
+        raise ValueError(f"{data_dir}: its samples hold the last {kept} history titles (protocol.history_len), fewer "
+                         f"than llm.history_titles {cfg.llm.history_titles}; lower llm.history_titles or run prep with "
+                         "a larger protocol.history_len")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set, schema=Config)
         data_dir = data_path(cfg, args.data)
-        load_manifest(data_dir)
+        manifest = load_manifest(data_dir)
+        check_prep(cfg, data_dir, manifest)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run_dir = run_path(cfg, args.run_dir)
+    data = provenance.prep_output(data_dir, manifest)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
@@ -141,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                 (run_dir / SEMANTIC_FILE).unlink(missing_ok=True)
     dist.barrier()
     try:
-        changes = {stage: provenance.check(cfg, run_dir, stage, dist_ctx.world, args.allow_config_change,
-                                           resumes=args.stage != "all" or not done(cfg, run_dir, stage)) for stage in stages}
+        changes = {stage: provenance.check(cfg, run_dir, stage, dist_ctx.world, args.allow_config_change, data,
+                                           resumes=args.stage != "all" or not done(cfg, run_dir, data_dir, stage))
+                   for stage in stages}
         for stage in SHARED_BY_UPSTREAM if args.stage == "all" else ():
-            if done(cfg, run_dir, stage) and not (run_dir / DONE[stage]).exists():  # taken from the upstream run
+            if done(cfg, run_dir, data_dir, stage) and not (run_dir / DONE[stage]).exists():  # taken from the upstream run
                 provenance.check_upstream(cfg, Path(cfg.upstream), stage, args.allow_config_change)
     except provenance.ConfigChanged as err:
         if dist_ctx.main:
@@ -153,22 +165,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dist.barrier()  # every rank has read the earlier run's records before rank 0 writes this run's
     for stage in stages:
-        newer = newer_input(cfg, run_dir, stage) if stage != "eval" else None  # (eval keeps nothing: it rescores)
+        newer = newer_input(cfg, run_dir, data_dir, stage) if stage != "eval" else None  # (eval keeps nothing: it rescores)
         if newer is not None:
             if dist_ctx.main:
-                print(f"error: [{args.stage}] {made_so_far(cfg, run_dir, stage)} is older than {newer}: an earlier stage "
-                      f"ran again after {stage} finished or checkpointed, and launching {stage} would keep what it made "
-                      f"from the old inputs. Run it again from scratch: --stage {','.join(STAGES[STAGES.index(stage):])} "
+                print(f"error: [{args.stage}] {made_so_far(cfg, run_dir, stage)} is older than {newer}: prep or an "
+                      f"earlier stage ran again after {stage} finished or checkpointed, and launching {stage} would keep "
+                      f"what it made from the old inputs. Run it again from scratch: --stage {','.join(STAGES[STAGES.index(stage):])} "
                       "--fresh", file=sys.stderr)
             dist.destroy_process_group()
             return 2
-        if args.stage == "all" and done(cfg, run_dir, stage):
+        if args.stage == "all" and done(cfg, run_dir, data_dir, stage):
             if dist_ctx.main:
                 print(f"[all] {stage}: finished artifacts found ({DONE[stage]}), skipped", flush=True)
             continue
         made = run_dir / DONE[stage]
         stamp = made.stat().st_mtime_ns if made.exists() else None
-        earlier = provenance.record(cfg, run_dir, stage, dist_ctx.world, changes[stage]) if dist_ctx.main else {}
+        earlier = provenance.record(cfg, run_dir, stage, dist_ctx.world, changes[stage], data) if dist_ctx.main else {}
         try:
             summary = recipes[stage].run(cfg, data_dir, run_dir, dist_ctx)
         except (FileNotFoundError, ValueError) as err:  # a missing artifact or a bad input, named by the stage

@@ -30,13 +30,15 @@ def _whole(x: object) -> bool:
 
 
 # The types CoLLM's columns declare: (column, check, what it must be)
-CHECKS = (
-    ("uid", lambda x: _whole(x) and x > 0, "a positive integer"),
-    ("iid", lambda x: _whole(x) and x > 0, "a positive integer"),
+CHECKS = (  # ids are int columns of the tables, timestamps long ones
+    ("uid", lambda x: _whole(x) and 0 < x < 2**31, "a positive 32-bit integer"),
+    ("iid", lambda x: _whole(x) and 0 < x < 2**31, "a positive 32-bit integer"),
     ("label", lambda x: _whole(x) and x in (0, 1), "0 or 1"),
-    ("timestamp", _whole, "an integer"),
+    ("timestamp", lambda x: _whole(x) and abs(x) < 2**63, "a 64-bit integer"),
     ("not_cold", lambda x: _whole(x) and x in (0, 1), "0 or 1"),
-    ("his", lambda x: all(_whole(i) and i >= 0 for i in x), "a list of item ids"),
+    ("title", lambda x: isinstance(x, str) and x.strip() != "", "a title (a non-empty string)"),
+    ("his", lambda x: all(_whole(i) and 0 <= i < 2**31 for i in x), "a list of item ids"),
+    ("his_title", lambda x: all(isinstance(t, str) for t in x), "a list of titles"),
 )
 
 

@@ -94,7 +94,7 @@ class SourceConfig(_Strict):
     columns: ColumnMap = ColumnMap()
     types: ColumnTypes = Field(ColumnTypes(), description="field types of the table format (the other formats "
                                "declare their own)")
-    delimiter: str = ","
+    delimiter: str = Field(",", min_length=1)
     title_year_field: str = ""
     missing_titles: tuple[str, ...] = ()
     user_id_order: Literal["numeric", "string"] = "numeric"
@@ -177,6 +177,18 @@ class ProtocolConfig(_Strict):
     history_keep: int | None = Field(None, ge=1, description="longest history kept in tables; null = all")
     history_len: int = Field(10, ge=1, description="history items (ids and titles) in each shard sample")
 
+    @model_validator(mode="after")
+    def _ranges_in_order(self) -> ProtocolConfig:
+        """A reversed range would reject every row; a kept history shorter than the samples' would cut them."""
+        for key in ("rating_range", "timestamp_range"):
+            lo, hi = getattr(self, key)
+            if lo > hi:
+                raise ValueError(f"protocol.{key}: [{lo}, {hi}] is reversed (low, high)")
+        if self.history_keep is not None and self.history_keep < self.history_len:
+            raise ValueError(f"protocol.history_keep {self.history_keep} is shorter than protocol.history_len "
+                             f"{self.history_len} (the samples' histories come from the kept ones)")
+        return self
+
 
 class OutputConfig(_Strict):
     shard_size: int = Field(5000, ge=1)
@@ -229,6 +241,9 @@ class DataConfig(_Strict):
         if self.source.format == "collm" and ignored:
             raise ValueError(f"{', '.join(f'protocol.{k}' for k in ignored)}: source.format collm takes CoLLM's rows, "
                              "labels and histories as they are; remove the key (or use format ml-1m on the raw files)")
+        if self.source.format != "table" and self.source.types != ColumnTypes():
+            raise ValueError(f"source.types: format {self.source.format} declares its own field types; only format "
+                             "table reads source.types (remove the key)")
         return self
 
 

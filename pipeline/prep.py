@@ -88,10 +88,12 @@ def _write(spark: SparkSession, cfg: DataConfig, result: ProtocolResult, files: 
     with atomic_output(output, overwrite) as tmp:
         _step(3, 5, "writing Parquet tables and rejects", t0)
         interactions = write_tables(result, tmp)
+        if interactions.isEmpty():
+            raise SourceError(nothing_kept(summarize(result, tmp, interactions)))
         _step(4, 5, f"writing WebDataset shards ({cfg.output.shard_size} samples each)", t0)
         shards = write_shards(interactions, tmp, cfg.output.shard_size, cfg.output.shuffle_seed)
         _step(5, 5, "checking counts and writing manifest.json", t0)
-        counts = summarize(result, tmp)
+        counts = summarize(result, tmp, interactions)
         for split in SPLITS:
             counts["splits"][split]["shards"] = shards[split]
         manifest = {
@@ -108,6 +110,16 @@ def _write(spark: SparkSession, cfg: DataConfig, result: ProtocolResult, files: 
         manifest["spark"].update(plan_cost(spark, before))  # the manifest's own write is not counted
         write_manifest(tmp, manifest)
     return manifest
+
+
+def nothing_kept(counts: dict) -> str:
+    """The error of a run that keeps no row: how many rows each reason took, and the first invalid lines."""
+    taken = [f"{n:,} {category} ({code})" for category, codes in counts["rejects"]["interactions"].items()
+             for code, n in sorted(codes.items(), key=lambda c: -c[1])]
+    lines = [f"no interaction row is kept: {counts['rows_in']:,} rows in, " + (", ".join(taken) or "none read")
+             + "; check source.input_dir, the item files and the protocol's window and ranges (docs/data.md)"]
+    lines += [f"  e.g. {e['file']}:{e['line']}: {e['reason']}" for e in counts["reject_examples"][:5]]
+    return "\n".join(lines)
 
 
 def format_summary(m: dict, output: Path) -> str:

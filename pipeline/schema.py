@@ -50,9 +50,12 @@ def decode_sample(data: bytes) -> Sample:
     return sample
 
 
+MANIFEST = "manifest.json"  # in a prep output: counts, config, shards (pipeline.prep writes it last)
+
+
 def load_manifest(out_dir: str | Path) -> dict:
     """The manifest.json of a pipeline output directory."""
-    path = Path(out_dir) / "manifest.json"
+    path = Path(out_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest; run `spark-submit pipeline/prep.py` first")
     manifest = json.loads(path.read_text())

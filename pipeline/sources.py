@@ -10,6 +10,7 @@ Wrong paths, missing columns and files that are not in the expected format fail 
 """
 from __future__ import annotations
 
+import csv
 import glob
 import gzip
 import json
@@ -50,10 +51,13 @@ def resolve(input_dir: Path, pattern: str, what: str, key: str = "") -> list[Pat
     return found
 
 
+BOM = "\ufeff"  # a UTF-8 byte order mark some editors and exports put before line 1: not part of the text
+
+
 def first_line(path: Path, encoding: str) -> str:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
-        return f.readline().decode(encoding, errors="replace").rstrip("\r\n")
+        return f.readline().decode(encoding, errors="replace").rstrip("\r\n").removeprefix(BOM)
 
 
 def shared_header(paths: list[Path], encoding: str) -> str:
@@ -110,6 +114,7 @@ def read_lines(spark: SparkSession, paths: list[Path], encoding: str, skip_heade
     df = number_rows(spark, spark.read.text([str(p) for p in paths]), skip_header)
     if spark_charset(encoding) == "UTF-8":
         raw, bad = F.col("value"), ~F.expr("is_valid_utf8(value)")
+        raw = F.when(F.col("_line") == 1, F.regexp_replace(raw, f"^{BOM}", "")).otherwise(raw)
     else:
         raw, bad = F.decode(F.col("value").cast("binary"), spark_charset(encoding)), F.lit(False)
     return df.select("_file", "_line", "_pos", raw.alias("_raw"), bad.alias("_undecodable"))
@@ -164,24 +169,21 @@ def _typed_interactions(df: DataFrame, types: ColumnTypes, names: dict[str, str]
     def blank(c: str) -> Column:
         return F.col(c).isNull() | (F.col(c) == "")
 
-    def id_check(c: str, kind: str) -> tuple[Column, str, Column]:
-        pattern = {"string": ".", "int": r"^[+-]?[0-9]+$", "positive_int": r"^\+?0*[1-9][0-9]*$"}[kind]
-        what = {"string": "a non-empty string", "int": "an integer", "positive_int": "a positive integer"}[kind]
-        return (~F.col(c).rlike(pattern), "bad_type",
-                F.format_string(f"bad type: {names[c]} %s is not {what}", F.col(c)))
-
     rating = F.col("rating").try_cast("double")
     ts_d = F.col("timestamp").try_cast("double")
     df = mark_first_failure(df, [
         *[(blank(c), "null_field", F.lit(f"null field: {names[c]}"))
           for c in ("user_raw", "item_raw", "rating", "timestamp")],
-        id_check("user_raw", types.user),
-        id_check("item_raw", types.item),
+        id_type_check(F.col("user_raw"), types.user, names["user_raw"]),
+        id_type_check(F.col("item_raw"), types.item, names["item_raw"]),
         (rating.isNull() | F.isnan(rating), "bad_number",
          F.format_string("bad number: rating %s is not a number", F.col("rating"))),
-        (ts_d.isNull() | (ts_d != F.floor(ts_d)), "bad_number",
+        # `% 1`, not floor(): under Spark's ANSI mode floor() of a double past the long range raises for the whole job
+        (ts_d.isNull() | (ts_d % 1 != 0), "bad_number",
          F.format_string("bad number: timestamp %s is not an integer", F.col("timestamp"))),
-        *([(rating != F.floor(rating), "bad_type", F.format_string(
+        (F.abs(ts_d) >= 2.0 ** 63, "bad_number",
+         F.format_string("bad number: timestamp %s is past the 64-bit integer range", F.col("timestamp"))),
+        *([(rating % 1 != 0, "bad_type", F.format_string(
             f"bad type: {names['rating']} %s is not a whole number of stars", F.col("rating")))]
           if types.rating == "whole" else []),
     ])
@@ -200,6 +202,16 @@ AMAZON = ColumnTypes(user="string", item="string", rating="whole", timestamp="in
 RECBOLE_TYPES = {"token": "string", "float": "number"}  # a RecBole field type -> the check it gets
 
 
+ID_TYPES = {"string": (".", "a non-empty string"), "int": (r"^[+-]?[0-9]+$", "an integer"),
+            "positive_int": (r"^\+?0*[1-9][0-9]*$", "a positive integer")}  # IdType -> (regex, what it is)
+
+
+def id_type_check(raw: Column, kind: str, name: str) -> tuple[Column, str, Column]:
+    """The bad_type check of an id field declared `kind` (an IdType)."""
+    pattern, what = ID_TYPES[kind]
+    return ~raw.rlike(pattern), "bad_type", F.format_string(f"bad type: {name} %s is not {what}", raw)
+
+
 def _items(df: DataFrame, title_year: Column | None, missing: tuple[str, ...], id_kind: str) -> DataFrame:
     """Item rows: ids spelled as the log's (`canonical_id` of the format's item type), trimmed titles with
     ' (year)' re-appended where a separate year field is given, missing titles null."""
@@ -211,7 +223,7 @@ def _items(df: DataFrame, title_year: Column | None, missing: tuple[str, ...], i
     blank = (title == "") | (F.trim(F.col("title")).isin(*missing) if missing else F.lit(False))
     title = F.when(blank, F.lit(None)).otherwise(title)
     df = mark_first_failure(df, [(F.col("item_raw").isNull() | (F.col("item_raw") == ""), "null_field",
-                                  F.lit("null field: item"))])
+                                  F.lit("null field: item")), id_type_check(F.col("item_raw"), id_kind, "item id")])
     return df.select("_file", "_line", "_pos", "_raw", "_code", "_reason", canonical_id(F.col("item_raw"), id_kind)
                      .alias("item_raw"), title.alias("title"))
 
@@ -341,6 +353,22 @@ def read_amazon(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawL
                   _items(items, None, cfg.missing_titles, AMAZON.item), inter_files, item_files)
 
 
+def csv_fields(line: str, delimiter: str) -> list[str]:
+    """The fields of one CSV line (RFC 4180 quoting), as Python's csv module reads them."""
+    if len(delimiter) == 1:
+        return next(csv.reader([line], delimiter=delimiter))
+    return [f.strip('"') for f in line.split(delimiter)]
+
+
+def csv_line_pattern(delimiter: str, fields: int) -> str:
+    """A (Java) regex of a CSV line of exactly `fields` fields: each empty, quoted (quotes inside doubled, closed on
+    the line) or plain (not starting with a quote, no delimiter). Spark's CSV parser reads any line leniently; this
+    tells the lines it would read wrong: a quoted field broken over lines, a missing or an extra field."""
+    sep = re.escape(delimiter)
+    field = f'(?:"(?:[^"]|"")*"|(?:(?!{sep})[^"])(?:(?!{sep}).)*)?'
+    return f"^{field}(?:{sep}{field}){{{fields - 1}}}$"
+
+
 def _table(spark: SparkSession, paths: list[Path], delimiter: str, encoding: str, wanted: list[str]) -> DataFrame:
     """A CSV (header row, text in `encoding`) or Parquet table with all `wanted` columns as strings, rows numbered."""
     first = paths[0]
@@ -348,7 +376,10 @@ def _table(spark: SparkSession, paths: list[Path], delimiter: str, encoding: str
         df = spark.read.parquet(*[str(p) for p in paths])
         header = df.columns
     else:
-        header = [h.strip().strip('"') for h in shared_header(paths, encoding).split(delimiter)]
+        header = [h.strip() for h in csv_fields(shared_header(paths, encoding), delimiter)]
+        twice = sorted({h for h in header if header.count(h) > 1})
+        if twice:
+            raise SourceError(f"{first}: line 1 names column(s) {twice} more than once; the file has {header}")
         df = None
     missing = [c for c in wanted if c not in header]
     if missing:
@@ -358,14 +389,16 @@ def _table(spark: SparkSession, paths: list[Path], delimiter: str, encoding: str
         df = df.withColumn("_raw", F.to_json(F.struct(*wanted)))
         return df.withColumn("_code", F.lit(None).cast("string")).withColumn("_reason", F.lit(None).cast("string"))
     lines = read_lines(spark, paths, encoding, True)
-    schema = ", ".join(f"`c{i}` string" for i in range(len(header) + 1))
-    parsed = F.from_csv(F.col("_raw"), schema, {"sep": delimiter, "mode": "PERMISSIVE"})
+    schema = ", ".join(f"`c{i}` string" for i in range(len(header)))
+    # RFC 4180 quoting: a doubled quote inside a quoted field is one quote, a backslash is text
+    parsed = F.from_csv(F.col("_raw"), schema, {"sep": delimiter, "mode": "PERMISSIVE", "escape": '"'})
     df = lines.withColumn("_c", parsed).withColumn("_code", F.lit(None).cast("string")).withColumn(
         "_reason", F.lit(None).cast("string"))
     df = mark_first_failure(df, [
         (F.col("_undecodable"), "undecodable_text", F.lit("undecodable text: bytes are not valid UTF-8")),
-        (F.col(f"_c.c{len(header)}").isNotNull(), "malformed_line",
-         F.lit(f"malformed line: more than {len(header)} fields")),
+        (~F.col("_raw").rlike(csv_line_pattern(delimiter, len(header))), "malformed_line",
+         F.lit(f"malformed line: not {len(header)} CSV fields (a quoted field closes on its line; a quote inside "
+               "it is doubled)")),
     ])
     return df.select("_file", "_line", "_pos", "_raw", "_code", "_reason",
                      *[F.col(f"_c.c{header.index(c)}").alias(c) for c in wanted])

@@ -30,6 +30,7 @@ from pyspark.sql.types import StructType
 
 from pipeline.protocol import ArrowPass, ProtocolResult
 from pipeline.schema import (
+    MANIFEST,
     SAMPLE_EXT,
     SAMPLE_FIELDS,
     SHARD_PATTERN,
@@ -333,10 +334,10 @@ def write_tables(result: ProtocolResult, out: Path) -> DataFrame:
     return result.interactions.sparkSession.read.schema(written).parquet(str(path))
 
 
-def summarize(result: ProtocolResult, tables: Path) -> dict:
-    """Counts from the written tables (cheap re-reads), checked to add up: rows in = out + invalid + excluded."""
+def summarize(result: ProtocolResult, tables: Path, inter: DataFrame) -> dict:
+    """Counts from the written tables (`inter`: write_tables' read-back; cheap re-reads), checked to add up: rows in
+    = out + invalid + excluded."""
     spark = result.interactions.sparkSession
-    inter = spark.read.parquet(str(tables / "tables" / "interactions"))
     rejects = spark.read.parquet(str(tables / "rejects"))
     per_split = {r["split"]: r.asDict() for r in inter.groupBy("split").agg(
         F.count(F.lit(1)).alias("rows"), F.avg("label").alias("positive_rate"), F.avg("warm").alias("warm_share"),
@@ -367,4 +368,4 @@ def summarize(result: ProtocolResult, tables: Path) -> dict:
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")

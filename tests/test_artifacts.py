@@ -21,6 +21,7 @@ from launcher.artifacts import (
     recorded_summary,
     summary_file,
 )
+from pipeline.schema import MANIFEST
 from tests.conftest import config
 
 
@@ -31,12 +32,12 @@ def test_upstream_shares_earlier_stages_but_never_stage_3_or_eval(tmp_path: Path
         (upstream / DONE[stage]).write_text("{}")
     (upstream / ADAPTER).mkdir(parents=True)
     cfg = config("collm-ml-1m", upstream=str(upstream))
-    assert {s for s in DONE if done(cfg, run, s)} == set(SHARED_BY_UPSTREAM) == {"lora", "distill", "collab"}
+    assert {s for s in DONE if done(cfg, run, tmp_path / "prep", s)} == set(SHARED_BY_UPSTREAM) == {"lora", "distill", "collab"}
     assert lookup(cfg, run, ADAPTER) == upstream / ADAPTER
     (run / DONE["eval"]).parent.mkdir(parents=True)
     (run / DONE["eval"]).write_text("{}")
-    assert done(cfg, run, "eval") and not done(cfg, run, "sella")
-    assert not any(done(config("collm-ml-1m"), tmp_path / "other", s) for s in DONE)
+    assert done(cfg, run, tmp_path / "prep", "eval") and not done(cfg, run, tmp_path / "prep", "sella")
+    assert not any(done(config("collm-ml-1m"), tmp_path / "other", tmp_path / "prep", s) for s in DONE)
 
 
 def test_stage_3_artifacts_are_never_taken_from_upstream(tmp_path: Path) -> None:
@@ -59,8 +60,10 @@ def test_stage_3_artifacts_are_never_taken_from_upstream(tmp_path: Path) -> None
 def test_a_stage_older_than_an_earlier_stages_artifact_is_run_again(tmp_path: Path, where: str) -> None:
     """make's rule for `--stage all`: stage 2b made again (--fresh, a larger budget) after stage 3 and eval
     finished leaves those two stale, in this run or when the tables are the upstream run's (train.py then stops
-    and names the newer artifact)."""
+    and names the newer artifact); prep run again into the data folder leaves every stage stale."""
+    import json
     import os
+    from datetime import UTC, datetime
 
     upstream, run = tmp_path / "upstream", tmp_path / "row"
     cfg = config("collm-ml-1m", upstream=str(upstream) if where == "upstream" else None)
@@ -69,11 +72,19 @@ def test_a_stage_older_than_an_earlier_stages_artifact_is_run_again(tmp_path: Pa
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}")
         os.utime(path, (1_000_000 + when, 1_000_000 + when))
-    assert all(done(cfg, run, s) for s in DONE)
+    assert all(done(cfg, run, tmp_path / "prep", s) for s in DONE)
     collab = lookup(cfg, run, DONE["collab"])
     os.utime(collab, (2_000_000, 2_000_000))
-    assert [s for s in DONE if not done(cfg, run, s)] == ["sella", "eval"]
-    assert newer_input(cfg, run, "sella") == newer_input(cfg, run, "eval") == collab
+    assert [s for s in DONE if not done(cfg, run, tmp_path / "prep", s)] == ["sella", "eval"]
+    assert newer_input(cfg, run, tmp_path / "prep", "sella") == newer_input(cfg, run, tmp_path / "prep", "eval") == collab
+    manifest = tmp_path / "prep" / MANIFEST  # prep ran again into the data folder: every stage is stale
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"created": datetime.fromtimestamp(500_000, UTC).isoformat()}))
+    os.utime(manifest, (4_000_000, 4_000_000))  # a copy made later: the same prep output
+    assert all(done(cfg, run, tmp_path / "prep", s) for s in DONE if s not in ("sella", "eval"))
+    manifest.write_text(json.dumps({"created": datetime.fromtimestamp(3_000_000, UTC).isoformat()}))
+    assert not any(done(cfg, run, tmp_path / "prep", s) for s in DONE)
+    assert {newer_input(cfg, run, tmp_path / "prep", s) for s in DONE} == {manifest}
 
 
 def test_a_folder_replaced_is_whole_wherever_a_kill_falls(tmp_path: Path) -> None:
@@ -133,9 +144,9 @@ def test_a_killed_stage_is_stale_by_its_checkpoint_and_a_summary_is_taken_as_rec
     (run / DONE["collab"]).parent.mkdir(parents=True)
     (run / DONE["collab"]).write_text("{}")
     os.utime(latest, (1_000, 1_000))
-    assert made_so_far(cfg, run, "sella") == latest and newer_input(cfg, run, "sella") == run / DONE["collab"]
+    assert made_so_far(cfg, run, "sella") == latest and newer_input(cfg, run, tmp_path / "prep", "sella") == run / DONE["collab"]
     os.utime(latest, (2e9, 2e9))
-    assert newer_input(cfg, run, "sella") is None
+    assert newer_input(cfg, run, tmp_path / "prep", "sella") is None
     (run / summary_file("collab")).write_text(json.dumps({"steps": 12}))
     assert recorded_summary(run, "collab", ("collab/summary.json",), steps=12) == {"steps": 12}
     assert recorded_summary(run, "collab", ("collab/summary.json",), steps=8) is None

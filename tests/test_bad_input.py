@@ -15,12 +15,13 @@ from pipeline.writers import OutputExistsError, atomic_output
 from tests.conftest import config
 
 MOVIES = [
-    b"1::Toy Story (1995)::Animation",
+    b"\xef\xbb\xbf1::Toy Story (1995)::Animation",  # a UTF-8 byte order mark before line 1 is not part of the id
     b"2::Jumanji (1995)::Adventure",
     b"3::Heat (1995)",                      # line 3: malformed (2 fields) -> item 3 unknown
     b"4::::Drama",                          # line 4: empty title
     b"1::Toy Story again::Animation",       # line 5: duplicate item id
     b"5::Caf\xe9 au lait (1993)::Comedy",   # latin-1 title
+    b"x9::Bad id (1990)::Drama",            # line 7: a MovieID that is no positive integer
 ]
 # (line content, expected reject code or None for kept, category)
 RATINGS = [
@@ -43,6 +44,8 @@ RATINGS = [
     (b"1.5::1::4::1000000600", "bad_type"),
     (b"-3::1::4::1000000600", "bad_type"),
     (b"4::x1::4::1000000600", "bad_type"),        # MovieIDs too
+    (b"4::1::4::1e19", "bad_number"),             # past a long: a reject, not an ANSI overflow of the whole job
+    (b"4::1::1e30::1000000600", "rating_out_of_range"),
 ]
 
 
@@ -67,7 +70,7 @@ def test_counts_add_up(bad_run) -> None:
     assert m["rows_in"] == len(RATINGS)
     assert (m["rows_out"], m["excluded"]) == (kept, excluded)
     assert m["rows_in"] == m["rows_out"] + m["rejected"] + m["excluded"]
-    assert m["item_rows"] == {"in": len(MOVIES), "kept": 4, "rejected": 2}
+    assert m["item_rows"] == {"in": len(MOVIES), "kept": 4, "rejected": 3}
 
 
 def test_each_bad_row_has_its_reason_file_and_line(spark, bad_run) -> None:
@@ -97,6 +100,7 @@ def test_each_bad_row_has_its_reason_file_and_line(spark, bad_run) -> None:
     assert rejects[("interactions", 19)]["reason"] == "bad type: MovieID (ML-1M) x1 is not a positive integer"
     assert rejects[("items", 3)]["code"] == "malformed_line"
     assert rejects[("items", 5)]["reason"] == "duplicate item id 1 (first on line 1)"
+    assert rejects[("items", 7)]["reason"] == "bad type: item id x9 is not a positive integer"
 
 
 SMALL_BLOCKS = {"spark.sql.files.maxPartitionBytes": "64", "spark.sql.files.openCostInBytes": "0"}
@@ -116,11 +120,10 @@ def small_blocks(spark) -> Iterator[None]:
 def _many_block_lines(sep: str, ts: int, f: int) -> list[tuple[bytes, str | None]]:
     """Data lines of input file `f` (0, 1) with their expected reject code (None: kept): lines of 12 to over 200
     bytes, so 64-byte blocks start mid-line, and one block holds no line start."""
-    missing = "malformed_line" if sep == "::" else "null_field"  # a CSV row short of a field has a null one
     lines = []
     for j in range(24):
         good = [str(3 ** (j % 7) + 10 * f), str(1 + j % 5), str(1 + j % 5), str(ts + 3600 * j + f)]
-        fields, code = {1: (good[:3], missing), 3: ([*good[:2], "x", good[3]], "bad_number"),
+        fields, code = {1: (good[:3], "malformed_line"), 3: ([*good[:2], "x", good[3]], "bad_number"),
                         4: ([good[0], "99", *good[2:]], "unknown_item")}.get(j % 6, (good, None))
         if j == 11:
             fields, code = [*good, "y" * 200], "malformed_line"
@@ -243,19 +246,22 @@ def test_every_format_checks_the_types_it_declares(spark, tmp_path) -> None:
 
     c = tmp_path / "collm"
     c.mkdir()
-    frame = pd.DataFrame({"uid": [1, 2, 3, 4, 5], "iid": [1, 1, 2, 2, 1], "label": [1, 0, 2, 1, 1],
-                          "timestamp": [1e9, 1e9 + 1, 1e9 + 2, 1e9 + 3, 1e9 + 4], "his": [[0], [0], [0], [0, 1], [0, 2]],
-                          "his_title": [[""], [""], [""], ["", "Z"], [""]], "title": ["A", "A", "B", "B", "A"],
-                          "not_cold": [1, 1, 1, 1, 1]})  # row 4's history names item 1 'Z', row 1 named it 'A';
-    # row 5's history has 2 ids and 1 title
+    frame = pd.DataFrame({"uid": [1, 2, 3, 4, 5, 6, 2**31], "iid": [1, 1, 2, 2, 1, 1, 1], "label": [1, 0, 2, 1, 1, 1, 1],
+                          "timestamp": [1e9 + i for i in range(7)], "his": [[0], [0], [0], [0, 1], [0, 2], [0], [0]],
+                          "his_title": [[""], [""], [""], ["", "Z"], [""], [""], [""]],
+                          "title": ["A", "A", "B", "B", "A", None, "A"],
+                          "not_cold": [1] * 7})  # row 4's history names item 1 'Z', row 1 named it 'A';
+    # row 5's history has 2 ids and 1 title; row 6 has no title (not the text "None"); row 7's user id is past an int
     for split in ("train", "valid", "test"):
         frame.to_pickle(c / f"{split}_ood2.pkl")
     m = run(config("collm-ml-1m", source={"input_dir": str(c), "interactions": ""}), c, tmp_path / "out-collm")
-    assert m["rows_in"] == 15 and m["rows_out"] == 6
-    assert m["rejects"]["interactions"]["invalid"] == {"bad_type": 3, "conflicting_title": 3, "malformed_line": 3}
+    assert m["rows_in"] == 21 and m["rows_out"] == 6
+    assert m["rejects"]["interactions"]["invalid"] == {"bad_type": 9, "conflicting_title": 3, "malformed_line": 3}
     rejected = {(r["file"], r["line"]): r["reason"] for r in
                 spark.read.parquet(str(tmp_path / "out-collm" / "rejects")).collect()}
-    assert set(rejected) == {(f"{s}_ood2.pkl", line) for s in ("train", "valid", "test") for line in (3, 4, 5)}
+    assert set(rejected) == {(f"{s}_ood2.pkl", line) for s in ("train", "valid", "test") for line in (3, 4, 5, 6, 7)}
+    assert rejected["train_ood2.pkl", 6] == "bad type: title None is not a title (a non-empty string) (CoLLM)"
+    assert rejected["train_ood2.pkl", 7] == "bad type: uid 2147483648 is not a positive 32-bit integer (CoLLM)"
     assert rejected["valid_ood2.pkl", 3] == "bad type: label 2 is not 0 or 1 (CoLLM)"
     assert rejected["valid_ood2.pkl", 4] == "conflicting title: item 1 is 'Z' here, 'A' in train_ood2.pkl row 1"
     assert rejected["test_ood2.pkl", 5] == "malformed row: his has 2 item ids but his_title 1 titles (CoLLM)"
@@ -371,3 +377,19 @@ def test_output_is_atomic(tmp_path) -> None:
         (tmp / "manifest.json").write_text("new")
     assert (out / "manifest.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_log_with_no_row_kept_fails_with_the_reasons_and_writes_nothing(spark, tmp_path) -> None:
+    """Every row invalid or outside the window: the error counts each reason and names a line, instead of a Spark
+    error on the empty interactions table."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "movies.dat").write_bytes(b"\n".join(MOVIES[:2]) + b"\n")
+    (src / "ratings.dat").write_bytes(b"1::1::5::900000000\n1::2::4::900000100\n2::1::4\n")
+    out = tmp_path / "out"
+    with pytest.raises(SourceError) as err:
+        run(config("ml-1m", source={"input_dir": str(src)}), src, out)
+    assert str(err.value).startswith("no interaction row is kept: 3 rows in, 1 invalid (malformed_line), "
+                                     "2 excluded (outside_window); check source.input_dir")
+    assert "ratings.dat:3: malformed line" in str(err.value)
+    assert not out.exists()

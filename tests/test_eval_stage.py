@@ -102,3 +102,25 @@ def test_popularity_scores_are_train_positive_rates(ml100k_out: Path, tmp_path: 
     assert len(scored) == 200 and np.allclose(scored.score, want, atol=1e-6)
     assert scored.item_id.isin(rate.index).any() and json.loads((run / EVAL_METRICS).read_text())[
         "model"] == "popularity"
+
+
+def test_rank_history_is_the_protocols_history_order(ml100k_out: Path) -> None:
+    """launcher/rank.py shows a user the titles a next row of theirs would get from prep: the row with the most
+    positives up to it holds them all in its `history` (whole: protocol.history_keep null). Sorting the positives by
+    (timestamp, row id) instead would reorder one second's ratings, and change most users' last ten titles."""
+    from launcher.rank import user_history
+
+    rows = pd.read_parquet(ml100k_out / "tables" / "interactions",
+                           columns=["row_id", "user_id", "item_id", "label", "timestamp", "title", "history"])
+    titles = pd.read_parquet(ml100k_out / "tables" / "items", columns=["item_id", "title"]).dropna()
+    title = dict(zip(titles.item_id, titles.title, strict=True))
+    differ = []
+    for user, own in rows.groupby("user_id"):
+        last = own.assign(upto=own.history.map(len) + own.label).sort_values("upto").iloc[-1]
+        expected = [title[i] for i in last.history] + ([last.title] if last.label else [])
+        by_time = own[own.label == 1].sort_values(["timestamp", "row_id"]).title.tolist()
+        if by_time[-10:] != expected[-10:]:
+            differ.append((user, expected[-10:]))
+    assert len(differ) > len(rows.user_id.unique()) / 2  # most users rated several films within one second
+    for user, expected in differ[:40]:
+        assert user_history(ml100k_out, int(user), 10) == expected, user

@@ -130,6 +130,32 @@ def test_plan_of_some_rows_lists_their_launches_and_upstream(tmp_path: Path) -> 
     assert "plan: the launches of these flags" in (results / "plan.log").read_text()
 
 
+@pytest.mark.integration  # starts subprocesses (bash scripts/gpu/run.sh)
+def test_plan_caps_stage_3_by_the_time_left_and_runs_only_the_stages_rows_read(tmp_path: Path) -> None:
+    """Each stage-3 launch trains for sella.max_minutes or until run.sh's reserve for its validations and test
+    before the deadline, whichever comes first; stages 2a-2b run only for a row that reads them; every call gets a
+    working folder of its own (a second call with other settings starts over)."""
+    def plan(*flags: str) -> tuple[list[tuple[str, str]], list[float]]:
+        results = tmp_path / f"results-{len(list(tmp_path.glob('results-*')))}"
+        proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--plan", *flags, "--target", str(tmp_path / "target"),
+                               "--results", str(results)], cwd=REPO, capture_output=True, text=True, check=False,
+                              env={**os.environ, "PYTHON": sys.executable})
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        launches = [tuple(line.split("\t")[:2]) for line in (results / "plan.tsv").read_text().splitlines()[1:]]
+        caps = [float(line.rsplit("sella.max_minutes=", 1)[1]) for line in (results / "plan.log").read_text().splitlines()
+                if "--stage sella,eval --set sella.max_minutes=" in line]
+        return launches, caps
+
+    stage3 = ["--rows", "mf,collm-like,sella-no-warm", "--set", "sella.max_minutes=2.5"]
+    launches, caps = plan(*stage3)  # 9 minutes: the configured 2.5 fit
+    assert ("sella", "distill,collab") in launches and caps == [2.5, 2.5]
+    launches, caps = plan("--minutes", "3", *stage3)  # 150 s to the deadline, 100 s of them kept for validation and test
+    assert len(caps) == 2 and all(0.5 < c <= (150 - 100) / 60 for c in caps), caps
+    launches, caps = plan("--rows", "text-only,popularity")
+    assert sorted(launches) == [("popularity", "eval"), ("sella", "lora"), ("text-only", "eval")] and caps == []
+    assert len(list((tmp_path / "target" / "work").iterdir())) == 3
+
+
 def test_step_probe_times_engine_and_plain_loop(ml100k_out: Path, tmp_path: Path) -> None:
     """bench/llm_step.py (the GPU host's first check of where a stage-1 step goes) on CPU with the tiny model."""
     out = tmp_path / "llm_step.json"
@@ -147,8 +173,9 @@ def test_step_probe_times_engine_and_plain_loop(ml100k_out: Path, tmp_path: Path
 
 
 def test_dry_run_writes_the_launches_left_out_after_a_failure(payload: tuple[Path, str], tmp_path: Path) -> None:
-    """Stage 1 fails (no such model: a --set value with a space, which must stay one argument), so the launches
-    that read its adapter, SeLLa-Rec's stage 2 and text-only, are written as skipped; popularity still runs."""
+    """Stage 1 fails (no such model: a --set value with a space, which must stay one argument), so the launch that
+    reads its adapter, text-only, is written as skipped; popularity still runs; SeLLa-Rec's stages 2a-2b, which no
+    listed row reads, are not planned at all."""
     out, _ = payload
     results = tmp_path / "results"
     proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--dry-run", "--data-name", "ml-100k", "--payload", str(out),
@@ -159,8 +186,8 @@ def test_dry_run_writes_the_launches_left_out_after_a_failure(payload: tuple[Pat
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     timing = {(row, stage): status for row, stage, _, status in
               (line.split("\t") for line in (results / "timing.tsv").read_text().splitlines()[1:])}
-    assert timing == {("sella", "lora"): "failed", ("sella", "distill,collab"): "skipped: upstream sella lora failed",
-                      ("popularity", "eval"): "ok", ("text-only", "eval"): "skipped: upstream sella lora failed"}
+    assert timing == {("sella", "lora"): "failed", ("popularity", "eval"): "ok",
+                      ("text-only", "eval"): "skipped: upstream sella lora failed"}
     with tarfile.open(results / "results.tar.gz") as tar:
         assert "no such/model.gguf" in tar.extractfile("logs/sella-lora.log").read().decode()
 

@@ -194,3 +194,45 @@ def test_cli_names_a_missing_prep_output(tmp_path: Path) -> None:
                            str(REPO / "configs" / "ml-100k.yaml"), "--stage", "lora", "--data", str(tmp_path)],
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and f"{tmp_path}/manifest.json: no manifest" in proc.stderr
+
+
+def test_cli_names_prompts_longer_than_the_prepped_histories(ml100k_out: Path) -> None:
+    """llm.history_titles beyond what prep kept per sample (protocol.history_len) would show fewer titles silently."""
+    proc = subprocess.run([sys.executable, str(REPO / "launcher" / "train.py"), "--config",
+                           str(REPO / "configs" / "ml-100k.yaml"), "--stage", "lora", "--data", str(ml100k_out),
+                           "--set", "llm.history_titles=11"], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"error: {ml100k_out}: its samples hold the last 10 history titles (protocol.history_len), fewer than "
+            "llm.history_titles 11") in proc.stderr
+
+
+def test_a_finished_stage_names_another_prep_output_and_takes_a_copy(runs: dict[str, Path], tmp_path: Path,
+                                                                      ml100k_out: Path) -> None:
+    """provenance.json records the prep output a stage ran on: the stage launched on another one (prep run again:
+    another `created`) stops with the data named, while a copy of the same output, however new its files, is the
+    same data (the finished run has nothing left to do)."""
+    import shutil
+
+    from pipeline.schema import MANIFEST
+
+    run = shutil.copytree(runs["whole"], tmp_path / "whole")
+    cfg = _write_config(tmp_path, ml100k_out, run)
+    recorded = json.loads((run / "lora" / "provenance.json").read_text())["data"]
+    manifest = json.loads((ml100k_out / MANIFEST).read_text())
+    assert recorded == {"path": str(ml100k_out), "name": manifest["name"], "created": manifest["created"]}
+
+    def prep_copy(name: str, created: str) -> Path:
+        copy = tmp_path / name
+        copy.mkdir()
+        for child in ml100k_out.iterdir():
+            if child.name != MANIFEST:
+                (copy / child.name).symlink_to(child)
+        (copy / MANIFEST).write_text(json.dumps({**manifest, "created": created}))
+        return copy
+
+    proc = launch(cfg, "lora", 2, "--data", str(prep_copy("again", "2030-01-01T00:00:00+00:00")))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and "stage lora ran with other settings that change its model (data (the prep " \
+        "output): {'path'" in out, out[-3000:]
+    out = finish(launch(cfg, "lora", 2, "--data", str(prep_copy("copy", manifest["created"]))))
+    assert "this run already finished with these settings; nothing is trained or rewritten" in out

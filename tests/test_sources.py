@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.prep import run
+from pipeline.sources import SourceError
 from pipeline.synth import interactions, item_titles
 from tests.conftest import config
 
@@ -180,9 +181,33 @@ def test_generic_csv_with_quotes_and_extra_fields(spark, tmp_path: Path) -> None
         "user": "user", "item": "item", "rating": "stars", "timestamp": "time", "item_title": "name"}})
     m = run(cfg, tmp_path, tmp_path / "out")
     assert (m["rows_in"], m["rows_out"]) == (4, 3)
-    assert m["reject_examples"][0]["line"] == 5 and "more than 4 fields" in m["reject_examples"][0]["reason"]
+    assert m["reject_examples"][0]["line"] == 5 and "not 4 CSV fields" in m["reject_examples"][0]["reason"]
     titles = spark.read.parquet(str(tmp_path / "out" / "tables" / "items")).orderBy("raw_id").collect()
     assert [t["title"] for t in titles] == ["Hello, World (2001)", "Plain"]
+
+
+def test_csv_quoting_is_rfc_4180_and_lines_it_cannot_read_are_rejected(spark, tmp_path: Path) -> None:
+    """Doubled quotes are one quote and a backslash is text; a quoted header may hold the delimiter; a quoted field
+    broken over two lines, and a line short of a field, are malformed lines (not a cut title and an item made of the
+    next line); a quote inside a plain field is text."""
+    ts = _ts(2024, 3, 1)
+    (tmp_path / "log.csv").write_text("user,item,stars,time\n" + "".join(f"u1,i{i},5,{ts + i}\n" for i in (1, 2, 4)))
+    (tmp_path / "items.csv").write_text('"id, note",item,name\nx,i1,"The ""Best"" Movie"\nx,i2,"C:\\dir\\"\n'
+                                        'x,i3,"Two\nlines",\nx,i4,12" Vinyl\nx,i5\n')
+    cfg = config("synthetic", source={"interactions": "log.csv", "items": "items.csv", "columns": {
+        "user": "user", "item": "item", "rating": "stars", "timestamp": "time", "item_title": "name"}})
+    m = run(cfg, tmp_path, tmp_path / "out")
+    assert (m["rows_in"], m["rows_out"]) == (3, 3)
+    assert m["item_rows"] == {"in": 6, "kept": 3, "rejected": 3}
+    items = spark.read.parquet(str(tmp_path / "out" / "tables" / "items")).orderBy("raw_id").collect()
+    assert [(t["raw_id"], t["title"]) for t in items] == [("i1", 'The "Best" Movie'), ("i2", "C:\\dir\\"),
+                                                         ("i4", '12" Vinyl')]
+    rejects = spark.read.parquet(str(tmp_path / "out" / "rejects")).where("source = 'items'").orderBy("line").collect()
+    assert [(r["line"], r["code"]) for r in rejects] == [(4, "malformed_line"), (5, "malformed_line"), (7, "malformed_line")]
+    assert rejects[0]["reason"].startswith("malformed line: not 3 CSV fields")
+    (tmp_path / "items.csv").write_text("item,name,item\ni1,x,i1\n")
+    with pytest.raises(SourceError, match=r"items.csv: line 1 names column\(s\) \['item'\] more than once"):
+        run(cfg, tmp_path, tmp_path / "out2")
 
 
 def test_min_count_filter_once_and_iterated_to_k_core(spark, tmp_path: Path) -> None:

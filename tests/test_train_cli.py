@@ -168,3 +168,43 @@ def test_eval_scores_with_the_prompt_settings_the_scored_model_trained_with(tmp_
                                             r"prompt or model settings \(llm.history_titles: \d+ -> 7\)"):
         check(other, run, "eval", 2, False)
     assert check(other, run, "eval", 2, True) == ["llm.history_titles"]
+
+
+def test_a_larger_budget_replans_the_cosine_from_the_restored_step() -> None:
+    """A finished 128-step run (cosine to 0) resumed with 256 steps trains its step 129 at the 256-step plan's lr, not
+    at the restored 0, and goes on as a run planned for 256 steps; a resume with the same budget keeps its lr."""
+    import torch
+
+    from launcher.config import Config
+    from launcher.engine import cosine_schedule, replan_lr
+    from pipeline.config import load_config
+
+    lora = load_config("configs/ml-100k.yaml", ["lora.warmup_steps=5", "lora.min_lr_ratio=0"], schema=Config).lora
+
+    def stepped(total: int, steps: int, restored: tuple[dict, dict] | None = None):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        schedule = cosine_schedule(lora, total)(opt)
+        if restored:
+            opt.load_state_dict(restored[0])
+            schedule.load_state_dict(restored[1])
+        for _ in range(steps):
+            opt.step()
+            schedule.step()
+        return opt, schedule
+
+    opt, schedule = stepped(128, 128)
+    saved = (opt.state_dict(), schedule.state_dict())
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
+    planned = [stepped(256, n)[0].param_groups[0]["lr"] for n in (128, 129)]
+    opt, schedule = stepped(256, 0, saved)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)  # what the checkpoint restores
+    replan_lr(schedule)
+    assert opt.param_groups[0]["lr"] == pytest.approx(planned[0]) and schedule.get_last_lr() == [opt.param_groups[0]["lr"]]
+    assert planned[0] > 0.2
+    opt.step()
+    schedule.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(planned[1])
+    whole, schedule = stepped(128, 64)  # a resume mid-run with its own budget: the lr it had
+    opt, schedule = stepped(128, 0, (whole.state_dict(), schedule.state_dict()))
+    replan_lr(schedule)
+    assert opt.param_groups[0]["lr"] == whole.param_groups[0]["lr"] > 0.2

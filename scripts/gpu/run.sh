@@ -7,18 +7,21 @@
 #   scripts/gpu/run.sh --bench ...        # then bench/llm_train.py and bench/collab.py (each with its baseline)
 #   scripts/gpu/run.sh --bench-only ...   # the two benchmarks without the comparison rows
 #   scripts/gpu/run.sh --set lora.micro_batch=64 ...   # config overrides for every launch (repeatable)
-#   scripts/gpu/run.sh --rows sella,text-only,popularity  # some rows only (SeLLa-Rec's stages 1-2 always run: the
-#                                         # others read them; its stage 3 and test only when sella is listed)
+#   scripts/gpu/run.sh --rows sella,text-only,popularity  # some rows only (SeLLa-Rec's stage 1 always runs, as the
+#                                         # others' upstream; its stages 2a-2b when sella or sella-no-warm is listed)
 #   scripts/gpu/run.sh --plan --rows ... --bench  # the launches those flags would run, in plan.tsv, none run
 #
 # Steps: (1) check the parts against their manifest, join the model, unpack the prep output and install the kit
 # (scripts/gpu/payload.py unpack); (2) check FBGEMM's CUDA table kernels against a reference on a few fused
 # row-wise Adagrad steps (scripts/gpu/check_tables.py): if they fail, only the rows without tables run, and
 # the timing table says so; (3) the rows of configs/gpu/comparison/ in three lanes that share the GPU (below),
-# every launch stopped at the --minutes deadline less 30 s; (4) the results folder: timing.tsv, table.md
+# every launch stopped at the --minutes deadline less 30 s, and every stage-3 launch's training capped so that its
+# validations and test still fit before it (STAGE3_RESERVE); (4) the results folder: timing.tsv, table.md
 # (scripts/results_table.py), results.tar.gz (every summary, metrics.json, per-row scores,
-# TensorBoard scalars, logs/ROW-STAGES.log) and run.log; with --bench, llm_train.json and collab.json of the two
-# benchmarks when the time left allows.
+# TensorBoard scalars, logs/ROW-STAGES.log; rewritten after every launch, so a call cut short still brings back
+# what finished) and run.log; with --bench, llm_train.json and collab.json of the two benchmarks when the time left
+# allows. Each call trains in a fresh working folder: a second call on the same host with other --set values starts
+# over instead of failing on the first call's records.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
@@ -86,8 +89,14 @@ SETARGS=()  # every launch's overrides, one --set per value (values may hold spa
 for s in "${SETS[@]}"; do SETARGS+=(--set "$s"); done
 DATA=$TARGET/data/$DATA_NAME
 [ $PLAN = 1 ] || [ -f "$DATA/manifest.json" ] || { echo "run.sh: no prep output $DATA in the payload" >&2; exit 2; }
-WORK=$TARGET/work  # run directories (runs/gpu/...) live here, not in the repository copy
+WORK=$TARGET/work/$START-$$  # this call's run directories (runs/gpu/...), not in the repository copy
 mkdir -p "$WORK"
+# stage 3's training cap: the configured sella.max_minutes (with --set), lowered per launch to the time left less
+# STAGE3_RESERVE seconds for its start-up, validations and test (GPU run 4: 90 s beside two other stage-3 lanes)
+STAGE3_RESERVE=100
+STAGE3_MINUTES=$($PY -c 'import sys; from pipeline.config import load_config; from launcher.config import Config
+print(load_config(sys.argv[1], sys.argv[2:], schema=Config).sella.max_minutes or "")' \
+  configs/gpu/collm-ml-1m.yaml "${EXTRA[@]}")
 printf 'row\tstage\tseconds\tstatus\n' > "$TIMING"
 
 TABLES=1
@@ -109,15 +118,38 @@ launch() {  # ROW STAGES: one launcher/train.py job (STAGES: one stage or a comm
     printf '%s\t%s\t0\tskipped: %ss to the deadline\n' "$row" "$stage" $left >> "$TIMING"
     say "$row: --stage $stage skipped (${left}s to the deadline)"; return 1
   fi
-  say "$row: --stage $stage"
+  local cap=()  # a stage-3 launch trains for the configured minutes or until STAGE3_RESERVE before the deadline
+  if [[ ,$stage, == *,sella,* ]]; then
+    cap=(--set "sella.max_minutes=$(stage3_minutes "$left")")
+  fi
+  say "$row: --stage $stage ${cap[*]}"
   if [ $PLAN = 1 ]; then printf '%s\t%s\t0\tplanned\n' "$row" "$stage" >> "$TIMING"; return 0; fi
   (cd "$WORK" && timeout -k 15 $left $PY -m deepspeed.launcher.runner "${LAUNCH[@]}" --master_addr 127.0.0.1 \
       --master_port $(( 29500 + RANDOM % 3000 )) "$REPO/launcher/train.py" --config "$REPO/configs/gpu/comparison/$row.yaml" \
-      --stage "$stage" --data "$DATA" "${SETARGS[@]}") > "$log" 2>&1 || rc=$?
+      --stage "$stage" --data "$DATA" "${SETARGS[@]}" "${cap[@]}") > "$log" 2>&1 || rc=$?
   case $rc in 0) ;; 124|137) status="stopped at the deadline";; *) status=failed;; esac
   printf '%s\t%s\t%s\t%s\n' "$row" "$stage" $(( $(date +%s) - t0 )) "$status" >> "$TIMING"
   say "$row: --stage $stage $status in $(( $(date +%s) - t0 ))s"
+  pack_results
   [ "$status" = ok ] || { grep -v '^\s*$' "$log" | tail -n 25 | sed "s/^/[$row $stage] /"; return 1; }
+}
+
+stage3_minutes() {  # LEFT: the configured stage-3 minutes, or (LEFT - STAGE3_RESERVE) / 60 when that is less
+  awk -v conf="$STAGE3_MINUTES" -v left="$1" -v reserve=$STAGE3_RESERVE 'BEGIN {
+    m = (left - reserve) / 60; if (m < 0.1) m = 0.1; if (conf != "" && conf + 0 < m) m = conf + 0; printf "%.2f", m }'
+}
+
+collected() {  # what comes back from the host (8 files at most): summaries, metrics, per-row scores, TensorBoard
+  # scalars and the logs of runs/ and logs/ under the working folder; no weights, checkpoints, exports or projector tensors
+  local dirs=() d
+  for d in runs logs; do if [ -d "$d" ]; then dirs+=("$d"); fi; done
+  [ ${#dirs[@]} = 0 ] || find "${dirs[@]}" -type f \( -path '*/ckpt/*' -o -path '*/export/*' -o -path '*/chunks/*' \
+    -o -path '*/tb/*/[0-9]*/*' -o -name '*.safetensors' -o -name '*.gguf' \) -prune -o -type f -print
+}
+
+pack_results() {  # results.tar.gz of what the launches wrote so far (each lane packs to its own file, then renames)
+  local part=$RESULTS/.results.tar.gz.$BASHPID
+  (cd "$WORK" && collected | tar -czf "$part" -T -) 2>/dev/null && mv -f "$part" "$RESULTS/results.tar.gz" || rm -f "$part"
 }
 
 row() {  # ROW STAGES...: launches in order (each one stage or a comma list), stopping at the first that fails
@@ -147,16 +179,17 @@ skip() {  # ROW STAGE UPSTREAM: a launch left out because a launch it reads (UPS
 }
 
 # The rows of configs/gpu/comparison/ as three lanes sharing the GPU, each stage starting as soon as the artifacts
-# it reads exist (sharing costs each lane speed: GPU run 5, docs/results.md): SeLLa-Rec's stages in lane 1 (stages
-# 1-2 always, as the others' upstream; stage 3 and its test when --rows lists sella),
+# it reads exist (sharing costs each lane speed: GPU run 5, docs/results.md): SeLLa-Rec's stages in lane 1 (stage 1
+# always, as the others' upstream; stages 2a-2b when sella or sella-no-warm is listed; stage 3 and its test when
+# sella is),
 # popularity, MF, CoLLM-like (MF tables + lane 1's adapter) and text-only in lane 2, and SeLLa-Rec without
 # <Warm_ID> (lane 1's aligned tables) in lane 3. Every launch stops at the deadline, so the results always come back;
 # a launch whose upstream failed writes its timing line as skipped.
-rm -f "$WORK"/.marks/*
 if [ -n "$ROWS" ]; then
 { if row sella lora; then
     mark lora ok
-    if needs_tables sella && row sella distill,collab; then
+    if ! wanted sella && ! wanted sella-no-warm; then :  # no listed row reads stages 2a-2b
+    elif needs_tables sella && row sella distill,collab; then
       mark collab ok
       if wanted sella; then row sella sella,eval || true; fi
     else
@@ -165,7 +198,7 @@ if [ -n "$ROWS" ]; then
     fi
   else
     mark lora failed; mark collab failed
-    skip sella distill,collab "sella lora"
+    if wanted sella || wanted sella-no-warm; then skip sella distill,collab "sella lora"; fi
     if wanted sella; then skip sella sella,eval "sella lora"; fi
   fi; } &
 LANES=($!)
@@ -205,8 +238,9 @@ bench() {  # NAME SECONDS COMMAND...: one benchmark (it measures its own baselin
 if [ $BENCH = 1 ]; then
   if [ $DRY = 0 ]; then
     # stage 1's GPU batch (128 prompts in one micro-batch, bf16, 10 history titles) on both sides, few steps:
-    # ZeRO-3 is the slow side on one GPU; the tables at both sizes
-    LLM_BENCH=(--micro-batch 128 --grad-accum 1 --steps 5) COLLAB_BENCH=()
+    # ZeRO-3 is the slow side on one GPU; the tables at both sizes, over as many steps on the baseline as on the
+    # others and a longer warm-up (a GPU step of these tables takes about a millisecond)
+    LLM_BENCH=(--micro-batch 128 --grad-accum 1 --steps 5) COLLAB_BENCH=(--steps 200 --plain-steps 200 --warmup 20)
   else  # the same two commands at a smoke-test size, one rank as on a one-GPU host: the tiny model, two steps of
     # two micro-batches; ML-1M-sized tables, two steps
     LLM_BENCH=(--micro-batch 2 --grad-accum 2 --steps 2 --ranks 1)
@@ -225,13 +259,6 @@ ROW_CONFIGS=()
 for r in "${ROW_LIST[@]}"; do ROW_CONFIGS+=("$REPO/configs/gpu/comparison/$r.yaml"); done
 [ -z "$ROWS" ] || (cd "$WORK" && $PY "$REPO/scripts/results_table.py" "${ROW_CONFIGS[@]}" --stages > "$RESULTS/table.md") \
   || say "no results table"
-collected() {  # what comes back from the host (8 files at most): summaries, metrics, per-row scores, TensorBoard
-  # scalars and the logs of runs/ and logs/ under the working folder; no weights, checkpoints, exports or projector tensors
-  local dirs=() d
-  for d in runs logs; do if [ -d "$d" ]; then dirs+=("$d"); fi; done
-  [ ${#dirs[@]} = 0 ] || find "${dirs[@]}" -type f \( -path '*/ckpt/*' -o -path '*/export/*' -o -path '*/chunks/*' \
-    -o -path '*/tb/*/[0-9]*/*' -o -name '*.safetensors' -o -name '*.gguf' \) -prune -o -type f -print
-}
-(cd "$WORK" && collected | tar -czf "$RESULTS/results.tar.gz" -T -)
+pack_results
 cat "$TIMING"
 say "done: $RESULTS"
