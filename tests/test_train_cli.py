@@ -5,6 +5,8 @@ import pytest
 
 from launcher.train import STAGES, parse_args, selected_stages
 
+DATA = {"path": "out/ml-100k", "name": "ml-100k", "created": "2026-12-07T09:00:00+00:00"}  # prep_output()
+
 BASE = ["--config", "configs/ml-100k.yaml", "--stage"]
 
 
@@ -60,14 +62,20 @@ def test_under_zero_1_to_3_stage_3_resumes_only_on_its_world_size(tmp_path) -> N
     assert changed_keys(ran(0, 2), ran(3, 2), "lora", 2, 2) == ["deepspeed.zero_stage"]
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / RUN_CONFIG).write_text(yaml.safe_dump(ran(0, 2)))  # stage 1 ran on 2 CPU ranks
-    (tmp_path / "lora" / PROVENANCE).write_text(json.dumps({"world": 2}))
+    data = DATA
+    (tmp_path / "lora" / PROVENANCE).write_text(json.dumps({"world": 2, "data": data}))
     on_8_gpus = config("ml-100k", sella={"micro_batch": 2}, deepspeed={"zero_stage": 3, "precision": "bf16"})
     with pytest.raises(ConfigChanged, match=r"deepspeed\.zero_stage: 0 -> 3.*world: 2 -> 8"):
-        check(on_8_gpus, tmp_path, "lora", 8, allow_change=False)
-    assert check(on_8_gpus, tmp_path, "lora", 8, allow_change=False, resumes=False) == []
+        check(on_8_gpus, tmp_path, "lora", 8, allow_change=False, data=data)
+    assert check(on_8_gpus, tmp_path, "lora", 8, allow_change=False, data=data, resumes=False) == []
     other_rank = on_8_gpus.model_copy(update={"lora": on_8_gpus.lora.model_copy(update={"r": 4})})
     with pytest.raises(ConfigChanged, match=r"lora\.r: 64 -> 4"):
-        check(other_rank, tmp_path, "lora", 8, allow_change=False, resumes=False)
+        check(other_rank, tmp_path, "lora", 8, allow_change=False, data=data, resumes=False)
+    copied = {**data, "path": "/mnt/elsewhere/ml-100k"}  # the same prep output in another folder
+    assert check(on_8_gpus, tmp_path, "lora", 8, allow_change=False, data=copied, resumes=False) == []
+    again = {**data, "created": "2026-12-08T09:00:00+00:00"}  # prep ran again: what the stage made is of other data
+    with pytest.raises(ConfigChanged, match=r"data \(the prep output\): \{'path': 'out/ml-100k'.*2026-12-08"):
+        check(on_8_gpus, tmp_path, "lora", 8, allow_change=False, data=again, resumes=False)
 
 
 def test_the_valid_rows_a_stage_selects_on_shape_it() -> None:
@@ -159,15 +167,15 @@ def test_eval_scores_with_the_prompt_settings_the_scored_model_trained_with(tmp_
     where.mkdir(parents=True)
     (where / RUN_CONFIG).write_text(yaml.safe_dump(config("ml-100k").model_dump(mode="json")))
     same = config("ml-100k", upstream=str(upstream), eval={"model": model})
-    assert check(same, run, "eval", 2, False) == []
+    assert check(same, run, "eval", 2, False, DATA) == []
     other = config("ml-100k", upstream=str(upstream), eval={"model": model}, llm={"history_titles": 7})
     if model == "popularity":
-        assert check(other, run, "eval", 2, False) == []
+        assert check(other, run, "eval", 2, False, DATA) == []
         return
     with pytest.raises(ConfigChanged, match=rf"eval.model {model} scores a model stage {model} trained with other "
                                             r"prompt or model settings \(llm.history_titles: \d+ -> 7\)"):
-        check(other, run, "eval", 2, False)
-    assert check(other, run, "eval", 2, True) == ["llm.history_titles"]
+        check(other, run, "eval", 2, False, DATA)
+    assert check(other, run, "eval", 2, True, DATA) == ["llm.history_titles"]
 
 
 def test_a_larger_budget_replans_the_cosine_from_the_restored_step() -> None:
