@@ -79,8 +79,8 @@ def test_a_stage_older_than_an_earlier_one_stops_all_and_names_the_command(run: 
     proc = launch(tmp_path / "all.yaml", "all", 2)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2, out[-3000:]
-    assert (f"[all] {copy / DONE['sella']} is older than {copy / DONE['collab']}: an earlier stage ran again after "
-            "sella finished or checkpointed") in out and "--stage sella,eval --fresh" in out
+    assert (f"[all] {copy / DONE['sella']} is older than {copy / DONE['collab']}: prep or an earlier stage ran again "
+            "after sella finished or checkpointed") in out and "--stage sella,eval --fresh" in out
     assert (copy / DONE["sella"]).stat().st_mtime < later  # nothing ran
     (copy / DONE["sella"]).unlink()  # as a run killed after its last checkpoint leaves it
     proc = launch(tmp_path / "all.yaml", "sella", 2)
