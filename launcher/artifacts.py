@@ -121,7 +121,8 @@ def newer_input(cfg: Config, run_dir: Path, data_dir: Path, stage: str) -> Path 
         return None
     made = path.stat().st_mtime
     manifest = data_dir / MANIFEST
-    if manifest.is_file() and datetime.fromisoformat(json.loads(manifest.read_text())["created"]).timestamp() > made:
+    created = json.loads(manifest.read_text()).get("created") if manifest.is_file() else None
+    if created is not None and datetime.fromisoformat(created).timestamp() > made:
         return manifest
     earlier = [lookup(cfg, run_dir, DONE[s]) for s in list(DONE)[:list(DONE).index(stage)]]
     return next((p for p in earlier if p is not None and p.stat().st_mtime > made), None)

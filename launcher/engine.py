@@ -78,13 +78,15 @@ def cosine_schedule(train_cfg: TrainConfig, total_steps: int) -> Callable[[torch
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def replan_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
-    """Set the lr to this run's schedule at the restored step. A checkpoint restores the step count and the lr of the
-    plan that saved it; a run resumed with a larger budget (a longer cosine) would otherwise train one step at the old
-    plan's last lr (0 at the end of a cosine to 0), then jump to the new plan's. Unchanged budgets: no change."""
+def replan_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """Set the lr to this run's schedule, peaking at `lr`, at the restored step. A checkpoint restores the step count,
+    the peak and the lr of the plan that saved it; a run resumed with a larger budget (a longer cosine) would
+    otherwise train one step at the old plan's last lr (0 at the end of a cosine to 0), then jump to the new plan's,
+    and one resumed with another lr (--allow-config-change) would keep the old peak. Unchanged: no change."""
     groups = scheduler.optimizer.param_groups
-    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler.base_lrs = [lr] * len(groups)
+    for group, factor in zip(groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
 
 

@@ -193,9 +193,9 @@ def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool
         new = shaping(cfg.model_dump(mode="json"), stage, world) | _flat(cfg.model_dump(mode="json")) | {DATA: data}
         was = shaping(old, stage, old_world) | _flat(old) | {DATA: was_data}
         detail = _detail(was, new, changed)
+        anyway = "" if DATA in changed else ", or continue anyway with --allow-config-change"  # (other data: never)
         raise ConfigChanged(f"{recorded}: stage {stage} ran with other settings that change its model ({detail}). "
-                            "Start it over with --fresh, use another --run-dir, or continue anyway with "
-                            "--allow-config-change")
+                            f"Start it over with --fresh, use another --run-dir{anyway}")
     return changed
 
 

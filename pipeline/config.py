@@ -179,14 +179,11 @@ class ProtocolConfig(_Strict):
 
     @model_validator(mode="after")
     def _ranges_in_order(self) -> ProtocolConfig:
-        """A reversed range would reject every row; a kept history shorter than the samples' would cut them."""
+        """A reversed range would reject every row."""
         for key in ("rating_range", "timestamp_range"):
             lo, hi = getattr(self, key)
             if lo > hi:
                 raise ValueError(f"protocol.{key}: [{lo}, {hi}] is reversed (low, high)")
-        if self.history_keep is not None and self.history_keep < self.history_len:
-            raise ValueError(f"protocol.history_keep {self.history_keep} is shorter than protocol.history_len "
-                             f"{self.history_len} (the samples' histories come from the kept ones)")
         return self
 
 

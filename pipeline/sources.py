@@ -354,19 +354,23 @@ def read_amazon(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawL
 
 
 def csv_fields(line: str, delimiter: str) -> list[str]:
-    """The fields of one CSV line (RFC 4180 quoting), as Python's csv module reads them."""
+    """The fields of one CSV line (RFC 4180 quoting), as Python's csv module reads them; a delimiter of several
+    characters stands in as one character the line does not hold, and is put back inside quoted fields."""
     if len(delimiter) == 1:
         return next(csv.reader([line], delimiter=delimiter))
-    return [f.strip('"') for f in line.split(delimiter)]
+    unit = next(c for c in map(chr, range(1, 32)) if c not in line)
+    return [f.replace(unit, delimiter) for f in next(csv.reader([line.replace(delimiter, unit)], delimiter=unit))]
 
 
 def csv_line_pattern(delimiter: str, fields: int) -> str:
     """A (Java) regex of a CSV line of exactly `fields` fields: each empty, quoted (quotes inside doubled, closed on
     the line) or plain (not starting with a quote, no delimiter). Spark's CSV parser reads any line leniently; this
-    tells the lines it would read wrong: a quoted field broken over lines, a missing or an extra field."""
+    tells the lines it would read wrong: a quoted field broken over lines, a missing or an extra field. Possessive
+    quantifiers, unrolled: Java's regex recursion per repeated group overflowed its stack on a 2,000-character quoted
+    field; (?s): `.` also matches U+0085 (latin-1's 0x85) and U+2028."""
     sep = re.escape(delimiter)
-    field = f'(?:"(?:[^"]|"")*"|(?:(?!{sep})[^"])(?:(?!{sep}).)*)?'
-    return f"^{field}(?:{sep}{field}){{{fields - 1}}}$"
+    field = f'(?:"[^"]*+(?:""[^"]*+)*+"|(?:(?!{sep})[^"])(?:(?!{sep}).)*+)?'
+    return f"(?s)^{field}(?:{sep}{field}){{{fields - 1}}}$"
 
 
 def _table(spark: SparkSession, paths: list[Path], delimiter: str, encoding: str, wanted: list[str]) -> DataFrame:

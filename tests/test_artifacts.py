@@ -79,6 +79,8 @@ def test_a_stage_older_than_an_earlier_stages_artifact_is_run_again(tmp_path: Pa
     assert newer_input(cfg, run, tmp_path / "prep", "sella") == newer_input(cfg, run, tmp_path / "prep", "eval") == collab
     manifest = tmp_path / "prep" / MANIFEST  # prep ran again into the data folder: every stage is stale
     manifest.parent.mkdir()
+    manifest.write_text("{}")  # a manifest that does not say when it was made: no evidence either way
+    assert newer_input(cfg, run, tmp_path / "prep", "lora") is None
     manifest.write_text(json.dumps({"created": datetime.fromtimestamp(500_000, UTC).isoformat()}))
     os.utime(manifest, (4_000_000, 4_000_000))  # a copy made later: the same prep output
     assert all(done(cfg, run, tmp_path / "prep", s) for s in DONE if s not in ("sella", "eval"))

@@ -96,7 +96,6 @@ def test_packages_import_only_downward(package: str, forbidden: set[str]) -> Non
     ({"protocol": {"labels": {}}}, "protocol.labels", "Extra inputs are not permitted"),
     ({"protocol": {"rating_range": [5, 1]}}, "protocol", "protocol.rating_range: [5.0, 1.0] is reversed (low, high)"),
     ({"protocol": {"timestamp_range": [10, 0]}}, "protocol", "protocol.timestamp_range: [10, 0] is reversed"),
-    ({"protocol": {"history_keep": 5}}, "protocol", "protocol.history_keep 5 is shorter than protocol.history_len 10"),
     ({"source": {"delimiter": ""}}, "source.delimiter", "at least 1 character"),
     ({"source": {"types": {"user": "int"}}}, "(top level)", "source.types: format ml-1m declares its own field types"),
 ])
@@ -231,6 +230,6 @@ def test_protocol_keys_the_collm_format_would_ignore_are_refused() -> None:
     """CoLLM's pickles bring their labels and histories: a label rule or history cut there would change nothing."""
     base = load_config(CONFIGS / "collm-ml-1m.yaml").model_dump(mode="json")
     assert parse_config(base)  # a resolved config (every key, at its default) is fine
-    for key, value in (("history_keep", 50), ("label", {"op": "eq", "threshold": 5})):
+    for key, value in (("history_keep", 5), ("label", {"op": "eq", "threshold": 5})):
         with pytest.raises(ConfigError, match=rf"protocol\.{key}: source\.format collm takes CoLLM's rows"):
             parse_config(merged(base, {"protocol": {key: value}}))

@@ -133,8 +133,8 @@ def test_plan_of_some_rows_lists_their_launches_and_upstream(tmp_path: Path) -> 
 @pytest.mark.integration  # starts subprocesses (bash scripts/gpu/run.sh)
 def test_plan_caps_stage_3_by_the_time_left_and_runs_only_the_stages_rows_read(tmp_path: Path) -> None:
     """Each stage-3 launch trains for sella.max_minutes or until run.sh's reserve for its validations and test
-    before the deadline, whichever comes first; stages 2a-2b run only for a row that reads them; every call gets a
-    working folder of its own (a second call with other settings starts over)."""
+    before the deadline, whichever comes first; stages 1 and 2a-2b run only for a row that reads them; every call
+    gets a working folder of its own (a second call with other settings starts over)."""
     def plan(*flags: str) -> tuple[list[tuple[str, str]], list[float]]:
         results = tmp_path / f"results-{len(list(tmp_path.glob('results-*')))}"
         proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--plan", *flags, "--target", str(tmp_path / "target"),
@@ -153,7 +153,9 @@ def test_plan_caps_stage_3_by_the_time_left_and_runs_only_the_stages_rows_read(t
     assert len(caps) == 2 and all(0.5 < c <= (150 - 100) / 60 for c in caps), caps
     launches, caps = plan("--rows", "text-only,popularity")
     assert sorted(launches) == [("popularity", "eval"), ("sella", "lora"), ("text-only", "eval")] and caps == []
-    assert len(list((tmp_path / "target" / "work").iterdir())) == 3
+    launches, caps = plan("--rows", "popularity,mf")  # neither reads stage 1
+    assert sorted(launches) == [("mf", "collab,eval"), ("popularity", "eval")] and caps == []
+    assert len(list((tmp_path / "target" / "work").iterdir())) == 4
 
 
 def test_step_probe_times_engine_and_plain_loop(ml100k_out: Path, tmp_path: Path) -> None:

@@ -192,16 +192,17 @@ def test_csv_quoting_is_rfc_4180_and_lines_it_cannot_read_are_rejected(spark, tm
     next line); a quote inside a plain field is text."""
     ts = _ts(2024, 3, 1)
     (tmp_path / "log.csv").write_text("user,item,stars,time\n" + "".join(f"u1,i{i},5,{ts + i}\n" for i in (1, 2, 4)))
+    long = "A title, " * 600  # 5,400 characters in quotes: Java's regex must not overflow its stack on it
     (tmp_path / "items.csv").write_text('"id, note",item,name\nx,i1,"The ""Best"" Movie"\nx,i2,"C:\\dir\\"\n'
-                                        'x,i3,"Two\nlines",\nx,i4,12" Vinyl\nx,i5\n')
+                                        f'x,i3,"Two\nlines",\nx,i4,12" Vinyl\nx,i5\nx,i6,"{long}"\nx,i7,Dots\x85\n')
     cfg = config("synthetic", source={"interactions": "log.csv", "items": "items.csv", "columns": {
         "user": "user", "item": "item", "rating": "stars", "timestamp": "time", "item_title": "name"}})
     m = run(cfg, tmp_path, tmp_path / "out")
     assert (m["rows_in"], m["rows_out"]) == (3, 3)
-    assert m["item_rows"] == {"in": 6, "kept": 3, "rejected": 3}
+    assert m["item_rows"] == {"in": 8, "kept": 5, "rejected": 3}
     items = spark.read.parquet(str(tmp_path / "out" / "tables" / "items")).orderBy("raw_id").collect()
     assert [(t["raw_id"], t["title"]) for t in items] == [("i1", 'The "Best" Movie'), ("i2", "C:\\dir\\"),
-                                                         ("i4", '12" Vinyl')]
+                                                         ("i4", '12" Vinyl'), ("i6", long.strip()), ("i7", "Dots\x85")]
     rejects = spark.read.parquet(str(tmp_path / "out" / "rejects")).where("source = 'items'").orderBy("line").collect()
     assert [(r["line"], r["code"]) for r in rejects] == [(4, "malformed_line"), (5, "malformed_line"), (7, "malformed_line")]
     assert rejects[0]["reason"].startswith("malformed line: not 3 CSV fields")

@@ -74,8 +74,9 @@ def test_under_zero_1_to_3_stage_3_resumes_only_on_its_world_size(tmp_path) -> N
     copied = {**data, "path": "/mnt/elsewhere/ml-100k"}  # the same prep output in another folder
     assert check(on_8_gpus, tmp_path, "lora", 8, allow_change=False, data=copied, resumes=False) == []
     again = {**data, "created": "2026-12-08T09:00:00+00:00"}  # prep ran again: what the stage made is of other data
-    with pytest.raises(ConfigChanged, match=r"data \(the prep output\): \{'path': 'out/ml-100k'.*2026-12-08"):
+    with pytest.raises(ConfigChanged, match=r"data \(the prep output\): \{'path': 'out/ml-100k'.*2026-12-08") as err:
         check(on_8_gpus, tmp_path, "lora", 8, allow_change=False, data=again, resumes=False)
+    assert str(err.value).endswith("use another --run-dir")  # --allow-config-change cannot make other data fit
 
 
 def test_the_valid_rows_a_stage_selects_on_shape_it() -> None:
@@ -180,7 +181,8 @@ def test_eval_scores_with_the_prompt_settings_the_scored_model_trained_with(tmp_
 
 def test_a_larger_budget_replans_the_cosine_from_the_restored_step() -> None:
     """A finished 128-step run (cosine to 0) resumed with 256 steps trains its step 129 at the 256-step plan's lr, not
-    at the restored 0, and goes on as a run planned for 256 steps; a resume with the same budget keeps its lr."""
+    at the restored 0, and goes on as a run planned for 256 steps; a resume with the same budget keeps its lr, one
+    with another peak lr follows the same schedule at that peak."""
     import torch
 
     from launcher.config import Config
@@ -206,13 +208,20 @@ def test_a_larger_budget_replans_the_cosine_from_the_restored_step() -> None:
     planned = [stepped(256, n)[0].param_groups[0]["lr"] for n in (128, 129)]
     opt, schedule = stepped(256, 0, saved)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0)  # what the checkpoint restores
-    replan_lr(schedule)
+    replan_lr(schedule, 0.5)
     assert opt.param_groups[0]["lr"] == pytest.approx(planned[0]) and schedule.get_last_lr() == [opt.param_groups[0]["lr"]]
     assert planned[0] > 0.2
     opt.step()
     schedule.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(planned[1])
     whole, schedule = stepped(128, 64)  # a resume mid-run with its own budget: the lr it had
-    opt, schedule = stepped(128, 0, (whole.state_dict(), schedule.state_dict()))
-    replan_lr(schedule)
+    mid = (whole.state_dict(), schedule.state_dict())
+    opt, schedule = stepped(128, 0, mid)
+    replan_lr(schedule, 0.5)
     assert opt.param_groups[0]["lr"] == whole.param_groups[0]["lr"] > 0.2
+    opt, schedule = stepped(128, 0, mid)  # resumed with half the peak lr (--allow-config-change): half the lr on
+    replan_lr(schedule, 0.25)
+    assert opt.param_groups[0]["lr"] == pytest.approx(whole.param_groups[0]["lr"] / 2)
+    opt.step()
+    schedule.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(stepped(128, 65)[0].param_groups[0]["lr"] / 2)

@@ -94,7 +94,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
                                       lr_scheduler=cosine_schedule(lora_cfg, total))
     state = LoraState.restored(checkpoint.load(engine, ckpt))
-    replan_lr(engine.lr_scheduler)  # a larger budget re-plans the cosine from the restored step
+    replan_lr(engine.lr_scheduler, lora_cfg.lr)  # a larger budget re-plans the cosine from the restored step
     best_adapter = ckpt / BEST_ADAPTER
     start = state.step
     stop = last_step(lora_cfg, start, total, state.seconds)

@@ -221,7 +221,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     tables_state = TableState(sharded_model, table_opt)  # world-size independent: a run may resume on other ranks
     both = EngineAndTables(engine, tables_state)
     state = LoopState.restored(checkpoint.load(both, ckpt))
-    replan_lr(engine.lr_scheduler)  # a larger budget re-plans the cosine from the restored step
+    replan_lr(engine.lr_scheduler, sella_cfg.lr)  # a larger budget re-plans the cosine from the restored step
     start = state.step
     stop = last_step(sella_cfg, start, total, state.seconds)
     outputs = (SELLA_TABLES, SELLA_PROJECTOR, SELLA_EXPORT) + ((SELLA_ADAPTER,) if sella_cfg.train_lora else ())

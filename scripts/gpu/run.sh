@@ -7,8 +7,8 @@
 #   scripts/gpu/run.sh --bench ...        # then bench/llm_train.py and bench/collab.py (each with its baseline)
 #   scripts/gpu/run.sh --bench-only ...   # the two benchmarks without the comparison rows
 #   scripts/gpu/run.sh --set lora.micro_batch=64 ...   # config overrides for every launch (repeatable)
-#   scripts/gpu/run.sh --rows sella,text-only,popularity  # some rows only (SeLLa-Rec's stage 1 always runs, as the
-#                                         # others' upstream; its stages 2a-2b when sella or sella-no-warm is listed)
+#   scripts/gpu/run.sh --rows sella,text-only,popularity  # some rows only (SeLLa-Rec's stages 1-2 run as far as a
+#                                         # listed row reads them: popularity and mf read none)
 #   scripts/gpu/run.sh --plan --rows ... --bench  # the launches those flags would run, in plan.tsv, none run
 #
 # Steps: (1) check the parts against their manifest, join the model, unpack the prep output and install the kit
@@ -147,9 +147,14 @@ collected() {  # what comes back from the host (8 files at most): summaries, met
     -o -path '*/tb/*/[0-9]*/*' -o -name '*.safetensors' -o -name '*.gguf' \) -prune -o -type f -print
 }
 
-pack_results() {  # results.tar.gz of what the launches wrote so far (each lane packs to its own file, then renames)
-  local part=$RESULTS/.results.tar.gz.$BASHPID
-  (cd "$WORK" && collected | tar -czf "$part" -T -) 2>/dev/null && mv -f "$part" "$RESULTS/results.tar.gz" || rm -f "$part"
+pack_results() {  # results.tar.gz of what the launches wrote so far: one lane at a time (flock where the host has
+  # it), each packing to its own file, then renaming; a log another lane is writing meanwhile is packed as far as read
+  local part=$RESULTS/.results.tar.gz.$BASHPID rc=0
+  {
+    if command -v flock > /dev/null; then flock 9; fi
+    (cd "$WORK" && collected | tar --warning=no-file-changed -czf "$part" -T -) 2> /dev/null || rc=$?
+    if [ $rc -le 1 ]; then mv -f "$part" "$RESULTS/results.tar.gz"; else rm -f "$part"; fi  # tar: 1 = changed while read
+  } 9> "$WORK/.pack.lock"
 }
 
 row() {  # ROW STAGES...: launches in order (each one stage or a comma list), stopping at the first that fails
@@ -180,13 +185,14 @@ skip() {  # ROW STAGE UPSTREAM: a launch left out because a launch it reads (UPS
 
 # The rows of configs/gpu/comparison/ as three lanes sharing the GPU, each stage starting as soon as the artifacts
 # it reads exist (sharing costs each lane speed: GPU run 5, docs/results.md): SeLLa-Rec's stages in lane 1 (stage 1
-# always, as the others' upstream; stages 2a-2b when sella or sella-no-warm is listed; stage 3 and its test when
-# sella is),
+# when a listed row reads it, as the others' upstream; stages 2a-2b when sella or sella-no-warm is listed; stage 3
+# and its test when sella is),
 # popularity, MF, CoLLM-like (MF tables + lane 1's adapter) and text-only in lane 2, and SeLLa-Rec without
 # <Warm_ID> (lane 1's aligned tables) in lane 3. Every launch stops at the deadline, so the results always come back;
 # a launch whose upstream failed writes its timing line as skipped.
 if [ -n "$ROWS" ]; then
-{ if row sella lora; then
+{ if ! wanted sella && ! wanted sella-no-warm && ! wanted collm-like && ! wanted text-only; then :  # no row reads stage 1
+  elif row sella lora; then
     mark lora ok
     if ! wanted sella && ! wanted sella-no-warm; then :  # no listed row reads stages 2a-2b
     elif needs_tables sella && row sella distill,collab; then
