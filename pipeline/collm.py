@@ -38,7 +38,6 @@ CHECKS = (  # ids are int columns of the tables, timestamps long ones
     ("not_cold", lambda x: _whole(x) and x in (0, 1), "0 or 1"),
     ("title", lambda x: isinstance(x, str) and x.strip() != "", "a title (a non-empty string)"),
     ("his", lambda x: all(_whole(i) and 0 <= i < 2**31 for i in x), "a list of item ids"),
-    ("his_title", lambda x: all(isinstance(t, str) for t in x), "a list of titles"),
 )
 
 
