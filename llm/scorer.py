@@ -77,11 +77,29 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], answer_only:
 @torch.no_grad()
 def yes_prob(model: torch.nn.Module, batch: dict[str, torch.Tensor], no_yes: tuple[int, int],
              inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """P(Yes) = softmax over the {No, Yes} logits at the answer position (batch built without answers)."""
-    inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch["input_ids"]}
-    logits = model(**inputs, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                   logits_to_keep=1, use_cache=False).logits[:, -1, list(no_yes)]
-    return logits.float().softmax(-1)[:, 1]
+    """P(Yes) = softmax over the {No, Yes} logits at the answer position (batch built without answers).
+
+    The two logits are computed in fp32 from the LM head's input and weight rows, not read from its output: a bf16
+    head rounds logits near 40 to steps of 0.25, which left GPU run 5's SeLLa-Rec scores with 27 distinct values
+    over 7,269 rows (and ties that AUC counts half). A pre-hook on the head sees both; under ZeRO-3 the head's
+    weight is gathered by then (DeepSpeed's own pre-hook, registered first, gathers it).
+    """
+    head = model.get_output_embeddings()
+    answer: list[torch.Tensor] = []
+
+    def fp32_logits(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        rows = module.weight[list(no_yes)].float()
+        bias = module.bias[list(no_yes)].float() if getattr(module, "bias", None) is not None else 0.0
+        answer.append(args[0][:, -1].float() @ rows.T + bias)
+
+    hook = head.register_forward_pre_hook(fp32_logits)
+    try:
+        inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch["input_ids"]}
+        model(**inputs, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+              logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return answer[0].softmax(-1)[:, 1]
 
 
 @torch.no_grad()

@@ -133,6 +133,31 @@ def test_left_padded_scores_equal_single_row_scores(tiny) -> None:
     assert together[0] == pytest.approx(torch.softmax(logits[list(no_yes)], -1)[1].item(), abs=1e-5)
 
 
+def test_bf16_scores_take_fp32_answer_logits() -> None:
+    """In bf16 the scorer's P(Yes) is the fp32 softmax of the head's input times its No/Yes rows: a bf16 head would
+    round logits near 40 to steps of 0.25 (GPU run 5: 27 distinct SeLLa-Rec scores over 7,269 rows)."""
+    model, tokenizer = load_base(LLMConfig(model="tiny"), torch.bfloat16)
+    model.eval()
+    titles = ["Heat (1995)", "Casino (1995)", "Fargo (1996)", "Toy Story (1995)", "Jumanji (1995)", "Babe (1995)"]
+    samples = [{**SAMPLES[0], "title": t, "history_titles": titles[:k]} for t in titles for k in (1, 2, 3)]
+    batch = collate([encode(tokenizer, s, "lora", "movie", 512, with_answer=False) for s in samples],
+                    tokenizer.pad_token_id)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    no_yes = yes_no_ids(tokenizer)
+    with torch.no_grad():  # an untied head whose No/Yes logits are near 40 and differ by about one, as a real LM's
+        hidden = model.model(**inputs).last_hidden_state[:, -1].float()
+        mean = hidden.mean(0)
+        head = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+        head[no_yes[0]] = 40 * mean / mean.square().sum()
+        head[no_yes[1]] = head[no_yes[0]] + torch.randn(len(mean), generator=torch.Generator().manual_seed(0)) / 8
+        model.lm_head.weight = head
+        fp32 = (hidden @ head[list(no_yes)].float().T).softmax(-1)[:, 1]
+        bf16 = model(**inputs, logits_to_keep=1).logits[:, -1, list(no_yes)].float().softmax(-1)[:, 1]
+    assert 0.05 < fp32.min() and fp32.max() < 0.95
+    torch.testing.assert_close(yes_prob(model, batch, no_yes), fp32, rtol=0, atol=1e-6)
+    assert (bf16 - fp32).abs().max() > 0.01  # what reading the bf16 head's output would have given
+
+
 def test_unknown_model_source_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(ModelSourceError, match="not found"):
         model_dir(str(tmp_path / "missing.gguf"))
