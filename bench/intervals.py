@@ -1,10 +1,11 @@
 """The 95% bootstrap AUC intervals (the eval stage's `auc_ci`, scripts/results_table.py's paired differences):
 `launcher.metrics` (all resamples at once, as weighted Mann-Whitney sums) against the plain loop it replaced
-(scikit-learn's AUC on each resampled row set, 1,000 times), in one process, on the same rows and draws.
+(scikit-learn's AUC on each resampled set, 1,000 times), in one process, on the same rows and draws; draws of
+users with all their rows (what eval reports since 2026-12-07) and of rows.
 
-Rows: the per-row test scores of GPU run 5 (SeLLa-Rec and item popularity on the 7,269 CoLLM ML-1M test rows,
-committed under docs/results/). Both sides must give the same intervals (checked to 1e-12). Reported: seconds
-of each (min over `--repeats`) and the ratio.
+Rows: the per-row test scores of GPU run 5 (SeLLa-Rec and item popularity on the 7,269 CoLLM ML-1M test rows of
+320 users, committed under docs/results/). Both sides must give the same intervals (checked to 1e-12). Reported:
+seconds of each (min over `--repeats`) and the ratio.
 
     python bench/intervals.py     # writes bench/results/intervals.json
 """
@@ -36,12 +37,13 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return math.nan if labels.all() or not labels.any() else float(roc_auc_score(labels, scores))
 
 
-def loop_interval(labels: np.ndarray, statistic: Callable[[np.ndarray], float], resamples: int = 1000,
+def loop_interval(units: list[np.ndarray], statistic: Callable[[np.ndarray], float], resamples: int = 1000,
                   seed: int = 0) -> tuple[float, float]:
-    """The baseline: one statistic per resample of the rows, NaN draws skipped, percentile interval."""
+    """The baseline: one statistic per resample of the units (each a user's row indices, or one row), NaN draws
+    skipped, percentile interval."""
     rng = np.random.default_rng(seed)
-    values = [v for v in (statistic(rng.integers(0, len(labels), len(labels))) for _ in range(resamples))
-              if not math.isnan(v)]
+    draws = (np.concatenate([units[u] for u in rng.integers(0, len(units), len(units))]) for _ in range(resamples))
+    values = [v for v in map(statistic, draws) if not math.isnan(v)]
     lo, hi = np.quantile(values, [0.025, 0.975])
     return float(lo), float(hi)
 
@@ -65,16 +67,25 @@ def main() -> None:
     both = sella.merge(base[["row_id", "score"]], on="row_id", suffixes=("", "_base"))
     labels = both.label.to_numpy().astype(bool)
     scores, base_scores = both.score.to_numpy(np.float64), both.score_base.to_numpy(np.float64)
+    users = both.user_id.to_numpy()
+    by_user = [np.flatnonzero(users == u) for u in np.unique(users)]
+    by_row = [np.array([i]) for i in range(len(labels))]
+
+    def one(i: np.ndarray) -> float:
+        return auc(labels[i], scores[i])
+
+    def difference(i: np.ndarray) -> float:
+        return auc(labels[i], scores[i]) - auc(labels[i], base_scores[i])
 
     cases = {
-        "auc_interval": (
-            lambda: auc_interval(labels, scores),
-            lambda: loop_interval(labels, lambda i: auc(labels[i], scores[i]))),
-        "auc_difference_interval": (
-            lambda: auc_difference_interval(labels, scores, base_scores)[1:],
-            lambda: loop_interval(labels, lambda i: auc(labels[i], scores[i]) - auc(labels[i], base_scores[i]))),
+        "auc_interval, users": (lambda: auc_interval(labels, scores, users), lambda: loop_interval(by_user, one)),
+        "auc_difference_interval, users": (lambda: auc_difference_interval(labels, scores, base_scores, users)[1:],
+                                           lambda: loop_interval(by_user, difference)),
+        "auc_interval, rows": (lambda: auc_interval(labels, scores), lambda: loop_interval(by_row, one)),
+        "auc_difference_interval, rows": (lambda: auc_difference_interval(labels, scores, base_scores)[1:],
+                                          lambda: loop_interval(by_row, difference)),
     }
-    report = {"rows": len(labels), "resamples": 1000, "repeats": args.repeats, "cases": {}}
+    report = {"rows": len(labels), "users": len(by_user), "resamples": 1000, "repeats": args.repeats, "cases": {}}
     for name, (ours, loop) in cases.items():
         t_ours, got = timed(ours, args.repeats)
         t_loop, want = timed(loop, args.repeats)
@@ -82,7 +93,7 @@ def main() -> None:
             raise SystemExit(f"{name}: {got} differs from the loop's {want}")
         report["cases"][name] = {"interval": list(got), "seconds": t_ours, "loop_seconds": t_loop,
                                  "speedup": t_loop / t_ours}
-        print(f"{name:24} {len(labels):,} rows  {t_ours:6.3f} s  loop {t_loop:6.3f} s  {t_loop / t_ours:5.1f}x  "
+        print(f"{name:31} {len(labels):,} rows  {t_ours:6.3f} s  loop {t_loop:6.3f} s  {t_loop / t_ours:5.1f}x  "
               f"interval {got[0]:.4f} - {got[1]:.4f} (same as the loop's)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

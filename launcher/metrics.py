@@ -70,17 +70,20 @@ def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def _resampled_aucs(labels: np.ndarray, score_sets: list[np.ndarray], resamples: int, seed: int,
-                    cells: int = 1 << 22) -> np.ndarray:
-    """AUC of each scorer on `resamples` draws of the rows with replacement (one draw shared by every scorer);
-    shape (resamples, scorers), NaN where a draw holds one class only.
+                    users: np.ndarray | None = None, cells: int = 1 << 22) -> np.ndarray:
+    """AUC of each scorer on `resamples` draws with replacement (one draw shared by every scorer); shape (resamples,
+    scorers), NaN where a draw holds one class only. A draw picks users, each with all its rows, or rows when
+    `users` is None.
 
     A draw is a count per row, so each AUC is the Mann-Whitney statistic with weights: rows sorted by score,
     tied scores merged into one group, AUC = sum over groups of positives x (negatives in lower groups + half the
     negatives in the group) / (positives x negatives), ties counting half as in `auc`. Draws are taken in
     blocks of about `cells` counts, so the rows x draws matrix stays small, and the draws are the same as
-    `rng.integers(0, n, n)` drawn once per resample."""
+    `rng.integers(0, k, k)` drawn once per resample (k users, or rows)."""
     n = len(labels)
     rng = np.random.default_rng(seed)
+    unit = np.arange(n) if users is None else np.unique(np.asarray(users), return_inverse=True)[1].ravel()
+    k = int(unit.max()) + 1 if n else 0
     sorted_sets = []
     for scores in score_sets:
         order = np.argsort(scores, kind="stable")
@@ -88,13 +91,14 @@ def _resampled_aucs(labels: np.ndarray, score_sets: list[np.ndarray], resamples:
         starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # first row of each tie group
         sorted_sets.append((order, starts, labels[order][:, None]))
     out = np.empty((resamples, len(score_sets)))
-    block = max(1, cells // max(n, 1))
+    block = max(1, cells // max(n, k, 1))
     for first in range(0, resamples, block):
         draws = min(block, resamples - first)
-        idx = np.stack([rng.integers(0, n, n) for _ in range(draws)])
-        # counts[row, draw]: how often each draw picked the row (rows first, so the sums below run over rows)
-        counts = np.bincount((idx.T * draws + np.arange(draws)).ravel(), minlength=n * draws).reshape(n, draws)
-        for k, (order, starts, y) in enumerate(sorted_sets):
+        idx = np.stack([rng.integers(0, k, k) for _ in range(draws)])
+        # picked[unit, draw]: how often each draw picked the user (or row); counts[row, draw] its rows' weight
+        picked = np.bincount((idx.T * draws + np.arange(draws)).ravel(), minlength=k * draws).reshape(k, draws)
+        counts = picked[unit]
+        for j, (order, starts, y) in enumerate(sorted_sets):
             c = counts[order]
             pos, neg = c * y, c * ~y
             if len(starts) < n:  # merge tied scores
@@ -102,34 +106,39 @@ def _resampled_aucs(labels: np.ndarray, score_sets: list[np.ndarray], resamples:
             below = np.cumsum(neg, axis=0) - neg
             pairs = pos.sum(0) * neg.sum(0)
             with np.errstate(invalid="ignore", divide="ignore"):
-                out[first:first + draws, k] = np.where(pairs > 0, (pos * (below + 0.5 * neg)).sum(0) / pairs, np.nan)
+                out[first:first + draws, j] = np.where(pairs > 0, (pos * (below + 0.5 * neg)).sum(0) / pairs, np.nan)
     return out
 
 
+UNDEFINED_DRAWS = 0.01  # more draws than this with one class only: no interval (the rest would not be a fair sample)
+
+
 def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
-    """Percentile interval of the resampled values that are defined; (NaN, NaN) when none is."""
-    values = values[~np.isnan(values)]
-    if not len(values):
+    """Percentile interval of the resampled values; (NaN, NaN) when more than UNDEFINED_DRAWS of them are undefined
+    (draws of one class only: too few rows, users or positives for an interval)."""
+    if not len(values) or np.isnan(values).mean() > UNDEFINED_DRAWS:
         return math.nan, math.nan
-    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    lo, hi = np.quantile(values[~np.isnan(values)], [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
 
-def auc_interval(labels: np.ndarray, scores: np.ndarray, level: float = 0.95, resamples: int = 1000,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the AUC (rows resampled with replacement)."""
+def auc_interval(labels: np.ndarray, scores: np.ndarray, users: np.ndarray | None = None, level: float = 0.95,
+                 resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUC, resampling users with all their rows (a user's rows share that
+    user's tastes, so they are not independent draws), or rows when `users` is None."""
     labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
-    return _percentiles(_resampled_aucs(labels, [scores], resamples, seed)[:, 0], level)
+    return _percentiles(_resampled_aucs(labels, [scores], resamples, seed, users)[:, 0], level)
 
 
-def auc_difference_interval(labels: np.ndarray, scores: np.ndarray, base_scores: np.ndarray, level: float = 0.95,
-                            resamples: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+def auc_difference_interval(labels: np.ndarray, scores: np.ndarray, base_scores: np.ndarray,
+                            users: np.ndarray | None = None, level: float = 0.95, resamples: int = 1000,
+                            seed: int = 0) -> tuple[float, float, float]:
     """AUC(scores) - AUC(base_scores) on the same rows, with a paired percentile bootstrap interval: each resample
-    draws one set of rows for both scorers, so what the rows share (their difficulty) cancels, and the interval
-    is narrower than two separate intervals would suggest. (difference, low, high)."""
+    draws one set of users (or rows, `users` None) for both scorers, so what the rows share (their difficulty)
+    cancels, and the interval is narrower than two separate intervals would suggest. (difference, low, high)."""
     labels = np.asarray(labels).astype(bool)
     scores, base_scores = np.asarray(scores, dtype=np.float64), np.asarray(base_scores, dtype=np.float64)
-    both = _resampled_aucs(labels, [scores, base_scores], resamples, seed)
+    both = _resampled_aucs(labels, [scores, base_scores], resamples, seed, users)
     return auc(labels, scores) - auc(labels, base_scores), *_percentiles(both[:, 0] - both[:, 1], level)
 
 
@@ -154,12 +163,18 @@ def _or_none(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def add_intervals(metrics: dict[str, dict], labels: np.ndarray, scores: np.ndarray, warm: np.ndarray) -> None:
-    """Put each group's 95% bootstrap AUC interval into a report() as `auc_ci` (None where undefined)."""
-    labels, scores = np.asarray(labels), np.asarray(scores)
+CI_RESAMPLES = "users"  # what `auc_ci` resamples, recorded beside it (metrics.json before 2026-12-07: rows)
+
+
+def add_intervals(metrics: dict[str, dict], users: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+                  warm: np.ndarray) -> None:
+    """Put each group's 95% bootstrap AUC interval (users resampled) into a report() as `auc_ci` (None where
+    undefined), and `auc_ci_resamples`."""
+    users, labels, scores = np.asarray(users), np.asarray(labels), np.asarray(scores)
     for group, keep in group_masks(warm).items():
-        lo, hi = auc_interval(labels[keep], scores[keep])
+        lo, hi = auc_interval(labels[keep], scores[keep], users[keep])
         metrics[group]["auc_ci"] = None if math.isnan(lo) else [lo, hi]
+        metrics[group]["auc_ci_resamples"] = CI_RESAMPLES
 
 
 def format_report(metrics: dict[str, dict]) -> str:

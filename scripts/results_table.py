@@ -1,6 +1,7 @@
 """The comparison table: test AUC / UAUC (overall, warm, cold) of each row's stage-eval metrics, a 95%
-bootstrap interval of the overall AUC (stage eval's, or from the per-row scores), and the published reference numbers beside
-them (docs/method.md: CoLLM paper, Vicuna-7B, same ML-1M splits).
+bootstrap interval of the overall AUC (users resampled with all their rows: stage eval's, or from the per-row scores
+for a run evaluated before eval resampled users), and the published reference numbers beside them (docs/method.md:
+CoLLM paper, Vicuna-7B, same ML-1M splits).
 
     python scripts/results_table.py configs/comparison/*.yaml [--write docs/results.md] [--figure F.png]
         [--json F.json] [--curves F.png] [--stages] [--paired popularity]
@@ -11,7 +12,7 @@ file has none); it is printed either way. --figure draws test AUC overall / warm
 stage that trained it); --curves draws valid AUC against training prompts for the rows that have a curve;
 --stages prints the training stages of each row (prompts, seconds, prompts/s, tokens/s, peak memory);
 --paired ROW prints each row's test AUC minus ROW's on the rows both scored, overall / warm / cold, with paired
-bootstrap intervals (one resample of rows for both): whether a row beats another, which two separate intervals
+bootstrap intervals (one resample of users for both): whether a row beats another, which two separate intervals
 that overlap cannot say.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher.artifacts import DONE, EVAL_METRICS, EVAL_SCORES, lookup
 from launcher.config import Config
-from launcher.metrics import GROUPS, add_intervals, auc_difference_interval, group_masks, pair
+from launcher.metrics import CI_RESAMPLES, GROUPS, add_intervals, auc_difference_interval, group_masks, pair
 from pipeline.config import load_config, run_path
 
 BEGIN, END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
@@ -36,7 +37,7 @@ ROWS = {  # config stem -> (row label, published ML-1M AUC / UAUC of the closest
     "popularity": ("item popularity (train positive rate)", "0.703 / 0.675 (docs/method.md, measured on all test rows)"),
     "mf": ("MF (stage 2b, no alignment)", "MF: 0.6482 / 0.6361"),
     "text-only": ("text-only, stage 1 (TALLRec-like)", "TALLRec: 0.7097 / 0.6818"),
-    "collm-like": ("CoLLM-like (MF tokens, random projector, no `<Warm_ID>`)", "CoLLM-MF: 0.7295 / 0.6875"),
+    "collm-like": ("CoLLM-like (frozen MF tokens, random projector, no `<Warm_ID>`)", "CoLLM-MF: 0.7295 / 0.6875"),
     "sella-no-warm": ("SeLLa-Rec without `<Warm_ID>`", "-"),
     "sella": ("SeLLa-Rec", "about +4% over CoLLM (paper)"),
 }
@@ -81,15 +82,16 @@ def record(config: Path) -> dict | None:
 
 
 def test_metrics(config: Path) -> dict | None:
-    """The row's test report with 95% AUC intervals (from metrics.json, or added from the per-row scores for
-    runs evaluated before eval wrote them); None when its eval has not run."""
+    """The row's test report with 95% AUC intervals (users resampled: from metrics.json, or added from the per-row
+    scores for runs evaluated before eval wrote them); None when its eval has not run on test."""
     metrics_file = run_dir(config) / EVAL_METRICS
     if not metrics_file.is_file():
         return None
-    test = json.loads(metrics_file.read_text())["test"]
-    if not all("auc_ci" in test[g] for g in GROUPS):
-        scores = pd.read_parquet(run_dir(config) / EVAL_SCORES.format(split="test"), columns=["label", "warm", "score"])
-        add_intervals(test, scores.label, scores.score, scores.warm)
+    test = json.loads(metrics_file.read_text()).get("test")
+    if test is not None and not all(test[g].get("auc_ci_resamples") == CI_RESAMPLES for g in GROUPS):
+        scores = pd.read_parquet(run_dir(config) / EVAL_SCORES.format(split="test"),
+                                 columns=["user_id", "label", "warm", "score"])
+        add_intervals(test, scores.user_id, scores.label, scores.score, scores.warm)
     return test
 
 
@@ -117,7 +119,7 @@ def paired(configs: list[Path], base: str) -> str:
 
     def scores(config: Path) -> pd.DataFrame | None:
         path = run_dir(config) / EVAL_SCORES.format(split="test")
-        return pd.read_parquet(path, columns=["row_id", "label", "warm", "score"]) if path.is_file() else None
+        return pd.read_parquet(path, columns=["row_id", "user_id", "label", "warm", "score"]) if path.is_file() else None
 
     reference = scores(by_stem[base])
     if reference is None:
@@ -133,7 +135,8 @@ def paired(configs: list[Path], base: str) -> str:
                              "(another prep output); pair rows scored on one prep output")
         cells = []
         for mask in group_masks(both.warm.to_numpy()).values():
-            d, lo, hi = auc_difference_interval(both.label[mask], both.score[mask], both.score_base[mask])
+            d, lo, hi = auc_difference_interval(both.label[mask], both.score[mask], both.score_base[mask],
+                                                both.user_id[mask])
             cells.append(f"{d:+.4f} ({lo:+.3f} to {hi:+.3f})")
         lines.append(f"| {ROWS.get(config.stem, (config.stem,))[0]} | {len(both):,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

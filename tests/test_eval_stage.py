@@ -38,7 +38,7 @@ def test_eval_writes_scores_metrics_and_curves(ml100k_out: Path, tmp_path: Path)
         assert len(table) == 30 == metrics[split]["overall"]["rows"] and table.row_id.is_unique
         assert table.score.between(0, 1).all() and table.score.nunique() > 1
         expected = report(table.user_id, table.label, table.score, table.warm)
-        add_intervals(expected, table.label, table.score, table.warm)
+        add_intervals(expected, table.user_id, table.label, table.score, table.warm)
         assert metrics[split] == expected  # what eval wrote is the report of the scores it wrote; and independently:
         for group, rows in (("overall", table), ("warm", table[table.warm == 1]), ("cold", table[table.warm == 0])):
             want = roc_auc_score(rows.label, rows.score) if rows.label.nunique() == 2 else None

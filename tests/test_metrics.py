@@ -116,6 +116,38 @@ def test_resampled_aucs_equal_sklearn_on_each_draw(rows: int, cells: int) -> Non
     assert np.isnan(got).any() == (rows == 6)
 
 
+@pytest.mark.parametrize(("rows", "cells"), [(300, 1 << 22), (2000, 2000 * 7)])
+def test_resampled_aucs_of_users_equal_sklearn_on_each_draw(rows: int, cells: int) -> None:
+    """With `users`, a draw picks users with all their rows (`rng.integers(0, k, k)` over the k users, numbered in
+    sorted order): each AUC equals scikit-learn's on that draw's rows, ties included, in blocks of 7 draws."""
+    rng = np.random.default_rng(rows)
+    users = rng.choice(np.arange(100, 100 + rows // 10) * 7, rows)  # uneven users, ids not 0..k-1
+    labels = rng.integers(0, 2, rows).astype(bool)
+    scores = np.round(rng.random(rows) + 0.3 * labels, 1)
+    got = _resampled_aucs(labels, [scores], 40, seed=4, users=users, cells=cells)
+    ids = np.unique(users)
+    draws = np.random.default_rng(4)
+    for r in range(40):
+        i = np.concatenate([np.flatnonzero(users == ids[u]) for u in draws.integers(0, len(ids), len(ids))])
+        assert got[r, 0] == pytest.approx(roc_auc_score(labels[i], scores[i]), abs=1e-12), r
+
+
+def test_user_intervals_are_wider_when_a_users_rows_share_a_tendency() -> None:
+    """Each user's rows share an offset that the scorer picks up as signal: resampling rows treats them as
+    independent and gives too narrow an interval; resampling users does not. Without such sharing the two agree."""
+    rng = np.random.default_rng(3)
+    users = np.repeat(np.arange(60), 50)
+    tendency = rng.normal(0, 1, 60)[users]
+    labels = rng.random(3000) < 1 / (1 + np.exp(-tendency))
+    scores = tendency + rng.normal(0, 1, 3000)
+    lo, hi = auc_interval(labels, scores)
+    u_lo, u_hi = auc_interval(labels, scores, users)
+    assert u_lo < auc(labels, scores) < u_hi and u_hi - u_lo > 1.8 * (hi - lo)
+    plain = rng.normal(0, 1, 3000) + labels
+    (lo, hi), (u_lo, u_hi) = auc_interval(labels, plain), auc_interval(labels, plain, users)
+    assert abs((u_hi - u_lo) / (hi - lo) - 1) < 0.25
+
+
 def test_auc_interval_brackets_the_auc_and_narrows_with_rows() -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 4000)
@@ -125,8 +157,10 @@ def test_auc_interval_brackets_the_auc_and_narrows_with_rows() -> None:
     assert lo < auc(labels, scores) < hi and small_lo < auc(labels[:200], scores[:200]) < small_hi
     assert 0 < hi - lo < (small_hi - small_lo) / 2  # width ~ 1 / sqrt(rows): 20x the rows, ~1/4.5 the width
     assert auc_interval(labels, scores) == (lo, hi)  # seeded
-    assert auc_interval([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]) == (1.0, 1.0)
+    assert auc_interval([0, 1] * 5, [0.1, 0.9] * 5) == (1.0, 1.0)
     assert all(math.isnan(x) for x in auc_interval([1, 1, 1], [0.1, 0.2, 0.3]))
+    # 4 rows: one draw in 8 holds one class only, too many for a fair interval of the rest
+    assert all(math.isnan(x) for x in auc_interval([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]))
 
 
 def test_paired_difference_is_narrower_than_two_intervals_and_finds_a_small_gain() -> None:
@@ -151,12 +185,15 @@ def test_intervals_join_the_report_and_its_table() -> None:
     scores = labels * (warm == 1) + rng.random(300)  # signal on warm rows only
     metrics = report(rng.integers(1, 20, 300), labels, scores, warm)
     assert "AUC 95% CI" not in format_report(metrics)
-    add_intervals(metrics, labels, scores, warm)
+    users = np.arange(300) // 3
+    add_intervals(metrics, users, labels, scores, warm)
+    assert metrics["warm"]["auc_ci"] == list(auc_interval(labels[:150], scores[:150], users[:150]))
+    assert {metrics[g]["auc_ci_resamples"] for g in metrics} == {"users"}
     assert metrics["warm"]["auc_ci"][0] > 0.5 and metrics["cold"]["auc_ci"][0] < 0.5 < metrics["cold"]["auc_ci"][1]
     text = format_report(metrics)
     assert "AUC 95% CI" in text and f"{metrics['warm']['auc_ci'][0]:.3f} - {metrics['warm']['auc_ci'][1]:.3f}" in text
     one_class = report([1, 2], [1, 1], [0.2, 0.3], [1, 0])
-    add_intervals(one_class, [1, 1], [0.2, 0.3], [1, 0])
+    add_intervals(one_class, [1, 2], [1, 1], [0.2, 0.3], [1, 0])
     assert one_class["overall"]["auc_ci"] is None and format_report(one_class).splitlines()[1].endswith("-")
 
 

@@ -50,7 +50,7 @@ def test_block_intervals_and_figure(tmp_path: Path) -> None:
     cells = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
     for name in ("strong", "chance"):
         scores = pd.read_parquet(tmp_path / "runs" / name / EVAL_SCORES.format(split="test"))
-        lo, hi = auc_interval(scores.label, scores.score)  # checked draw by draw against scikit-learn in test_metrics
+        lo, hi = auc_interval(scores.label, scores.score, scores.user_id)  # checked draw by draw in test_metrics
         assert cells[name][6] == f"{lo:.3f} - {hi:.3f}"
         value = roc_auc_score(scores.label, scores.score)
         assert cells[name][3].startswith(f"{value:.4f} / ") and lo < value < hi
@@ -64,12 +64,22 @@ def test_intervals_written_by_eval_are_used(tmp_path: Path) -> None:
     row = _row(tmp_path, "evaluated", 0.5)
     metrics_file = tmp_path / "runs" / "evaluated" / EVAL_METRICS
     metrics = json.loads(metrics_file.read_text())
-    for group in metrics["test"]:
-        metrics["test"][group]["auc_ci"] = [0.1, 0.2]  # what stage eval wrote, not recomputed
+    for group in metrics["test"]:  # what stage eval wrote, not recomputed; before 2026-12-07 it resampled rows
+        metrics["test"][group] |= {"auc_ci": [0.1, 0.2], "auc_ci_resamples": "users"}
     metrics_file.write_text(json.dumps(metrics))
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py"), str(row)], check=True, cwd=REPO,
-                         capture_output=True, text=True).stdout
-    assert "| 0.100 - 0.200 |" in out
+
+    def interval() -> str:
+        out = subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py"), str(row)], check=True,
+                             cwd=REPO, capture_output=True, text=True).stdout
+        return next(line for line in out.splitlines() if line.startswith("| evaluated |")).split(" | ")[6]
+
+    assert interval() == "0.100 - 0.200"
+    for group in metrics["test"]:
+        del metrics["test"][group]["auc_ci_resamples"]
+    metrics_file.write_text(json.dumps(metrics))
+    scores = pd.read_parquet(tmp_path / "runs" / "evaluated" / EVAL_SCORES.format(split="test"))
+    lo, hi = auc_interval(scores.label, scores.score, scores.user_id)
+    assert interval() == f"{lo:.3f} - {hi:.3f}"
 
 
 def test_paired_differences_against_a_base_row(tmp_path: Path) -> None:

@@ -81,9 +81,9 @@ class Scorer:
             self.rate, self.prior = rows.groupby("item_id").label.mean().to_dict(), float(rows.label.mean())
             self.source = str(data_dir / "tables" / "interactions")
             return
-        if self.model == "mf":
+        if self.model == "mf":  # in a SeLLa-Rec run, the aligned tables: the source names the alignment weight
             self.tables = TableFile(find(cfg, run_dir, COLLAB_FILE))
-            self.source = str(self.tables.path)
+            self.source = f"{self.tables.path} (align weight {self.tables.metadata.get('align_weight', '?')})"
             return
         sella = self.model == "sella"
         adapter = (lookup(cfg, run_dir, SELLA_ADAPTER) if sella else None) or adapter_dir(cfg, run_dir)
@@ -145,8 +145,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         for name, baseline in baselines.items():
             compared[name][split], _ = scored(samples, baseline(samples), dist_ctx.main)
         monitor.write(f"[{STAGE}] {eval_cfg.model}, {split}: {metrics['overall']['rows']} rows\n{format_report(metrics)}"
-                      + "".join(f"\n[{STAGE}] baseline {name} on the same rows\n{format_report(m[split])}"
-                                for name, m in compared.items()))
+                      + "".join(f"\n[{STAGE}] baseline {name} ({baselines[name].source}) on the same rows\n"
+                                f"{format_report(m[split])}" for name, m in compared.items()))
         monitor.step({})
         if dist_ctx.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -158,6 +158,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
                "score_seconds": seconds, **results}
     if compared:
         summary["baselines"] = compared
+        summary["baseline_sources"] = {name: b.source for name, b in baselines.items()}
     if dist_ctx.main:
         (run_dir / EVAL_METRICS).write_text(json.dumps(summary, indent=2))
         if eval_cfg.model == "sella" and (run_dir / SELLA_EXPORT).is_dir():  # this run's own export: its card's metrics
@@ -173,5 +174,5 @@ def scored(samples: list[Sample], scores: np.ndarray, main: bool) -> tuple[dict,
     if not main:
         return metrics, None
     table = pd.DataFrame(rows)
-    add_intervals(metrics, table.label, table.score, table.warm)
+    add_intervals(metrics, table.user_id, table.label, table.score, table.warm)
     return metrics, table
