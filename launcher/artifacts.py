@@ -124,8 +124,18 @@ def newer_input(cfg: Config, run_dir: Path, data_dir: Path, stage: str) -> Path 
     created = json.loads(manifest.read_text()).get("created") if manifest.is_file() else None
     if created is not None and datetime.fromisoformat(created).timestamp() > made:
         return manifest
-    earlier = [lookup(cfg, run_dir, DONE[s]) for s in list(DONE)[:list(DONE).index(stage)]]
+    earlier = [collab_input(cfg, run_dir) if s == "collab" else lookup(cfg, run_dir, DONE[s])
+               for s in list(DONE)[:list(DONE).index(stage)]]
     return next((p for p in earlier if p is not None and p.stat().st_mtime > made), None)
+
+
+def collab_input(cfg: Config, run_dir: Path) -> Path | None:
+    """The stage-2b tables stage 3 reads: `sella.collab_path` when set (the CoLLM-like row reads the MF row's),
+    else this run's or its upstream's finished stage 2b."""
+    if cfg.sella.collab_path:
+        path = Path(cfg.sella.collab_path)
+        return path if path.exists() else None
+    return lookup(cfg, run_dir, DONE["collab"])
 
 
 def recorded_summary(run_dir: Path, stage: str, outputs: tuple[str, ...], **fields: Any) -> dict[str, Any] | None:

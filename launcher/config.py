@@ -94,6 +94,9 @@ class SellaConfig(TrainConfig):
     min_lr_ratio: float = Field(1.0, ge=0, le=1, description="1.0: constant lr (authors); < 1: cosine decay to it")
     loss: LossKind = Field("sequence", description="cross-entropy on the whole sequence (authors) or the answer only")
     train_lora: bool = Field(False, description="also train the stage-1 LoRA (the authors' code freezes it)")
+    train_tables: bool = Field(True, description="train the collab (and semantic) tables with the projectors, as the "
+                               "authors' stage 3 does; false keeps them as stage 2b left them, as CoLLM keeps its MF "
+                               "(freeze_rec)")
     projector_init: Literal["stage2", "random"] = Field(
         "stage2", description="projector A starts from stage 2b's Proj_C->L, or random (CoLLM-like)")
     warm_token: bool = Field(True, description="put <Warm_ID> (projector B of the semantic vector) in the prompt")

@@ -55,6 +55,15 @@ class SellaLM(nn.Module):
         self.inject_norm = inject_norm
         self.token_rms = token_rms(llm, special_token_ids(tokenizer, True))
         self.injected_norms: dict[str, float] = {}
+        self.llm_frozen = not any(p.requires_grad for p in llm.parameters())
+
+    def train(self, mode: bool = True) -> SellaLM:
+        """Train mode for the projectors only while the LLM is frozen (the authors' stage 3): a frozen stage-1
+        LoRA's dropout would draw masks from each rank's seeded generator, so 1 and n ranks would train apart."""
+        super().train(mode)
+        if self.llm_frozen:
+            self.llm.eval()
+        return self
 
     @classmethod
     def from_export(cls, llm: nn.Module, tokenizer, projector_file: Path) -> SellaLM:

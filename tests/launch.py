@@ -60,7 +60,8 @@ def rank_pid(cfg: Path, rank: int) -> int | None:
 
 
 def tiny_adapter(run: Path, llm: dict[str, Any]) -> None:
-    """A stage-1 adapter at <run>/lora/adapter for the tiny model, with seeded random (non-zero) LoRA weights."""
+    """A stage-1 adapter at <run>/lora/adapter for the tiny model, with seeded random (non-zero) LoRA weights and
+    stage 1's default dropout (a frozen adapter must not draw dropout masks in stage 3: ranks would differ)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -69,7 +70,8 @@ def tiny_adapter(run: Path, llm: dict[str, Any]) -> None:
 
     model, _ = load_base(LLMConfig(**llm))
     torch.manual_seed(0)
-    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.05,
+                                             init_lora_weights=False))
     peft.save_pretrained(str(run / "lora" / "adapter"))
 
 

@@ -9,6 +9,7 @@ from launcher.artifacts import (
     BEST_ADAPTER,
     BEST_TABLES,
     CHECKPOINT_LATEST,
+    COLLAB_FILE,
     DONE,
     SELLA_PROJECTOR,
     SELLA_TABLES,
@@ -87,6 +88,26 @@ def test_a_stage_older_than_an_earlier_stages_artifact_is_run_again(tmp_path: Pa
     manifest.write_text(json.dumps({"created": datetime.fromtimestamp(3_000_000, UTC).isoformat()}))
     assert not any(done(cfg, run, tmp_path / "prep", s) for s in DONE)
     assert {newer_input(cfg, run, tmp_path / "prep", s) for s in DONE} == {manifest}
+
+
+def test_stage_3_on_another_runs_tables_is_stale_when_those_are_made_again(tmp_path: Path) -> None:
+    """The CoLLM-like row reads the MF row's tables (`sella.collab_path`): their being made again after its stage 3
+    leaves stage 3 and eval stale; its upstream's aligned tables, which it never reads, do not."""
+    import os
+
+    upstream, run, mf = tmp_path / "upstream", tmp_path / "row", tmp_path / "mf" / COLLAB_FILE
+    cfg = config("collm-ml-1m", upstream=str(upstream), sella={"collab_path": str(mf)})
+    for when, path in enumerate([upstream / DONE["lora"], upstream / DONE["distill"], upstream / DONE["collab"], mf,
+                                 run / DONE["sella"], run / DONE["eval"]]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+        os.utime(path, (1_000_000 + when, 1_000_000 + when))
+    assert all(done(cfg, run, tmp_path / "prep", s) for s in DONE)
+    os.utime(upstream / DONE["collab"], (2_000_000, 2_000_000))  # the aligned tables again: not this row's input
+    assert all(done(cfg, run, tmp_path / "prep", s) for s in DONE)
+    os.utime(mf, (3_000_000, 3_000_000))
+    assert [s for s in DONE if not done(cfg, run, tmp_path / "prep", s)] == ["sella", "eval"]
+    assert newer_input(cfg, run, tmp_path / "prep", "sella") == mf
 
 
 def test_a_folder_replaced_is_whole_wherever_a_kill_falls(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from launcher.artifacts import EVAL_METRICS, summary_file
+from launcher.config import Config
+from pipeline.config import load_config
 from tests.conftest import REPO, SHARED_DATA
 
 KIT = SHARED_DATA.parent / "gpu-host"
@@ -74,12 +76,16 @@ def test_dry_run_runs_every_row_from_the_parts_then_the_benchmarks(payload: tupl
     with tarfile.open(results / "results.tar.gz") as tar:
         names = tar.getnames()
         lora = json.load(tar.extractfile(f"runs/gpu/collm-ml-1m/{summary_file('lora')}"))
+        collm = json.load(tar.extractfile(f"runs/gpu/collm-ml-1m-collm/{summary_file('sella')}"))
     assert f"runs/gpu/collm-ml-1m/{EVAL_METRICS}" in names and f"runs/gpu/collm-ml-1m/{summary_file('sella')}" in names
     assert any(n.startswith("runs/gpu/collm-ml-1m/tb/sella/events.") for n in names)
     assert not any(n.endswith((".safetensors", ".gguf")) or "/ckpt/" in n or "/export/" in n for n in names)
     assert "logs/sella-sella-eval.log" in names and "runs/gpu/collm-ml-1m/eval/scores-test.parquet" in names
     assert {"logs/bench-llm.log", "logs/bench-collab.log"} <= set(names)
     assert lora["valid"]["overall"]["rows"] == 12  # --set lora.eval_rows=12 over the dry run's 16
+    # CoLLM-like keeps the MF tables frozen, sharded as the GPU config shards them (tests/test_sella_stage.py checks
+    # the rows stay as they were)
+    assert collm["table_optimizer"].startswith("none: train_tables false") and collm["sharding"] == "row_wise"
     assert (tmp_path / "target" / ".unpacked").is_file()  # a second run.sh on the same host skips the unpack
 
     llm = json.loads((results / "llm_train.json").read_text())
@@ -156,6 +162,22 @@ def test_plan_caps_stage_3_by_the_time_left_and_runs_only_the_stages_rows_read(t
     launches, caps = plan("--rows", "popularity,mf")  # neither reads stage 1
     assert sorted(launches) == [("mf", "collab,eval"), ("popularity", "eval")] and caps == []
     assert len(list((tmp_path / "target" / "work").iterdir())) == 4
+
+    # a row's own cap counts: a repository copy whose SeLLa-Rec without <Warm_ID> row sets 1.5 minutes
+    copy = tmp_path / "repo"
+    for part in ("scripts", "configs", "pipeline", "launcher", "llm", "embeddings"):
+        shutil.copytree(REPO / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    row = copy / "configs" / "gpu" / "comparison" / "sella-no-warm.yaml"
+    row.write_text(row.read_text() + "sella: {max_minutes: 1.5}\n")
+    proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--plan", "--rows", "mf,collm-like,sella,sella-no-warm",
+                           "--target", str(tmp_path / "target"), "--results", str(tmp_path / "results-copy")],
+                          cwd=copy, capture_output=True, text=True, check=False, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    caps = {line.split(": --stage")[0].rsplit(" ", 1)[1]: line.rsplit("sella.max_minutes=", 1)[1]
+            for line in (tmp_path / "results-copy" / "plan.log").read_text().splitlines()
+            if "--stage sella,eval --set sella.max_minutes=" in line}
+    base = load_config(REPO / "configs/gpu/collm-ml-1m.yaml", schema=Config).sella.max_minutes
+    assert caps == {"sella": f"{base:.2f}", "collm-like": f"{base:.2f}", "sella-no-warm": "1.50"}, caps
 
 
 def test_step_probe_times_engine_and_plain_loop(ml100k_out: Path, tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """Stage `sella` through the real `deepspeed --hostfile` launcher: a DeepSpeed engine and TorchRec tables in one
 process group (gloo, CPU ranks), the tiny model with a stage-1 adapter and stage-2b tables for ML-100K.
 
-Two table set-ups: the authors' recipe (default: replicated dense-kernel tables in the projectors' AdamW,
-whole-sequence loss, ZeRO `auto` = 0 on one CPU host) on 1 and 2 ranks, and a CoLLM-like run with fused
-row-wise Adagrad on row_wise-sharded tables under ZeRO-3."""
+Three table set-ups: the authors' recipe (default: replicated dense-kernel tables in the projectors' AdamW,
+whole-sequence loss, ZeRO `auto` = 0 on one CPU host) on 1 and 2 ranks, a run on plain MF tables (random projector,
+no <Warm_ID>) whose tables train with fused row-wise Adagrad, row_wise-sharded, under ZeRO-3, and frozen tables
+(`train_tables: false`, the CoLLM-like row)."""
 from __future__ import annotations
 
 import json
@@ -65,7 +66,7 @@ def logged(run: Path, tag: str) -> list[float]:
 @pytest.fixture(scope="module")
 def runs(ml100k_out: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The same global micro-batch of 4 on 1 rank (4 each) and on 2 ranks (2 each) with the default recipe, plus
-    a CoLLM-like run (plain MF tables, random projector, no <Warm_ID>) with fused tables on 2 ranks, ZeRO-3.
+    a run on plain MF tables (random projector, no <Warm_ID>) with fused tables training on 2 ranks, ZeRO-3.
     The lrs are set so that valid AUC moves: "one" and "two" keep their last state (step 4), "collm" an earlier
     one (step 2 of 4), saved under ZeRO-3 after a training step and copied back for the export."""
     base = tmp_path_factory.mktemp("sella")
@@ -493,3 +494,22 @@ def test_fused_tables_get_no_step_from_a_non_finite_micro_batch() -> None:
         broken = grad.clone()
         broken[1, 2] = bad
         assert torch.equal(fused_rows_grad(broken, 2), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("table_optimizer", ["adamw"])  # rowwise_adagrad: the GPU dry run's CoLLM-like row
+def test_frozen_tables_stay_as_stage_2b_left_them(ml100k_out: Path, tmp_path: Path, table_optimizer: str) -> None:
+    """`sella.train_tables: false` (the CoLLM-like row: CoLLM keeps its MF frozen): two steps on 2 ranks train the
+    projector and leave every table row as stage 2b wrote it."""
+    cfg = prepare(tmp_path / "run", ml100k_out, tmp_path / "run.yaml", semantic=False, micro_batch=2, max_steps=2,
+                  eval_every=0, eval_rows=8, warm_token=False, projector_init="random", loss="answer",
+                  train_tables=False, table_optimizer=table_optimizer)
+    finish(launch(cfg, "sella", 2))
+    run = tmp_path / "run"
+    summary = json.loads((run / summary_file("sella")).read_text())
+    assert summary["steps"] == 2 and summary["table_optimizer"].startswith("none: train_tables false")
+    before = load_file(run / COLLAB_FILE)
+    saved = table_weights(read_tables_checkpoint(run / "sella" / "ckpt" / "step00000002"))
+    for name in ("user", "item"):
+        assert torch.equal(saved[name], before[name]), name
+    assert min(logged(run, "train/grad_norm")) > 0  # the projector did learn
+    assert "train/table_grad_norm" not in EventAccumulator(str(run / "tb" / "sella")).Reload().Tags()["scalars"]

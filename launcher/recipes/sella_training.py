@@ -10,8 +10,10 @@ The authors' recipe is the default (docs/method.md): one AdamW, one lr, over pro
 CPU kernels have no fused Adam, so with `table_optimizer: adamw` the tables are TorchRec `data_parallel`
 tables (the dense kernel, replicated on every rank) stepped by a torch AdamW with the engine's lr, betas,
 weight decay and schedule, after the same grad_accum micro-batches; the other table optimizers are fused
-into the backward of tables sharded by `collab.sharding` and step every micro-batch. The loss covers the
-whole sequence (authors) or the answer only (`sella.loss`).
+into the backward of tables sharded by `collab.sharding` and step every micro-batch. `train_tables: false`
+looks the rows up without gradients and keeps the tables as stage 2b left them (the CoLLM-like row: CoLLM
+freezes its MF). The loss covers the whole sequence (authors) or the answer only (`sella.loss`). A frozen LLM
+(the stage-1 LoRA included) stays in eval mode, without dropout.
 
 Equal results on any number of ranks: the data is a seeded order of global micro-batches (micro_batch x
 ranks samples, each rank its slice); DeepSpeed averages dense gradients over ranks while the lookup's
@@ -123,6 +125,7 @@ TABLE_OPTIMIZER = {
           "betas, weight decay and schedule (FBGEMM's CPU kernels have no fused Adam)",
     False: "{}: FBGEMM fused in-backward optimizer on sharded tables",
 }
+FROZEN_TABLES = "none: train_tables false, the stage-2b tables looked up without gradients (CoLLM's frozen MF)"
 
 
 def step_tables(opt: torch.optim.Optimizer, params: list[torch.Tensor], lr: float, clip: float, applied: bool) -> float:
@@ -170,7 +173,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
                          f"{shapes[ITEM][0] - 1}, but {data_dir} has ids up to {max_user} and {max_item}: stage 2b ran "
                          "on another prep output; run --stage distill,collab on this one")
     zero3 = cfg.deepspeed.zero_stage == 3
-    adamw_tables = sella_cfg.table_optimizer == "adamw"
+    replicated = sella_cfg.table_optimizer == "adamw"
+    adamw_tables = replicated and sella_cfg.train_tables
 
     torch.manual_seed(sella_cfg.seed)
     config = ds_config(cfg.deepspeed, sella_cfg, dist_ctx, hidden_size(llm_cfg))
@@ -190,7 +194,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
 
     collab = Collab(shapes[USER][0] - 1, shapes[ITEM][0] - 1, shapes[USER][1],
                     shapes[SEMANTIC][1] if warm else None)
-    if adamw_tables:
+    if replicated:
         sharding = "data_parallel"
     else:
         sharding = resolve(collab_cfg.sharding, dist_ctx.device)
@@ -209,9 +213,11 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
                       with_answer, warm)
 
     def rows_of(users: list[int], items: list[int]) -> list[torch.Tensor]:
-        """The looked-up rows (user, item[, semantic]) of a micro-batch from the sharded tables."""
+        """The looked-up rows (user, item[, semantic]) of a micro-batch from the sharded tables (without gradients
+        when the tables are frozen)."""
         u, i = torch.tensor(users, device=dist_ctx.device), torch.tensor(items, device=dist_ctx.device)
-        rows = sharded_model(ids_kjt({USER: u, ITEM: i, SEMANTIC: i} if warm else {USER: u, ITEM: i}))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and sella_cfg.train_tables):
+            rows = sharded_model(ids_kjt({USER: u, ITEM: i, SEMANTIC: i} if warm else {USER: u, ITEM: i}))
         return [rows[n] for n in names]
 
     train = SampleIndex(data_dir, "train", llm_cfg.drop_no_history)
@@ -271,7 +277,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             batch = {k: v.to(dist_ctx.device) for k, v in collate([encode_one(s) for s in samples],
                                                             tokenizer.pad_token_id).items()}
             rows = rows_of([s["user_id"] for s in samples], [s["item_id"] for s in samples])
-            if not adamw_tables:  # replicated tables: TorchRec's DDP already averages, step_tables skips
+            if sella_cfg.train_tables and not adamw_tables:  # replicated: TorchRec's DDP averages, step_tables skips
                 for r in rows:
                     r.register_hook(lambda g: fused_rows_grad(g, dist_ctx.world))
             # the global micro-batch's token mean, whatever its split over ranks (DeepSpeed averages the ranks)
@@ -325,7 +331,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     summary = {"stage": STAGE, "steps": stop, "planned_steps": total, "resumed_from": start,
                "best_step": state.best_step,
                "world": dist_ctx.world, "zero_stage": cfg.deepspeed.zero_stage, "sharding": sharding,
-               "table_optimizer": TABLE_OPTIMIZER[adamw_tables].format(sella_cfg.table_optimizer), "loss": sella_cfg.loss,
+               "table_optimizer": TABLE_OPTIMIZER[replicated].format(sella_cfg.table_optimizer) if sella_cfg.train_tables
+               else FROZEN_TABLES, "loss": sella_cfg.loss,
                "lr": sella_cfg.lr, "inject_norm": sella_cfg.inject_norm, "token_embedding_rms": model.token_rms,
                "train_prompts": stop * per_step, "warm_token": warm, "train_lora": sella_cfg.train_lora,
                "projector_init": sella_cfg.projector_init,

@@ -91,12 +91,9 @@ DATA=$TARGET/data/$DATA_NAME
 [ $PLAN = 1 ] || [ -f "$DATA/manifest.json" ] || { echo "run.sh: no prep output $DATA in the payload" >&2; exit 2; }
 WORK=$TARGET/work/$START-$$  # this call's run directories (runs/gpu/...), not in the repository copy
 mkdir -p "$WORK"
-# stage 3's training cap: the configured sella.max_minutes (with --set), lowered per launch to the time left less
-# STAGE3_RESERVE seconds for its start-up, validations and test (GPU run 4: 90 s beside two other stage-3 lanes)
+# stage 3's training cap: the row's configured sella.max_minutes (with --set), lowered per launch to the time left
+# less STAGE3_RESERVE seconds for its start-up, validations and test (GPU run 4: 90 s beside two other stage-3 lanes)
 STAGE3_RESERVE=100
-STAGE3_MINUTES=$($PY -c 'import sys; from pipeline.config import load_config; from launcher.config import Config
-print(load_config(sys.argv[1], sys.argv[2:], schema=Config).sella.max_minutes or "")' \
-  configs/gpu/collm-ml-1m.yaml "${EXTRA[@]}")
 printf 'row\tstage\tseconds\tstatus\n' > "$TIMING"
 
 TABLES=1
@@ -120,7 +117,7 @@ launch() {  # ROW STAGES: one launcher/train.py job (STAGES: one stage or a comm
   fi
   local cap=()  # a stage-3 launch trains for the configured minutes or until STAGE3_RESERVE before the deadline
   if [[ ,$stage, == *,sella,* ]]; then
-    cap=(--set "sella.max_minutes=$(stage3_minutes "$left")")
+    cap=(--set "sella.max_minutes=$(stage3_minutes "$row" "$left")")
   fi
   say "$row: --stage $stage ${cap[*]}"
   if [ $PLAN = 1 ]; then printf '%s\t%s\t0\tplanned\n' "$row" "$stage" >> "$TIMING"; return 0; fi
@@ -134,8 +131,12 @@ launch() {  # ROW STAGES: one launcher/train.py job (STAGES: one stage or a comm
   [ "$status" = ok ] || { grep -v '^\s*$' "$log" | tail -n 25 | sed "s/^/[$row $stage] /"; return 1; }
 }
 
-stage3_minutes() {  # LEFT: the configured stage-3 minutes, or (LEFT - STAGE3_RESERVE) / 60 when that is less
-  awk -v conf="$STAGE3_MINUTES" -v left="$1" -v reserve=$STAGE3_RESERVE 'BEGIN {
+stage3_minutes() {  # ROW LEFT: the row's configured stage-3 minutes, or (LEFT - STAGE3_RESERVE) / 60 when less
+  local conf
+  conf=$($PY -c 'import sys; from pipeline.config import load_config; from launcher.config import Config
+print(load_config(sys.argv[1], sys.argv[2:], schema=Config).sella.max_minutes or "")' \
+    "configs/gpu/comparison/$1.yaml" "${EXTRA[@]}")
+  awk -v conf="$conf" -v left="$2" -v reserve=$STAGE3_RESERVE 'BEGIN {
     m = (left - reserve) / 60; if (m < 0.1) m = 0.1; if (conf != "" && conf + 0 < m) m = conf + 0; printf "%.2f", m }'
 }
 
