@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 TARGET ?= cpu
-export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYTHONPATH := $(CURDIR)
 # The collector: pipeline/spark.py (DRIVER_JAVA_OPTIONS) says why.

@@ -141,6 +141,14 @@ def write(cfg: Config, data_dir: Path, run_dir: Path, tokenizer: Tokenizer, adap
     return export
 
 
+def label_rule(cfg: Config) -> str:
+    """The data's label rule as the card states it: from the prep config, or CoLLM's own labels."""
+    if cfg.source.format == "collm":
+        return "labels as CoLLM's released splits give them (rating >= 4)"
+    op = {"ge": ">=", "eq": "==", "gt": ">"}[cfg.protocol.label.op]
+    return f"label = rating {op} {cfg.protocol.label.threshold:g}"
+
+
 def card(export: Path, cfg: Config, metrics: dict | None) -> None:
     """(Re)write the model card; stage eval calls it again with its metrics."""
     training = json.loads((export / "training.json").read_text())
@@ -169,9 +177,9 @@ def card(export: Path, cfg: Config, metrics: dict | None) -> None:
         ("- `config.yaml` and `training.json`: the resolved config, the training summary, the command, the code "
         "commit and the versions of the stack."), "",
         "## Data protocol", "",
-        (f"Data set `{cfg.name}`, prepared by the CoLLM/SeLLa-Rec protocol (label = rating >= 4 for MovieLens; a "
-        "time split into train / valid / test; each sample's history = the user's earlier positive items; ids "
-        "remapped to 1..N). Warm rows: user and item both seen in train; cold: the others."), "",
+        (f"Data set `{cfg.name}`, prepared by the CoLLM/SeLLa-Rec protocol ({label_rule(cfg)}; a time split into "
+        "train / valid / test; each sample's history = the user's earlier positive items; ids remapped to 1..N). "
+        "Warm rows: user and item both seen in train; cold: the others."), "",
         "## Training", "",
         (f"Stage 3: {s['steps']} optimizer steps, {s['train_prompts']:,} training prompts, {s['train_seconds']:,.0f} s; "
         f"loss over the {'whole sequence' if s['loss'] == 'sequence' else 'answer tokens'}, lr {s['lr']}, tables: "
@@ -192,7 +200,8 @@ def card(export: Path, cfg: Config, metrics: dict | None) -> None:
                 lines.append(f"| {split} | {m['overall']['rows']:,} | {fmt(m['overall']['auc'])}"
                              + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "") + f" | {fmt(m['overall']['uauc'])} | "
                              + " | ".join(fmt(m[g]["auc"]) for g in GROUPS[1:]) + " |")
-        lines.append(f"\nRows: a fixed subset chosen by row id (`eval.rows` = {cfg.eval.rows}), by stage eval.")
+        lines.append(f"\nRows: a fixed subset of {cfg.eval.rows:,} per split chosen by row id, by stage eval."
+                     if cfg.eval.rows else "\nRows: every row of each split with history, by stage eval.")
     lines += ["", "## Scoring with this folder alone (transformers + peft)", "", "```python",
               SCORING.replace("{LOAD}", base_load_args(export, cfg)), "```", ""]
     (export / CARD).write_text("\n".join(lines))

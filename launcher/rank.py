@@ -28,6 +28,7 @@ import torch
 
 from embeddings.collab import ITEM, SEMANTIC, USER
 from embeddings.tables import TableFile
+from launcher import provenance
 from launcher.artifacts import SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, adapter_dir, find, lookup
 from launcher.config import Config
 from launcher.data import read_items
@@ -53,7 +54,11 @@ def read_candidates(path: Path, items: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for line, rec in enumerate(table.to_dict("records"), start=2 if path.suffix != ".parquet" else 0):
         item = rec.get("item_id")
-        item = int(item) if item is not None and not pd.isna(item) else 0
+        try:
+            item = int(item) if item is not None and not pd.isna(item) else 0
+        except ValueError:
+            raise ValueError(f"{path}, line {line}: item_id {item!r} is not an integer (item ids are the prep output's "
+                             "remapped ids: tables/items maps raw_id to item_id)") from None
         title = rec.get("title")
         title = str(title) if title is not None and not pd.isna(title) and str(title).strip() else None
         known = item in titles
@@ -126,6 +131,13 @@ def rank(cfg: Config, data_dir: Path, run_dir: Path, user: int, candidates: pd.D
     return out.assign(rank=range(1, len(out) + 1))[["rank", "item_id", "title", "new_item", "score"]]
 
 
+def check_trained_settings(cfg: Config, run_dir: Path, allow_change: bool) -> None:
+    """Stop when the prompt or model settings differ from those stage 3 trained the run with (as stage eval does):
+    scores of other prompts would be reported as the model's."""
+    provenance.check_scored(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"model": "sella"})}), run_dir,
+                            allow_change)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="launcher/rank.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,14 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="prep output directory (default: data_dir of the config, else out/<name>)")
     p.add_argument("--run-dir", help="trained run (default: run_dir of the config, else runs/<name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="score even when the prompt or model settings differ from those stage 3 trained with")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set, schema=Config)
         data_dir = data_path(cfg, args.data)
         run_dir = run_path(cfg, args.run_dir)
+        check_trained_settings(cfg, run_dir, args.allow_config_change)
         candidates = read_candidates(args.candidates, read_items(data_dir))
         ranked = rank(cfg, data_dir, run_dir, args.user, candidates)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, provenance.ConfigChanged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)

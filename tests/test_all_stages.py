@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from launcher.artifacts import DONE, EVAL_METRICS
+from launcher.artifacts import COLLAB_FILE, DONE, EVAL_METRICS
 from tests.conftest import REPO
 from tests.launch import finish, free_port, launch, write_config
 
@@ -49,6 +49,9 @@ def test_all_runs_every_stage_and_prints_the_results(run: tuple[Path, Path, str]
         m = metrics["baselines"][baseline]["test"]["overall"]
         ci = m["auc_ci"]
         assert m["rows"] == 24 and f"| test | {baseline} | 24 | {m['auc']:.4f}" in out and f"{ci[0]:.3f} - {ci[1]:.3f}" in out
+    # in a SeLLa-Rec run the mf baseline is stage 2b's aligned tables, and says so
+    assert metrics["baseline_sources"]["mf"].endswith(f"{COLLAB_FILE} (align weight 1.0)")
+    assert f"baseline mf ({metrics['baseline_sources']['mf']}) on the same rows" in out
 
 
 def test_all_skips_finished_stages(run: tuple[Path, Path, str]) -> None:
@@ -105,10 +108,11 @@ def test_a_row_that_takes_upstream_stages_run_with_other_settings_stops(run: tup
     assert not (tmp_path / "row" / "sella").exists()
 
 
-def rank(cfg: Path, candidates: Path, out: Path) -> subprocess.CompletedProcess:
+def rank(cfg: Path, candidates: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
     """launcher/rank.py for user 7 of the run."""
     return subprocess.run([sys.executable, "launcher/rank.py", "--config", str(cfg), "--user", "7", "--candidates",
-                           str(candidates), "--out", str(out)], cwd=REPO, capture_output=True, text=True, check=False)
+                           str(candidates), "--out", str(out), *flags], cwd=REPO, capture_output=True, text=True,
+                          check=False)
 
 
 def test_rank_scores_a_never_seen_item_from_its_title(run: tuple[Path, Path, str], tmp_path: Path) -> None:
@@ -169,6 +173,19 @@ def test_rank_names_the_bad_candidate_line(run: tuple[Path, Path, str], tmp_path
     candidates.write_text("item_id,title\n50,\n999999,\n")
     proc = rank(cfg, candidates, tmp_path / "x.parquet")
     assert proc.returncode == 2 and f"{candidates}, line 3: item_id 999999 is not in the data" in proc.stderr
+    candidates.write_text("item_id,title\n50,\ntt0113277,\n")  # a raw id, not the prep output's remapped one
+    proc = rank(cfg, candidates, tmp_path / "x.parquet")
+    assert proc.returncode == 2 and f"{candidates}, line 3: item_id 'tt0113277' is not an integer" in proc.stderr
+
+
+def test_rank_refuses_prompts_other_than_the_trained_ones(run: tuple[Path, Path, str], tmp_path: Path) -> None:
+    """As stage eval does: scores of 5-title prompts from a model trained on 3 would be reported as its."""
+    cfg, _, _ = run
+    candidates = tmp_path / "candidates.csv"
+    candidates.write_text("item_id,title\n50,\n")
+    proc = rank(cfg, candidates, tmp_path / "x.parquet", "--set", "llm.history_titles=5")
+    assert proc.returncode == 2 and "llm.history_titles: 3 -> 5" in proc.stderr, proc.stderr[-2000:]
+    assert "--allow-config-change" in proc.stderr and not (tmp_path / "x.parquet").exists()
 
 
 def test_an_empty_candidates_file_is_named(tmp_path: Path) -> None:

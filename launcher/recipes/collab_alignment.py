@@ -222,11 +222,12 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             if dense_opt:
                 sum_dense_grads(dense)
                 dense_opt.step()
+            # each term and the loss backward ran on (bce + l2 + w * align), in one all-reduce; reading its result
+            # waits for the step's queued GPU work (backward, fused table updates, Adam), which the clock must count
+            logs = sums_over_ranks({"bce": bce, "l2": l2} | ({"align": align} if aligned else {}) | {"loss": loss})
             state.step, state.samples = state.step + 1, state.samples + len(glob)
             state.seconds += time.time() - t0
             step = state.step
-            # each term and the loss backward ran on (bce + l2 + w * align), in one all-reduce
-            logs = sums_over_ranks({"bce": bce, "l2": l2} | ({"align": align} if aligned else {}) | {"loss": loss})
             monitor.scalars(step, logs, "train/")
             monitor.step({k: f"{v:.4f}" for k, v in logs.items()} | {"epoch": str(epoch)})
             last = step >= total
