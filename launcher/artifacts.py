@@ -134,7 +134,8 @@ def collab_input(cfg: Config, run_dir: Path) -> Path | None:
     else this run's or its upstream's finished stage 2b."""
     if cfg.sella.collab_path:
         path = Path(cfg.sella.collab_path)
-        return path if path.exists() else None
+        index = Path(str(path) + INDEX_SUFFIX)  # a sharded export
+        return path if path.exists() else index if index.exists() else None
     return lookup(cfg, run_dir, DONE["collab"])
 
 

@@ -70,6 +70,9 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+ADDED = {"sella.train_tables": True}  # keys added since runs were recorded, and the value a record without one ran with
+
+
 def shaping(config: dict[str, Any], stage: str, world: int) -> dict[str, Any]:
     """The flattened keys of `config` that shape `stage`'s model. Stage 3's micro-batch counts as the global one
     (`sella.micro_batch x ranks`): 2 ranks x 2 see the data of 1 rank x 4
@@ -77,7 +80,7 @@ def shaping(config: dict[str, Any], stage: str, world: int) -> dict[str, Any]:
     (train_batches), so there the world size itself shapes the data a resumed run would skip: `world`; so it does
     for stage 3 under ZeRO 1-3, whose partitioned optimizer state DeepSpeed cannot load on another number of ranks.
     The ZeRO stage shapes what a checkpoint holds."""
-    flat = _flat(config)
+    flat = ADDED | _flat(config)  # a record made before a key existed ran with the value it implies
     keep = SHAPES[stage]
     out = {k: v for k, v in flat.items()
            if any(k == s or k.startswith(s + ".") for s in keep) and k.rsplit(".", 1)[-1] not in BUDGET

@@ -82,24 +82,32 @@ def yes_prob(model: torch.nn.Module, batch: dict[str, torch.Tensor], no_yes: tup
     The two logits are computed in fp32 from the LM head's input and weight rows, not read from its output: a bf16
     head rounds logits near 40 to steps of 0.25, which left GPU run 5's SeLLa-Rec scores with 27 distinct values
     over 7,269 rows (and ties that AUC counts half). A pre-hook on the head sees both; under ZeRO-3 the head's
-    weight is gathered by then (DeepSpeed's own pre-hook, registered first, gathers it).
+    weight is gathered by then (DeepSpeed's own pre-hook, registered first, gathers it). They are checked against
+    the model's own logits, which a head that is more than a Linear (softcapping, a logit scale, a LoRA on it)
+    would not match.
     """
     head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
+        raise ValueError(f"the scorer needs a plain Linear LM head; this model's is {type(head).__name__}")
     answer: list[torch.Tensor] = []
 
     def fp32_logits(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         rows = module.weight[list(no_yes)].float()
-        bias = module.bias[list(no_yes)].float() if getattr(module, "bias", None) is not None else 0.0
+        bias = module.bias[list(no_yes)].float() if module.bias is not None else 0.0
         answer.append(args[0][:, -1].float() @ rows.T + bias)
 
     hook = head.register_forward_pre_hook(fp32_logits)
     try:
         inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch["input_ids"]}
-        model(**inputs, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-              logits_to_keep=1, use_cache=False)
+        out = model(**inputs, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                    logits_to_keep=1, use_cache=False).logits[:, -1, list(no_yes)].float()
     finally:
         hook.remove()
-    return answer[0].softmax(-1)[:, 1]
+    logits = answer[0]
+    if not torch.allclose(logits, out, rtol=1e-2, atol=1e-2):  # bf16 rounds to 2^-8 of the value
+        raise ValueError("the model's No/Yes logits are not its LM head's input times its weight rows (softcapping, "
+                         "a logit scale after the head?): the fp32 scorer does not support this model")
+    return logits.softmax(-1)[:, 1]
 
 
 @torch.no_grad()

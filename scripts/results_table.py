@@ -75,24 +75,38 @@ def record(config: Path) -> dict | None:
     trained = training(config)
     label = ROWS.get(config.stem, (config.stem,))[0].replace("`", "")
     return {"name": label, "config": str(config), "test_rows": test["overall"]["rows"], "auc": test["overall"]["auc"],
-            "auc_ci": test["overall"]["auc_ci"], "uauc": test["overall"]["uauc"], "warm_auc": test["warm"]["auc"],
+            "auc_ci": test["overall"].get("auc_ci"), "auc_ci_resamples": test["overall"]["auc_ci_resamples"],
+            "uauc": test["overall"]["uauc"], "warm_auc": test["warm"]["auc"],
             "cold_auc": test["cold"]["auc"], "trained_by": trained["stage"] if trained else None,
             "train_prompts": prompts(trained) if trained else 0,
             "train_seconds": trained["train_seconds"] if trained else 0.0}
 
 
 def test_metrics(config: Path) -> dict | None:
-    """The row's test report with 95% AUC intervals (users resampled: from metrics.json, or added from the per-row
-    scores for runs evaluated before eval wrote them); None when its eval has not run on test."""
+    """The row's test report with 95% AUC intervals: users resampled (from metrics.json, or added from the per-row
+    scores for runs evaluated before eval resampled users), else the rows-resampled ones such a run recorded when its
+    scores were not kept (`auc_ci_resamples` says which); None when its eval has not run on test."""
     metrics_file = run_dir(config) / EVAL_METRICS
     if not metrics_file.is_file():
         return None
     test = json.loads(metrics_file.read_text()).get("test")
+    scores_file = run_dir(config) / EVAL_SCORES.format(split="test")
     if test is not None and not all(test[g].get("auc_ci_resamples") == CI_RESAMPLES for g in GROUPS):
-        scores = pd.read_parquet(run_dir(config) / EVAL_SCORES.format(split="test"),
-                                 columns=["user_id", "label", "warm", "score"])
-        add_intervals(test, scores.user_id, scores.label, scores.score, scores.warm)
+        if scores_file.is_file():
+            scores = pd.read_parquet(scores_file, columns=["user_id", "label", "warm", "score"])
+            add_intervals(test, scores.user_id, scores.label, scores.score, scores.warm)
+        else:
+            for g in GROUPS:
+                test[g].setdefault("auc_ci_resamples", "rows")
     return test
+
+
+def interval(m: dict) -> str:
+    """A group's AUC interval as a table cell, marked when it resampled rows (too narrow: README, intervals)."""
+    ci = m.get("auc_ci")
+    if not ci:
+        return "-"
+    return f"{ci[0]:.3f} - {ci[1]:.3f}" + (" (rows)" if m.get("auc_ci_resamples") != CI_RESAMPLES else "")
 
 
 def table(configs: list[Path]) -> str:
@@ -104,10 +118,9 @@ def table(configs: list[Path]) -> str:
         if test is None:
             lines.append(f"| {label} | `{path}` | not run | | | | | {published} |")
             continue
-        ci = test["overall"]["auc_ci"]
         lines.append(f"| {label} | `{path}` | {test['overall']['rows']:,} | "
                      + " | ".join(pair(test[g]) for g in GROUPS)
-                     + f" | {f'{ci[0]:.3f} - {ci[1]:.3f}' if ci else '-'} | {published} |")
+                     + f" | {interval(test['overall'])} | {published} |")
     return "\n".join(lines)
 
 
@@ -151,7 +164,7 @@ def figure(configs: list[Path], path: Path) -> None:
         test = test_metrics(config)
         for group in GROUPS if test else ():
             m = test[group]
-            if m["auc"] is None or m["auc_ci"] is None:
+            if m["auc"] is None or m.get("auc_ci") is None:
                 continue
             ax.errorbar(m["auc"], y + offsets[group], xerr=[[m["auc"] - m["auc_ci"][0]], [m["auc_ci"][1] - m["auc"]]],
                         fmt="o", color=f"C{GROUPS.index(group)}", capsize=3, label=group if y == 0 else None)

@@ -108,6 +108,9 @@ def test_stage_3_on_another_runs_tables_is_stale_when_those_are_made_again(tmp_p
     os.utime(mf, (3_000_000, 3_000_000))
     assert [s for s in DONE if not done(cfg, run, tmp_path / "prep", s)] == ["sella", "eval"]
     assert newer_input(cfg, run, tmp_path / "prep", "sella") == mf
+    index = mf.with_name(mf.name + ".index.json")  # the MF row exported sharded: its index is the input
+    mf.rename(index)
+    assert newer_input(cfg, run, tmp_path / "prep", "sella") == index
 
 
 def test_a_folder_replaced_is_whole_wherever_a_kill_falls(tmp_path: Path) -> None:

@@ -158,6 +158,24 @@ def test_bf16_scores_take_fp32_answer_logits() -> None:
     assert (bf16 - fp32).abs().max() > 0.01  # what reading the bf16 head's output would have given
 
 
+def test_a_head_that_is_more_than_a_linear_is_refused_by_the_scorer() -> None:
+    """The fp32 logits are the head's input times its rows: a logit scale after the head, or a LoRA on it, would
+    make them wrong, so the scorer says so instead of scoring."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_base(LLMConfig(model="tiny"))
+    batch = collate([encode(tokenizer, SAMPLES[0], "lora", "movie", 512, with_answer=False)], tokenizer.pad_token_id)
+    no_yes = yes_no_ids(tokenizer)
+    scaled = model.lm_head.register_forward_hook(lambda _m, _a, out: out * 3)  # logits 3x the head's
+    with pytest.raises(ValueError, match="not its LM head's input times its weight rows"):
+        yes_prob(model, batch, no_yes)
+    scaled.remove()
+    yes_prob(model, batch, no_yes)
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False))
+    with pytest.raises(ValueError, match="needs a plain Linear LM head"):
+        yes_prob(peft, batch, no_yes)
+
+
 def test_unknown_model_source_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(ModelSourceError, match="not found"):
         model_dir(str(tmp_path / "missing.gguf"))

@@ -80,6 +80,8 @@ def test_intervals_written_by_eval_are_used(tmp_path: Path) -> None:
     scores = pd.read_parquet(tmp_path / "runs" / "evaluated" / EVAL_SCORES.format(split="test"))
     lo, hi = auc_interval(scores.label, scores.score, scores.user_id)
     assert interval() == f"{lo:.3f} - {hi:.3f}"
+    (tmp_path / "runs" / "evaluated" / EVAL_SCORES.format(split="test")).unlink()  # an old run that kept no scores
+    assert interval() == "0.100 - 0.200 (rows)"
 
 
 def test_paired_differences_against_a_base_row(tmp_path: Path) -> None:

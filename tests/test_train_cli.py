@@ -41,6 +41,21 @@ def test_a_resume_on_another_world_size_is_a_change_for_stage_1_but_not_stage_3(
     assert changed_keys(two_by_2, two_by_2, "lora", 2, 1) == ["world"]
 
 
+def test_a_record_made_before_a_key_existed_ran_with_its_implied_value() -> None:
+    """A stage-3 record without `sella.train_tables` (made before the key) trained its tables: the default compares
+    equal, and freezing them is a change named from what the old run did."""
+    from launcher.provenance import _detail, changed_keys, shaping
+    from tests.conftest import config
+
+    old = config("collm-ml-1m").model_dump(mode="json")
+    del old["sella"]["train_tables"]
+    assert changed_keys(old, config("collm-ml-1m").model_dump(mode="json"), "sella") == []
+    frozen = config("collm-ml-1m", sella={"train_tables": False}).model_dump(mode="json")
+    assert changed_keys(old, frozen, "sella") == ["sella.train_tables"]
+    detail = _detail(shaping(old, "sella", 1), shaping(frozen, "sella", 1), ["sella.train_tables"])
+    assert detail == "sella.train_tables: True -> False"
+
+
 def test_under_zero_1_to_3_stage_3_resumes_only_on_its_world_size(tmp_path) -> None:
     """DeepSpeed partitions ZeRO 1-3 optimizer state by rank and refuses to load it on another number of ranks, so
     there the world size is a key of stage 3 too; the ZeRO stage is a key of stages 1 and 3. A finished stage that
