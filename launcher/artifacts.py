@@ -66,10 +66,16 @@ def _run_own(rel: str) -> bool:
     return rel.split("/", 1)[0] in RUN_OWN
 
 
+def stored(path: Path) -> Path | None:
+    """The file that holds an artifact: `path`, or for a table file exported sharded its index `<path>.index.json`
+    (embeddings.tables.TableFile reads both); None when neither is there."""
+    index = Path(str(path) + INDEX_SUFFIX)
+    return path if path.exists() else index if index.exists() else None
+
+
 def present(path: Path) -> bool:
-    """Whether an artifact is there; a table file also counts when it was exported sharded (its index
-    `<path>.index.json` is there: embeddings.tables.TableFile reads both)."""
-    return path.exists() or Path(str(path) + INDEX_SUFFIX).exists()
+    """Whether an artifact is there (`stored`)."""
+    return stored(path) is not None
 
 
 def lookup(cfg: Config, run_dir: Path, rel: str) -> Path | None:
@@ -133,9 +139,7 @@ def collab_input(cfg: Config, run_dir: Path) -> Path | None:
     """The stage-2b tables stage 3 reads: `sella.collab_path` when set (the CoLLM-like row reads the MF row's),
     else this run's or its upstream's finished stage 2b."""
     if cfg.sella.collab_path:
-        path = Path(cfg.sella.collab_path)
-        index = Path(str(path) + INDEX_SUFFIX)  # a sharded export
-        return path if path.exists() else index if index.exists() else None
+        return stored(Path(cfg.sella.collab_path))
     return lookup(cfg, run_dir, DONE["collab"])
 
 

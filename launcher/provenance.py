@@ -128,13 +128,14 @@ def versions() -> dict[str, str]:
     return out
 
 
-def check_scored(cfg: Config, run_dir: Path, allow_change: bool) -> list[str]:
+def check_scored(cfg: Config, run_dir: Path, allow_change: bool, model: str | None = None) -> list[str]:
     """Stage eval's check: the prompt and model settings (`llm`, `domain`) it scores with against those the stage
     that trained the scored model (eval.model sella or lora) recorded; the changed keys (raises ConfigChanged on
     any, unless `allow_change`). Scores of 10-title prompts from a model trained on 3 would be reported as its."""
     from launcher.artifacts import lookup
 
-    trained = {"sella": "sella", "lora": "lora"}.get(cfg.eval.model)
+    model = model or cfg.eval.model  # launcher/rank.py scores the stage-3 model whatever eval.model says
+    trained = {"sella": "sella", "lora": "lora"}.get(model)
     recorded = lookup(cfg, run_dir, f"{trained}/{RUN_CONFIG}") if trained else None
     if recorded is None:
         return []
@@ -142,7 +143,7 @@ def check_scored(cfg: Config, run_dir: Path, allow_change: bool) -> list[str]:
     changed = changed_keys(old, new, "scored")
     if changed and not allow_change:
         detail = _detail(shaping(old, "scored", 1), shaping(new, "scored", 1), changed)
-        raise ConfigChanged(f"{recorded}: eval.model {cfg.eval.model} scores a model stage {trained} trained with other "
+        raise ConfigChanged(f"{recorded}: eval.model {model} scores a model stage {trained} trained with other "
                             f"prompt or model settings ({detail}). Score with the settings it trained with, or "
                             "continue anyway with --allow-config-change")
     return changed

@@ -131,13 +131,6 @@ def rank(cfg: Config, data_dir: Path, run_dir: Path, user: int, candidates: pd.D
     return out.assign(rank=range(1, len(out) + 1))[["rank", "item_id", "title", "new_item", "score"]]
 
 
-def check_trained_settings(cfg: Config, run_dir: Path, allow_change: bool) -> None:
-    """Stop when the prompt or model settings differ from those stage 3 trained the run with (as stage eval does):
-    scores of other prompts would be reported as the model's."""
-    provenance.check_scored(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"model": "sella"})}), run_dir,
-                            allow_change)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="launcher/rank.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.set, schema=Config)
         data_dir = data_path(cfg, args.data)
         run_dir = run_path(cfg, args.run_dir)
-        check_trained_settings(cfg, run_dir, args.allow_config_change)
+        provenance.check_scored(cfg, run_dir, args.allow_config_change, model="sella")  # prompts as stage 3's
         candidates = read_candidates(args.candidates, read_items(data_dir))
         ranked = rank(cfg, data_dir, run_dir, args.user, candidates)
     except (ConfigError, FileNotFoundError, ValueError, provenance.ConfigChanged) as err:
