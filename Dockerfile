@@ -10,7 +10,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends openjdk-17-jre-
 WORKDIR /opt/sellarec
 COPY requirements/ requirements/
 COPY scripts/ scripts/
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY pipeline/ pipeline/
 COPY embeddings/ embeddings/
 COPY llm/ llm/
