@@ -196,6 +196,12 @@ def read_items(data_dir: Path) -> pd.DataFrame:
     return items.astype({"item_id": "int64"}).sort_values("item_id").reset_index(drop=True)
 
 
+def item_titles(data_dir: Path) -> dict[int, str]:
+    """Title by item id, of the items `read_items` keeps."""
+    items = read_items(data_dir)
+    return dict(zip(items.item_id.tolist(), items.title.tolist(), strict=True))
+
+
 def largest_ids(data_dir: Path) -> tuple[int, int]:
     """The largest user id and item id of a prep output (stage 2b's tables have one row more: ids start at 1)."""
     users = pd.read_parquet(data_dir / "tables" / "users", columns=["user_id"])

@@ -9,6 +9,7 @@ adds by default (Llama, Vicuna), as in pretraining.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -116,16 +117,41 @@ def answer_room(tokenizer: Tokenizer) -> int:
     return max(len(answer_ids(tokenizer, label)) for label in ANSWERS)
 
 
+def prompt_ids(tokenizer: Tokenizer, kind: Kind, domain: Domain, titles: list[str], title: str,
+               warm: bool = True) -> list[int]:
+    """Token ids of one prompt up to its answer: history `titles`, target `title`."""
+    text = render(tokenizer, system_text(kind, domain), user_text(kind, domain, titles, title, warm))
+    return leading_ids(tokenizer, bool(tokenizer.chat_template)) + tokenizer(text, add_special_tokens=False).input_ids
+
+
+def check_titles_fit(tokenizer: Tokenizer, kind: Kind, domain: Domain, max_length: int, titles: Mapping[int, str],
+                     warm: bool = True, longest: int = 8) -> None:
+    """Refuse, naming the item, a target title whose prompt cannot fit `max_length` with its answer even without
+    history (`encode` drops history titles down to none and then raises).
+
+    Every rank runs it on the same items before training or scoring: `encode` meets a row on one rank only, mid-run,
+    and would stop that rank while the others wait in a collective. Checks the prompts of the `longest` titles by
+    their own token count (inside a prompt a title may tokenize a token longer or shorter)."""
+    ids = list(titles)
+    counts = [len(t) for t in tokenizer([titles[i] for i in ids], add_special_tokens=False).input_ids]
+    room = answer_room(tokenizer)
+    for k in sorted(range(len(ids)), key=counts.__getitem__, reverse=True)[:longest]:
+        need = len(prompt_ids(tokenizer, kind, domain, [], titles[ids[k]], warm)) + room
+        if need > max_length:
+            raise ValueError(f"item {ids[k]} ({titles[ids[k]][:80]!r}): its {kind} prompt without history needs "
+                             f"{need} tokens with the answer, more than llm.max_length={max_length}; raise "
+                             "llm.max_length or shorten the title in the prep input")
+
+
 def encode(tokenizer: Tokenizer, sample: Sample, kind: Kind, domain: Domain, max_length: int,
            history_titles: int = 10, with_answer: bool = True, warm: bool = True) -> Encoded:
     """Tokenize one sample; drops the oldest history titles until the prompt and `answer_room` fit in `max_length`,
     the same when scoring (`with_answer` False). `warm` keeps <Warm_ID> in the stage-3 prompt.
     """
     titles = list(sample["history_titles"])[-history_titles:] if history_titles else []
-    room, lead = answer_room(tokenizer), leading_ids(tokenizer, bool(tokenizer.chat_template))
+    room = answer_room(tokenizer)
     while True:
-        text = render(tokenizer, system_text(kind, domain), user_text(kind, domain, titles, sample["title"], warm))
-        prompt = lead + tokenizer(text, add_special_tokens=False).input_ids
+        prompt = prompt_ids(tokenizer, kind, domain, titles, sample["title"], warm)
         if len(prompt) + room <= max_length or not titles:
             break
         titles = titles[1:]

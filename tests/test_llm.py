@@ -7,7 +7,17 @@ import torch.nn.functional as F
 
 from llm.config import LLMConfig
 from llm.model import SPECIAL_TOKENS, ModelSourceError, load_base, model_dir
-from llm.prompts import CUE, encode, encode_distill, render, system_text, user_text
+from llm.prompts import (
+    CUE,
+    answer_room,
+    check_titles_fit,
+    encode,
+    encode_distill,
+    prompt_ids,
+    render,
+    system_text,
+    user_text,
+)
 from llm.scorer import IGNORE, collate, lm_loss, loss_tokens, yes_no_ids, yes_prob
 
 SAMPLES = [
@@ -93,6 +103,20 @@ def test_encode_drops_oldest_titles_to_fit(tiny) -> None:
         assert (scored.prompt, scored.answer, scored.titles_used) == (short.prompt, [], 1)
     with pytest.raises(ValueError, match="llm.max_length"):
         encode(tokenizer, SAMPLES[0], "lora", "movie", 20)
+
+
+def test_titles_that_cannot_fit_max_length_are_refused_by_item(tiny) -> None:
+    _, tokenizer = tiny
+    titles = {3: "Heat", 7: "The Adventures of Priscilla, Queen of the Desert and Her Many Friends", 9: "Fargo"}
+    for kind, warm in (("lora", True), ("sella", True), ("sella", False)):
+        need = len(prompt_ids(tokenizer, kind, "movie", [], titles[7], warm)) + answer_room(tokenizer)
+        check_titles_fit(tokenizer, kind, "movie", need, titles, warm)  # fits exactly: no error
+        with pytest.raises(ValueError, match=rf"item 7 \('The Adventures.*{kind} prompt.*llm.max_length={need - 1}"):
+            check_titles_fit(tokenizer, kind, "movie", need - 1, titles, warm)
+        sample = SAMPLES[0] | {"title": titles[7]}  # encode agrees on the bound
+        encode(tokenizer, sample, kind, "movie", need, warm=warm)
+        with pytest.raises(ValueError, match="without history"):
+            encode(tokenizer, sample, kind, "movie", need - 1, warm=warm)
 
 
 def test_answer_only_loss_equals_full_logits_loss(tiny) -> None:

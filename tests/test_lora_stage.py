@@ -236,3 +236,27 @@ def test_a_finished_stage_names_another_prep_output_and_takes_a_copy(runs: dict[
         "output): {'path'" in out, out[-3000:]
     out = finish(launch(cfg, "lora", 2, "--data", str(prep_copy("copy", manifest["created"]))))
     assert "this run already finished with these settings; nothing is trained or rewritten" in out
+
+
+def test_a_title_too_long_for_max_length_stops_every_rank_before_training(ml100k_out: Path, tmp_path: Path) -> None:
+    """Every rank refuses, naming the item, a target title whose prompt cannot fit llm.max_length even without history,
+    before training: met mid-run by the one rank whose share holds the row, it would stop that rank alone while the
+    others wait in a collective (on other hosts, until the process group times out)."""
+    from launcher.data import item_titles
+    from llm.config import LLMConfig
+    from llm.model import load_base
+    from llm.prompts import answer_room, prompt_ids
+
+    _, tokenizer = load_base(LLMConfig(model="tiny"))
+    titles = item_titles(ml100k_out)
+    need = {i: len(prompt_ids(tokenizer, "lora", "movie", [], t)) + answer_room(tokenizer) for i, t in titles.items()}
+    longest = max(need, key=need.get)
+    run = tmp_path / "too-long"
+    cfg = write_config(tmp_path / "too-long.yaml", data_dir=str(ml100k_out), run_dir=str(run),
+                       llm={"model": "tiny", "max_length": need[longest] - 1}, lora={"max_steps": 2, "eval_every": 0})
+    proc = launch(cfg, "lora")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"error: [lora, rank {rank}] item {longest} (" in out and f"llm.max_length={need[longest] - 1}" in out
+    assert not (run / "lora" / "ckpt").exists()

@@ -41,13 +41,13 @@ from launcher.artifacts import (
     tensorboard_dir,
 )
 from launcher.config import Config, EvalModel
-from launcher.data import eval_samples
+from launcher.data import eval_samples, item_titles
 from launcher.dist import Dist, max_over_ranks
 from launcher.metrics import add_intervals, format_report, roc_points, scalars
 from launcher.monitor import Monitor
 from launcher.validate import Forward, gather_report, score
 from llm.model import load_tuned
-from llm.prompts import Encoded, encode
+from llm.prompts import Encoded, check_titles_fit, encode
 from llm.scorer import yes_no_ids
 from llm.sella import SellaLM
 from pipeline.schema import Sample
@@ -96,6 +96,8 @@ class Scorer:
             self.source += f" + {find(cfg, run_dir, SELLA_PROJECTOR).parent}"
         else:
             self.lm = llm.to(dist_ctx.device)
+        check_titles_fit(self.tokenizer, "sella" if sella else "lora", cfg.domain, cfg.llm.max_length,
+                         item_titles(data_dir), sella and self.lm.warm)
 
     def __call__(self, samples: list[Sample]) -> np.ndarray:
         eval_cfg, llm_cfg = self.cfg.eval, self.cfg.llm

@@ -28,7 +28,7 @@ from launcher import checkpoint
 from launcher.artifacts import ADAPTER, BEST_ADAPTER, checkpoint_dir, summary_file, tensorboard_dir
 from launcher.checkpoint import LoopState
 from launcher.config import Config, LoraConfig
-from launcher.data import eval_samples, kept_count, train_batches, usable
+from launcher.data import eval_samples, item_titles, kept_count, train_batches, usable
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import (
     cosine_schedule,
@@ -45,7 +45,7 @@ from launcher.metrics import curve_point, format_report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
 from launcher.validate import gather_report, score
 from llm.model import hidden_size, load_base
-from llm.prompts import Encoded, encode
+from llm.prompts import Encoded, check_titles_fit, encode
 from llm.scorer import collate, lm_loss, yes_no_ids
 from pipeline.schema import Sample
 
@@ -80,6 +80,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     if dist_ctx.main:
         model.print_trainable_parameters()
     pad, no_yes = tokenizer.pad_token_id, yes_no_ids(tokenizer)
+    check_titles_fit(tokenizer, "lora", cfg.domain, llm_cfg.max_length, item_titles(data_dir))
 
     keep = usable(llm_cfg.drop_no_history)
 

@@ -68,7 +68,7 @@ from launcher.artifacts import (
 )
 from launcher.checkpoint import LoopState
 from launcher.config import Config
-from launcher.data import SampleIndex, eval_samples, global_batches, largest_ids
+from launcher.data import SampleIndex, eval_samples, global_batches, item_titles, largest_ids
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import (
     cosine_schedule,
@@ -86,7 +86,7 @@ from launcher.monitor import Monitor, peak_memory_mb
 from launcher.validate import gather_report, score
 from llm.model import hidden_size, load_base
 from llm.projector import STAGE2_PREFIX, HybridProjector
-from llm.prompts import Encoded, encode
+from llm.prompts import Encoded, check_titles_fit, encode
 from llm.scorer import collate, loss_tokens
 from llm.sella import SellaLM
 from pipeline.schema import Sample
@@ -180,6 +180,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     config = ds_config(cfg.deepspeed, sella_cfg, dist_ctx, hidden_size(llm_cfg))
     hf_zero3 = HfDeepSpeedConfig(config) if zero3 else None  # load the LLM straight into partitions
     llm, tokenizer = load_base(llm_cfg, dist_ctx.dtype)
+    check_titles_fit(tokenizer, STAGE, cfg.domain, llm_cfg.max_length, item_titles(data_dir), warm)
     llm = PeftModel.from_pretrained(llm, str(adapter_dir(cfg, run_dir)), is_trainable=sella_cfg.train_lora)
     projector = HybridProjector(shapes[USER][1], shapes[SEMANTIC][1] if warm else None, hidden_size(llm_cfg), collab_cfg.proj_hidden)
     if sella_cfg.projector_init == "stage2":
