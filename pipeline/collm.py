@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 
 from pipeline.config import DataConfig
 from pipeline.protocol import REJECT_SCHEMA, ProtocolResult, month_index
-from pipeline.schema import SPLITS
+from pipeline.schema import MAX_SECONDS, SPLITS
 from pipeline.sources import SourceError, resolve
 
 COLUMNS = ("uid", "iid", "label", "timestamp", "his", "his_title", "title", "not_cold")
@@ -34,10 +34,11 @@ CHECKS = (  # ids are int columns of the tables, timestamps long ones
     ("uid", lambda x: _whole(x) and 0 < x < 2**31, "a positive 32-bit integer"),
     ("iid", lambda x: _whole(x) and 0 < x < 2**31, "a positive 32-bit integer"),
     ("label", lambda x: _whole(x) and x in (0, 1), "0 or 1"),
-    ("timestamp", lambda x: _whole(x) and abs(x) < 2**63, "a 64-bit integer"),
+    ("timestamp", lambda x: _whole(x) and abs(x) <= MAX_SECONDS, f"a time in seconds (at most +/-{MAX_SECONDS})"),
     ("not_cold", lambda x: _whole(x) and x in (0, 1), "0 or 1"),
     ("title", lambda x: isinstance(x, str) and x.strip() != "", "a title (a non-empty string)"),
-    ("his", lambda x: all(_whole(i) and 0 <= i < 2**31 for i in x), "a list of item ids"),
+    ("his", lambda x: len(x) > 0 and x[0] == 0 and all(_whole(i) and 0 < i < 2**31 for i in x[1:]),
+     "CoLLM's padding id 0 followed by positive item ids"),
 )
 
 
@@ -62,6 +63,9 @@ def unpaired_history(row: object) -> str | None:
         return f"malformed row: his_title {row.his_title!r} is not a list of titles (CoLLM)"
     if ids != titles:
         return f"malformed row: his has {ids} item ids but his_title {titles} titles (CoLLM)"
+    blank = [t for t in row.his_title[1:] if not isinstance(t, str) or not t.strip()]
+    if blank:
+        return f"malformed row: his_title holds {blank[0]!r}, not a title (a non-empty string) (CoLLM)"
     return None
 
 
@@ -78,20 +82,34 @@ def conflicting_title(named: list[tuple[int, str]], seen: dict[int, tuple[str, s
     return None
 
 
+def _unpickle(name: str, data: bytes) -> pd.DataFrame:
+    """One CoLLM pickle as a frame, or a SourceError naming it (a truncated or other file)."""
+    try:
+        df = pd.read_pickle(io.BytesIO(data))
+    except Exception as err:  # unpickling raises whatever the bytes lead to: UnpicklingError, EOFError, ...
+        raise SourceError(f"{name}: cannot be read as a pickle ({type(err).__name__}: {err})") from err
+    if not isinstance(df, pd.DataFrame):
+        raise SourceError(f"{name}: holds a {type(df).__name__}, not CoLLM's table (a pandas DataFrame)")
+    return df
+
+
 def _load_frames(path: Path) -> dict[str, tuple[str, pd.DataFrame]]:
     """{split: (file name, frame)} from a zip of `*/<split>_ood2.pkl` or a directory of them."""
     frames = {}
     if path.suffix == ".zip":
-        with zipfile.ZipFile(path) as z:
-            for split in SPLITS:
-                names = [n for n in z.namelist() if n.endswith(f"/{split}_ood2.pkl") or n == f"{split}_ood2.pkl"]
-                if not names:
-                    raise SourceError(f"{path}: no {split}_ood2.pkl inside the zip (expected CoLLM's benchmark)")
-                frames[split] = (f"{path.name}:{names[0]}", pd.read_pickle(io.BytesIO(z.read(names[0]))))
+        try:
+            with zipfile.ZipFile(path) as z:
+                for split in SPLITS:
+                    names = [n for n in z.namelist() if n.endswith(f"/{split}_ood2.pkl") or n == f"{split}_ood2.pkl"]
+                    if not names:
+                        raise SourceError(f"{path}: no {split}_ood2.pkl inside the zip (expected CoLLM's benchmark)")
+                    frames[split] = (f"{path.name}:{names[0]}", _unpickle(f"{path}:{names[0]}", z.read(names[0])))
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise SourceError(f"{path}: cannot be read as a zip ({type(err).__name__}: {err})") from err
     else:
         for split in SPLITS:
             file = resolve(path, f"{split}_ood2.pkl", f"CoLLM {split} pickle")[0]
-            frames[split] = (file.name, pd.read_pickle(file))
+            frames[split] = (file.name, _unpickle(str(file), file.read_bytes()))
     for name, df in frames.values():
         missing = [c for c in COLUMNS if c not in df.columns]
         if missing:

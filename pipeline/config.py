@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.schema import MAX_SECONDS
+
 SourceFormat = Literal["ml-1m", "ml-100k", "recbole", "amazon", "collm", "table"]
 # Python codec name -> the charset name Spark's decode() accepts. Only encodings in which a newline is the one
 # byte 0x0A: Spark's text reader splits lines on that byte before decoding, which would cut UTF-16/32 lines apart.
@@ -184,6 +186,9 @@ class ProtocolConfig(_Strict):
             lo, hi = getattr(self, key)
             if lo > hi:
                 raise ValueError(f"protocol.{key}: [{lo}, {hi}] is reversed (low, high)")
+        if max(map(abs, self.timestamp_range)) > MAX_SECONDS:
+            raise ValueError(f"protocol.timestamp_range: {list(self.timestamp_range)} is past +/-{MAX_SECONDS}, the "
+                             "seconds Spark's timestamps hold (timestamps are in seconds)")
         return self
 
 

@@ -13,6 +13,9 @@ SCHEMA_VERSION = 1
 SPLITS = ("train", "valid", "test")
 SHARD_PATTERN = "{split}-%06d.tar"
 SAMPLE_EXT = "json"
+# The largest |timestamp| in seconds that Spark's microsecond timestamps hold (the month index converts them):
+# about year 294,000; a log in milliseconds or nanoseconds is past it or far in the future.
+MAX_SECONDS = (2**63 - 1) // 1_000_000
 
 
 class Sample(TypedDict):

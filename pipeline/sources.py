@@ -38,6 +38,10 @@ class RawLog:
     item_files: list[Path]
 
 
+SPARK_HIDDEN = ("_", ".")  # file names Spark's file index leaves out, silently, even when named
+SPARK_GLOB = "*?[]{}\\"  # characters Spark expands in a path it is given
+
+
 def resolve(input_dir: Path, pattern: str, what: str, key: str = "") -> list[Path]:
     """Files matching `pattern` (the config's `source.<key>`) under `input_dir`, or a SourceError naming what was
     expected."""
@@ -48,6 +52,11 @@ def resolve(input_dir: Path, pattern: str, what: str, key: str = "") -> list[Pat
     found = sorted(Path(p) for p in glob.glob(str(input_dir / pattern), recursive=True))
     if not found:
         raise SourceError(f"{input_dir / pattern}: no {what} file found")
+    for path in found:
+        if path.name.startswith(SPARK_HIDDEN) or any(c in SPARK_GLOB for c in str(path)):
+            raise SourceError(f"{path}: Spark would not read this file as named (it skips files whose names start "
+                              f"with '_' or '.', and reads any of {''.join(SPARK_GLOB)} in a path as a pattern), so its "
+                              "rows would be lost or read twice; rename it")
     return found
 
 
@@ -56,8 +65,11 @@ BOM = "\ufeff"  # a UTF-8 byte order mark some editors and exports put before li
 
 def first_line(path: Path, encoding: str) -> str:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        return f.readline().decode(encoding, errors="replace").rstrip("\r\n").removeprefix(BOM)
+    try:
+        with opener(path, "rb") as f:
+            return f.readline().decode(encoding, errors="replace").rstrip("\r\n").removeprefix(BOM)
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise SourceError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
 
 
 def shared_header(paths: list[Path], encoding: str) -> str:
@@ -161,6 +173,10 @@ def canonical_id(c: Column, kind: str) -> Column:
     return F.regexp_replace(F.regexp_replace(F.regexp_replace(c, r"^\+", ""), r"^(-?)0+(?=[0-9])", "$1"), "^-0$", "0")
 
 
+# A decimal number as a log writes it; Spark's cast to double (Java's parser) also takes 5f, 4d, 0x1p2 and Infinity.
+DECIMAL = r"^\s*[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$"
+
+
 def _typed_interactions(df: DataFrame, types: ColumnTypes, names: dict[str, str]) -> DataFrame:
     """Null, number and declared-type checks on the user_raw/item_raw/rating/timestamp strings.
 
@@ -169,8 +185,8 @@ def _typed_interactions(df: DataFrame, types: ColumnTypes, names: dict[str, str]
     def blank(c: str) -> Column:
         return F.col(c).isNull() | (F.col(c) == "")
 
-    rating = F.col("rating").try_cast("double")
-    ts_d = F.col("timestamp").try_cast("double")
+    rating = F.when(F.col("rating").rlike(DECIMAL), F.col("rating").try_cast("double"))
+    ts_d = F.when(F.col("timestamp").rlike(DECIMAL), F.col("timestamp").try_cast("double"))
     df = mark_first_failure(df, [
         *[(blank(c), "null_field", F.lit(f"null field: {names[c]}"))
           for c in ("user_raw", "item_raw", "rating", "timestamp")],
@@ -373,6 +389,11 @@ def csv_line_pattern(delimiter: str, fields: int) -> str:
     return f"(?s)^{field}(?:{sep}{field}){{{fields - 1}}}$"
 
 
+def column(name: str) -> Column:
+    """The column a table's header names, as written: F.col would read `user.id` as field id of a struct user."""
+    return F.col("`" + name.replace("`", "``") + "`")
+
+
 def _table(spark: SparkSession, paths: list[Path], delimiter: str, encoding: str, wanted: list[str]) -> DataFrame:
     """A CSV (header row, text in `encoding`) or Parquet table with all `wanted` columns as strings, rows numbered."""
     first = paths[0]
@@ -380,7 +401,11 @@ def _table(spark: SparkSession, paths: list[Path], delimiter: str, encoding: str
         df = spark.read.parquet(*[str(p) for p in paths])
         header = df.columns
     else:
-        header = [h.strip() for h in csv_fields(shared_header(paths, encoding), delimiter)]
+        try:
+            header = [h.strip() for h in csv_fields(shared_header(paths, encoding), delimiter)]
+        except csv.Error as err:
+            raise SourceError(f"{first}: line 1 is not a CSV header ({err}); a file whose lines end in a bare CR "
+                              "(classic Mac) needs LF or CRLF line ends") from err
         twice = sorted({h for h in header if header.count(h) > 1})
         if twice:
             raise SourceError(f"{first}: line 1 names column(s) {twice} more than once; the file has {header}")
@@ -389,8 +414,8 @@ def _table(spark: SparkSession, paths: list[Path], delimiter: str, encoding: str
     if missing:
         raise SourceError(f"{first}: missing column(s) {missing}; the file has {header}")
     if df is not None:
-        df = number_rows(spark, df.select(*[F.col(c).cast("string").alias(c) for c in wanted]))
-        df = df.withColumn("_raw", F.to_json(F.struct(*wanted)))
+        df = number_rows(spark, df.select(*[column(c).cast("string").alias(c) for c in wanted]))
+        df = df.withColumn("_raw", F.to_json(F.struct(*map(column, wanted))))
         return df.withColumn("_code", F.lit(None).cast("string")).withColumn("_reason", F.lit(None).cast("string"))
     lines = read_lines(spark, paths, encoding, True)
     schema = ", ".join(f"`c{i}` string" for i in range(len(header)))
@@ -415,13 +440,13 @@ def read_table(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawLo
     inter = _table(spark, inter_files, cfg.delimiter, cfg.encoding, [c.user, c.item, c.rating, c.timestamp])
     inter = _typed_interactions(inter.select(
         "_file", "_line", "_pos", "_raw", "_code", "_reason",
-        F.trim(F.col(c.user)).alias("user_raw"), F.trim(F.col(c.item)).alias("item_raw"),
-        F.col(c.rating).alias("rating"), F.col(c.timestamp).alias("timestamp")), cfg.types,
+        F.trim(column(c.user)).alias("user_raw"), F.trim(column(c.item)).alias("item_raw"),
+        column(c.rating).alias("rating"), column(c.timestamp).alias("timestamp")), cfg.types,
         {"user_raw": c.user, "item_raw": c.item, "rating": c.rating, "timestamp": c.timestamp})
     item_files = resolve(input_dir, cfg.items, "item table", "items")
     items = _table(spark, item_files, cfg.delimiter, cfg.items_encoding, [c.item, c.item_title]).select(
         "_file", "_line", "_pos", "_raw", "_code", "_reason",
-        F.trim(F.col(c.item)).alias("item_raw"), F.col(c.item_title).alias("title"))
+        F.trim(column(c.item)).alias("item_raw"), column(c.item_title).alias("title"))
     return RawLog(inter, _items(items, None, cfg.missing_titles, cfg.types.item), inter_files, item_files)
 
 

@@ -3,14 +3,17 @@ counts add up; wrong paths, formats and columns fail fast with the file named; o
 from __future__ import annotations
 
 import gzip
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
 
+from pipeline.config import ConfigError
 from pipeline.prep import main, run
-from pipeline.sources import SourceError, read_lines
+from pipeline.schema import MAX_SECONDS
+from pipeline.sources import SourceError, read_lines, resolve
 from pipeline.writers import OutputExistsError, atomic_output
 from tests.conftest import config
 
@@ -46,6 +49,10 @@ RATINGS = [
     (b"4::x1::4::1000000600", "bad_type"),        # MovieIDs too
     (b"4::1::4::1e19", "bad_number"),             # past a long: a reject, not an ANSI overflow of the whole job
     (b"4::1::1e30::1000000600", "rating_out_of_range"),
+    (b"4::1::5f::1000000700", "bad_number"),      # Java's number spellings, which Spark's cast takes, are not numbers
+    (b"4::1::0x1p2::1000000700", "bad_number"),
+    (b"4::1::4::1000000700d", "bad_number"),
+    (b"4::1::Infinity::1000000700", "bad_number"),
 ]
 
 
@@ -98,6 +105,8 @@ def test_each_bad_row_has_its_reason_file_and_line(spark, bad_run) -> None:
     assert rejects[("interactions", 17)]["reason"] == "bad type: UserID (ML-1M) 1.5 is not a positive integer"
     assert rejects[("interactions", 18)]["reason"] == "bad type: UserID (ML-1M) -3 is not a positive integer"
     assert rejects[("interactions", 19)]["reason"] == "bad type: MovieID (ML-1M) x1 is not a positive integer"
+    assert rejects[("interactions", 22)]["reason"] == "bad number: rating 5f is not a number"
+    assert rejects[("interactions", 24)]["reason"] == "bad number: timestamp 1000000700d is not an integer"
     assert rejects[("items", 3)]["code"] == "malformed_line"
     assert rejects[("items", 5)]["reason"] == "duplicate item id 1 (first on line 1)"
     assert rejects[("items", 7)]["reason"] == "bad type: item id x9 is not a positive integer"
@@ -393,3 +402,67 @@ def test_a_log_with_no_row_kept_fails_with_the_reasons_and_writes_nothing(spark,
                                      "2 excluded (outside_window); check source.input_dir")
     assert "ratings.dat:3: malformed line" in str(err.value)
     assert not out.exists()
+
+
+def test_file_names_spark_would_not_read_as_named_are_refused(tmp_path) -> None:
+    """Spark skips a file whose name starts with '_' or '.' even when named, and reads '[1]' in a path as a
+    pattern (log[1].csv as log1.csv): the rows of such a file would vanish or be read twice."""
+    for name, pattern in (("_2023.csv", "*"), (".2023.csv", ".2023.csv"), ("log[1].csv", "*")):  # glob's * skips dot files
+        (tmp_path / name).write_text("user,item\n")
+        with pytest.raises(SourceError, match=rf"{re.escape(name)}: Spark would not read this file as named"):
+            resolve(tmp_path, pattern, "interactions")
+        (tmp_path / name).unlink()
+    (tmp_path / "log1.csv").write_text("user,item\n")
+    assert resolve(tmp_path, "*", "interactions") == [tmp_path / "log1.csv"]
+
+
+def test_files_prep_cannot_open_are_named(spark, tmp_path) -> None:
+    """A .gz that is not gzip, a CSV with bare-CR line ends, a zip or pickle that is not one: a SourceError naming
+    the file, not a traceback from gzip, csv, zipfile or pickle."""
+    (tmp_path / "movies.dat").write_text("1::A (1990)::Drama\n")
+    (tmp_path / "ratings.dat.gz").write_bytes(b"<!doctype html><html>Not Found</html>\n")
+    with pytest.raises(SourceError, match=r"ratings\.dat\.gz: cannot be read \(BadGzipFile"):
+        run(config("ml-1m"), tmp_path, tmp_path / "out")
+
+    t = tmp_path / "mac"
+    t.mkdir()
+    (t / "log.csv").write_bytes(b"user_id,item_id,rating,timestamp\ru1,i1,5,1709294400\r")
+    (t / "items.csv").write_text("item_id,title\ni1,A\n")
+    with pytest.raises(SourceError, match=r"log\.csv: line 1 is not a CSV header .*bare CR"):
+        run(config("synthetic", source={"interactions": "log.csv", "items": "items.csv"}), t, tmp_path / "o")
+
+    c = tmp_path / "collm"
+    c.mkdir()
+    (c / "collm.zip").write_bytes(b"PK not a zip")
+    with pytest.raises(SourceError, match=r"collm\.zip: cannot be read as a zip \(BadZipFile"):
+        run(config("collm-ml-1m", source={"input_dir": str(c), "interactions": "collm.zip"}), c, tmp_path / "o")
+    for split in ("train", "valid", "test"):
+        (c / f"{split}_ood2.pkl").write_bytes(b"\x80\x04truncated")
+    with pytest.raises(SourceError, match=r"train_ood2\.pkl: cannot be read as a pickle"):
+        run(config("collm-ml-1m", source={"input_dir": str(c), "interactions": ""}), c, tmp_path / "o")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_collm_histories_start_with_the_padding_id_and_name_every_item() -> None:
+    """CoLLM's his starts with its padding id 0 (the reader drops it) and names items by positive ids, one non-empty
+    title each: a first id that is not 0 would be dropped as padding, a later 0 read as an item, and a None title
+    become the text 'None' of a real item (and reject the next row that names it right)."""
+    import pandas as pd
+
+    from pipeline.collm import bad_type, unpaired_history
+
+    rows = pd.DataFrame({"uid": [1] * 5, "iid": [9] * 5, "label": [1] * 5, "timestamp": [10**9, 10**9, 10**9,
+                         10**9, 10**13], "not_cold": [1] * 5, "title": ["Heat"] * 5,
+                         "his": [[0, 5], [5, 7], [0, 5, 0], [0, 5], [0]],
+                         "his_title": [["", "Toy Story"], ["", "Toy Story"], ["", "Toy Story", "B"], ["", None], [""]]})
+    reasons = [bad_type(r) or unpaired_history(r) for r in rows.itertuples(index=False)]
+    assert reasons[0] is None
+    assert reasons[1].startswith("bad type: his [5, 7] is not CoLLM's padding id 0")
+    assert reasons[2].startswith("bad type: his [0, 5, 0] is not CoLLM's padding id 0")
+    assert reasons[3] == "malformed row: his_title holds None, not a title (a non-empty string) (CoLLM)"
+    assert reasons[4] == f"bad type: timestamp 10000000000000 is not a time in seconds (at most +/-{MAX_SECONDS}) (CoLLM)"
+
+
+def test_a_timestamp_range_past_what_spark_holds_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"protocol\.timestamp_range: .* past \+/-9223372036854"):
+        config("ml-1m", protocol={"timestamp_range": [0, 10**13]})

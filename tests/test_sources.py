@@ -173,12 +173,13 @@ def test_latin1_csv_table_keeps_its_non_ascii_text(spark, tmp_path: Path) -> Non
 
 
 def test_generic_csv_with_quotes_and_extra_fields(spark, tmp_path: Path) -> None:
+    """Columns are named as the header writes them, dots included (F.col would read user.id as a struct field)."""
     ts = _ts(2024, 3, 1)
     (tmp_path / "log.csv").write_text(
-        "user,item,stars,time\n" + f"u1,i1,5,{ts}\nu1,i2,2,{ts + 10}\nu2,i1,4,{ts + 20}\nu2,i2,4,{ts},extra\n")
-    (tmp_path / "items.csv").write_text('item,name\ni1,"Hello, World (2001)"\ni2,Plain\n')
+        "user.id,item.id,stars,time\n" + f"u1,i1,5,{ts}\nu1,i2,2,{ts + 10}\nu2,i1,4,{ts + 20}\nu2,i2,4,{ts},extra\n")
+    (tmp_path / "items.csv").write_text('item.id,name\ni1,"Hello, World (2001)"\ni2,Plain\n')
     cfg = config("synthetic", source={"interactions": "log.csv", "items": "items.csv", "columns": {
-        "user": "user", "item": "item", "rating": "stars", "timestamp": "time", "item_title": "name"}})
+        "user": "user.id", "item": "item.id", "rating": "stars", "timestamp": "time", "item_title": "name"}})
     m = run(cfg, tmp_path, tmp_path / "out")
     assert (m["rows_in"], m["rows_out"]) == (4, 3)
     assert m["reject_examples"][0]["line"] == 5 and "not 4 CSV fields" in m["reject_examples"][0]["reason"]
