@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,8 @@ def finished_run(run_dir: Path, stage: str, dist_ctx: Dist, outputs: tuple[str, 
 def planned_steps(train_cfg: TrainConfig, train_rows: int, world: int) -> int:
     """Optimizer steps allowed by the first budget to run out: epochs, max_samples, max_steps."""
     per_step = train_cfg.micro_batch * train_cfg.grad_accum * world
-    steps = math.ceil(train_cfg.epochs * train_rows / per_step)
+    # exact: in floats 1.1 epochs of 6,400 rows at 64 per step is 110.00000000000001 steps, and ceil made it 111
+    steps = math.ceil(Fraction(str(train_cfg.epochs)) * train_rows / per_step)
     if train_cfg.max_samples is not None:
         steps = min(steps, math.ceil(train_cfg.max_samples / per_step))
     if train_cfg.max_steps is not None:

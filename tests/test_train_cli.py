@@ -240,3 +240,21 @@ def test_a_larger_budget_replans_the_cosine_from_the_restored_step() -> None:
     opt.step()
     schedule.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(stepped(128, 65)[0].param_groups[0]["lr"] / 2)
+
+
+def test_an_epochs_budget_plans_whole_steps_exactly() -> None:
+    """1.1 epochs of 6,400 rows at 64 prompts per step are 110 steps (110.00000000000001 in floats, which ceil made
+    111); a fraction of a step still rounds up, and the first budget to run out decides."""
+    from launcher.config import Config
+    from launcher.engine import planned_steps
+    from pipeline.config import load_config
+
+    def steps(*overrides: str, rows: int = 6400) -> int:
+        lora = load_config("configs/ml-100k.yaml", ["lora.micro_batch=4", "lora.grad_accum=8", "lora.max_steps=null",
+                                                     *overrides], schema=Config).lora
+        return planned_steps(lora, rows, world=2)
+
+    assert steps("lora.epochs=1.1") == 110
+    assert steps("lora.epochs=1") == 100 and steps("lora.epochs=1", rows=6401) == 101
+    assert steps("lora.epochs=0.3") == 30 and steps("lora.epochs=3") == 300
+    assert steps("lora.epochs=1", "lora.max_samples=1000") == 16 and steps("lora.epochs=1", "lora.max_steps=7") == 7
