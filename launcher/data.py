@@ -112,6 +112,25 @@ def eval_samples(out_dir: str | Path, split: str, rows: int | None, rank: int, w
     return [index[i] for i in chosen[rank::world]]
 
 
+def epoch_shards(urls: list[str], seed: int, epoch: int) -> list[str]:
+    """The order in which every rank reads the shards in epoch `epoch` of `train_batches`."""
+    order = list(urls)
+    random.Random(f"{seed}-{epoch}").shuffle(order)
+    return order
+
+
+def smallest_share(out_dir: str | Path, split: str, world: int, seed: int, epochs: int, drop_no_history: bool) -> int:
+    """The fewest usable samples (`usable`) that a rank's share of one of the first `epochs` epochs of
+    `train_batches` holds, from the shard indexes. Every rank computes the same number, so a share too small for one
+    micro-batch stops every rank before training, not the one rank whose stream runs dry while the others wait in a
+    collective."""
+    urls = shard_urls(out_dir, split)
+    flags = {url: kept_index(url, False)[:, 3] > 0 if drop_no_history else np.ones(len(kept_index(url, False)), bool)
+             for url in urls}
+    return min(int(np.concatenate([flags[u] for u in epoch_shards(urls, seed, epoch)])[rank::world].sum())
+               for epoch in range(epochs) for rank in range(world))
+
+
 def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T | None], micro_batch: int,
                   rank: int, world: int, seed: int, shuffle_buffer: int = 1000,
                   length: Callable[[T], int] | None = None) -> Iterator[list[T]]:
@@ -137,8 +156,7 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T 
 
     for epoch in itertools.count():
         rng = random.Random(f"{seed}-{epoch}-{rank}")
-        order = list(urls)
-        random.Random(f"{seed}-{epoch}").shuffle(order)
+        order = epoch_shards(urls, seed, epoch)
         buffer: list[Sample] = []
         pending: list[T] = []
         produced = 0

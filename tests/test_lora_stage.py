@@ -172,6 +172,33 @@ def test_an_epoch_on_two_ranks_covers_every_row_once_whatever_the_shard_count(ml
     assert len(seen) == len(set(seen)) == 8 * per_rank and set(seen) <= set(rows) and len(rows) - len(seen) < 16
 
 
+def test_the_smallest_share_every_rank_checks_is_what_the_poorest_stream_holds(ml100k_out: Path, tmp_path: Path) -> None:
+    """Stage 1 stops every rank when a rank's share of an epoch cannot fill one micro-batch (`smallest_share`, from the
+    shard indexes); the stream alone raises only on that rank. The bound is exact: with micro-batches of the smallest
+    share (rows without history dropped) every rank's stream yields a batch, with one sample more the poorest raises."""
+    from launcher.data import smallest_share, train_batches, usable
+
+    manifest = json.loads((ml100k_out / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"] = manifest["splits"]["train"]["shards"][:3]
+    out = tmp_path / "three-shards"
+    out.mkdir()
+    (out / "shards").symlink_to(ml100k_out / "shards")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    keep = usable(True)
+    share = smallest_share(out, "train", 2, 0, 1, True)
+    assert 0 < share < smallest_share(out, "train", 2, 0, 1, False)  # the dropped rows count
+
+    def first_batch(micro_batch: int, rank: int) -> list[int] | None:
+        stream = train_batches(out, "train", lambda s: s["row_id"] if keep(s) else None, micro_batch, rank, 2, 0, 50)
+        try:
+            return next(stream)
+        except ValueError:
+            return None
+
+    assert all(len(first_batch(share, rank)) == share for rank in (0, 1))
+    assert any(first_batch(share + 1, rank) is None for rank in (0, 1))
+
+
 def test_a_checkpoint_deepspeed_cannot_load_stops_the_run(runs: dict[str, Path], tmp_path: Path,
                                                           ml100k_out: Path) -> None:
     """latest.json names a tag whose engine files are gone: DeepSpeed would return (None, None) and train on from
