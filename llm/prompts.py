@@ -129,7 +129,8 @@ def check_titles_fit(tokenizer: Tokenizer, kind: Kind, domain: Domain, max_lengt
     """Refuse, naming the item, a target title whose prompt cannot fit `max_length` with its answer even without
     history (`encode` drops history titles down to none and then raises).
 
-    Every rank runs it on the same items before training or scoring: `encode` meets a row on one rank only, mid-run,
+    Every rank runs it on the same items (all of the prep output's: any may be a target in the split scored last)
+    before training or scoring: `encode` meets a row on one rank only, mid-run,
     and would stop that rank while the others wait in a collective. Checks the prompts of the `longest` titles by
     their own token count (inside a prompt a title may tokenize a token longer or shorter)."""
     ids = list(titles)

@@ -63,9 +63,10 @@ def unpaired_history(row: object) -> str | None:
         return f"malformed row: his_title {row.his_title!r} is not a list of titles (CoLLM)"
     if ids != titles:
         return f"malformed row: his has {ids} item ids but his_title {titles} titles (CoLLM)"
-    blank = [t for t in row.his_title[1:] if not isinstance(t, str) or not t.strip()]
-    if blank:
-        return f"malformed row: his_title holds {blank[0]!r}, not a title (a non-empty string) (CoLLM)"
+    # not a string (None, NaN): it would become the text 'None' of a real item; '' stays, as CoLLM's fillna('') wrote it
+    odd = [t for t in row.his_title[1:] if not isinstance(t, str)]
+    if odd:
+        return f"malformed row: his_title holds {odd[0]!r}, not a title (a string) (CoLLM)"
     return None
 
 
@@ -108,7 +109,7 @@ def _load_frames(path: Path) -> dict[str, tuple[str, pd.DataFrame]]:
             raise SourceError(f"{path}: cannot be read as a zip ({type(err).__name__}: {err})") from err
     else:
         for split in SPLITS:
-            file = resolve(path, f"{split}_ood2.pkl", f"CoLLM {split} pickle")[0]
+            file = resolve(path, f"{split}_ood2.pkl", f"CoLLM {split} pickle", spark=False)[0]
             frames[split] = (file.name, _unpickle(str(file), file.read_bytes()))
     for name, df in frames.values():
         missing = [c for c in COLUMNS if c not in df.columns]
@@ -119,7 +120,8 @@ def _load_frames(path: Path) -> dict[str, tuple[str, pd.DataFrame]]:
 
 def collm_result(spark: SparkSession, cfg: DataConfig, input_dir: Path) -> tuple[ProtocolResult, list[Path]]:
     """Read CoLLM's splits. `source.interactions` names the zip (or '' for a directory of pickles)."""
-    path = resolve(input_dir, cfg.source.interactions, "CoLLM benchmark")[0] if cfg.source.interactions else input_dir
+    path = resolve(input_dir, cfg.source.interactions, "CoLLM benchmark", spark=False)[0] \
+        if cfg.source.interactions else input_dir
     k = cfg.protocol.history_len
     rows, rejected, pos = [], [], 0
     item_titles: dict[int, tuple[str, str, int]] = {}  # item id: (title, file, row) where first seen

@@ -42,9 +42,9 @@ SPARK_HIDDEN = ("_", ".")  # file names Spark's file index leaves out, silently,
 SPARK_GLOB = "*?[]{}\\"  # characters Spark expands in a path it is given
 
 
-def resolve(input_dir: Path, pattern: str, what: str, key: str = "") -> list[Path]:
+def resolve(input_dir: Path, pattern: str, what: str, key: str = "", spark: bool = True) -> list[Path]:
     """Files matching `pattern` (the config's `source.<key>`) under `input_dir`, or a SourceError naming what was
-    expected."""
+    expected; with `spark` (Spark reads them), paths Spark would not read as named are refused."""
     if not pattern:  # glob would match the directory itself
         raise SourceError(f"source.{key} is empty: name the {what} file (a name or glob under {input_dir})")
     if not input_dir.exists():
@@ -52,7 +52,7 @@ def resolve(input_dir: Path, pattern: str, what: str, key: str = "") -> list[Pat
     found = sorted(Path(p) for p in glob.glob(str(input_dir / pattern), recursive=True))
     if not found:
         raise SourceError(f"{input_dir / pattern}: no {what} file found")
-    for path in found:
+    for path in found if spark else []:
         if path.name.startswith(SPARK_HIDDEN) or any(c in SPARK_GLOB for c in str(path)):
             raise SourceError(f"{path}: Spark would not read this file as named (it skips files whose names start "
                               f"with '_' or '.', and reads any of {''.join(SPARK_GLOB)} in a path as a pattern), so its "

@@ -74,5 +74,5 @@ def test_the_docker_context_holds_what_the_dockerfile_copies() -> None:
     for src in sources:
         assert (ROOT / src).exists(), f"Dockerfile copies {src}, which the repository lacks"
         assert not excluded(src), f".dockerignore leaves {src} out of the context the Dockerfile copies it from"
-    for local in (".venv", ".cache", "out", "runs", ".gpu-payload", ".git"):
+    for local in (".venv", ".cache", "out", "data", "runs", ".gpu-payload", ".git"):
         assert excluded(local), f".dockerignore sends {local} into the build context"

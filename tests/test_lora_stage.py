@@ -150,6 +150,17 @@ def test_train_batches_are_seeded_and_rank_disjoint(ml100k_out: Path) -> None:
     assert len(rows0) == 240 and not rows0 & {r for b in take(1, 1) for r in b}
 
 
+def three_shards(ml100k_out: Path, tmp_path: Path) -> Path:
+    """A prep output whose train split is the first three shards of ML-100K's (the shards linked, not copied)."""
+    manifest = json.loads((ml100k_out / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"] = manifest["splits"]["train"]["shards"][:3]
+    out = tmp_path / "three-shards"
+    out.mkdir()
+    (out / "shards").symlink_to(ml100k_out / "shards")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
 def test_an_epoch_on_two_ranks_covers_every_row_once_whatever_the_shard_count(ml100k_out: Path, tmp_path: Path) -> None:
     """Three train shards on two ranks: the ranks' shares of an epoch are equal, so the two streams' first half-epoch
     each hold every row once (one shard list per rank gave one rank two shards and the other one, which then
@@ -159,12 +170,7 @@ def test_an_epoch_on_two_ranks_covers_every_row_once_whatever_the_shard_count(ml
     from launcher.data import read_shard, train_batches
     from pipeline.schema import shard_urls
 
-    manifest = json.loads((ml100k_out / "manifest.json").read_text())
-    manifest["splits"]["train"]["shards"] = manifest["splits"]["train"]["shards"][:3]
-    out = tmp_path / "three-shards"
-    out.mkdir()
-    (out / "shards").symlink_to(ml100k_out / "shards")
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    out = three_shards(ml100k_out, tmp_path)
     rows = [s["row_id"] for url in shard_urls(out, "train") for s in read_shard(url)]
     per_rank = len(rows) // 2 // 4
     seen = [r for rank in (0, 1) for batch in islice(train_batches(out, "train", lambda s: s["row_id"], 4, rank, 2, 0, 50),
@@ -178,12 +184,7 @@ def test_the_smallest_share_every_rank_checks_is_what_the_poorest_stream_holds(m
     share (rows without history dropped) every rank's stream yields a batch, with one sample more the poorest raises."""
     from launcher.data import smallest_share, train_batches, usable
 
-    manifest = json.loads((ml100k_out / "manifest.json").read_text())
-    manifest["splits"]["train"]["shards"] = manifest["splits"]["train"]["shards"][:3]
-    out = tmp_path / "three-shards"
-    out.mkdir()
-    (out / "shards").symlink_to(ml100k_out / "shards")
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    out = three_shards(ml100k_out, tmp_path)
     keep = usable(True)
     share = smallest_share(out, "train", 2, 0, 1, True)
     assert 0 < share < smallest_share(out, "train", 2, 0, 1, False)  # the dropped rows count
