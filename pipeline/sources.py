@@ -11,9 +11,11 @@ Wrong paths, missing columns and files that are not in the expected format fail 
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import gzip
 import json
+import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -413,10 +415,16 @@ def _table(spark: SparkSession, paths: list[Path], delimiter: str, encoding: str
     missing = [c for c in wanted if c not in header]
     if missing:
         raise SourceError(f"{first}: missing column(s) {missing}; the file has {header}")
-    if df is not None:
+    if df is not None:  # a string cast keeps a binary column's bytes unchecked: the CSV path's UTF-8 check, by field
         df = number_rows(spark, df.select(*[column(c).cast("string").alias(c) for c in wanted]))
+        valid = [F.coalesce(F.is_valid_utf8(column(c)), F.lit(True)) for c in wanted]  # a null is no text
+        undecodable = ~functools.reduce(operator.and_, valid)
+        df = df.select("_file", "_line", "_pos", undecodable.alias("_undecodable"),
+                       *[F.make_valid_utf8(column(c)).alias(c) for c in wanted])  # U+FFFD for each bad byte
         df = df.withColumn("_raw", F.to_json(F.struct(*map(column, wanted))))
-        return df.withColumn("_code", F.lit(None).cast("string")).withColumn("_reason", F.lit(None).cast("string"))
+        df = df.withColumn("_code", F.lit(None).cast("string")).withColumn("_reason", F.lit(None).cast("string"))
+        return mark_first_failure(df, [(F.col("_undecodable"), "undecodable_text",
+                                        F.lit("undecodable text: bytes are not valid UTF-8"))]).drop("_undecodable")
     lines = read_lines(spark, paths, encoding, True)
     schema = ", ".join(f"`c{i}` string" for i in range(len(header)))
     # RFC 4180 quoting: a doubled quote inside a quoted field is one quote, a backslash is text

@@ -256,3 +256,22 @@ def test_ml100k_unpack_is_all_or_nothing(tmp_path: Path) -> None:
     unpack_ml100k(wheel("whole.whl", ML100K_MEMBERS), target)
     assert {p.name: p.read_text() for p in target.iterdir()} == {m: f"{m} rows\n" for m in ML100K_MEMBERS}
     assert [p.name for p in target.parent.iterdir()] == ["ml-100k"]
+
+
+def test_parquet_text_that_is_not_utf8_is_rejected_with_its_row(spark, tmp_path: Path) -> None:
+    """A Parquet table's binary text column holding latin-1 bytes is cast to a string unchecked: its row is rejected as
+    undecodable_text (the CSV path's check), not written into a shard, where decoding it stopped the job."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ts = _ts(2024, 3, 1)
+    pq.write_table(pa.table({"user_id": ["u1", "u2", "u1"], "item_id": ["i1", "i1", "i2"], "rating": [5.0, 4.0, 3.0],
+                             "timestamp": [ts, ts + 10, ts + 20]}), tmp_path / "log.parquet")
+    pq.write_table(pa.table({"item_id": ["i1", "i2"], "title": pa.array([b"Plain (2001)", b"Caf\xe9 (1993)"],
+                                                                         pa.binary())}), tmp_path / "items.parquet")
+    cfg = config("synthetic", source={"interactions": "log.parquet", "items": "items.parquet"})
+    m = run(cfg, tmp_path, tmp_path / "out")
+    assert (m["rows_in"], m["rows_out"], m["item_rows"]["rejected"]) == (3, 2, 1)
+    rejects = {(r["source"], r["line"]): r for r in spark.read.parquet(str(tmp_path / "out" / "rejects")).collect()}
+    assert rejects["items", 2]["code"] == "undecodable_text" and "\ufffd" in rejects["items", 2]["raw"]
+    assert rejects["interactions", 3]["reason"].startswith("item id i2: its line items.parquet:2 (undecodable_text)")
