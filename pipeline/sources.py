@@ -351,7 +351,7 @@ def read_amazon(spark: SparkSession, cfg: SourceConfig, input_dir: Path) -> RawL
     """Amazon Reviews 2018: `<Category>.json.gz` reviews and `meta_<Category>.json.gz` titles (JSON lines)."""
     inter_files = resolve(input_dir, cfg.interactions, "Amazon reviews (<Category>.json.gz)", "interactions")
     item_files = resolve(input_dir, cfg.items, "Amazon metadata (meta_<Category>.json.gz)", "items")
-    for path, keys, encoding in ((inter_files[0], ("reviewerID", "asin", "overall"), cfg.encoding),
+    for path, keys, encoding in ((inter_files[0], ("reviewerID", "asin", "overall", "unixReviewTime"), cfg.encoding),
                                  (item_files[0], ("asin",), cfg.items_encoding)):
         line = first_line(path, encoding)
         try:

@@ -275,3 +275,16 @@ def test_parquet_text_that_is_not_utf8_is_rejected_with_its_row(spark, tmp_path:
     rejects = {(r["source"], r["line"]): r for r in spark.read.parquet(str(tmp_path / "out" / "rejects")).collect()}
     assert rejects["items", 2]["code"] == "undecodable_text" and "\ufffd" in rejects["items", 2]["raw"]
     assert rejects["interactions", 3]["reason"].startswith("item id i2: its line items.parquet:2 (undecodable_text)")
+
+
+def test_an_amazon_log_without_review_times_stops_at_line_1(spark, tmp_path: Path) -> None:
+    """The four review fields the reader uses are checked on line 1: a log without unixReviewTime ran the whole job
+    and ended with 'no interaction row is kept (null_field)'."""
+    with gzip.open(tmp_path / "Books.json.gz", "wt") as f:
+        f.write(json.dumps({"reviewerID": "U1", "asin": "B001", "overall": 5.0, "reviewTime": "03 1, 2017"}) + "\n")
+    with gzip.open(tmp_path / "meta_Books.json.gz", "wt") as f:
+        f.write(json.dumps({"asin": "B001", "title": "Book 1"}) + "\n")
+    with pytest.raises(SourceError, match=r"Books\.json\.gz: line 1 is not an Amazon Reviews 2018 JSON line with "
+                                          r"fields \['reviewerID', 'asin', 'overall', 'unixReviewTime'\]"):
+        run(config("amazon-book"), tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
