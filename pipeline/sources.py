@@ -416,7 +416,13 @@ def _table(spark: SparkSession, paths: list[Path], delimiter: str, encoding: str
     if missing:
         raise SourceError(f"{first}: missing column(s) {missing}; the file has {header}")
     if df is not None:  # a string cast keeps a binary column's bytes unchecked: the CSV path's UTF-8 check, by field
-        df = number_rows(spark, df.select(*[column(c).cast("string").alias(c) for c in wanted]))
+        binary = {f.name for f in df.schema.fields if isinstance(f.dataType, T.BinaryType)}
+        charset = spark_charset(encoding)
+
+        def text(c: str) -> Column:  # binary text in the configured encoding; other columns as Spark writes them
+            return F.decode(column(c), charset) if c in binary and charset != "UTF-8" else column(c).cast("string")
+
+        df = number_rows(spark, df.select(*[text(c).alias(c) for c in wanted]))
         valid = [F.coalesce(F.is_valid_utf8(column(c)), F.lit(True)) for c in wanted]  # a null is no text
         undecodable = ~functools.reduce(operator.and_, valid)
         df = df.select("_file", "_line", "_pos", undecodable.alias("_undecodable"),

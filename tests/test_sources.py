@@ -259,8 +259,9 @@ def test_ml100k_unpack_is_all_or_nothing(tmp_path: Path) -> None:
 
 
 def test_parquet_text_that_is_not_utf8_is_rejected_with_its_row(spark, tmp_path: Path) -> None:
-    """A Parquet table's binary text column holding latin-1 bytes is cast to a string unchecked: its row is rejected as
-    undecodable_text (the CSV path's check), not written into a shard, where decoding it stopped the job."""
+    """A Parquet table's binary text column holding latin-1 bytes was cast to a string unchecked and stopped the job
+    in the shard writer: its row is rejected as undecodable_text (the CSV path's check), or read as text in the
+    configured source.items_encoding."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -275,6 +276,12 @@ def test_parquet_text_that_is_not_utf8_is_rejected_with_its_row(spark, tmp_path:
     rejects = {(r["source"], r["line"]): r for r in spark.read.parquet(str(tmp_path / "out" / "rejects")).collect()}
     assert rejects["items", 2]["code"] == "undecodable_text" and "\ufffd" in rejects["items", 2]["raw"]
     assert rejects["interactions", 3]["reason"].startswith("item id i2: its line items.parquet:2 (undecodable_text)")
+    # with the items' encoding named, the same bytes are text in it
+    cfg = config("synthetic", source={"interactions": "log.parquet", "items": "items.parquet", "items_encoding": "latin-1"})
+    m = run(cfg, tmp_path, tmp_path / "out-latin1")
+    assert (m["rows_in"], m["rows_out"], m["item_rows"]["rejected"]) == (3, 3, 0)
+    titles = spark.read.parquet(str(tmp_path / "out-latin1" / "tables" / "items")).orderBy("raw_id").collect()
+    assert [t["title"] for t in titles] == ["Plain (2001)", "Caf\xe9 (1993)"]
 
 
 def test_an_amazon_log_without_review_times_stops_at_line_1(spark, tmp_path: Path) -> None:
