@@ -125,8 +125,7 @@ def smallest_share(out_dir: str | Path, split: str, world: int, seed: int, epoch
     micro-batch stops every rank before training, not the one rank whose stream runs dry while the others wait in a
     collective."""
     urls = shard_urls(out_dir, split)
-    flags = {url: kept_index(url, False)[:, 3] > 0 if drop_no_history else np.ones(len(kept_index(url, False)), bool)
-             for url in urls}
+    flags = {url: (kept_index(url, False)[:, 3] > 0) | (not drop_no_history) for url in urls}  # usable, per sample
     return min(int(np.concatenate([flags[u] for u in epoch_shards(urls, seed, epoch)])[rank::world].sum())
                for epoch in range(epochs) for rank in range(world))
 
@@ -178,9 +177,13 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T 
         batches = emit(pending, rng)
         yield from batches
         if not produced + len(batches):
-            raise ValueError(f"{out_dir}: rank {rank}'s share of split {split!r} holds fewer than {micro_batch} usable "
-                             f"samples (lora.micro_batch; {world} ranks; rows without history are dropped with "
-                             "llm.drop_no_history)")
+            raise ValueError(short_share(out_dir, split, micro_batch, world))
+
+
+def short_share(out_dir: str | Path, split: str, micro_batch: int, world: int) -> str:
+    """The error of a rank's share of an epoch that cannot fill one micro-batch."""
+    return (f"{out_dir}: a rank's share of an epoch of split {split!r} holds fewer than {micro_batch} usable samples "
+            f"(lora.micro_batch; {world} ranks; rows without history are dropped with llm.drop_no_history)")
 
 
 def usable(drop_no_history: bool) -> Callable[[Sample], bool]:

@@ -134,6 +134,11 @@ def read_lines(spark: SparkSession, paths: list[Path], encoding: str, skip_heade
     return df.select("_file", "_line", "_pos", raw.alias("_raw"), bad.alias("_undecodable"))
 
 
+def undecodable() -> tuple[Column, str, Column]:
+    """The check of a row whose `_undecodable` flag is set: bytes that are not text in the input's encoding."""
+    return F.col("_undecodable"), "undecodable_text", F.lit("undecodable text: bytes are not valid UTF-8")
+
+
 def mark_first_failure(df: DataFrame, checks: list[tuple[Column, str, Column]]) -> DataFrame:
     """Set `_code`/`_reason` from the first failing (condition, code, message) check.
 
@@ -156,7 +161,7 @@ def _fields(df: DataFrame, delimiter: str, n: int, names: dict[str, int], what: 
         "_reason", F.lit(None).cast("string")
     )
     df = mark_first_failure(df, [
-        (F.col("_undecodable"), "undecodable_text", F.lit("undecodable text: bytes are not valid UTF-8")),
+        undecodable(),
         (F.size("_parts") != n, "malformed_line", F.format_string(
             f"malformed line: expected {n} fields separated by {delimiter!r} ({what}), got %d",
             F.size("_parts"))),
@@ -340,7 +345,7 @@ def _json_lines(spark: SparkSession, paths: list[Path], schema: T.StructType, en
     df = df.withColumn("_j", parsed).withColumn("_code", F.lit(None).cast("string")).withColumn(
         "_reason", F.lit(None).cast("string"))
     return mark_first_failure(df, [
-        (F.col("_undecodable"), "undecodable_text", F.lit("undecodable text: bytes are not valid UTF-8")),
+        undecodable(),
         (F.col("_j").isNull() | F.col(f"_j.{CORRUPT}").isNotNull() | ~F.trim(F.col("_raw")).startswith("{"),
          "malformed_line",
          F.lit("malformed line: not a JSON object")),
@@ -424,13 +429,12 @@ def _table(spark: SparkSession, paths: list[Path], delimiter: str, encoding: str
 
         df = number_rows(spark, df.select(*[text(c).alias(c) for c in wanted]))
         valid = [F.coalesce(F.is_valid_utf8(column(c)), F.lit(True)) for c in wanted]  # a null is no text
-        undecodable = ~functools.reduce(operator.and_, valid)
-        df = df.select("_file", "_line", "_pos", undecodable.alias("_undecodable"),
+        bad_text = ~functools.reduce(operator.and_, valid)
+        df = df.select("_file", "_line", "_pos", bad_text.alias("_undecodable"),
                        *[F.make_valid_utf8(column(c)).alias(c) for c in wanted])  # U+FFFD for each bad byte
         df = df.withColumn("_raw", F.to_json(F.struct(*map(column, wanted))))
         df = df.withColumn("_code", F.lit(None).cast("string")).withColumn("_reason", F.lit(None).cast("string"))
-        return mark_first_failure(df, [(F.col("_undecodable"), "undecodable_text",
-                                        F.lit("undecodable text: bytes are not valid UTF-8"))]).drop("_undecodable")
+        return mark_first_failure(df, [undecodable()]).drop("_undecodable")
     lines = read_lines(spark, paths, encoding, True)
     schema = ", ".join(f"`c{i}` string" for i in range(len(header)))
     # RFC 4180 quoting: a doubled quote inside a quoted field is one quote, a backslash is text
@@ -438,7 +442,7 @@ def _table(spark: SparkSession, paths: list[Path], delimiter: str, encoding: str
     df = lines.withColumn("_c", parsed).withColumn("_code", F.lit(None).cast("string")).withColumn(
         "_reason", F.lit(None).cast("string"))
     df = mark_first_failure(df, [
-        (F.col("_undecodable"), "undecodable_text", F.lit("undecodable text: bytes are not valid UTF-8")),
+        undecodable(),
         (~F.col("_raw").rlike(csv_line_pattern(delimiter, len(header))), "malformed_line",
          F.lit(f"malformed line: not {len(header)} CSV fields (a quoted field closes on its line; a quote inside "
                "it is doubled)")),

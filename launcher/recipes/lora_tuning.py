@@ -29,7 +29,15 @@ from launcher import checkpoint
 from launcher.artifacts import ADAPTER, BEST_ADAPTER, checkpoint_dir, summary_file, tensorboard_dir
 from launcher.checkpoint import LoopState
 from launcher.config import Config, LoraConfig
-from launcher.data import eval_samples, item_titles, kept_count, smallest_share, train_batches, usable
+from launcher.data import (
+    eval_samples,
+    item_titles,
+    kept_count,
+    short_share,
+    smallest_share,
+    train_batches,
+    usable,
+)
 from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
 from launcher.engine import (
     cosine_schedule,
@@ -95,9 +103,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     per_step = lora_cfg.micro_batch * lora_cfg.grad_accum * dist_ctx.world
     epochs = math.ceil(total * per_step / max(train_rows, 1)) + 1  # the plan's epochs, and one for uneven shares
     if smallest_share(data_dir, "train", dist_ctx.world, lora_cfg.seed, epochs, llm_cfg.drop_no_history) < lora_cfg.micro_batch:
-        raise ValueError(f"{data_dir}: a rank's share of an epoch of split 'train' holds fewer than {lora_cfg.micro_batch} "
-                         f"usable samples (lora.micro_batch; {dist_ctx.world} ranks; rows without history are dropped "
-                         "with llm.drop_no_history)")
+        raise ValueError(short_share(data_dir, "train", lora_cfg.micro_batch, dist_ctx.world))
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
                                       lr_scheduler=cosine_schedule(lora_cfg, total))
