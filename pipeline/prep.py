@@ -23,7 +23,7 @@ from pipeline.collm import collm_result
 from pipeline.config import ConfigError, DataConfig, data_path, load_config
 from pipeline.protocol import ProtocolResult, apply_protocol
 from pipeline.schema import SCHEMA_VERSION, SPLITS
-from pipeline.sources import READERS, SourceError
+from pipeline.sources import READERS, SourceError, read_failure
 from pipeline.spark import get_spark, job_ids, plan_cost
 from pipeline.writers import (
     OutputExistsError,
@@ -65,6 +65,17 @@ def run(cfg: DataConfig, input_dir: Path, output: Path, master: str | None = Non
     check_output(output, overwrite)
     t0 = time.time()
     spark = get_spark(cfg.spark, master)
+    try:
+        return _read_and_write(spark, cfg, input_dir, output, overwrite, t0)
+    except Exception as err:
+        failure = read_failure(err)
+        if failure is None:
+            raise
+        raise failure from err
+
+
+def _read_and_write(spark: SparkSession, cfg: DataConfig, input_dir: Path, output: Path, overwrite: bool,
+                    t0: float) -> dict:
     before = job_ids(spark)  # the manifest counts this run's jobs only
     _step(1, 5, f"reading {cfg.source.format} logs from {input_dir}", t0)
     if cfg.source.format == "collm":

@@ -17,6 +17,7 @@ import gzip
 import json
 import operator
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -70,7 +71,7 @@ def first_line(path: Path, encoding: str) -> str:
     try:
         with opener(path, "rb") as f:
             return f.readline().decode(encoding, errors="replace").rstrip("\r\n").removeprefix(BOM)
-    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; damaged deflate data a zlib.error
         raise SourceError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
 
 
@@ -90,6 +91,23 @@ def file_name(uri: str) -> str:
     """The file a scan's input_file_name() URI names: a local path without `file:`, percent-escapes decoded
     (`+` stays `+`)."""
     return unquote(re.sub("^file:(//)?", "", uri))
+
+
+FAILED_READ = re.compile(r"\[FAILED_READ_FILE[.\w]*\] Encountered error while reading file (\S+?)\.(?:\s|$)")
+CAUSE = re.compile(r"^Caused by: (.+)$", re.MULTILINE)
+
+
+def read_failure(err: Exception) -> SourceError | None:
+    """The SourceError of a Spark job that stopped reading an input file (Spark's FAILED_READ_FILE: a truncated or
+    damaged .gz, a cut Parquet file), naming the file and the cause; None for any other error. Finding it up front
+    would mean reading every file twice."""
+    failed = FAILED_READ.search(str(err))
+    if failed is None:
+        return None
+    path, causes = file_name(failed.group(1)), CAUSE.findall(str(err))
+    test = f"; `gzip -t {path}` tests one" if path.endswith(".gz") else ""
+    return SourceError(f"{path}: cannot be read ({causes[-1] if causes else 'no cause given'}): a truncated "
+                       f"or damaged file, e.g. an interrupted download; fetch or write it again{test}")
 
 
 def number_rows(spark: SparkSession, df: DataFrame, skip_header: bool = False) -> DataFrame:
@@ -124,8 +142,13 @@ def number_rows(spark: SparkSession, df: DataFrame, skip_header: bool = False) -
 
 
 def read_lines(spark: SparkSession, paths: list[Path], encoding: str, skip_header: bool) -> DataFrame:
-    """Text lines with `_file, _line, _pos, _raw` and `_undecodable` (invalid bytes for `encoding`)."""
-    df = number_rows(spark, spark.read.text([str(p) for p in paths]), skip_header)
+    """Text lines with `_file, _line, _pos, _raw` and `_undecodable` (invalid bytes for `encoding`).
+
+    Lines end at LF, the CR of a CRLF end dropped, as `wc -l`, `sed -n` and Python count them: Spark's default also
+    ends a line at a bare CR, which split a line holding one in two and put every later line number off by one."""
+    df = number_rows(spark, spark.read.text([str(p) for p in paths], lineSep="\n"), skip_header)
+    cut_cr = F.expr("cast(substring(cast(value as binary), 1, octet_length(value) - 1) as string)")  # bytes kept
+    df = df.withColumn("value", F.when(F.col("value").endswith("\r"), cut_cr).otherwise(F.col("value")))
     if spark_charset(encoding) == "UTF-8":
         raw, bad = F.col("value"), ~F.expr("is_valid_utf8(value)")
         raw = F.when(F.col("_line") == 1, F.regexp_replace(raw, f"^{BOM}", "")).otherwise(raw)
@@ -253,7 +276,8 @@ def _items(df: DataFrame, title_year: Column | None, missing: tuple[str, ...], i
 
 def _expect(path: Path, ok: bool, expected: str, line: str) -> None:
     if not ok:
-        raise SourceError(f"{path}: line 1 is not {expected}; got {line[:120]!r}")
+        mac = "; a file whose lines end in a bare CR (classic Mac) needs LF or CRLF line ends" if "\r" in line else ""
+        raise SourceError(f"{path}: line 1 is not {expected}; got {line[:120]!r}{mac}")
 
 
 def _delimited(spark: SparkSession, cfg: SourceConfig, input_dir: Path, *, inter_delim: str, inter_fields: int,

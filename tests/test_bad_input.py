@@ -3,6 +3,7 @@ counts add up; wrong paths, formats and columns fail fast with the file named; o
 from __future__ import annotations
 
 import gzip
+import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,8 @@ from pipeline.config import ConfigError
 from pipeline.prep import main, run
 from pipeline.schema import MAX_SECONDS
 from pipeline.sources import SourceError, read_lines, resolve
+from pipeline.synth import interactions as synth_interactions
+from pipeline.synth import item_titles
 from pipeline.writers import OutputExistsError, atomic_output
 from tests.conftest import config
 
@@ -53,14 +56,17 @@ RATINGS = [
     (b"4::1::0x1p2::1000000700", "bad_number"),
     (b"4::1::4::1000000700d", "bad_number"),
     (b"4::1::Infinity::1000000700", "bad_number"),
+    (b"4::2::4::100000\r0800", "bad_number"),      # a bare CR is inside its line, as `wc -l` and `sed -n` count lines
+    (b"4::2::4::900000100", "outside_window"),     # and the lines after it keep their numbers
 ]
+CRLF = {b"2::1::4"}  # written with a CRLF end: the CR is no part of the line
 
 
 @pytest.fixture(scope="module")
 def bad_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("bad")
     (d / "movies.dat").write_bytes(b"\n".join(MOVIES) + b"\n")
-    (d / "ratings.dat").write_bytes(b"\n".join(line for line, _ in RATINGS) + b"\n")
+    (d / "ratings.dat").write_bytes(b"".join(line + (b"\r\n" if line in CRLF else b"\n") for line, _ in RATINGS))
     return d
 
 
@@ -107,6 +113,8 @@ def test_each_bad_row_has_its_reason_file_and_line(spark, bad_run) -> None:
     assert rejects[("interactions", 19)]["reason"] == "bad type: MovieID (ML-1M) x1 is not a positive integer"
     assert rejects[("interactions", 22)]["reason"] == "bad number: rating 5f is not a number"
     assert rejects[("interactions", 24)]["reason"] == "bad number: timestamp 1000000700d is not an integer"
+    assert rejects[("interactions", 26)]["reason"] == "bad number: timestamp 100000\r0800 is not an integer"
+    assert rejects[("interactions", 9)]["raw_bytes"] == b"2::1::4"  # its CRLF end is no part of the line
     assert rejects[("items", 3)]["code"] == "malformed_line"
     assert rejects[("items", 5)]["reason"] == "duplicate item id 1 (first on line 1)"
     assert rejects[("items", 7)]["reason"] == "bad type: item id x9 is not a positive integer"
@@ -443,6 +451,35 @@ def test_files_prep_cannot_open_are_named(spark, tmp_path) -> None:
     with pytest.raises(SourceError, match=r"train_ood2\.pkl: cannot be read as a pickle"):
         run(config("collm-ml-1m", source={"input_dir": str(c), "interactions": ""}), c, tmp_path / "o")
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_file_spark_cannot_read_to_the_end_is_named(spark, tmp_path) -> None:
+    """A .gz cut short past line 1 (an interrupted download), damaged deflate data, a Parquet file cut short: a
+    SourceError naming the file and the cause, not a Py4JJavaError, a zlib traceback or a Java stack trace."""
+    rng = random.Random(0)
+    ratings = gzip.compress("".join(f"{rng.randrange(1, 500)}::{rng.randrange(1, 300)}::{rng.randrange(1, 6)}::"
+                                    f"{978300000 + n}\n" for n in range(20_000)).encode())
+    (tmp_path / "movies.dat").write_text("1::A (1990)::Drama\n")
+    (tmp_path / "ratings.dat.gz").write_bytes(ratings[: len(ratings) // 2])
+    with pytest.raises(SourceError, match=r"ratings\.dat\.gz: cannot be read \(java\.io\.EOFException: Unexpected end "
+                                          r"of input stream\): a truncated or damaged file.*`gzip -t \S+ratings\.dat\.gz`"):
+        run(config("ml-1m"), tmp_path, tmp_path / "out")
+    damaged = bytearray(ratings)
+    damaged[10:60] = bytes(50)  # inside the first deflate block: prep's own look at line 1 meets it
+    (tmp_path / "ratings.dat.gz").write_bytes(bytes(damaged))
+    with pytest.raises(SourceError, match=r"ratings\.dat\.gz: cannot be read \(error: Error -3 while decompressing"):
+        run(config("ml-1m"), tmp_path, tmp_path / "out")
+
+    raw = tmp_path / "raw"
+    synth_interactions(spark, 300, 20, 10, seed=1).coalesce(1).write.parquet(str(raw / "interactions"))
+    item_titles(spark, 10).write.parquet(str(raw / "items"))
+    part = next((raw / "interactions").glob("part-*.parquet"))
+    part.write_bytes(part.read_bytes()[:-100])
+    for checksum in raw.glob("*/.*.crc"):  # as a copied or downloaded folder has none: Hadoop would check them
+        checksum.unlink()
+    with pytest.raises(SourceError, match=re.escape(str(part)) + r": cannot be read \(.+\): a truncated or damaged"):
+        run(config("synthetic"), raw, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_collm_histories_start_with_the_padding_id_and_name_every_item() -> None:
