@@ -29,6 +29,7 @@ def test_eval_writes_scores_metrics_and_curves(ml100k_out: Path, tmp_path: Path)
 
     run = tmp_path / "run"
     tiny_adapter(run, LLM)
+    (run / "lora" / "summary.json").write_text(json.dumps({"best_step": 7}))  # as stage 1 records its chosen adapter
     cfg = write_config(tmp_path / "eval.yaml", data_dir=str(ml100k_out), run_dir=str(run), llm=LLM,
                        eval={"rows": 30, "batch": 8, "model": "lora", "baselines": []})
     finish(launch(cfg, "eval", 2))
@@ -60,6 +61,9 @@ def test_eval_writes_scores_metrics_and_curves(ml100k_out: Path, tmp_path: Path)
     events = EventAccumulator(str(run / "tb" / "eval"), size_guidance={"tensors": 0, "images": 0}).Reload()
     tags = events.Tags()
     assert {"valid/overall/auc", "test/overall/auc"} <= set(tags["scalars"])
+    for split in ("valid", "test"):  # at the adapter's training step, beside stage 1's valid curve where it was chosen
+        assert [(e.step, e.value) for e in events.Scalars(f"{split}/overall/auc")] == [
+            (7, pytest.approx(metrics[split]["overall"]["auc"], abs=1e-6))]
     assert {"valid/roc", "test/roc"} <= set(tags["images"])
     assert {"valid/pr", "test/pr"} <= set(tags["tensors"])  # PR curves
 

@@ -204,6 +204,10 @@ def test_eval_of_the_exported_model_reproduces_the_selected_valid_auc(runs: dict
     assert valid_eval["valid"]["overall"]["auc"] == pytest.approx(summary["valid"]["overall"]["auc"], abs=1e-6)
     # the selected state scores differently from the untrained one, so the stage-2b input would not pass
     assert summary["curve"][0]["overall_auc"] != pytest.approx(summary["valid"]["overall"]["auc"], abs=1e-6)
+    # in TensorBoard eval's point sits on stage 3's valid curve, at the step it chose
+    point = EventAccumulator(str(runs["two"] / "tb" / "eval")).Reload().Scalars("valid/overall/auc")
+    assert [(e.step, e.value) for e in point] == [(summary["best_step"], pytest.approx(
+        valid_eval["valid"]["overall"]["auc"], abs=1e-6))]
 
 
 @pytest.mark.parametrize("name, earlier_best", [("two", False), ("collm", True)])

@@ -12,7 +12,8 @@ LLM rows are scored over all ranks (left-padded batches, softmax over {No, Yes} 
 rows without history are skipped when `llm.drop_no_history` (authors' code), for every model alike.
 Writes <run>/eval/scores-<split>.parquet (row_id, user_id, item_id, label, warm, score),
 <run>/eval/metrics.json (AUC, UAUC and a 95% bootstrap AUC interval; overall, warm, cold) and, under
-<run>/tb/eval, the AUC/UAUC scalars, PR curves and ROC curves (figures).
+<run>/tb/eval, the AUC/UAUC scalars, PR curves and ROC curves (figures), at the training step of the scored
+checkpoint: in TensorBoard eval's valid/ points sit on the training stage's valid/ curve where that chose it.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from launcher.artifacts import (
     adapter_dir,
     find,
     lookup,
+    summary_file,
     tensorboard_dir,
 )
 from launcher.config import Config, EvalModel
@@ -71,10 +73,11 @@ def roc_figure(labels: pd.Series, scores: pd.Series, title: str):
 
 
 class Scorer:
-    """Scores one rank's samples with one model (`eval.model` or a baseline)."""
+    """Scores one rank's samples with one model (`eval.model` or a baseline). `step` is the training step of its
+    checkpoint (the best on valid of stage 1, 2b or 3; 0 for popularity and a stage without a record of it)."""
 
     def __init__(self, cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist, model: EvalModel) -> None:
-        self.cfg, self.dist_ctx, self.model = cfg, dist_ctx, model
+        self.cfg, self.dist_ctx, self.model, self.step = cfg, dist_ctx, model, 0
         if self.model == "popularity":
             rows = pd.read_parquet(data_dir / "tables" / "interactions", columns=["item_id", "label"],
                                    filters=[("split", "==", "train")])
@@ -84,6 +87,7 @@ class Scorer:
         if self.model == "mf":  # in a SeLLa-Rec run, the aligned tables: the source names the alignment weight
             self.tables = TableFile(find(cfg, run_dir, COLLAB_FILE))
             self.source = f"{self.tables.path} (align weight {self.tables.metadata.get('align_weight', '?')})"
+            self.step = int(self.tables.metadata.get("best_step", 0))
             return
         sella = self.model == "sella"
         adapter = (lookup(cfg, run_dir, SELLA_ADAPTER) if sella else None) or adapter_dir(cfg, run_dir)
@@ -94,8 +98,11 @@ class Scorer:
             projector_file = find(cfg, run_dir, SELLA_PROJECTOR)
             self.lm = SellaLM.from_export(llm, self.tokenizer, projector_file).to(dist_ctx.device, dist_ctx.dtype).eval()
             self.source += f" + {find(cfg, run_dir, SELLA_PROJECTOR).parent}"
+            self.step = int(self.tables.metadata.get("best_step", 0))
         else:
             self.lm = llm.to(dist_ctx.device)
+            summary = adapter.parent.parent / summary_file("lora")  # <base>/lora/adapter -> <base>/lora/summary.json
+            self.step = int(json.loads(summary.read_text()).get("best_step", 0)) if summary.is_file() else 0
         check_titles_fit(self.tokenizer, "sella" if sella else "lora", cfg.domain, cfg.llm.max_length,
                          item_titles(data_dir), sella and self.lm.warm)
 
@@ -153,9 +160,10 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         if dist_ctx.main:
             out.mkdir(parents=True, exist_ok=True)
             table.to_parquet(run_dir / EVAL_SCORES.format(split=split), index=False)
-            monitor.scalars(0, scalars(metrics), f"{split}/")
-            monitor.writer.add_pr_curve(f"{split}/pr", table.label.to_numpy(), table.score.to_numpy(), 0)
-            monitor.writer.add_figure(f"{split}/roc", roc_figure(table.label, table.score, f"ROC, {split}"), 0)
+            monitor.scalars(scorer.step, scalars(metrics), f"{split}/")
+            monitor.writer.add_pr_curve(f"{split}/pr", table.label.to_numpy(), table.score.to_numpy(), scorer.step)
+            monitor.writer.add_figure(f"{split}/roc", roc_figure(table.label, table.score, f"ROC, {split}"),
+                                      scorer.step)
     summary = {"stage": STAGE, "model": eval_cfg.model, "llm": llm_cfg.model, "from": scorer.source, "world": dist_ctx.world,
                "score_seconds": seconds, **results}
     if compared:
