@@ -130,9 +130,18 @@ def newer_input(cfg: Config, run_dir: Path, data_dir: Path, stage: str) -> Path 
     created = json.loads(manifest.read_text()).get("created") if manifest.is_file() else None
     if created is not None and datetime.fromisoformat(created).timestamp() > made:
         return manifest
-    earlier = [collab_input(cfg, run_dir) if s == "collab" else lookup(cfg, run_dir, DONE[s])
+    inputs = {"distill": semantic_input, "collab": collab_input}
+    earlier = [inputs[s](cfg, run_dir) if s in inputs else lookup(cfg, run_dir, DONE[s])
                for s in list(DONE)[:list(DONE).index(stage)]]
     return next((p for p in earlier if p is not None and p.stat().st_mtime > made), None)
+
+
+def semantic_input(cfg: Config, run_dir: Path) -> Path | None:
+    """The stage-2a vectors stage 2b reads: `collab.semantic_path` when set, else this run's or its upstream's."""
+    if cfg.collab.semantic_path:
+        path = Path(cfg.collab.semantic_path)
+        return path if path.exists() else None
+    return lookup(cfg, run_dir, SEMANTIC_FILE)
 
 
 def collab_input(cfg: Config, run_dir: Path) -> Path | None:

@@ -14,7 +14,8 @@
   base/                 the base weights when no public checkpoint has them: the GGUF file the base came
                         from, or the tiny test model
   base.txt              where the base model comes from (a hub name, or base/)
-  training.json         stage 3's budget and selection (steps, best step, valid metrics), command, commit, versions
+  training.json         stage 3's budget and selection (steps, best step, valid metrics), command, commit, versions,
+                        and the prep output it trained on (name, when made, label rule: from its manifest)
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from launcher.provenance import PROVENANCE, RUN_CONFIG
 from llm.model import SMOLLM2_GGUF, SPECIAL_TOKENS, load_base, smollm2_gguf
 from llm.prompts import ANSWERS, CUE, USER, WARM, WORDS, answer_room, leading_ids, system_text
 from llm.scorer import yes_no_ids
+from pipeline.schema import load_manifest
 
 CARD = "README.md"
 
@@ -130,28 +132,32 @@ def write(cfg: Config, data_dir: Path, run_dir: Path, tokenizer: Tokenizer, adap
     config = json.loads(adapter_cfg.read_text())
     config["base_model_name_or_path"] = "../base" if (export / "base").is_dir() else cfg.llm.model
     adapter_cfg.write_text(json.dumps(config, indent=2))
-    provenance = json.loads((run_dir / "sella" / PROVENANCE).read_text())
+    provenance, manifest = json.loads((run_dir / "sella" / PROVENANCE).read_text()), load_manifest(data_dir)
     (export / "base.txt").write_text(base + "\n")
     (export / "training.json").write_text(json.dumps({
         "summary": {k: summary[k] for k in ("steps", "best_step", "train_prompts", "train_seconds", "loss", "lr",
                                             "table_optimizer", "inject_norm", "warm_token", "train_lora")},
         "valid": summary["valid"], "command": provenance["command"], "code": provenance["code"],
-        "versions": provenance["versions"]}, indent=1))
+        "versions": provenance["versions"], "data": {"name": manifest["name"], "created": manifest.get("created"),
+                                                     "label": label_rule(manifest["config"])}}, indent=1))
     card(export, cfg, None)
     return export
 
 
-def label_rule(cfg: Config) -> str:
-    """The data's label rule as the card states it: from the prep config, or CoLLM's own labels."""
-    if cfg.source.format == "collm":
+def label_rule(prep: dict[str, Any]) -> str:
+    """The data's label rule as the card states it, from the config prep ran with (its manifest's, not the training
+    config's, which may differ in keys prep alone reads): its rule, or CoLLM's own labels."""
+    if prep["source"]["format"] == "collm":
         return "labels as CoLLM's released splits give them (rating >= 4)"
-    op = {"ge": ">=", "eq": "==", "gt": ">"}[cfg.protocol.label.op]
-    return f"label = rating {op} {cfg.protocol.label.threshold:g}"
+    op = {"ge": ">=", "eq": "==", "gt": ">"}[prep["protocol"]["label"]["op"]]
+    return f"label = rating {op} {prep['protocol']['label']['threshold']:g}"
 
 
 def card(export: Path, cfg: Config, metrics: dict | None) -> None:
     """(Re)write the model card; stage eval calls it again with its metrics."""
     training = json.loads((export / "training.json").read_text())
+    # an export written before training.json recorded its prep output: the training config's word for it
+    data = training.get("data") or {"name": cfg.name, "label": label_rule(cfg.model_dump(mode="json"))}
     spec = json.loads((export / "prompt.json").read_text())
     s = training["summary"]
     lines = [
@@ -177,7 +183,7 @@ def card(export: Path, cfg: Config, metrics: dict | None) -> None:
         ("- `config.yaml` and `training.json`: the resolved config, the training summary, the command, the code "
         "commit and the versions of the stack."), "",
         "## Data protocol", "",
-        (f"Data set `{cfg.name}`, prepared by the CoLLM/SeLLa-Rec protocol ({label_rule(cfg)}; a time split into "
+        (f"Data set `{data['name']}`, prepared by the CoLLM/SeLLa-Rec protocol ({data['label']}; a time split into "
         "train / valid / test; each sample's history = the user's earlier positive items; ids remapped to 1..N). "
         "Warm rows: user and item both seen in train; cold: the others."), "",
         "## Training", "",

@@ -29,12 +29,13 @@ RUN_CONFIG = "config.yaml"
 PROVENANCE = "provenance.json"
 STACK = ("torch", "torchrec", "fbgemm-gpu", "fbgemm-gpu-cpu", "deepspeed", "transformers", "peft", "safetensors",
          "pyspark", "numpy", "pydantic")
-# what shapes each stage's model: top-level keys and sections (budget keys inside them excepted)
+# what shapes each stage's model: top-level keys and sections (budget keys inside them excepted). Not `data_dir`: the
+# prep output a stage ran on is compared by its record (DATA), so a copy elsewhere is the same data, by --data or not
 SHAPES = {
-    "lora": ("data_dir", "domain", "llm", "lora", "deepspeed.precision", "deepspeed.zero_stage"),
-    "distill": ("data_dir", "upstream", "domain", "llm", "distill"),
-    "collab": ("data_dir", "upstream", "collab"),
-    "sella": ("data_dir", "upstream", "domain", "llm", "sella", "collab.dim", "collab.proj_hidden",
+    "lora": ("domain", "llm", "lora", "deepspeed.precision", "deepspeed.zero_stage"),
+    "distill": ("upstream", "domain", "llm", "distill"),
+    "collab": ("upstream", "collab"),
+    "sella": ("upstream", "domain", "llm", "sella", "collab.dim", "collab.proj_hidden",
               "deepspeed.precision", "deepspeed.zero_stage"),
     "eval": (),
     "scored": ("domain", "llm"),  # stage eval against the stage that trained the model it scores (check_scored)
@@ -149,13 +150,21 @@ def check_scored(cfg: Config, run_dir: Path, allow_change: bool, model: str | No
     return changed
 
 
-def check_upstream(cfg: Config, upstream: Path, stage: str, allow_change: bool) -> list[str]:
+def check_upstream(cfg: Config, upstream: Path, stage: str, allow_change: bool, data: dict[str, Any]) -> list[str]:
     """`--stage all` takes a shared stage (lora, distill, collab) that its `upstream` run finished instead of running
-    it: the keys that shape that stage must be the ones it ran with there (world size, precision and `upstream`
-    aside); the changed keys (raises ConfigChanged on any, unless `allow_change`)."""
+    it: it must have run on this launch's prep output `data` (`prep_output`; never allowed otherwise), and the keys
+    that shape that stage must be the ones it ran with there (world size, precision and `upstream` aside); the changed
+    keys (raises ConfigChanged on any, unless `allow_change`)."""
     recorded = upstream / stage / RUN_CONFIG
     if not recorded.is_file():
         return []
+    ran = upstream / stage / PROVENANCE
+    was_data = json.loads(ran.read_text()).get("data") if ran.is_file() else None
+    if was_data is not None and (was_data["name"], was_data["created"]) != (data["name"], data["created"]):
+        raise ConfigChanged(f"{ran}: this run takes stage {stage} from its upstream run, which ran it on another prep "
+                            f"output ({was_data['path']}, {was_data['name']}, made {was_data['created']}) than this "
+                            f"launch's ({data['path']}, {data['name']}, made {data['created']}). Run the upstream on "
+                            "this prep output, or set upstream: null to run every stage in this run")
     old, new = yaml.safe_load(recorded.read_text()), cfg.model_dump(mode="json")
     changed = [k for k in changed_keys(old, new, stage) if k not in ("upstream", "deepspeed.precision", COLUMN_BLOCKS)]
     # (a bf16 adapter serves an fp32 row; the tables' layout is how stage 2b ran, not what it made)
@@ -210,7 +219,9 @@ def record(cfg: Config, run_dir: Path, stage: str, world: int, changed: list[str
     folder = run_dir / stage
     folder.mkdir(parents=True, exist_ok=True)
     earlier = {p: p.read_bytes() if p.is_file() else None for p in (folder / RUN_CONFIG, folder / PROVENANCE)}
-    (folder / RUN_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    # the paths it ran on, as given (--data, --run-dir) or configured, so that --config on this file runs it there again
+    ran = cfg.model_dump(mode="json") | {"data_dir": data["path"], "run_dir": str(run_dir)}
+    (folder / RUN_CONFIG).write_text(yaml.safe_dump(ran, sort_keys=False))
     repo = Path(__file__).resolve().parents[1]
     (folder / PROVENANCE).write_text(json.dumps({
         "stage": stage, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "world": world, "data": data,

@@ -48,7 +48,7 @@ from launcher.artifacts import (
 from launcher.config import Config
 from launcher.metrics import results_table
 from pipeline.config import ConfigError, data_path, load_config, run_path
-from pipeline.schema import load_manifest
+from pipeline.schema import MANIFEST, load_manifest
 
 STAGES = ("lora", "distill", "collab", "sella", "eval")
 RECIPES = {"lora": "lora_tuning", "distill": "distillation", "collab": "collab_alignment", "sella": "sella_training",
@@ -104,7 +104,11 @@ def load_recipes(stages: tuple[str, ...]) -> dict[str, ModuleType]:
 
 
 def check_prep(cfg: Config, data_dir: Path, manifest: dict) -> None:
-    """The prep output fits the config: its samples hold the history titles the prompts show."""
+    """The prep output fits the config: it is of the config's domain (the prompts' words) and its samples hold the
+    history titles the prompts show."""
+    if manifest.get("domain", cfg.domain) != cfg.domain:
+        raise ValueError(f"{data_dir}: its manifest says domain {manifest['domain']!r}, the config says {cfg.domain!r} "
+                         "(the prompts' words); set domain to the data's or pass the --data of that domain")
     kept = manifest["config"]["protocol"]["history_len"]
     if cfg.llm.history_titles > kept:
         raise ValueError(f"{data_dir}: its samples hold the last {kept} history titles (protocol.history_len), fewer "
@@ -117,8 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set, schema=Config)
         data_dir = data_path(cfg, args.data)
+        if not (data_dir / MANIFEST).is_file():
+            raise FileNotFoundError(f"{data_dir / MANIFEST}: no prep output there; make it first: spark-submit "
+                                    f"pipeline/prep.py --config {args.config} --output {data_dir}")
         manifest = load_manifest(data_dir)
         check_prep(cfg, data_dir, manifest)
+        if cfg.upstream and not Path(cfg.upstream).is_dir():  # else --stage all would train its stages here, silently
+            raise FileNotFoundError(f"upstream: {cfg.upstream} is not a directory; run the config whose run directory "
+                                    "it is first, or set upstream: null to run every stage in this run")
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                    for stage in stages}
         for stage in SHARED_BY_UPSTREAM if args.stage == "all" else ():
             if done(cfg, run_dir, data_dir, stage) and not (run_dir / DONE[stage]).exists():  # taken from the upstream run
-                provenance.check_upstream(cfg, Path(cfg.upstream), stage, args.allow_config_change)
+                provenance.check_upstream(cfg, Path(cfg.upstream), stage, args.allow_config_change, data)
     except provenance.ConfigChanged as err:
         if dist_ctx.main:
             print(f"error: {err}", file=sys.stderr)
@@ -167,11 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     for stage in stages:
         newer = newer_input(cfg, run_dir, data_dir, stage) if stage != "eval" else None  # (eval keeps nothing: it rescores)
         if newer is not None:
+            stale = made_so_far(cfg, run_dir, stage)
+            if stale is not None and not stale.is_relative_to(run_dir):  # --fresh here would not touch it
+                shared = ",".join(s for s in STAGES[STAGES.index(stage):] if s in SHARED_BY_UPSTREAM)
+                recorded = Path(cfg.upstream) / stage / provenance.RUN_CONFIG
+                again = (f"It is the upstream run's ({cfg.upstream}), which --fresh here does not touch: run --stage "
+                         f"{shared} --fresh there with the config it ran with ({recorded}), then this run's stages "
+                         "again; or set upstream: null to run every stage in this run")
+            else:
+                again = f"Run it again from scratch: --stage {','.join(STAGES[STAGES.index(stage):])} --fresh"
             if dist_ctx.main:
-                print(f"error: [{args.stage}] {made_so_far(cfg, run_dir, stage)} is older than {newer}: prep or an "
-                      f"earlier stage ran again after {stage} finished or checkpointed, and launching {stage} would keep "
-                      f"what it made from the old inputs. Run it again from scratch: --stage {','.join(STAGES[STAGES.index(stage):])} "
-                      "--fresh", file=sys.stderr)
+                print(f"error: [{args.stage}] {stale} is older than {newer}: prep or an earlier stage ran again after "
+                      f"{stage} finished or checkpointed, and launching {stage} would keep what it made from the old "
+                      f"inputs. {again}", file=sys.stderr)
             dist.destroy_process_group()
             return 2
         if args.stage == "all" and done(cfg, run_dir, data_dir, stage):

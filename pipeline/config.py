@@ -252,26 +252,43 @@ class DataConfig(_Strict):
 Schema = TypeVar("Schema", bound=DataConfig)
 
 
-def _format_error(path: Path, err: ValidationError) -> str:
+def _format_error(path: Path, err: ValidationError, overridden: tuple[str, ...] = ()) -> str:
     lines = [f"{path}: invalid config"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
-        lines.append(f"  {key}: {e['msg']}{got}")
+        given = " (from --set)" if any(key == k or key.startswith(k + ".") for k in overridden) else ""
+        lines.append(f"  {key}: {e['msg']}{got}{given}")
     return "\n".join(lines)
 
 
-def parse_config(data: dict[str, Any], path: Path | str = "<config>", *, schema: type[Schema]) -> Schema:
+def parse_config(data: dict[str, Any], path: Path | str = "<config>", *, schema: type[Schema],
+                 overridden: tuple[str, ...] = ()) -> Schema:
     """Validate a config mapping against `schema` (DataConfig, or launcher.config.Config for the training
-    stages); errors name each offending key and what was expected."""
+    stages); errors name each offending key and what was expected, and which came from `overridden` (--set) keys."""
     try:
         return schema.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(Path(path), err)) from None
+        raise ConfigError(_format_error(Path(path), err, overridden)) from None
+
+
+def override_value(item: str, value: str) -> Any:
+    """The value of one `--set KEY=VALUE`, parsed as YAML like the file's values: `1e-3`, `null`, `[a, b]`, `{r: 8}`.
+    Text YAML reads as something else or not at all (`,`, `|`, `:`) is refused, with the quoting that keeps it."""
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: {value!r} is not a YAML value ({str(err).splitlines()[0]}); quote it, "
+                          f"e.g. --set \"{item.partition('=')[0]}='{value}'\"") from None
+    if parsed in ("", None) and value.strip() not in ("", "null", "~", "Null", "NULL", "''", '""'):
+        raise ConfigError(f"--set {item!r}: YAML reads {value!r} as {parsed!r}; quote it, "
+                          f"e.g. --set \"{item.partition('=')[0]}='{value}'\"")
+    return parsed
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Set `a.b.c=value` overrides (value parsed as YAML) in a config mapping."""
+    """Set `a.b.c=value` overrides (value parsed as YAML) in a config mapping. A mapping value is laid on the
+    section it names (`--set 'lora={r: 8}'` changes r and keeps the file's other lora keys), as `base` files are."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -282,7 +299,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        parsed = override_value(item, value)
+        node[leaf] = merge(node[leaf], parsed) if isinstance(parsed, dict) and isinstance(node.get(leaf), dict) \
+            else parsed
     return data
 
 
@@ -372,4 +391,5 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     """Load one YAML config file (with its `base` chain), with optional `KEY=VALUE` overrides, and validate it
     against `schema`."""
     path = Path(path)
-    return parse_config(apply_overrides(_read(path), overrides), path, schema=schema)
+    overridden = tuple(item.partition("=")[0] for item in overrides)
+    return parse_config(apply_overrides(_read(path), overrides), path, schema=schema, overridden=overridden)

@@ -108,6 +108,26 @@ def test_a_row_that_takes_upstream_stages_run_with_other_settings_stops(run: tup
     assert not (tmp_path / "row" / "sella").exists()
 
 
+def test_a_row_whose_upstream_stage_is_stale_is_told_to_run_it_again_there(run: tuple[Path, Path, str],
+                                                                          ml100k_out: Path, tmp_path: Path) -> None:
+    """Prep ran again after the upstream run's stage 1: `--fresh` in the row would not touch the upstream's adapter,
+    so the error names the upstream's stages and the config they ran with, not `--fresh` here (which looped)."""
+    import shutil
+
+    _, run_dir, _ = run
+    upstream = shutil.copytree(run_dir, tmp_path / "up", ignore=shutil.ignore_patterns("ckpt"))
+    os.utime(upstream / DONE["lora"], (1_000_000_000, 1_000_000_000))  # 2001: before the prep output was made
+    cfg = write_config(tmp_path / "row.yaml", data_dir=str(ml100k_out), run_dir=str(tmp_path / "row"),
+                       upstream=str(upstream), llm=LLM, **BUDGET)
+    proc = launch(cfg, "all", 2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-3000:]
+    assert f"[all] {upstream / DONE['lora']} is older than {ml100k_out / 'manifest.json'}" in out
+    assert (f"It is the upstream run's ({upstream}), which --fresh here does not touch: run --stage lora,distill,collab "
+            f"--fresh there with the config it ran with ({upstream / 'lora' / 'config.yaml'})") in out
+    assert not (tmp_path / "row" / "lora").exists()
+
+
 def rank(cfg: Path, candidates: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
     """launcher/rank.py for user 7 of the run."""
     return subprocess.run([sys.executable, "launcher/rank.py", "--config", str(cfg), "--user", "7", "--candidates",

@@ -113,6 +113,26 @@ def test_stage_3_on_another_runs_tables_is_stale_when_those_are_made_again(tmp_p
     assert newer_input(cfg, run, tmp_path / "prep", "sella") == index
 
 
+def test_stage_2b_on_vectors_named_by_semantic_path_is_stale_when_those_are_made_again(tmp_path: Path) -> None:
+    """`collab.semantic_path` names the vectors stage 2b reads: their being made again after it leaves stage 2b and
+    the stages after it stale; this run's own semantic.safetensors, which it does not read, does not."""
+    import os
+
+    run, vectors = tmp_path / "row", tmp_path / "elsewhere" / "semantic.safetensors"
+    cfg = config("collm-ml-1m", collab={"semantic_path": str(vectors)})
+    for when, path in enumerate([run / DONE["lora"], run / DONE["distill"], vectors, run / DONE["collab"],
+                                 run / DONE["sella"], run / DONE["eval"]]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+        os.utime(path, (1_000_000 + when, 1_000_000 + when))
+    assert all(done(cfg, run, tmp_path / "prep", s) for s in DONE)
+    os.utime(run / DONE["distill"], (2_000_000, 2_000_000))  # not the vectors this run's stage 2b reads
+    assert all(done(cfg, run, tmp_path / "prep", s) for s in DONE if s != "distill")
+    os.utime(vectors, (3_000_000, 3_000_000))
+    assert [s for s in DONE if not done(cfg, run, tmp_path / "prep", s)] == ["collab", "sella", "eval"]
+    assert newer_input(cfg, run, tmp_path / "prep", "collab") == vectors
+
+
 def test_a_folder_replaced_is_whole_wherever_a_kill_falls(tmp_path: Path) -> None:
     """The new folder is written beside and renamed in; a kill between the two renames leaves the old one whole at
     `.previous`, and `settled` finds it."""

@@ -144,6 +144,18 @@ def test_command_line_overrides_set_nested_keys_and_name_bad_ones() -> None:
         load_config(CONFIGS / "collm-ml-1m.yaml", ["collab.align.weight"])
     with pytest.raises(ConfigError, match=r"collab\.colab_dim: Extra inputs are not permitted"):
         load_config(CONFIGS / "collm-ml-1m.yaml", ["collab.colab_dim=8"])
+    with pytest.raises(ConfigError, match=r"lora\.r: .*got 'abc'\) \(from --set\)"):  # the file is not to blame
+        load_config(CONFIGS / "collm-ml-1m.yaml", ["lora.r=abc"])
+    # a mapping is laid on its section, as a `base` file's is: the file's other lora keys stay
+    lora = load_config(CONFIGS / "collm-ml-1m.yaml", ["lora={r: 8}"]).lora
+    assert (lora.r, lora.lr, lora.max_steps) == (8, 3e-4, 128)
+    # text YAML reads as another value or not at all is refused, with the quoting that keeps it
+    for value, says in ((",", "is not a YAML value"), ("|", "YAML reads '|' as ''"), (":", "is not a YAML value")):
+        with pytest.raises(ConfigError, match=re.escape(f"--set 'source.delimiter={value}': ") + ".*" + re.escape(
+                says) + ".*" + re.escape(f"--set \"source.delimiter='{value}'\"")):
+            load_config(CONFIGS / "ml-100k.yaml", [f"source.delimiter={value}"], schema=DataConfig)
+    assert load_config(CONFIGS / "ml-100k.yaml", ["source.delimiter='|'"], schema=DataConfig).source.delimiter == "|"
+    assert load_config(CONFIGS / "collm-ml-1m.yaml", ["upstream=null", "lora.lr=1e-3"]).lora.lr == 1e-3
 
 
 def test_comparison_rows_inherit_the_benchmark_config() -> None:

@@ -221,7 +221,9 @@ def test_cli_names_a_missing_prep_output(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "launcher" / "train.py"), "--config",
                            str(REPO / "configs" / "ml-100k.yaml"), "--stage", "lora", "--data", str(tmp_path)],
                           capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 2 and f"{tmp_path}/manifest.json: no manifest" in proc.stderr
+    assert proc.returncode == 2 and (f"{tmp_path}/manifest.json: no prep output there; make it first: spark-submit "
+                                     f"pipeline/prep.py --config {REPO / 'configs' / 'ml-100k.yaml'} --output {tmp_path}"
+                                     ) in proc.stderr
 
 
 def test_cli_names_prompts_longer_than_the_prepped_histories(ml100k_out: Path) -> None:

@@ -88,6 +88,8 @@ def test_under_zero_1_to_3_stage_3_resumes_only_on_its_world_size(tmp_path) -> N
         check(other_rank, tmp_path, "lora", 8, allow_change=False, data=data, resumes=False)
     copied = {**data, "path": "/mnt/elsewhere/ml-100k"}  # the same prep output in another folder
     assert check(on_8_gpus, tmp_path, "lora", 8, allow_change=False, data=copied, resumes=False) == []
+    named = on_8_gpus.model_copy(update={"data_dir": "/mnt/elsewhere/ml-100k"})  # named by data_dir, not --data
+    assert check(named, tmp_path, "lora", 8, allow_change=False, data=copied, resumes=False) == []
     again = {**data, "created": "2026-12-08T09:00:00+00:00"}  # prep ran again: what the stage made is of other data
     with pytest.raises(ConfigChanged, match=r"data \(the prep output\): \{'path': 'out/ml-100k'.*2026-12-08") as err:
         check(on_8_gpus, tmp_path, "lora", 8, allow_change=False, data=again, resumes=False)
@@ -258,3 +260,50 @@ def test_an_epochs_budget_plans_whole_steps_exactly() -> None:
     assert steps("lora.epochs=1") == 100 and steps("lora.epochs=1", rows=6401) == 101
     assert steps("lora.epochs=0.3") == 30 and steps("lora.epochs=3") == 300
     assert steps("lora.epochs=1", "lora.max_samples=1000") == 16 and steps("lora.epochs=1", "lora.max_steps=7") == 7
+
+
+def test_a_missing_upstream_or_data_of_another_domain_stops_before_any_stage(tmp_path, capsys) -> None:
+    """Both are found before the process group starts (exit 2, the key named): a mistyped `upstream` made `--stage
+    all` train stages 1-2b in the row's own directory, silently; a config's domain picks the prompts' words."""
+    import json
+
+    from launcher.train import main
+    from pipeline.schema import MANIFEST, SCHEMA_VERSION
+
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest = {"schema_version": SCHEMA_VERSION, "domain": "movie", "config": {"protocol": {"history_len": 10}}}
+    (data / MANIFEST).write_text(json.dumps(manifest))
+    args = ["--config", "configs/ml-100k.yaml", "--stage", "all", "--data", str(data), "--run-dir", str(tmp_path / "r")]
+    assert main([*args, "--set", f"upstream={tmp_path / 'nope'}"]) == 2
+    assert f"upstream: {tmp_path / 'nope'} is not a directory" in capsys.readouterr().err
+    assert main([*args, "--set", "domain=book"]) == 2
+    assert f"{data}: its manifest says domain 'movie', the config says 'book'" in capsys.readouterr().err
+    assert main([*args[:-4], "--data", str(tmp_path / "none"), *args[-2:]]) == 2  # no prep output: its command
+    assert (f"{tmp_path / 'none' / MANIFEST}: no prep output there; make it first: spark-submit pipeline/prep.py "
+            f"--config configs/ml-100k.yaml --output {tmp_path / 'none'}") in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_stage_taken_from_upstream_must_have_run_on_this_prep_output(tmp_path) -> None:
+    """`--stage all` skips the upstream's finished stage 1 and reads its adapter: an adapter trained on another prep
+    output (another --data, or prep run again) is refused, naming both, whatever --allow-config-change says."""
+    import json
+
+    import yaml
+
+    from launcher import provenance
+    from tests.conftest import config
+
+    cfg = config("collm-ml-1m")
+    upstream = tmp_path / "up"
+    (upstream / "lora").mkdir(parents=True)
+    (upstream / "lora" / provenance.RUN_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    (upstream / "lora" / provenance.PROVENANCE).write_text(json.dumps({"world": 2, "data": DATA}))
+    assert provenance.check_upstream(cfg, upstream, "lora", False, DATA) == []
+    other = DATA | {"path": "out/other", "created": "2026-12-07T10:00:00+00:00"}
+    for allow in (False, True):
+        with pytest.raises(provenance.ConfigChanged, match=r"which ran it on another prep output \(out/ml-100k, "
+                                                           r"ml-100k, made 2026-12-07T09:00.*than this launch's "
+                                                           r"\(out/other, ml-100k, made 2026-12-07T10:00"):
+            provenance.check_upstream(cfg, upstream, "lora", allow, other)

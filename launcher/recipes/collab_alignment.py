@@ -49,7 +49,7 @@ from launcher.artifacts import (
     COLLAB_FILE,
     SEMANTIC_FILE,
     checkpoint_dir,
-    lookup,
+    semantic_input,
     summary_file,
     tensorboard_dir,
 )
@@ -131,8 +131,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     splits, max_user, items = read_data(data_dir)
     max_item = int(items.item_id.max())
     aligned = collab_cfg.align.weight > 0
-    sem_path = (Path(collab_cfg.semantic_path) if collab_cfg.semantic_path
-                else lookup(cfg, run_dir, SEMANTIC_FILE) or run_dir / SEMANTIC_FILE)
+    sem_path = semantic_input(cfg, run_dir) or Path(collab_cfg.semantic_path or run_dir / SEMANTIC_FILE)
     if aligned and not sem_path.is_file():
         raise FileNotFoundError(f"{sem_path}: no semantic vectors; run --stage distill first, "
                                 "or set collab.align.weight: 0 for plain MF")
