@@ -107,6 +107,9 @@ def test_a_finished_run_launched_again_rewrites_nothing_unless_its_source_change
     assert summary["skipped_chunks"] == 0 and summary["computed_items"] == summary["items"]
     earlier = json.loads((runs["whole"] / summary_file("distill")).read_text())["source_digest"]
     assert summary["source_digest"] != earlier and (run / "semantic.safetensors").stat().st_mtime_ns > before[0][1]
+    again, first = load_file(run / "semantic.safetensors"), load_file(runs["whole"] / "semantic.safetensors")
+    assert torch.equal(again["item_ids"], first["item_ids"])
+    assert_close(again["semantic"], first["semantic"], rtol=0, atol=1e-6)
 
 
 def test_one_rank_distills_the_same_table_as_two(runs: dict[str, object], ml100k_out: Path, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from launcher.artifacts import EVAL_METRICS, summary_file
 from launcher.config import Config
@@ -46,6 +48,25 @@ def test_payload_parts_fit_one_transfer_each(payload: tuple[Path, str]) -> None:
     assert manifest["kit"] is KIT.is_dir()
 
 
+def test_every_file_a_transfer_carries_counts_against_a_part(tmp_path: Path) -> None:
+    """The device tool carries the tracked files and the untracked ones git does not ignore with every part: a
+    scratch file left in the working tree counts, an ignored one does not."""
+    sys.path.insert(0, str(REPO / "scripts" / "gpu"))
+    from payload import tracked_bytes
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text("out/\n")
+    (tmp_path / "tracked.py").write_bytes(b"x" * 1000)
+    git("add", ".gitignore", "tracked.py")
+    (tmp_path / "scratch.txt").write_bytes(b"y" * 300)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ignored.bin").write_bytes(b"z" * 5000)
+    assert tracked_bytes(tmp_path) == len("out/\n") + 1000 + 300
+
+
 def test_dry_run_runs_every_row_from_the_parts_then_the_benchmarks(payload: tuple[Path, str], tmp_path: Path) -> None:
     """Every row, then bench/llm_train.py and bench/collab.py (each with its baseline in the same run) through
     run.sh's bench path at a smoke-test size."""
@@ -77,14 +98,18 @@ def test_dry_run_runs_every_row_from_the_parts_then_the_benchmarks(payload: tupl
         names = tar.getnames()
         lora = json.load(tar.extractfile(f"runs/gpu/collm-ml-1m/{summary_file('lora')}"))
         collm = json.load(tar.extractfile(f"runs/gpu/collm-ml-1m-collm/{summary_file('sella')}"))
+        recorded = yaml.safe_load(tar.extractfile("runs/gpu/collm-ml-1m/lora/config.yaml"))
     assert f"runs/gpu/collm-ml-1m/{EVAL_METRICS}" in names and f"runs/gpu/collm-ml-1m/{summary_file('sella')}" in names
     assert any(n.startswith("runs/gpu/collm-ml-1m/tb/sella/events.") for n in names)
     assert not any(n.endswith((".safetensors", ".gguf")) or "/ckpt/" in n or "/export/" in n for n in names)
     assert "logs/sella-sella-eval.log" in names and "runs/gpu/collm-ml-1m/eval/scores-test.parquet" in names
     assert {"logs/bench-llm.log", "logs/bench-collab.log"} <= set(names)
     assert lora["valid"]["overall"]["rows"] == 12  # --set lora.eval_rows=12 over the dry run's 16
-    # CoLLM-like keeps the MF tables frozen, sharded as the GPU config shards them (tests/test_sella_stage.py checks
-    # the rows stay as they were)
+    # the record runs again with --config alone: the prep output run.sh gave with --data, not the config's data_dir
+    assert (recorded["data_dir"], recorded["run_dir"]) == (str((tmp_path / "target" / "data" / "ml-100k").resolve()),
+                                                           "runs/gpu/collm-ml-1m")
+    # CoLLM-like keeps the MF tables frozen, sharded as the GPU config shards them (that the rows stay as they were,
+    # on FBGEMM's fused sharded tables too: tests/test_sella_stage.py::test_frozen_tables_stay_as_stage_2b_left_them)
     assert collm["table_optimizer"].startswith("none: train_tables false") and collm["sharding"] == "row_wise"
     assert (tmp_path / "target" / ".unpacked").is_file()  # a second run.sh on the same host skips the unpack
 
@@ -141,27 +166,46 @@ def test_plan_caps_stage_3_by_the_time_left_and_runs_only_the_stages_rows_read(t
     """Each stage-3 launch trains for sella.max_minutes or until run.sh's reserve for its validations and test
     before the deadline, whichever comes first; stages 1 and 2a-2b run only for a row that reads them; every call
     gets a working folder of its own (a second call with other settings starts over)."""
-    def plan(*flags: str) -> tuple[list[tuple[str, str]], list[float]]:
+    def plan(*flags: str, repo: Path = REPO) -> tuple[list[tuple[str, str]], list[tuple[str, int, float]]]:
         results = tmp_path / f"results-{len(list(tmp_path.glob('results-*')))}"
         proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--plan", *flags, "--target", str(tmp_path / "target"),
-                               "--results", str(results)], cwd=REPO, capture_output=True, text=True, check=False,
+                               "--results", str(results)], cwd=repo, capture_output=True, text=True, check=False,
                               env={**os.environ, "PYTHON": sys.executable})
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
         launches = [tuple(line.split("\t")[:2]) for line in (results / "plan.tsv").read_text().splitlines()[1:]]
-        caps = [float(line.rsplit("sella.max_minutes=", 1)[1]) for line in (results / "plan.log").read_text().splitlines()
-                if "--stage sella,eval --set sella.max_minutes=" in line]
+        caps = [(m[2], int(m[1]), float(m[3])) for m in re.finditer(  # (row, seconds since the start, cap)
+            r"\[gpu-run \+(\d+)s\] (\S+): --stage sella,eval --set sella\.max_minutes=([\d.]+)",
+            (results / "plan.log").read_text())]
         return launches, caps
 
+    reserve = int(re.search(r"^STAGE3_RESERVE=(\d+)$", (REPO / "scripts/gpu/run.sh").read_text(), re.MULTILINE)[1])
+
+    def capped(caps: list[tuple[str, int, float]], minutes: float, configured: dict[str, float]) -> bool:
+        """Each cap is the row's configured minutes or the time to the deadline (--minutes less 30 s) less the reserve,
+        whichever is less, as of when the launch read the time: the logged second, or up to 5 s before it. No bound on
+        how fast the plan runs."""
+        def cap(row: str, elapsed: int) -> float:
+            return min(configured[row], max(0.1, (minutes * 60 - 30 - elapsed - reserve) / 60))
+        return all(cap(row, t) - 0.006 <= c <= cap(row, max(0, t - 5)) + 0.006 for row, t, c in caps)
+
     stage3 = ["--rows", "mf,collm-like,sella-no-warm", "--set", "sella.max_minutes=2.5"]
-    launches, caps = plan(*stage3)  # 9 minutes: the configured 2.5 fit
-    assert ("sella", "distill,collab") in launches and caps == [2.5, 2.5]
-    launches, caps = plan("--minutes", "3", *stage3)  # 150 s to the deadline, 100 s of them kept for validation and test
-    assert len(caps) == 2 and all(0.5 < c <= (150 - 100) / 60 for c in caps), caps
+    launches, caps = plan(*stage3)  # 9 minutes: the configured 2.5 fit unless the plan took minutes to get there
+    assert ("sella", "distill,collab") in launches and len(caps) == 2
+    assert capped(caps, 9, {"collm-like": 2.5, "sella-no-warm": 2.5}), caps
+    launches, caps = plan("--minutes", "3.5", *stage3)  # 180 s to the deadline, 120 s of them kept for validation and test
+    assert len(caps) == 2 and capped(caps, 3.5, {"collm-like": 2.5, "sella-no-warm": 2.5}), caps
+    assert all(c < 1.01 for *_, c in caps)  # the time left, not the configured 2.5, caps these
+    # the table kernels out (--no-tables, as after a failed check): stage 1 would serve none of these rows
+    launches, caps = plan("--no-tables", "--rows", "mf,collm-like,sella,sella-no-warm,popularity")
+    skipped = [("collm-like", "-"), ("mf", "-"), ("sella", "-"), ("sella-no-warm", "-")]  # "skipped: needs the table kernels"
+    assert sorted(launches) == sorted([("popularity", "eval"), *skipped]) and caps == [], launches
+    launches, caps = plan("--no-tables", "--rows", "sella,text-only")
+    assert sorted(launches) == [("sella", "-"), ("sella", "lora"), ("text-only", "eval")] and caps == [], launches
     launches, caps = plan("--rows", "text-only,popularity")
     assert sorted(launches) == [("popularity", "eval"), ("sella", "lora"), ("text-only", "eval")] and caps == []
     launches, caps = plan("--rows", "popularity,mf")  # neither reads stage 1
     assert sorted(launches) == [("mf", "collab,eval"), ("popularity", "eval")] and caps == []
-    assert len(list((tmp_path / "target" / "work").iterdir())) == 4
+    assert len(list((tmp_path / "target" / "work").iterdir())) == 6
 
     # a row's own cap counts: a repository copy whose SeLLa-Rec without <Warm_ID> row sets 1.5 minutes
     copy = tmp_path / "repo"
@@ -169,15 +213,10 @@ def test_plan_caps_stage_3_by_the_time_left_and_runs_only_the_stages_rows_read(t
         shutil.copytree(REPO / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
     row = copy / "configs" / "gpu" / "comparison" / "sella-no-warm.yaml"
     row.write_text(row.read_text() + "sella: {max_minutes: 1.5}\n")
-    proc = subprocess.run(["bash", "scripts/gpu/run.sh", "--plan", "--rows", "mf,collm-like,sella,sella-no-warm",
-                           "--target", str(tmp_path / "target"), "--results", str(tmp_path / "results-copy")],
-                          cwd=copy, capture_output=True, text=True, check=False, env={**os.environ, "PYTHON": sys.executable})
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    caps = {line.split(": --stage")[0].rsplit(" ", 1)[1]: line.rsplit("sella.max_minutes=", 1)[1]
-            for line in (tmp_path / "results-copy" / "plan.log").read_text().splitlines()
-            if "--stage sella,eval --set sella.max_minutes=" in line}
+    _, caps = plan("--rows", "mf,collm-like,sella,sella-no-warm", repo=copy)
     base = load_config(REPO / "configs/gpu/collm-ml-1m.yaml", schema=Config).sella.max_minutes
-    assert caps == {"sella": f"{base:.2f}", "collm-like": f"{base:.2f}", "sella-no-warm": "1.50"}, caps
+    assert sorted(row for row, *_ in caps) == ["collm-like", "sella", "sella-no-warm"], caps
+    assert capped(caps, 9, {"sella": base, "collm-like": base, "sella-no-warm": 1.5}), caps
 
 
 def test_step_probe_times_engine_and_plain_loop(ml100k_out: Path, tmp_path: Path) -> None:
@@ -255,7 +294,7 @@ def test_profile_stops_at_a_failed_run(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"ZeRO-3: launcher/train.py exited with status 2 (log: {results}/lora-z3.log)" in proc.stderr
     assert "summary:" not in proc.stdout and "ZeRO-0" not in proc.stdout
-    assert f"{tmp_path}/no-data/manifest.json: no manifest" in (results / "lora-z3.log").read_text()
+    assert f"{tmp_path}/no-data/manifest.json: no prep output there; make it first" in (results / "lora-z3.log").read_text()
 
 
 def test_a_damaged_part_is_named(payload: tuple[Path, str], tmp_path: Path) -> None:

@@ -304,6 +304,10 @@ def test_the_export_scores_anywhere(runs: dict[str, Path], ml100k_out: Path, val
     assert max(abs(mine[r] - s) for r, s in zip(scores.row_id, scores.score, strict=True)) < 1e-5
     card = (export / "README.md").read_text()
     assert "| valid | 24 |" in card and "Scoring with this folder alone" in card
+    manifest = json.loads((ml100k_out / "manifest.json").read_text())  # the data as prep made it, not as configured
+    assert json.loads((export / "training.json").read_text())["data"] == {
+        "name": manifest["name"], "created": manifest["created"], "label": "label = rating >= 4"}
+    assert f"Data set `{manifest['name']}`, prepared by the CoLLM/SeLLa-Rec protocol (label = rating >= 4;" in card
     assert {p.name for p in export.iterdir()} >= {"README.md", "prompt.json", "config.yaml", "tokenizer", "adapter",
                                                   "projector.safetensors", "tables.safetensors", "ids", "base"}
     assert json.loads((export / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "../base"
@@ -397,7 +401,7 @@ def test_checkpoints_and_tensorboard(runs: dict[str, Path]) -> None:
             "inject/norm/token_embedding_rms"} <= set(events.Tags()["scalars"])
     summary = json.loads((run / summary_file("sella")).read_text())
     assert [p["prompts"] for p in summary["curve"]] == [0, 16, 32]  # steps 0, 2, 4 x 8 prompts (2 x 2 x 2 ranks)
-    assert summary["train_prompts"] == 32 and summary["train_seconds"] > 0
+    assert summary["train_prompts"] == 32
 
 
 def test_a_larger_budget_resumes_from_the_last_checkpoint(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -500,7 +504,8 @@ def test_fused_tables_get_no_step_from_a_non_finite_micro_batch() -> None:
         assert torch.equal(fused_rows_grad(broken, 2), torch.zeros(2, 4))
 
 
-@pytest.mark.parametrize("table_optimizer", ["adamw"])  # rowwise_adagrad: the GPU dry run's CoLLM-like row
+@pytest.mark.parametrize("table_optimizer", ["adamw", "rowwise_adagrad"])  # replicated tables; FBGEMM's fused ones,
+# row_wise sharded, as the GPU config's CoLLM-like row runs them
 def test_frozen_tables_stay_as_stage_2b_left_them(ml100k_out: Path, tmp_path: Path, table_optimizer: str) -> None:
     """`sella.train_tables: false` (the CoLLM-like row: CoLLM keeps its MF frozen): two steps on 2 ranks train the
     projector and leave every table row as stage 2b wrote it."""

@@ -35,9 +35,11 @@ MANIFEST = "MANIFEST.json"
 
 
 def tracked_bytes(repo: Path = REPO) -> int:
-    """Bytes of the repository's tracked files (they travel with every transfer)."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, check=True).stdout.split(b"\0")
-    return sum((repo / f.decode()).stat().st_size for f in files if f and (repo / f.decode()).is_file())
+    """Bytes of the files that travel with every transfer: the repository's tracked files and its untracked ones that
+    git does not ignore (scratch files left in the working tree count against the 64 MiB of each call too)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                            capture_output=True, check=True).stdout.split(b"\0")
+    return sum((repo / f.decode()).stat().st_size for f in set(listed) if f and (repo / f.decode()).is_file())
 
 
 def sha256(path: Path) -> str:

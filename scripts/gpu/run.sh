@@ -10,6 +10,7 @@
 #   scripts/gpu/run.sh --rows sella,text-only,popularity  # some rows only (SeLLa-Rec's stages 1-2 run as far as a
 #                                         # listed row reads them: popularity and mf read none)
 #   scripts/gpu/run.sh --plan --rows ... --bench  # the launches those flags would run, in plan.tsv, none run
+#   scripts/gpu/run.sh --no-tables ...    # as after a failed table kernel check: the rows without tables only
 #
 # Steps: (1) check the parts against their manifest, join the model, unpack the prep output and install the kit
 # (scripts/gpu/payload.py unpack); (2) check FBGEMM's CUDA table kernels against a reference on a few fused
@@ -26,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
 PAYLOAD=$REPO/.gpu-payload TARGET=/tmp/sellarec RESULTS=${OUT:-$REPO/results/gpu} MINUTES=9 DRY=0 DATA_NAME=collm-ml-1m
-BENCH=0 EXTRA=() ROWS=sella,text-only,popularity,mf,collm-like,sella-no-warm PLAN=0
+BENCH=0 EXTRA=() ROWS=sella,text-only,popularity,mf,collm-like,sella-no-warm PLAN=0 TABLES=1
 while [ $# -gt 0 ]; do
   case $1 in
     --payload) PAYLOAD=$(realpath "$2"); shift 2;;
@@ -40,6 +41,7 @@ while [ $# -gt 0 ]; do
     --bench-only) BENCH=1 ROWS=; shift;;
     --set) EXTRA+=("$2"); shift 2;;
     --rows) ROWS=$2; shift 2;;
+    --no-tables) TABLES=0; shift;;
     -h|--help) sed -n 2,20p "$0"; exit 0;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
@@ -92,12 +94,14 @@ DATA=$TARGET/data/$DATA_NAME
 WORK=$TARGET/work/$START-$$  # this call's run directories (runs/gpu/...), not in the repository copy
 mkdir -p "$WORK"
 # stage 3's training cap: the row's configured sella.max_minutes (with --set), lowered per launch to the time left
-# less STAGE3_RESERVE seconds for its start-up, validations and test (GPU run 4: 90 s beside two other stage-3 lanes)
-STAGE3_RESERVE=100
+# less STAGE3_RESERVE seconds for its start-up, validations and test (GPU run 4: 88-90 s beside two other stage-3
+# lanes; 30 s more, since a row killed in its test brings back no metrics)
+STAGE3_RESERVE=120
 printf 'row\tstage\tseconds\tstatus\n' > "$TIMING"
 
-TABLES=1
-if [ $PLAN = 1 ] || $PY scripts/gpu/check_tables.py --device $DEVICE 2>&1 | tee "$RESULTS/check.txt"; then :; else
+if [ $TABLES = 0 ]; then
+  say "--no-tables: no table kernel check, and only the rows without tables run (text-only, popularity)"
+elif [ $PLAN = 1 ] || $PY scripts/gpu/check_tables.py --device $DEVICE 2>&1 | tee "$RESULTS/check.txt"; then :; else
   TABLES=0
   say "FBGEMM's table kernels failed the check: only the rows without tables run (text-only, popularity)"
 fi
@@ -165,8 +169,12 @@ row() {  # ROW STAGES...: launches in order (each one stage or a comma list), st
 
 mark() { touch "$WORK/.marks/$1.$2"; }  # NAME ok|failed: what a lane waiting on NAME reads
 
-await() {  # NAME: wait for another lane's mark; fails when that step failed
-  until [ -e "$WORK/.marks/$1.ok" ] || [ -e "$WORK/.marks/$1.failed" ]; do sleep 2; done
+await() {  # NAME: wait for another lane's mark; fails when that step failed, or at the deadline (a lane that died
+  # before its mark must not hold the others until the device call's own timeout)
+  until [ -e "$WORK/.marks/$1.ok" ] || [ -e "$WORK/.marks/$1.failed" ]; do
+    [ "$(left)" -gt 0 ] || return 1
+    sleep 2
+  done
   [ -e "$WORK/.marks/$1.ok" ]
 }
 
@@ -193,6 +201,8 @@ skip() {  # ROW STAGE UPSTREAM: a launch left out because a launch it reads (UPS
 # a launch whose upstream failed writes its timing line as skipped.
 if [ -n "$ROWS" ]; then
 { if ! wanted sella && ! wanted sella-no-warm && ! wanted collm-like && ! wanted text-only; then :  # no row reads stage 1
+  elif [ $TABLES = 0 ] && ! wanted text-only; then  # the rows that read stage 1 all need the failed table kernels
+    if wanted sella; then needs_tables sella || true; fi  # (lanes 2-3 write the skips of their own rows)
   elif row sella lora; then
     mark lora ok
     if ! wanted sella && ! wanted sella-no-warm; then :  # no listed row reads stages 2a-2b
