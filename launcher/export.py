@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from embeddings.tables import INDEX_SUFFIX, TableFile
@@ -121,7 +122,8 @@ def write(cfg: Config, data_dir: Path, run_dir: Path, tokenizer: Tokenizer, adap
         for name in {p["file"] for pieces in source.pieces.values() for p in pieces}:
             shutil.copyfile(source.folder / name, export / name)
     shutil.copyfile(projector, export / "projector.safetensors")
-    shutil.copyfile(run_dir / "sella" / RUN_CONFIG, export / RUN_CONFIG)
+    ran = yaml.safe_load((run_dir / "sella" / RUN_CONFIG).read_text()) | {"data_dir": None, "run_dir": None}
+    (export / RUN_CONFIG).write_text(yaml.safe_dump(ran, sort_keys=False))  # without the training host's paths
     pd.read_parquet(data_dir / "tables" / "users").to_parquet(export / "ids" / "users.parquet", index=False)
     pd.read_parquet(data_dir / "tables" / "items").dropna(subset=["item_id"]).astype({"item_id": "int64"}).to_parquet(
         export / "ids" / "items.parquet", index=False)

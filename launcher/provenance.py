@@ -219,8 +219,9 @@ def record(cfg: Config, run_dir: Path, stage: str, world: int, changed: list[str
     folder = run_dir / stage
     folder.mkdir(parents=True, exist_ok=True)
     earlier = {p: p.read_bytes() if p.is_file() else None for p in (folder / RUN_CONFIG, folder / PROVENANCE)}
-    # the paths it ran on, as given (--data, --run-dir) or configured, so that --config on this file runs it there again
-    ran = cfg.model_dump(mode="json") | {"data_dir": data["path"], "run_dir": str(run_dir)}
+    # the paths it ran on (--data, --run-dir or configured), absolute: --config on this file from anywhere on this
+    # host runs it there again (launcher/export.py leaves them out of the exported copy)
+    ran = cfg.model_dump(mode="json") | {"data_dir": str(Path(data["path"]).resolve()), "run_dir": str(run_dir.resolve())}
     (folder / RUN_CONFIG).write_text(yaml.safe_dump(ran, sort_keys=False))
     repo = Path(__file__).resolve().parents[1]
     (folder / PROVENANCE).write_text(json.dumps({

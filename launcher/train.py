@@ -181,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             if stale is not None and not stale.is_relative_to(run_dir):  # --fresh here would not touch it
                 shared = ",".join(s for s in STAGES[STAGES.index(stage):] if s in SHARED_BY_UPSTREAM)
                 recorded = Path(cfg.upstream) / stage / provenance.RUN_CONFIG
-                again = (f"It is the upstream run's ({cfg.upstream}), which --fresh here does not touch: run --stage "
-                         f"{shared} --fresh there with the config it ran with ({recorded}), then this run's stages "
-                         "again; or set upstream: null to run every stage in this run")
+                again = (f"It is the upstream run's ({cfg.upstream}), which --fresh here does not touch: run it there "
+                         f"again with the config it ran with, launcher/train.py --config {recorded} --run-dir "
+                         f"{cfg.upstream} --data {data_dir} --stage {shared} --fresh, then this run's stages; or set "
+                         "upstream: null to run every stage in this run")
             else:
                 again = f"Run it again from scratch: --stage {','.join(STAGES[STAGES.index(stage):])} --fresh"
             if dist_ctx.main:

@@ -9,6 +9,7 @@ embeddings/config.py, launcher/config.py) and `launcher.config.Config` adds them
 from __future__ import annotations
 
 import codecs
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -280,10 +281,24 @@ def override_value(item: str, value: str) -> Any:
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {item!r}: {value!r} is not a YAML value ({str(err).splitlines()[0]}); quote it, "
                           f"e.g. --set \"{item.partition('=')[0]}='{value}'\"") from None
-    if parsed in ("", None) and value.strip() not in ("", "null", "~", "Null", "NULL", "''", '""'):
+    text = re.sub(r"(^|\s)#.*$", "", value).strip()  # without a YAML comment
+    empty = parsed in ("", None) and value.strip() and text not in ("null", "~", "Null", "NULL", "''", '""')
+    if empty or (isinstance(parsed, list | dict) and not text.startswith(("[", "{"))):  # `-`, `?`, `|`: YAML syntax
         raise ConfigError(f"--set {item!r}: YAML reads {value!r} as {parsed!r}; quote it, "
                           f"e.g. --set \"{item.partition('=')[0]}='{value}'\"")
     return parsed
+
+
+def override_keys(item: str) -> list[str]:
+    """The dotted keys one `--set` sets: KEY, or for a mapping value the keys inside it (`lora={r: 8}`: lora.r)."""
+    key, _, value = item.partition("=")
+
+    def keys(prefix: str, node: Any) -> list[str]:
+        if isinstance(node, dict) and node:
+            return [k for name, child in node.items() for k in keys(f"{prefix}.{name}", child)]
+        return [prefix]
+
+    return keys(key, override_value(item, value))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -391,5 +406,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     """Load one YAML config file (with its `base` chain), with optional `KEY=VALUE` overrides, and validate it
     against `schema`."""
     path = Path(path)
-    overridden = tuple(item.partition("=")[0] for item in overrides)
-    return parse_config(apply_overrides(_read(path), overrides), path, schema=schema, overridden=overridden)
+    data = apply_overrides(_read(path), overrides)  # (checks each item before override_keys parses it again)
+    overridden = tuple(k for item in overrides for k in override_keys(item))
+    return parse_config(data, path, schema=schema, overridden=overridden)

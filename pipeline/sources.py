@@ -75,6 +75,23 @@ def first_line(path: Path, encoding: str) -> str:
         raise SourceError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
 
 
+LINE_PROBE = 2**20  # bytes of line 1 read to tell LF or CRLF line ends from bare CR ones
+
+
+def check_line_ends(path: Path) -> None:
+    """Refuse a file whose line 1 holds a CR that does not end it: lines ending in a bare CR (classic Mac). Prep ends
+    lines at LF only (`read_lines`), so such a file would be one line, rejected whole, rows and all."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            line = f.readline(LINE_PROBE)
+    except (OSError, EOFError, zlib.error) as err:
+        raise SourceError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
+    if b"\r" in line.removesuffix(b"\n").removesuffix(b"\r"):
+        raise SourceError(f"{path}: line 1 holds a bare CR: its lines end in CR (classic Mac); prep reads LF or CRLF "
+                          "line ends, so convert it (e.g. tr '\\r' '\\n')")
+
+
 def shared_header(paths: list[Path], encoding: str) -> str:
     """Line 1 of every file of one input, which must be the same header: the rows of each file are read by the
     first file's column positions, and line 1 of each is dropped unread."""
@@ -145,13 +162,17 @@ def read_lines(spark: SparkSession, paths: list[Path], encoding: str, skip_heade
     """Text lines with `_file, _line, _pos, _raw` and `_undecodable` (invalid bytes for `encoding`).
 
     Lines end at LF, the CR of a CRLF end dropped, as `wc -l`, `sed -n` and Python count them: Spark's default also
-    ends a line at a bare CR, which split a line holding one in two and put every later line number off by one."""
+    ends a line at a bare CR, which split a line holding one in two and put every later line number off by one. A file
+    whose lines end in a bare CR stops here (`check_line_ends`)."""
+    for path in paths:
+        check_line_ends(path)
     df = number_rows(spark, spark.read.text([str(p) for p in paths], lineSep="\n"), skip_header)
     cut_cr = F.expr("cast(substring(cast(value as binary), 1, octet_length(value) - 1) as string)")  # bytes kept
     df = df.withColumn("value", F.when(F.col("value").endswith("\r"), cut_cr).otherwise(F.col("value")))
     if spark_charset(encoding) == "UTF-8":
         raw, bad = F.col("value"), ~F.expr("is_valid_utf8(value)")
-        raw = F.when(F.col("_line") == 1, F.regexp_replace(raw, f"^{BOM}", "")).otherwise(raw)
+        cut_bom = F.expr(f"cast(substring(cast(value as binary), {len(BOM.encode()) + 1}) as string)")  # bytes kept
+        raw = F.when((F.col("_line") == 1) & raw.startswith(BOM), cut_bom).otherwise(raw)
     else:
         raw, bad = F.decode(F.col("value").cast("binary"), spark_charset(encoding)), F.lit(False)
     return df.select("_file", "_line", "_pos", raw.alias("_raw"), bad.alias("_undecodable"))

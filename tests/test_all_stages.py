@@ -123,8 +123,9 @@ def test_a_row_whose_upstream_stage_is_stale_is_told_to_run_it_again_there(run: 
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2, out[-3000:]
     assert f"[all] {upstream / DONE['lora']} is older than {ml100k_out / 'manifest.json'}" in out
-    assert (f"It is the upstream run's ({upstream}), which --fresh here does not touch: run --stage lora,distill,collab "
-            f"--fresh there with the config it ran with ({upstream / 'lora' / 'config.yaml'})") in out
+    assert (f"It is the upstream run's ({upstream}), which --fresh here does not touch: run it there again with the "
+            f"config it ran with, launcher/train.py --config {upstream / 'lora' / 'config.yaml'} --run-dir {upstream} "
+            f"--data {ml100k_out} --stage lora,distill,collab --fresh") in out  # the copy's record names the original
     assert not (tmp_path / "row" / "lora").exists()
 
 

@@ -440,6 +440,17 @@ def test_files_prep_cannot_open_are_named(spark, tmp_path) -> None:
     (t / "items.csv").write_text("item_id,title\ni1,A\n")
     with pytest.raises(SourceError, match=r"log\.csv: line 1 is not a CSV header .*bare CR"):
         run(config("synthetic", source={"interactions": "log.csv", "items": "items.csv"}), t, tmp_path / "o")
+    m = tmp_path / "mac-dat"  # a second ratings file and an items file with bare-CR ends: each would be one line
+    m.mkdir()
+    (m / "ratings.dat").write_text("1::1::5::978300760\n")
+    (m / "ratings.dat.2").write_bytes(b"1::2::4::978300761\r2::1::3::978300762\r")
+    (m / "movies.dat").write_text("1::A (1990)::Drama\n2::B (1991)::Drama\n")
+    with pytest.raises(SourceError, match=r"ratings\.dat\.2: line 1 holds a bare CR: its lines end in CR"):
+        run(config("ml-1m"), m, tmp_path / "o")
+    (m / "ratings.dat.2").unlink()
+    (m / "movies.dat").write_bytes(b"1::A (1990)::Drama\r2::B (1991)::Drama\r")
+    with pytest.raises(SourceError, match=r"movies\.dat: line 1 holds a bare CR"):
+        run(config("ml-1m"), m, tmp_path / "o")
 
     c = tmp_path / "collm"
     c.mkdir()

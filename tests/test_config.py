@@ -5,6 +5,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import yaml
 
 from launcher.config import Config
 from pipeline.config import SECTIONS_READ_ELSEWHERE, ConfigError, DataConfig
@@ -135,7 +136,7 @@ def test_unsupported_encoding_is_named() -> None:
         parse_config(merged(_base(), {"source": {"encoding": "ascii"}}))
 
 
-def test_command_line_overrides_set_nested_keys_and_name_bad_ones() -> None:
+def test_command_line_overrides_set_nested_keys_and_name_bad_ones(tmp_path: Path) -> None:
     cfg = load_config(CONFIGS / "collm-ml-1m.yaml", ["collab.align.weight=0", "collab.sharding=row_wise"])
     assert cfg.collab.align.weight == 0 and cfg.collab.sharding == "row_wise" and cfg.lora.max_steps == 128
     with pytest.raises(ConfigError, match=r"collab\.align\.weight: .*got 'heavy'"):
@@ -150,12 +151,25 @@ def test_command_line_overrides_set_nested_keys_and_name_bad_ones() -> None:
     lora = load_config(CONFIGS / "collm-ml-1m.yaml", ["lora={r: 8}"]).lora
     assert (lora.r, lora.lr, lora.max_steps) == (8, 3e-4, 128)
     # text YAML reads as another value or not at all is refused, with the quoting that keeps it
-    for value, says in ((",", "is not a YAML value"), ("|", "YAML reads '|' as ''"), (":", "is not a YAML value")):
+    for value, says in ((",", "is not a YAML value"), ("|", "YAML reads '|' as ''"), (":", "is not a YAML value"),
+                        ("-", "YAML reads '-' as [None]"), ("?", "YAML reads '?' as {None: None}"),
+                        ("#", "YAML reads '#' as None")):
         with pytest.raises(ConfigError, match=re.escape(f"--set 'source.delimiter={value}': ") + ".*" + re.escape(
                 says) + ".*" + re.escape(f"--set \"source.delimiter='{value}'\"")):
             load_config(CONFIGS / "ml-100k.yaml", [f"source.delimiter={value}"], schema=DataConfig)
     assert load_config(CONFIGS / "ml-100k.yaml", ["source.delimiter='|'"], schema=DataConfig).source.delimiter == "|"
     assert load_config(CONFIGS / "collm-ml-1m.yaml", ["upstream=null", "lora.lr=1e-3"]).lora.lr == 1e-3
+    assert load_config(CONFIGS / "collm-ml-1m.yaml", ["eval.rows=null # every row", "upstream="]).eval.rows is None
+    # "(from --set)" marks the keys the mapping holds, not the section's others that come from the file
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "collm-ml-1m.yaml", ["lora={r: 8}", "lora.alpha=x"])
+    assert "lora.alpha: " in str(err.value) and str(err.value).endswith("(from --set)")
+    bad_file = load_config.func(CONFIGS / "collm-ml-1m.yaml", schema=Config).model_dump(mode="json")
+    bad_file["lora"]["alpha"] = "x"  # a bad key of the file, beside a mapping --set on its section
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad_file))
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "bad.yaml", ["lora={r: 8}"])
+    assert "lora.alpha: " in str(err.value) and "(from --set)" not in str(err.value)
 
 
 def test_comparison_rows_inherit_the_benchmark_config() -> None:

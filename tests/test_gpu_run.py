@@ -105,9 +105,11 @@ def test_dry_run_runs_every_row_from_the_parts_then_the_benchmarks(payload: tupl
     assert "logs/sella-sella-eval.log" in names and "runs/gpu/collm-ml-1m/eval/scores-test.parquet" in names
     assert {"logs/bench-llm.log", "logs/bench-collab.log"} <= set(names)
     assert lora["valid"]["overall"]["rows"] == 12  # --set lora.eval_rows=12 over the dry run's 16
-    # the record runs again with --config alone: the prep output run.sh gave with --data, not the config's data_dir
-    assert (recorded["data_dir"], recorded["run_dir"]) == (str((tmp_path / "target" / "data" / "ml-100k").resolve()),
-                                                           "runs/gpu/collm-ml-1m")
+    # the record runs again with --config alone, from anywhere on the host: the prep output run.sh gave with --data (not
+    # the config's data_dir) and the run directory under this call's working folder, both absolute
+    work = (tmp_path / "target" / "work").resolve()
+    assert recorded["data_dir"] == str((tmp_path / "target" / "data" / "ml-100k").resolve())
+    assert Path(recorded["run_dir"]).parents[3] == work and recorded["run_dir"].endswith("/runs/gpu/collm-ml-1m")
     # CoLLM-like keeps the MF tables frozen, sharded as the GPU config shards them (that the rows stay as they were,
     # on FBGEMM's fused sharded tables too: tests/test_sella_stage.py::test_frozen_tables_stay_as_stage_2b_left_them)
     assert collm["table_optimizer"].startswith("none: train_tables false") and collm["sharding"] == "row_wise"

@@ -308,6 +308,8 @@ def test_the_export_scores_anywhere(runs: dict[str, Path], ml100k_out: Path, val
     assert json.loads((export / "training.json").read_text())["data"] == {
         "name": manifest["name"], "created": manifest["created"], "label": "label = rating >= 4"}
     assert f"Data set `{manifest['name']}`, prepared by the CoLLM/SeLLa-Rec protocol (label = rating >= 4;" in card
+    exported = yaml.safe_load((export / "config.yaml").read_text())  # the training host's paths stay behind
+    assert (exported["data_dir"], exported["run_dir"]) == (None, None) and exported["sella"]["max_steps"] == 4
     assert {p.name for p in export.iterdir()} >= {"README.md", "prompt.json", "config.yaml", "tokenizer", "adapter",
                                                   "projector.safetensors", "tables.safetensors", "ids", "base"}
     assert json.loads((export / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "../base"

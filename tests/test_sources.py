@@ -295,3 +295,20 @@ def test_an_amazon_log_without_review_times_stops_at_line_1(spark, tmp_path: Pat
                                           r"fields \['reviewerID', 'asin', 'overall', 'unixReviewTime'\]"):
         run(config("amazon-book"), tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_byte_order_mark_is_dropped_and_line_1_keeps_its_bytes(spark, tmp_path: Path) -> None:
+    """A UTF-8 byte order mark before line 1 is no part of it, and the rest of the line keeps its bytes: an
+    undecodable byte on line 1 went to the rejects' raw_bytes as U+FFFD (the mark was cut by a regex)."""
+    reviews = [{"reviewerID": f"U{u}", "asin": f"B{i:03d}", "overall": 5.0, "unixReviewTime": _ts(2017, 1 + i, u)}
+               for u in range(1, 6) for i in range(1, 7)]
+    with gzip.open(tmp_path / "Books.json.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in reviews) + "\n")
+    line1 = b'{"asin": "B001", "title": "Caf\xe9"}'  # latin-1 in a UTF-8 file
+    with gzip.open(tmp_path / "meta_Books.json.gz", "wb") as f:
+        f.write(b"\xef\xbb\xbf" + line1 + b"\n" + b"".join(
+            json.dumps({"asin": f"B{i:03d}", "title": f"Book {i}"}).encode() + b"\n" for i in range(2, 7)))
+    run(config("amazon-book", protocol={"filter": {"min_user_count": 0, "min_item_count": 0}}), tmp_path,
+        tmp_path / "out")
+    rejects = spark.read.parquet(str(tmp_path / "out" / "rejects")).where("source = 'items'").collect()
+    assert [(r["line"], r["code"], bytes(r["raw_bytes"])) for r in rejects] == [(1, "undecodable_text", line1)]
