@@ -4,7 +4,8 @@ The GPU kit's fbgemm-gpu is cut down to the sm_90 kernels of the fused row-wise 
 never run when the kit was made. This runs a few lookups and fused row-wise Adagrad steps (the update
 TorchRec's `rowwise_adagrad` tables use: EXACT_ROWWISE_ADAGRAD) on `--device` and compares pooled outputs and
 updated rows with a plain PyTorch implementation of the same update, and on CUDA also with FBGEMM's CPU
-kernel. Exit status 0 when everything agrees, 1 otherwise (the caller then runs only the stages without tables).
+kernel, then one lookup without gradients (frozen tables). Exit status 0 when everything agrees, 1 otherwise (the
+caller then runs only the stages without tables).
 
     python scripts/gpu/check_tables.py --device cuda
 """
@@ -75,6 +76,18 @@ def check(device: str) -> list[str]:
             if not torch.allclose(rows, ref, atol=1e-5, rtol=1e-4):
                 problems.append(f"step {step}: {name} kernel's rows after the fused update differ from the reference "
                                 f"(max |diff| {float((rows - ref).abs().max()):.2e})")
+    # a lookup without gradients (frozen tables: the CoLLM-like row's MF, stage eval) reads the rows and leaves them
+    rows_before = {name: table.split_embedding_weights()[0].detach().cpu().clone() for name, table in tables.items()}
+    bag_of = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
+    expected = torch.zeros(len(offsets) - 1, DIM).index_add_(0, bag_of, ref[ids])
+    for name, table in tables.items():
+        dev = next(table.parameters()).device if list(table.parameters()) else torch.device(name)
+        with torch.no_grad():
+            out = table(ids.to(dev), offsets.to(dev))
+        if not torch.allclose(out.cpu(), expected, atol=1e-5, rtol=1e-4):
+            problems.append(f"{name} kernel's lookup without gradients differs from the reference")
+        if not torch.equal(table.split_embedding_weights()[0].detach().cpu(), rows_before[name]):
+            problems.append(f"{name} kernel's lookup without gradients changed rows")
     return problems
 
 
@@ -91,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"table kernel check on {args.device}: FAILED\n  " + "\n  ".join(problems[:10]), file=sys.stderr)
         return 1
     print(f"table kernel check on {args.device}: {STEPS} fused row-wise Adagrad steps of a {ROWS} x {DIM} table "
-          "match the reference" + (" and FBGEMM's CPU kernel" if args.device == "cuda" else ""))
+          "and a lookup without gradients match the reference" + (" and FBGEMM's CPU kernel" if args.device == "cuda" else ""))
     return 0
 
 
