@@ -76,6 +76,18 @@ def gather(obj: Any) -> list[Any]:
     return out
 
 
+def disagreement(value: Any, what: str) -> str | None:
+    """None when every rank holds the same `value`, else an error naming the ranks that differ. For what each rank
+    decides from the run directory and the prep output (a stage to skip, resume or refuse): ranks that decide
+    differently run different collectives and wait in them until the process group times out."""
+    values = gather(value)
+    differ = [r for r, v in enumerate(values) if v != values[0]]
+    if not differ:
+        return None
+    return (f"{what}: rank {differ[0]} sees {values[differ[0]]!r}, rank 0 sees {values[0]!r}; every node must see the "
+            "run directory and the prep output on one shared filesystem, as written (README, multi-node)")
+
+
 def _reduce(x: float, op: dist.ReduceOp) -> float:
     t = torch.tensor([x], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=op)

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     warnings.filterwarnings("ignore", message="Please use DTensor instead")  # TorchRec's ShardedTensor state
-    from launcher.dist import setup
+    from launcher.dist import disagreement, setup
     from launcher.engine import resolve
 
     stages = selected_stages(args.stage)
@@ -147,13 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     dist_ctx = setup(cfg.deepspeed)
     import torch.distributed as dist
 
+    def refuse(message: str) -> int:
+        """Every rank stops (they all reach it: what it refuses is agreed); rank 0 says why."""
+        if dist_ctx.main:
+            print(f"error: {message}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 2
+
     try:
         cfg = resolve(cfg, dist_ctx)
     except ValueError as err:  # a setting this machine's resolved ZeRO stage cannot take
-        if dist_ctx.main:
-            print(f"error: {err}", file=sys.stderr)
-        dist.destroy_process_group()
-        return 2
+        return refuse(str(err))
     if args.fresh and dist_ctx.main:
         for stage in stages:
             shutil.rmtree(run_dir / stage, ignore_errors=True)
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             if stage == "distill":
                 (run_dir / SEMANTIC_FILE).unlink(missing_ok=True)
     dist.barrier()
+    refused = None
     try:
         changes = {stage: provenance.check(cfg, run_dir, stage, dist_ctx.world, args.allow_config_change, data,
                                            resumes=args.stage != "all" or not done(cfg, run_dir, data_dir, stage))
@@ -169,13 +174,17 @@ def main(argv: list[str] | None = None) -> int:
             if done(cfg, run_dir, data_dir, stage) and not (run_dir / DONE[stage]).exists():  # taken from the upstream run
                 provenance.check_upstream(cfg, Path(cfg.upstream), stage, args.allow_config_change, data)
     except provenance.ConfigChanged as err:
-        if dist_ctx.main:
-            print(f"error: {err}", file=sys.stderr)
-        dist.destroy_process_group()
-        return 2
-    dist.barrier()  # every rank has read the earlier run's records before rank 0 writes this run's
+        refused = str(err)
+    # (a collective too: every rank has read the earlier run's records before rank 0 writes this run's)
+    differ = disagreement(refused, "the earlier runs' records")
+    if differ or refused:
+        return refuse(differ or refused)
     for stage in stages:
         newer = newer_input(cfg, run_dir, data_dir, stage) if stage != "eval" else None  # (eval keeps nothing: it rescores)
+        skip = args.stage == "all" and done(cfg, run_dir, data_dir, stage)
+        differ = disagreement((str(newer) if newer else None, skip), f"[{stage}] (newer input, finished)")
+        if differ:
+            return refuse(differ)
         if newer is not None:
             stale = made_so_far(cfg, run_dir, stage)
             if stale is not None and not stale.is_relative_to(run_dir):  # --fresh here would not touch it
@@ -187,13 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                          "upstream: null to run every stage in this run")
             else:
                 again = f"Run it again from scratch: --stage {','.join(STAGES[STAGES.index(stage):])} --fresh"
-            if dist_ctx.main:
-                print(f"error: [{args.stage}] {stale} is older than {newer}: prep or an earlier stage ran again after "
-                      f"{stage} finished or checkpointed, and launching {stage} would keep what it made from the old "
-                      f"inputs. {again}", file=sys.stderr)
-            dist.destroy_process_group()
-            return 2
-        if args.stage == "all" and done(cfg, run_dir, data_dir, stage):
+            return refuse(f"[{args.stage}] {stale} is older than {newer}: prep or an earlier stage ran again after "
+                          f"{stage} finished or checkpointed, and launching {stage} would keep what it made from the old "
+                          f"inputs. {again}")
+        if skip:
             if dist_ctx.main:
                 print(f"[all] {stage}: finished artifacts found ({DONE[stage]}), skipped", flush=True)
             continue

@@ -307,3 +307,39 @@ def test_a_stage_taken_from_upstream_must_have_run_on_this_prep_output(tmp_path)
                                                            r"ml-100k, made 2026-12-07T09:00.*than this launch's "
                                                            r"\(out/other, ml-100k, made 2026-12-07T10:00"):
             provenance.check_upstream(cfg, upstream, "lora", allow, other)
+
+
+def _decide(rank: int, port: int, folder: str) -> None:
+    """One of 2 ranks deciding from what it sees of the run directory: alike, then not (rank 1 sees no finished stage)."""
+    import json
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from launcher.dist import disagreement
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    alike = disagreement(("runs/x/collab/collab.safetensors", True), "[sella] (newer input, finished)")
+    unlike = disagreement((None, rank == 0), "[lora] (newer input, finished)")
+    Path(folder, f"rank{rank}.json").write_text(json.dumps([alike, unlike]))
+    dist.destroy_process_group()
+
+
+@pytest.mark.integration  # starts 2 processes
+def test_ranks_that_see_the_run_directory_differently_all_stop_with_the_difference(tmp_path) -> None:
+    """Each rank decides from the files it sees whether a stage is finished or stale: nodes that see the run directory
+    differently (no shared filesystem, a stale NFS cache) would run different stages and wait in each other's
+    collectives. Every rank gets the same error, naming what differs, and stops."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.launch import free_port
+
+    mp.spawn(_decide, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1] and results[0][0] is None
+    assert results[0][1].startswith("[lora] (newer input, finished): rank 1 sees (None, False), rank 0 sees (None, True); "
+                                    "every node must see the run directory and the prep output on one shared filesystem")
