@@ -289,21 +289,18 @@ def override_value(item: str, value: str) -> Any:
     return parsed
 
 
-def override_keys(item: str) -> list[str]:
-    """The dotted keys one `--set` sets: KEY, or for a mapping value the keys inside it (`lora={r: 8}`: lora.r)."""
-    key, _, value = item.partition("=")
-
-    def keys(prefix: str, node: Any) -> list[str]:
-        if isinstance(node, dict) and node:
-            return [k for name, child in node.items() for k in keys(f"{prefix}.{name}", child)]
-        return [prefix]
-
-    return keys(key, override_value(item, value))
+def _dotted(prefix: str, node: Any) -> list[str]:
+    """The dotted keys a value sets at `prefix`: the prefix, or for a mapping the keys inside it (lora={r: 8}: lora.r)."""
+    if isinstance(node, dict) and node:
+        return [k for name, child in node.items() for k in _dotted(f"{prefix}.{name}", child)]
+    return [prefix]
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Set `a.b.c=value` overrides (value parsed as YAML) in a config mapping. A mapping value is laid on the
-    section it names (`--set 'lora={r: 8}'` changes r and keeps the file's other lora keys), as `base` files are."""
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Set `a.b.c=value` overrides (value parsed as YAML) in a config mapping, in place; returns the dotted keys they
+    set. A mapping value is laid on the section it names (`--set 'lora={r: 8}'` changes r and keeps the file's other
+    lora keys), as `base` files are."""
+    keys: list[str] = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -317,7 +314,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         parsed = override_value(item, value)
         node[leaf] = merge(node[leaf], parsed) if isinstance(parsed, dict) and isinstance(node.get(leaf), dict) \
             else parsed
-    return data
+        keys += _dotted(key, parsed)
+    return tuple(keys)
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -406,6 +404,5 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     """Load one YAML config file (with its `base` chain), with optional `KEY=VALUE` overrides, and validate it
     against `schema`."""
     path = Path(path)
-    data = apply_overrides(_read(path), overrides)  # (checks each item before override_keys parses it again)
-    overridden = tuple(k for item in overrides for k in override_keys(item))
-    return parse_config(data, path, schema=schema, overridden=overridden)
+    data = _read(path)
+    return parse_config(data, path, schema=schema, overridden=apply_overrides(data, overrides))

@@ -66,13 +66,18 @@ def resolve(input_dir: Path, pattern: str, what: str, key: str = "", spark: bool
 BOM = "\ufeff"  # a UTF-8 byte order mark some editors and exports put before line 1: not part of the text
 
 
-def first_line(path: Path, encoding: str) -> str:
+def line_one(path: Path, limit: int = -1) -> bytes:
+    """The bytes of line 1 (at most `limit`), a .gz decompressed, or a SourceError naming a file that cannot be read."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            return f.readline().decode(encoding, errors="replace").rstrip("\r\n").removeprefix(BOM)
+            return f.readline(limit)
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; damaged deflate data a zlib.error
         raise SourceError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
+
+
+def first_line(path: Path, encoding: str) -> str:
+    return line_one(path).decode(encoding, errors="replace").rstrip("\r\n").removeprefix(BOM)
 
 
 LINE_PROBE = 2**20  # bytes of line 1 read to tell LF or CRLF line ends from bare CR ones
@@ -81,13 +86,7 @@ LINE_PROBE = 2**20  # bytes of line 1 read to tell LF or CRLF line ends from bar
 def check_line_ends(path: Path) -> None:
     """Refuse a file whose line 1 holds a CR that does not end it: lines ending in a bare CR (classic Mac). Prep ends
     lines at LF only (`read_lines`), so such a file would be one line, rejected whole, rows and all."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            line = f.readline(LINE_PROBE)
-    except (OSError, EOFError, zlib.error) as err:
-        raise SourceError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
-    if b"\r" in line.removesuffix(b"\n").removesuffix(b"\r"):
+    if b"\r" in line_one(path, LINE_PROBE).removesuffix(b"\n").removesuffix(b"\r"):
         raise SourceError(f"{path}: line 1 holds a bare CR: its lines end in CR (classic Mac); prep reads LF or CRLF "
                           "line ends, so convert it (e.g. tr '\\r' '\\n')")
 

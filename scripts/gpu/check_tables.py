@@ -39,16 +39,25 @@ def fbgemm_table(device: str, weights: torch.Tensor):
     return table
 
 
+def bag_of(offsets: torch.Tensor) -> torch.Tensor:
+    """The bag of each looked-up id."""
+    return torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
+
+
+def pooled(weights: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Sum-pooled bags of `weights`."""
+    return torch.zeros(len(offsets) - 1, DIM).index_add_(0, bag_of(offsets), weights[ids])
+
+
 def reference_step(weights: torch.Tensor, state: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
                    grad: torch.Tensor) -> torch.Tensor:
     """Sum-pooled bags of `weights`, then the exact row-wise Adagrad update in place; returns the pooled bags."""
-    bag_of = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
-    pooled = torch.zeros(len(offsets) - 1, DIM).index_add_(0, bag_of, weights[ids])
-    row_grad = torch.zeros_like(weights).index_add_(0, ids, grad[bag_of])
+    out = pooled(weights, ids, offsets)
+    row_grad = torch.zeros_like(weights).index_add_(0, ids, grad[bag_of(offsets)])
     touched = torch.unique(ids)
     state[touched] += row_grad[touched].pow(2).mean(1)
     weights[touched] -= LR * row_grad[touched] / (state[touched].sqrt() + EPS).unsqueeze(1)
-    return pooled
+    return out
 
 
 def check(device: str) -> list[str]:
@@ -78,8 +87,7 @@ def check(device: str) -> list[str]:
                                 f"(max |diff| {float((rows - ref).abs().max()):.2e})")
     # a lookup without gradients (frozen tables: the CoLLM-like row's MF, stage eval) reads the rows and leaves them
     rows_before = {name: table.split_embedding_weights()[0].detach().cpu().clone() for name, table in tables.items()}
-    bag_of = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
-    expected = torch.zeros(len(offsets) - 1, DIM).index_add_(0, bag_of, ref[ids])
+    expected = pooled(ref, ids, offsets)
     for name, table in tables.items():
         dev = next(table.parameters()).device if list(table.parameters()) else torch.device(name)
         with torch.no_grad():
