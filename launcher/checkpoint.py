@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from embeddings.tables import replace_folder
 from launcher.artifacts import CHECKPOINT_LATEST as LATEST
+from launcher.dist import disagreement
 
 PENDING = re.compile(r"(?P<name>.+)\.pending-step(?P<step>\d{8})")
 
@@ -144,9 +145,13 @@ def save(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any], keep: in
 
 
 def load(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
-    """Restore the latest committed checkpoint into `engine` and the RNGs; its state, or None if none."""
+    """Restore the latest committed checkpoint into `engine` and the RNGs; its state, or None if none. Every rank
+    reads `latest.json` and they must agree on it: a rank resuming at another step (no shared filesystem, a stale
+    NFS cache) would train other batches and wait in other collectives (raises ValueError naming both)."""
     latest = ckpt_dir / LATEST
     state = json.loads(latest.read_text()) if latest.is_file() else None
+    if differ := disagreement(state and state["tag"], f"{latest} (the checkpoint to resume from)"):
+        raise ValueError(differ)
     if dist.get_rank() == 0:
         settle(ckpt_dir, state and state["step"])
     dist.barrier()

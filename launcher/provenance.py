@@ -151,8 +151,9 @@ def check_scored(cfg: Config, run_dir: Path, allow_change: bool, model: str | No
 
 
 def check_upstream(cfg: Config, upstream: Path, stage: str, allow_change: bool, data: dict[str, Any]) -> list[str]:
-    """`--stage all` takes a shared stage (lora, distill, collab) that its `upstream` run finished instead of running
-    it: it must have run on this launch's prep output `data` (`prep_output`; never allowed otherwise), and the keys
+    """A launch takes a shared stage (lora, distill, collab) that its `upstream` run finished instead of running it
+    (launcher.train.taken_from_upstream: skipped by `--stage all`, or read by a stage launched alone): it must have
+    run on this launch's prep output `data` (`prep_output`; never allowed otherwise), and the keys
     that shape that stage must be the ones it ran with there (world size, precision and `upstream` aside); the changed
     keys (raises ConfigChanged on any, unless `allow_change`)."""
     recorded = upstream / stage / RUN_CONFIG

@@ -41,6 +41,7 @@ from launcher.artifacts import (
     SEMANTIC_FILE,
     SHARED_BY_UPSTREAM,
     done,
+    finished,
     made_so_far,
     newer_input,
     tensorboard_dir,
@@ -116,6 +117,22 @@ def check_prep(cfg: Config, data_dir: Path, manifest: dict) -> None:
                          "a larger protocol.history_len")
 
 
+def taken_from_upstream(cfg: Config, run_dir: Path, data_dir: Path, stages: tuple[str, ...], everything: bool) -> list[str]:
+    """The shared stages (lora, distill, collab) whose finished artifacts this launch reads from its upstream run
+    instead of running them: with `--stage all` (`everything`), those finished there that it skips; with a list of
+    stages, those finished there that come before a training stage of the list and are not in it (`--stage sella`
+    reads stage 1's adapter and stage 2b's tables). Not for stage eval alone: it reads only the model it scores,
+    which provenance.check_scored compares, and may score it on another prep output (a shuffled copy)."""
+    if not cfg.upstream:
+        return []
+    upstream_only = [s for s in SHARED_BY_UPSTREAM if not (run_dir / DONE[s]).exists()]
+    if everything:
+        return [s for s in upstream_only if done(cfg, run_dir, data_dir, s)]
+    trained = [STAGES.index(s) for s in stages if s != "eval"]
+    return [s for s in upstream_only if trained and STAGES.index(s) < max(trained) and s not in stages
+            and finished(cfg, run_dir, s) is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -170,9 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         changes = {stage: provenance.check(cfg, run_dir, stage, dist_ctx.world, args.allow_config_change, data,
                                            resumes=args.stage != "all" or not done(cfg, run_dir, data_dir, stage))
                    for stage in stages}
-        for stage in SHARED_BY_UPSTREAM if args.stage == "all" else ():
-            if done(cfg, run_dir, data_dir, stage) and not (run_dir / DONE[stage]).exists():  # taken from the upstream run
-                provenance.check_upstream(cfg, Path(cfg.upstream), stage, args.allow_config_change, data)
+        for stage in taken_from_upstream(cfg, run_dir, data_dir, stages, args.stage == "all"):
+            provenance.check_upstream(cfg, Path(cfg.upstream), stage, args.allow_config_change, data)
     except provenance.ConfigChanged as err:
         refused = str(err)
     # (a collective too: every rank has read the earlier run's records before rank 0 writes this run's)

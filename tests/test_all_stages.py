@@ -93,14 +93,16 @@ def test_a_stage_older_than_an_earlier_one_stops_all_and_names_the_command(run: 
     assert not (copy / DONE["sella"]).exists()
 
 
-def test_a_row_that_takes_upstream_stages_run_with_other_settings_stops(run: tuple[Path, Path, str],
+@pytest.mark.parametrize("stage", ["all", "sella"])
+def test_a_row_that_takes_upstream_stages_run_with_other_settings_stops(stage: str, run: tuple[Path, Path, str],
                                                                           ml100k_out: Path, tmp_path: Path) -> None:
     """`--stage all` on a row whose upstream finished stages 1-2 skips them and uses their artifacts, so its own
-    settings of those stages must be the upstream's: a row asking for LoRA r=4 is told, before anything runs."""
+    settings of those stages must be the upstream's: a row asking for LoRA r=4 is told, before anything runs. So is
+    `--stage sella` alone, which reads the same adapter (it trained stage 3 on it, unchecked)."""
     _, run_dir, _ = run
     cfg = write_config(tmp_path / "row.yaml", data_dir=str(ml100k_out), run_dir=str(tmp_path / "row"),
                        upstream=str(run_dir), llm=LLM, **(BUDGET | {"lora": BUDGET["lora"] | {"r": 4}}))
-    proc = launch(cfg, "all", 2)
+    proc = launch(cfg, stage, 2)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2, out[-3000:]
     assert (f"{run_dir / 'lora' / 'config.yaml'}: this run takes stage lora from its upstream run, which ran it with "

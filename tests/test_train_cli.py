@@ -309,21 +309,59 @@ def test_a_stage_taken_from_upstream_must_have_run_on_this_prep_output(tmp_path)
             provenance.check_upstream(cfg, upstream, "lora", allow, other)
 
 
+def test_the_stages_a_launch_takes_from_upstream_are_those_it_reads_and_does_not_run(tmp_path) -> None:
+    """Which upstream stages a launch checks (provenance.check_upstream): `--stage sella` alone reads stages 1 and 2b
+    (and 2a through them) when this run has not made them; a stage it runs itself, or made here, is not taken;
+    eval alone takes none (check_scored compares the model it scores); no upstream, none."""
+    from launcher.artifacts import DONE
+    from launcher.train import taken_from_upstream
+    from tests.conftest import config
+
+    upstream, run_dir = tmp_path / "up", tmp_path / "run"
+    for stage in ("lora", "distill", "collab"):
+        (upstream / DONE[stage]).parent.mkdir(parents=True, exist_ok=True)
+        (upstream / DONE[stage]).write_text("{}")
+    cfg = config("ml-100k", upstream=str(upstream))
+
+    def taken(stages: tuple[str, ...]) -> list[str]:
+        return taken_from_upstream(cfg, run_dir, tmp_path / "data", stages, everything=False)
+
+    assert taken(("sella",)) == taken(("sella", "eval")) == ["lora", "distill", "collab"]
+    assert taken(("collab", "sella")) == ["lora", "distill"] and taken(("distill",)) == ["lora"]
+    assert taken(("lora",)) == taken(("eval",)) == []
+    (run_dir / DONE["distill"]).parent.mkdir(parents=True)
+    (run_dir / DONE["distill"]).write_text("{}")  # this run's own stage 2a
+    assert taken(("sella",)) == ["lora", "collab"]
+    assert taken_from_upstream(config("ml-100k"), run_dir, tmp_path / "data", ("sella",), everything=False) == []
+
+
 def _decide(rank: int, port: int, folder: str) -> None:
-    """One of 2 ranks deciding from what it sees of the run directory: alike, then not (rank 1 sees no finished stage)."""
+    """One of 2 ranks deciding from what it sees of the run directory: alike, then not (rank 1 sees no finished stage);
+    then a recipe's resume point, from a checkpoint folder only rank 0 sees a latest.json in (each rank its own
+    folder, as nodes without a shared filesystem)."""
     import json
     import os
     from pathlib import Path
 
     import torch.distributed as dist
 
+    from launcher import checkpoint
     from launcher.dist import disagreement
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     alike = disagreement(("runs/x/collab/collab.safetensors", True), "[sella] (newer input, finished)")
     unlike = disagreement((None, rank == 0), "[lora] (newer input, finished)")
-    Path(folder, f"rank{rank}.json").write_text(json.dumps([alike, unlike]))
+    ckpt = Path(folder, f"ckpt{rank}")
+    ckpt.mkdir()
+    if rank == 0:
+        (ckpt / checkpoint.LATEST).write_text(json.dumps({"tag": "step00000004", "step": 4}))
+    try:
+        checkpoint.load(None, ckpt)  # refused before it touches an engine
+        resume = "loaded"
+    except ValueError as err:
+        resume = str(err)
+    Path(folder, f"rank{rank}.json").write_text(json.dumps([alike, unlike, resume]))
     dist.destroy_process_group()
 
 
@@ -331,7 +369,7 @@ def _decide(rank: int, port: int, folder: str) -> None:
 def test_ranks_that_see_the_run_directory_differently_all_stop_with_the_difference(tmp_path) -> None:
     """Each rank decides from the files it sees whether a stage is finished or stale: nodes that see the run directory
     differently (no shared filesystem, a stale NFS cache) would run different stages and wait in each other's
-    collectives. Every rank gets the same error, naming what differs, and stops."""
+    collectives. Every rank gets the same error, naming what differs, and stops. So do the recipes' resume points."""
     import json
 
     import torch.multiprocessing as mp
@@ -340,6 +378,10 @@ def test_ranks_that_see_the_run_directory_differently_all_stop_with_the_differen
 
     mp.spawn(_decide, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert results[0] == results[1] and results[0][0] is None
+    assert results[0][:2] == results[1][:2] and results[0][0] is None
     assert results[0][1].startswith("[lora] (newer input, finished): rank 1 sees (None, False), rank 0 sees (None, True); "
                                     "every node must see the run directory and the prep output on one shared filesystem")
+    assert [r[2] for r in results] == [f"{tmp_path / f'ckpt{r}' / 'latest.json'} (the checkpoint to resume from): rank 1 "
+                                       "sees None, rank 0 sees 'step00000004'; every node must see the run directory and "
+                                       "the prep output on one shared filesystem, as written (README, multi-node)"
+                                       for r in range(2)]
