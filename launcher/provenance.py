@@ -186,7 +186,8 @@ def prep_output(data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool, data: dict[str, Any],
           resumes: bool = True) -> list[str]:
     """Compare `cfg` on `world` ranks and the prep output `data` (`prep_output`) with the config and data recorded by
-    this stage's earlier run; the changed shaping keys (raises ConfigChanged on any, unless `allow_change`). A finished
+    this stage's earlier run; the changed shaping keys (raises ConfigChanged on any, unless `allow_change`; on another
+    prep output whatever `allow_change` says: what the stage made is of other data). A finished
     stage that `--stage all` skips (`resumes` False) is not compared on how it ran (HOW_IT_RAN: ranks, precision, ZeRO
     stage, table blocks): stages 1-2 on 2 CPU ranks, stage 3 on 8 GPUs. For stage eval: `check_scored`."""
     if stage == "eval":
@@ -203,7 +204,7 @@ def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool
         changed.append(DATA)
     if not resumes:
         changed = [k for k in changed if k not in HOW_IT_RAN and not k.endswith(" x ranks")]
-    if changed and not allow_change:
+    if changed and (DATA in changed or not allow_change):  # other data: never
         new = shaping(cfg.model_dump(mode="json"), stage, world) | _flat(cfg.model_dump(mode="json")) | {DATA: data}
         was = shaping(old, stage, old_world) | _flat(old) | {DATA: was_data}
         detail = _detail(was, new, changed)
