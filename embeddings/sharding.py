@@ -51,8 +51,8 @@ def resolve(sharding: Sharding, device: torch.device) -> str:
 def attach_optimizers(tables: nn.Module, lrs: dict[str, float], kind: TableOptimizer, eps: float = 1e-8) -> None:
     """Give each table a fused in-backward optimizer (per-table learning rate); call before sharding.
 
-    No weight decay here: FBGEMM's CPU kernels ignore it (checked), so the recipe puts an L2 penalty on
-    the looked-up rows into the loss instead.
+    No weight decay here: FBGEMM's CPU kernels ignore it (checked). Stage 2b puts an L2 penalty on the looked-up
+    rows into its loss instead; stage 3 with a fused table optimizer has none (sella.table_optimizer).
     """
     for name, bag in tables.embedding_bags.items():
         kwargs = {"lr": lrs[name]} | ({} if kind == "sgd" else {"eps": eps})

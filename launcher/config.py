@@ -109,7 +109,8 @@ class SellaConfig(TrainConfig):
         "replicated TorchRec tables with the dense kernel (FBGEMM's CPU kernels have no fused Adam), their gradient "
         "clipped to grad_clip on its own norm; otherwise a fused in-backward optimizer on tables sharded by "
         "collab.sharding, at table_lr / semantic_lr, stepping every micro-batch on a loss DeepSpeed divides by "
-        "grad_accum (sgd's effective lr is then table_lr / grad_accum; Adagrad's steps do not depend on the scale)")
+        "grad_accum (sgd's effective lr is then table_lr / grad_accum; Adagrad's steps do not depend on the scale), "
+        "with no weight decay and no gradient clipping (they step inside backward, before the engine clips)")
     table_lr: float = Field(1e-3, gt=0, description="lr of the user and item tables' fused optimizer")
     semantic_lr: float = Field(1e-3, ge=0, description="lr of the semantic table's fused optimizer")
     eval_rows: int | None = Field(256, ge=1, description="valid rows used for checkpoint selection; null = all")
