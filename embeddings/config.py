@@ -21,7 +21,8 @@ class AlignConfig(_Strict):
     tau: float = Field(0.2, gt=0)
     rince_q: float = Field(0.01, gt=0)
     rince_lambda: float = Field(0.1, gt=0)
-    dedupe: bool = Field(True, description="drop repeated items of a batch from the in-batch negatives")
+    dedupe: bool = Field(True, description="count an item repeated in a batch once: its first row is the anchor, "
+                        "the repeats leave the anchors and the in-batch negatives")
 
 
 class CollabConfig(_Strict):

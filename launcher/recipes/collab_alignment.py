@@ -1,8 +1,8 @@
 """Stage 2b (`collab`): the Collab model (MF) on TorchRec-sharded tables, aligned to the semantic table.
 
 Loss per global batch: BCE(<e_u, e_i>, y) + w * L_align(Proj_C->L(e_i), s_i) (docs/method.md, stage 2b), plus
-`l2` x the squared norms of the looked-up user and item rows per sample (the authors' MF weight decay: FBGEMM's
-fused CPU kernels ignore an optimizer's weight decay); w = 0 is the plain MF baseline, without semantic table or
+`l2` x the squared norms of the looked-up user and item rows per sample (in place of the authors' Adam weight decay
+of 1e-6 on every parameter: FBGEMM's fused CPU kernels ignore an optimizer's weight decay); w = 0 is the plain MF baseline, without semantic table or
 projector. TensorBoard logs each term (train/bce, train/l2, and train/align when w > 0) and the loss that
 backward ran on, train/loss = bce + l2 + w * align. Tables are updated by fused optimizers in
 the backward pass, the projector by Adam. Each rank takes its slice of every global batch and its loss
