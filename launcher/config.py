@@ -130,6 +130,9 @@ class EvalConfig(_Strict):
         [], description="also score these on the same rows and report them beside the model")
     splits: list[Literal["train", "valid", "test"]] = Field(["valid", "test"])
     rows: int | None = Field(None, ge=1, description="rows per split (a fixed subset by row id); null = all")
+    drop_no_history: bool | None = Field(
+        None, description="skip the rows without a history (true, as SeLLa-Rec's code) or score them too (false, as "
+        "CoLLM's, whose published rows count all 7,331 ML-1M test rows); null: as llm.drop_no_history")
     batch: int = Field(16, ge=1)
 
 
@@ -143,3 +146,8 @@ class Config(DataConfig):
     collab: CollabConfig = CollabConfig()
     sella: SellaConfig = SellaConfig()
     eval: EvalConfig = EvalConfig()
+
+    @property
+    def eval_drops_no_history(self) -> bool:
+        """Whether stage eval skips the rows without a history (`eval.drop_no_history`, else the LLM stages' rule)."""
+        return self.llm.drop_no_history if self.eval.drop_no_history is None else self.eval.drop_no_history

@@ -208,7 +208,7 @@ def card(export: Path, cfg: Config, metrics: dict | None) -> None:
                 lines.append(f"| {split} | {m['overall']['rows']:,} | {fmt(m['overall']['auc'])}"
                              + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "") + f" | {fmt(m['overall']['uauc'])} | "
                              + " | ".join(fmt(m[g]["auc"]) for g in GROUPS[1:]) + " |")
-        kept = " with history" if cfg.llm.drop_no_history else ""
+        kept = " with history" if cfg.eval_drops_no_history else ""
         lines.append(f"\nRows: at most {cfg.eval.rows:,} rows{kept} per split, a fixed subset chosen by row id, by "
                      "stage eval." if cfg.eval.rows else f"\nRows: every row{kept} of each split, by stage eval.")
     lines += ["", "## Scoring with this folder alone (transformers + peft)", "", "```python",

@@ -108,6 +108,27 @@ def test_popularity_scores_are_train_positive_rates(ml100k_out: Path, tmp_path: 
         "model"] == "popularity"
 
 
+def test_eval_scores_the_rows_without_a_history_when_asked(ml100k_out: Path, tmp_path: Path) -> None:
+    """`eval.drop_no_history: false` scores every test row, as CoLLM's published rows count them; by default (the LLM
+    stages' rule, SeLLa-Rec's code) the rows without a history are left out, and the others score the same."""
+    rows = pd.read_parquet(ml100k_out / "tables" / "interactions", columns=["row_id", "split", "history_ids"])
+    test = rows[rows.split == "test"]
+    no_history = set(test.row_id[test.history_ids.map(len) == 0])
+    assert no_history  # ML-100K's test split has such rows
+    scored = {}
+    for drop in (None, False):
+        run = tmp_path / f"drop-{drop}"
+        cfg = write_config(tmp_path / f"drop-{drop}.yaml", data_dir=str(ml100k_out), run_dir=str(run), llm=LLM,
+                           eval={"rows": None, "model": "popularity", "baselines": [], "splits": ["test"],
+                                 "drop_no_history": drop})
+        finish(launch(cfg, "eval", 1))
+        scored[drop] = pd.read_parquet(run / "eval" / "scores-test.parquet").set_index("row_id").score
+        assert json.loads((run / EVAL_METRICS).read_text())["test"]["overall"]["rows"] == len(scored[drop])
+    assert set(scored[False].index) == set(test.row_id)
+    assert set(scored[None].index) == set(test.row_id) - no_history
+    assert scored[None].equals(scored[False].loc[scored[None].index])
+
+
 def test_rank_history_is_the_protocols_history_order(ml100k_out: Path) -> None:
     """launcher/rank.py shows a user the titles a next row of theirs would get from prep: the row with the most
     positives up to it holds them all in its `history` (whole: protocol.history_keep null). Sorting the positives by

@@ -9,7 +9,8 @@
 `eval.baselines` (popularity, mf) are scored on the same rows beside the model, so a reader sees at once
 whether the model is above them; they go into metrics.json under `baselines`.
 LLM rows are scored over all ranks (left-padded batches, softmax over {No, Yes} at the answer position);
-rows without history are skipped when `llm.drop_no_history` (authors' code), for every model alike.
+rows without history are skipped when `eval.drop_no_history` (by default `llm.drop_no_history`, as SeLLa-Rec's code;
+false scores every row, as CoLLM's published rows), for every model alike.
 Writes <run>/eval/scores-<split>.parquet (row_id, user_id, item_id, label, warm, score),
 <run>/eval/metrics.json (AUC, UAUC and a 95% bootstrap AUC interval; overall, warm, cold) and, under
 <run>/tb/eval, the AUC/UAUC scalars, PR curves and ROC curves (figures), at the training step of the scored
@@ -145,7 +146,7 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     compared: dict[str, dict] = {name: {} for name in baselines}
     seconds: dict[str, float] = {}
     for split in eval_cfg.splits:
-        samples = eval_samples(data_dir, split, eval_cfg.rows, dist_ctx.rank, dist_ctx.world, llm_cfg.drop_no_history)
+        samples = eval_samples(data_dir, split, eval_cfg.rows, dist_ctx.rank, dist_ctx.world, cfg.eval_drops_no_history)
         t0 = time.time()
         scores = scorer(samples)
         seconds[split] = max_over_ranks(time.time() - t0)
