@@ -132,7 +132,8 @@ class EvalConfig(_Strict):
     rows: int | None = Field(None, ge=1, description="rows per split (a fixed subset by row id); null = all")
     drop_no_history: bool | None = Field(
         None, description="skip the rows without a history (true, as SeLLa-Rec's code) or score them too (false, as "
-        "CoLLM's, whose published rows count all 7,331 ML-1M test rows); null: as llm.drop_no_history")
+        "CoLLM's, whose published rows count all 7,331 ML-1M test rows); null: as llm.drop_no_history. With eval.rows "
+        "the subset is drawn from the rows it scores, so the two settings score different subsets")
     batch: int = Field(16, ge=1)
 
 

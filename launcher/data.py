@@ -108,7 +108,8 @@ def eval_samples(out_dir: str | Path, split: str, rows: int | None, rank: int, w
     chosen = sorted(kept if rows is None else kept[:rows])  # the index is in row-id order
     if not chosen:  # every rank sees it: each stops with the same error, none waits on the others
         raise ValueError(f"{out_dir}: the {split} split has no rows to score"
-                         + (" with a history (llm.drop_no_history drops the others)" if drop_no_history else ""))
+                         + (" with a history (llm.drop_no_history, or eval.drop_no_history in stage eval, drops the "
+                            "others)" if drop_no_history else ""))
     return [index[i] for i in chosen[rank::world]]
 
 

@@ -132,7 +132,8 @@ def write(cfg: Config, data_dir: Path, run_dir: Path, tokenizer: Tokenizer, adap
     base = base_source(cfg, export)
     adapter_cfg = export / "adapter" / "adapter_config.json"
     config = json.loads(adapter_cfg.read_text())
-    config["base_model_name_or_path"] = "../base" if (export / "base").is_dir() else cfg.llm.model
+    # PEFT resolves a relative base against the working directory: "base" from the export folder, where the card runs
+    config["base_model_name_or_path"] = "base" if (export / "base").is_dir() else cfg.llm.model
     adapter_cfg.write_text(json.dumps(config, indent=2))
     provenance, manifest = json.loads((run_dir / "sella" / PROVENANCE).read_text()), load_manifest(data_dir)
     (export / "base.txt").write_text(base + "\n")
@@ -211,8 +212,11 @@ def card(export: Path, cfg: Config, metrics: dict | None) -> None:
         kept = " with history" if cfg.eval_drops_no_history else ""
         lines.append(f"\nRows: at most {cfg.eval.rows:,} rows{kept} per split, a fixed subset chosen by row id, by "
                      "stage eval." if cfg.eval.rows else f"\nRows: every row{kept} of each split, by stage eval.")
-    lines += ["", "## Scoring with this folder alone (transformers + peft)", "", "```python",
-              SCORING.replace("{LOAD}", base_load_args(export, cfg)), "```", ""]
+    needs = "transformers + peft" + (" + gguf (the base is a GGUF file)" if any((export / "base").glob("*.gguf")) else "")
+    lines += ["", f"## Scoring with this folder alone ({needs})", "",
+              ("Run it from inside this folder: it opens its files by relative paths, as `adapter/adapter_config.json` "
+               "names its base (`AutoPeftModelForCausalLM.from_pretrained(\"adapter\")` loads from here too)."), "",
+              "```python", SCORING.replace("{LOAD}", base_load_args(export, cfg)), "```", ""]
     (export / CARD).write_text("\n".join(lines))
 
 

@@ -155,7 +155,7 @@ def check_upstream(cfg: Config, upstream: Path, stage: str, allow_change: bool, 
     (launcher.train.taken_from_upstream: skipped by `--stage all`, or read by a stage launched alone): it must have
     run on this launch's prep output `data` (`prep_output`; never allowed otherwise), and the keys
     that shape that stage must be the ones it ran with there (world size, precision and `upstream` aside); the changed
-    keys (raises ConfigChanged on any, unless `allow_change`)."""
+    keys (raises ConfigChanged on any, unless `allow_change`), how it ran there aside (HOW_IT_RAN)."""
     recorded = upstream / stage / RUN_CONFIG
     if not recorded.is_file():
         return []
@@ -167,14 +167,29 @@ def check_upstream(cfg: Config, upstream: Path, stage: str, allow_change: bool, 
                             f"launch's ({data['path']}, {data['name']}, made {data['created']}). Run the upstream on "
                             "this prep output, or set upstream: null to run every stage in this run")
     old, new = yaml.safe_load(recorded.read_text()), cfg.model_dump(mode="json")
-    changed = [k for k in changed_keys(old, new, stage) if k not in ("upstream", "deepspeed.precision", COLUMN_BLOCKS)]
-    # (a bf16 adapter serves an fp32 row; the tables' layout is how stage 2b ran, not what it made)
+    changed = [k for k in changed_keys(old, new, stage) if k != "upstream" and k not in HOW_IT_RAN]
+    # (how it ran, not what it made: a bf16 adapter serves an fp32 row, one trained under ZeRO-3 across hosts a row on
+    # one host, and the tables' layout is how stage 2b ran)
     if changed and not allow_change:
         detail = _detail(shaping(old, stage, 1), shaping(new, stage, 1), changed)
         raise ConfigChanged(f"{recorded}: this run takes stage {stage} from its upstream run, which ran it with other "
                             f"settings ({detail}). Set them as there, run the stage in a run without upstream, or "
                             "continue anyway with --allow-config-change")
     return changed
+
+
+def check_trained_on(run_dir: Path, stage: str, data_dir: Path) -> None:
+    """Raise ConfigChanged when `stage` of `run_dir` recorded another prep output than `data_dir` (a prep run again, or
+    another --data): its tables' rows are that output's remapped ids, which would name other users and items here."""
+    from pipeline.schema import load_manifest
+
+    ran = run_dir / stage / PROVENANCE
+    was = json.loads(ran.read_text()).get("data") if ran.is_file() else None
+    now = prep_output(data_dir, load_manifest(data_dir))
+    if was is not None and (was["name"], was["created"]) != (now["name"], now["created"]):
+        raise ConfigChanged(f"{ran}: stage {stage} trained on another prep output ({was['path']}, {was['name']}, made "
+                            f"{was['created']}) than {data_dir} ({now['name']}, made {now['created']}); its user and "
+                            f"item ids are that output's: pass --data {was['path']}")
 
 
 def prep_output(data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ Writes Parquet: rank, item_id (0 for new items), title, new_item, score (P(Yes))
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from launcher.artifacts import SELLA_ADAPTER, SELLA_PROJECTOR, SELLA_TABLES, ada
 from launcher.config import Config
 from launcher.data import read_items
 from launcher.recipes.distillation import semantic_vectors
-from llm.model import load_tuned
+from llm.model import SPECIAL_TOKENS, load_tuned
 from llm.prompts import encode
 from llm.scorer import collate
 from llm.sella import SellaLM
@@ -41,31 +42,61 @@ from pipeline.config import ConfigError, data_path, load_config, run_path
 from pipeline.schema import Sample
 
 
-def read_candidates(path: Path, items: pd.DataFrame) -> pd.DataFrame:
-    """item_id (0 = new), title, new_item per candidate; errors name the file and line."""
+def candidate_records(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+    """The candidates file's columns and records, each record with where it is ("<file>, line N": the physical line its record
+    starts on, blank lines and quoted line breaks counted; "<file>, row N" in Parquet, from 1). CSV fields are read as
+    written: no type guessing (a title "1984" stays one, "None" is a title, an id "5.7" is not cut to 5)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: candidates file not found")
-    table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    if not {"item_id", "title"} & set(table.columns):
-        raise ValueError(f"{path}: needs an item_id or a title column, found {list(table.columns)}")
-    if table.empty:
+    if path.suffix == ".parquet":
+        table = pd.read_parquet(path)
+        return list(table.columns), [(f"{path}, row {i}", rec) for i, rec in enumerate(table.to_dict("records"), start=1)]
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None) or []
+        records, line = [], reader.line_num + 1
+        for fields in reader:
+            if fields:  # a blank line holds no candidate
+                if len(fields) != len(header):
+                    raise ValueError(f"{path}, line {line}: {len(fields)} fields, the header has {len(header)} "
+                                     f"({', '.join(header)})")
+                records.append((f"{path}, line {line}", dict(zip(header, fields, strict=True))))
+            line = reader.line_num + 1
+    return header, records
+
+
+def read_candidates(path: Path, items: pd.DataFrame) -> pd.DataFrame:
+    """item_id (0 = new), title, new_item and `where` (file and line) per candidate; errors name the file and line."""
+    columns, records = candidate_records(path)
+    if not {"item_id", "title"} & set(columns):
+        raise ValueError(f"{path}: needs an item_id or a title column, found {columns}")
+    if not records:
         raise ValueError(f"{path}: no candidates (the file has no rows)")
     titles = dict(zip(items.item_id, items.title, strict=True))
     rows = []
-    for line, rec in enumerate(table.to_dict("records"), start=2 if path.suffix != ".parquet" else 0):
+    for where, rec in records:
         item = rec.get("item_id")
-        try:
-            item = int(item) if item is not None and not pd.isna(item) else 0
+        item = None if item is None or (isinstance(item, float) and np.isnan(item)) or str(item).strip() == "" else item
+        try:  # "50.0", as pandas writes an id column with gaps, is 50; "5.7" is no id
+            number = float(item) if item is not None else 0.0
+            if not number.is_integer():
+                raise ValueError
+            item = int(number)
         except ValueError:
-            raise ValueError(f"{path}, line {line}: item_id {item!r} is not an integer (item ids are the prep output's "
+            raise ValueError(f"{where}: item_id {item!r} is not an integer (item ids are the prep output's "
                              "remapped ids: tables/items maps raw_id to item_id)") from None
         title = rec.get("title")
-        title = str(title) if title is not None and not pd.isna(title) and str(title).strip() else None
+        title = str(title) if title is not None and not (isinstance(title, float) and np.isnan(title)) \
+            and str(title).strip() else None
         known = item in titles
         if not known and title is None:
-            raise ValueError(f"{path}, line {line}: item_id {item or '(empty)'} is not in the data and there "
+            raise ValueError(f"{where}: item_id {item or '(empty)'} is not in the data and there "
                              "is no title to score it as a new item")
-        rows.append({"item_id": item if known else 0, "title": titles[item] if known else title, "new_item": not known})
+        if not known and any(token in title for token in SPECIAL_TOKENS):
+            raise ValueError(f"{where}: the title {title!r} holds one of the prompt's special tokens "
+                             f"({', '.join(SPECIAL_TOKENS)})")
+        rows.append({"item_id": item if known else 0, "title": titles[item] if known else title, "new_item": not known,
+                     "where": where})
     return pd.DataFrame(rows)
 
 
@@ -116,13 +147,21 @@ def rank(cfg: Config, data_dir: Path, run_dir: Path, user: int, candidates: pd.D
     semantic = warm_inputs(cfg, run_dir, candidates, tables, llm if sella_adapter is None else None, tokenizer) \
         if model.warm else None
     history = user_history(data_dir, user, llm_cfg.history_titles)
+    if not history and llm_cfg.history_titles and llm_cfg.drop_no_history:
+        print(f"note: user {user} has no positively rated item in {data_dir}: the prompts show no history, which stage "
+              "3 never trained on (llm.drop_no_history)", file=sys.stderr)
     scores = []
     for lo in range(0, len(candidates), cfg.eval.batch):
         idx = list(range(lo, min(lo + cfg.eval.batch, len(candidates))))
         samples = [Sample(row_id=i, user_id=user, item_id=int(items[i]), label=0, timestamp=0, split="rank", warm=0,
                           history_ids=[], history_titles=history, title=candidates.title.iat[i]) for i in idx]
-        encoded = [encode(tokenizer, s, "sella", cfg.domain, llm_cfg.max_length, llm_cfg.history_titles,
-                          with_answer=False, warm=model.warm) for s in samples]
+        encoded = []
+        for i, s in zip(idx, samples, strict=True):
+            try:
+                encoded.append(encode(tokenizer, s, "sella", cfg.domain, llm_cfg.max_length, llm_cfg.history_titles,
+                                      with_answer=False, warm=model.warm))
+            except ValueError as err:  # a new item's title too long for llm.max_length
+                raise ValueError(f"{candidates['where'].iat[i]}: {str(err).removeprefix(f'row {i}: ')}") from None
         rows = [tables.rows(USER, torch.full((len(idx),), user)), tables.rows(ITEM, items[idx])]
         if model.warm:
             rows.append(semantic[idx])
@@ -149,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = data_path(cfg, args.data)
         run_dir = run_path(cfg, args.run_dir)
         provenance.check_scored(cfg, run_dir, args.allow_config_change, model="sella")  # prompts as stage 3's
+        provenance.check_trained_on(run_dir, "sella", data_dir)  # its ids are that prep output's
         candidates = read_candidates(args.candidates, read_items(data_dir))
         ranked = rank(cfg, data_dir, run_dir, args.user, candidates)
     except (ConfigError, FileNotFoundError, ValueError, provenance.ConfigChanged) as err:

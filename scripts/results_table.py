@@ -35,9 +35,9 @@ from pipeline.config import load_config, run_path
 BEGIN, END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
 ROWS = {  # config stem -> (row label, published ML-1M AUC / UAUC of the closest published method)
     "popularity": ("item popularity (train positive rate)", "0.703 / 0.675 (docs/method.md, measured on the 7,269 test rows with a history)"),
-    "mf": ("MF (stage 2b, no alignment)", "MF: 0.6482 / 0.6361"),
-    "text-only": ("text-only, stage 1 (TALLRec-like)", "TALLRec: 0.7097 / 0.6818"),
-    "collm-like": ("CoLLM-like (frozen MF tokens, random projector, no `<Warm_ID>`)", "CoLLM-MF: 0.7295 / 0.6875"),
+    "mf": ("MF (stage 2b, no alignment)", "MF, CoLLM paper (all 7,331 test rows): 0.6482 / 0.6361"),
+    "text-only": ("text-only, stage 1 (TALLRec-like)", "TALLRec, CoLLM paper (Vicuna-7B, all 7,331 rows): 0.7097 / 0.6818"),
+    "collm-like": ("CoLLM-like (frozen MF tokens, random projector, no `<Warm_ID>`)", "CoLLM-MF, CoLLM paper (Vicuna-7B, all 7,331 rows): 0.7295 / 0.6875"),
     "sella-no-warm": ("SeLLa-Rec without `<Warm_ID>`", "-"),
     "sella": ("SeLLa-Rec", "about +4% over CoLLM (paper)"),
 }
@@ -110,7 +110,7 @@ def interval(m: dict) -> str:
 
 
 def table(configs: list[Path]) -> str:
-    head = "| row | config | test rows | overall | warm | cold | overall AUC, 95% CI | reference: CoLLM paper, Vicuna-7B, all 7,331 test rows (overall; docs/method.md) |"
+    head = "| row | config | test rows | overall | warm | cold | overall AUC, 95% CI | reference, overall AUC / UAUC (docs/method.md) |"
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for path in configs:
         test = test_metrics(path)

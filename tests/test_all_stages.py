@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -199,6 +201,18 @@ def test_rank_names_the_bad_candidate_line(run: tuple[Path, Path, str], tmp_path
     candidates.write_text("item_id,title\n50,\ntt0113277,\n")  # a raw id, not the prep output's remapped one
     proc = rank(cfg, candidates, tmp_path / "x.parquet")
     assert proc.returncode == 2 and f"{candidates}, line 3: item_id 'tt0113277' is not an integer" in proc.stderr
+    candidates.write_text("item_id,title\n50,\n\n," + "Film " * 200 + "\n")  # a new title too long for any prompt
+    proc = rank(cfg, candidates, tmp_path / "x.parquet")
+    assert proc.returncode == 2 and f"{candidates}, line 4: the prompt without history needs" in proc.stderr
+    other = json.loads((run[1] / "sella" / "provenance.json").read_text())["data"]  # the prep output it trained on
+    copy = tmp_path / "again"  # prep run again: the same files, another `created`
+    shutil.copytree(other["path"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text()) | {"created": "2031-01-01T00:00:00+00:00"}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    candidates.write_text("item_id,title\n50,\n")
+    proc = rank(cfg, candidates, tmp_path / "x.parquet", "--data", str(copy))
+    assert proc.returncode == 2 and "stage sella trained on another prep output" in proc.stderr, proc.stderr[-2000:]
+    assert f"pass --data {other['path']}" in proc.stderr and not (tmp_path / "x.parquet").exists()
 
 
 def test_rank_refuses_prompts_other_than_the_trained_ones(run: tuple[Path, Path, str], tmp_path: Path) -> None:
@@ -209,6 +223,31 @@ def test_rank_refuses_prompts_other_than_the_trained_ones(run: tuple[Path, Path,
     proc = rank(cfg, candidates, tmp_path / "x.parquet", "--set", "llm.history_titles=5")
     assert proc.returncode == 2 and "llm.history_titles: 3 -> 5" in proc.stderr, proc.stderr[-2000:]
     assert "--allow-config-change" in proc.stderr and not (tmp_path / "x.parquet").exists()
+
+
+def test_candidates_are_read_as_written_and_named_by_their_line(tmp_path: Path) -> None:
+    """No type guessing: a title "1984" in a column with a blank stays "1984" (pandas made it 1984.0), "None" is a
+    title, an id "5.7" is refused (pandas cut it to 5); lines are the file's own, blank lines and a title quoted over
+    two lines counted; a title holding a special token, or a short row, is named."""
+    from launcher.rank import read_candidates
+
+    items = pd.DataFrame({"item_id": [1, 5], "title": ["Heat (1995)", "Fargo (1996)"]})
+    candidates = tmp_path / "c.csv"
+    candidates.write_text('item_id,title\n5,\n\n,1984\n,None\n,"Two\nlines"\n1.0,\n')  # 1.0: pandas' id with gaps
+    read = read_candidates(candidates, items)
+    assert read[["item_id", "title", "new_item"]].values.tolist() == [
+        [5, "Fargo (1996)", False], [0, "1984", True], [0, "None", True], [0, "Two\nlines", True], [1, "Heat (1995)", False]]
+    assert read["where"].tolist() == [f"{candidates}, line {n}" for n in (2, 4, 5, 6, 8)]
+    for body, line, says in [('item_id,title\n\n,"a\nb"\n5.7,\n', 5, "item_id '5.7' is not an integer"),
+                             ("item_id,title\n,The <Item_ID> film\n", 2, "holds one of the prompt's special tokens"),
+                             ("item_id,title\n5\n", 2, "1 fields, the header has 2 (item_id, title)")]:
+        candidates.write_text(body)
+        with pytest.raises(ValueError, match=re.escape(f"{candidates}, line {line}: ") + ".*" + re.escape(says)):
+            read_candidates(candidates, items)
+    parquet = tmp_path / "c.parquet"
+    pd.DataFrame({"item_id": [5.0, 5.7], "title": [None, None]}).to_parquet(parquet)
+    with pytest.raises(ValueError, match=re.escape(f"{parquet}, row 2: item_id 5.7 is not an integer")):
+        read_candidates(parquet, items)
 
 
 def test_an_empty_candidates_file_is_named(tmp_path: Path) -> None:

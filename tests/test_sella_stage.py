@@ -312,7 +312,16 @@ def test_the_export_scores_anywhere(runs: dict[str, Path], ml100k_out: Path, val
     assert (exported["data_dir"], exported["run_dir"]) == (None, None) and exported["sella"]["max_steps"] == 4
     assert {p.name for p in export.iterdir()} >= {"README.md", "prompt.json", "config.yaml", "tokenizer", "adapter",
                                                   "projector.safetensors", "tables.safetensors", "ids", "base"}
-    assert json.loads((export / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "../base"
+    assert json.loads((export / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
+    assert "Run it from inside this folder" in card
+    from peft import AutoPeftModelForCausalLM
+
+    here = Path.cwd()
+    os.chdir(export)  # as the card says: PEFT's usual loader finds the base the adapter names from there
+    try:
+        assert AutoPeftModelForCausalLM.from_pretrained("adapter").get_input_embeddings().weight.shape[0] > 0
+    finally:
+        os.chdir(here)
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(export / "tokenizer").padding_side == "left"

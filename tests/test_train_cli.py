@@ -302,6 +302,14 @@ def test_a_stage_taken_from_upstream_must_have_run_on_this_prep_output(tmp_path)
     (upstream / "lora" / provenance.RUN_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     (upstream / "lora" / provenance.PROVENANCE).write_text(json.dumps({"world": 2, "data": DATA}))
     assert provenance.check_upstream(cfg, upstream, "lora", False, DATA) == []
+    # how it ran there is not what it made: stage 1 under ZeRO-3 in bf16 across two nodes serves a row on one CPU host
+    across = cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"zero_stage": 3, "precision": "bf16"})})
+    (upstream / "lora" / provenance.RUN_CONFIG).write_text(yaml.safe_dump(across.model_dump(mode="json")))
+    resolved = cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"zero_stage": 0, "precision": "fp32"})})
+    assert provenance.check_upstream(resolved, upstream, "lora", False, DATA) == []
+    r4 = resolved.model_copy(update={"lora": resolved.lora.model_copy(update={"r": 4})})
+    with pytest.raises(provenance.ConfigChanged, match=r"other settings \(lora\.r: 64 -> 4\)"):
+        provenance.check_upstream(r4, upstream, "lora", False, DATA)
     other = DATA | {"path": "out/other", "created": "2026-12-07T10:00:00+00:00"}
     for allow in (False, True):
         with pytest.raises(provenance.ConfigChanged, match=r"which ran it on another prep output \(out/ml-100k, "
