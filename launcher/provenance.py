@@ -129,6 +129,21 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _against_record(cfg: Config, recorded: Path | None, shape: str, allow_change: bool, what: str,
+                    only: str = "") -> list[str]:
+    """The keys that shape `shape` (those under `only`, when given) on which `cfg` differs from the config recorded at
+    `recorded` (none when there is no record); raises ConfigChanged saying `what`, unless `allow_change`."""
+    if recorded is None:
+        return []
+    old, new = yaml.safe_load(recorded.read_text()), cfg.model_dump(mode="json")
+    changed = [k for k in changed_keys(old, new, shape) if k.startswith(only)]
+    if changed and not allow_change:
+        detail = _detail(shaping(old, shape, 1), shaping(new, shape, 1), changed)
+        raise ConfigChanged(f"{recorded}: {what} ({detail}). Score with the settings it ran with, or continue anyway "
+                            "with --allow-config-change")
+    return changed
+
+
 def check_scored(cfg: Config, run_dir: Path, allow_change: bool, model: str | None = None) -> list[str]:
     """Stage eval's check: the prompt and model settings (`llm`, `domain`) it scores with against those the stage
     that trained the scored model (eval.model sella or lora) recorded; the changed keys (raises ConfigChanged on
@@ -138,16 +153,18 @@ def check_scored(cfg: Config, run_dir: Path, allow_change: bool, model: str | No
     model = model or cfg.eval.model  # launcher/rank.py scores the stage-3 model whatever eval.model says
     trained = {"sella": "sella", "lora": "lora"}.get(model)
     recorded = lookup(cfg, run_dir, f"{trained}/{RUN_CONFIG}") if trained else None
-    if recorded is None:
-        return []
-    old, new = yaml.safe_load(recorded.read_text()), cfg.model_dump(mode="json")
-    changed = changed_keys(old, new, "scored")
-    if changed and not allow_change:
-        detail = _detail(shaping(old, "scored", 1), shaping(new, "scored", 1), changed)
-        raise ConfigChanged(f"{recorded}: eval.model {model} scores a model stage {trained} trained with other "
-                            f"prompt or model settings ({detail}). Score with the settings it trained with, or "
-                            "continue anyway with --allow-config-change")
-    return changed
+    return _against_record(cfg, recorded, "scored", allow_change,
+                           f"eval.model {model} scores a model stage {trained} trained with other prompt or model settings")
+
+
+def check_distilled(cfg: Config, run_dir: Path, allow_change: bool) -> list[str]:
+    """rank.py's check before it distills new items' titles: its `distill` keys against those stage 2a recorded, since
+    a new item's <Warm_ID> vector must come from the prompt and model the trained items' came from."""
+    from launcher.artifacts import lookup
+
+    return _against_record(cfg, lookup(cfg, run_dir, f"distill/{RUN_CONFIG}"), "distill", allow_change,
+                           "rank distills new items with other settings than stage 2a distilled the trained ones",
+                           only="distill.")
 
 
 def check_upstream(cfg: Config, upstream: Path, stage: str, allow_change: bool, data: dict[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import sys
 from pathlib import Path
 
@@ -43,18 +44,26 @@ from pipeline.schema import Sample
 
 
 def candidate_records(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
-    """The candidates file's columns and records, each record with where it is ("<file>, line N": the physical line its record
-    starts on, blank lines and quoted line breaks counted; "<file>, row N" in Parquet, from 1). CSV fields are read as
-    written: no type guessing (a title "1984" stays one, "None" is a title, an id "5.7" is not cut to 5)."""
+    """The candidates file's columns and records, each with where it is ("<file>, line N": the physical line the
+    record starts on, blank lines and quoted line breaks counted; "<file>, row N" in Parquet, from 1). CSV fields are
+    read as written, UTF-8 (a byte-order mark dropped): no type guessing, so a title "1984" stays one and "None" is a
+    title."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: candidates file not found")
     if path.suffix == ".parquet":
         table = pd.read_parquet(path)
         return list(table.columns), [(f"{path}, row {i}", rec) for i, rec in enumerate(table.to_dict("records"), start=1)]
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None) or []
-        records, line = [], reader.line_num + 1
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None) or []
+    records: list[tuple[str, dict]] = []
+    line = reader.line_num + 1
+    try:
         for fields in reader:
             if fields:  # a blank line holds no candidate
                 if len(fields) != len(header):
@@ -62,6 +71,8 @@ def candidate_records(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
                                      f"({', '.join(header)})")
                 records.append((f"{path}, line {line}", dict(zip(header, fields, strict=True))))
             line = reader.line_num + 1
+    except csv.Error as err:
+        raise ValueError(f"{path}, line {line}: {err}") from None
     return header, records
 
 
@@ -181,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", help="trained run (default: run_dir of the config, else runs/<name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--allow-config-change", action="store_true",
-                   help="score even when the prompt or model settings differ from those stage 3 trained with")
+                   help="score even when the prompt or model settings differ from those stage 3 trained with, or the "
+                        "distill settings from stage 2a's")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set, schema=Config)
@@ -190,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         provenance.check_scored(cfg, run_dir, args.allow_config_change, model="sella")  # prompts as stage 3's
         provenance.check_trained_on(run_dir, "sella", data_dir)  # its ids are that prep output's
         candidates = read_candidates(args.candidates, read_items(data_dir))
+        if candidates.new_item.any():  # their titles are distilled as stage 2a distilled the trained items'
+            provenance.check_distilled(cfg, run_dir, args.allow_config_change)
         ranked = rank(cfg, data_dir, run_dir, args.user, candidates)
     except (ConfigError, FileNotFoundError, ValueError, provenance.ConfigChanged) as err:
         print(f"error: {err}", file=sys.stderr)
