@@ -212,10 +212,12 @@ def card(export: Path, cfg: Config, metrics: dict | None) -> None:
         kept = " with history" if cfg.eval_drops_no_history else ""
         lines.append(f"\nRows: at most {cfg.eval.rows:,} rows{kept} per split, a fixed subset chosen by row id, by "
                      "stage eval." if cfg.eval.rows else f"\nRows: every row{kept} of each split, by stage eval.")
-    needs = "transformers + peft" + (" + gguf (the base is a GGUF file)" if any((export / "base").glob("*.gguf")) else "")
+    gguf = any((export / "base").glob("*.gguf"))
+    needs = "transformers + peft" + (" + gguf (the base is a GGUF file)" if gguf else "")
+    peft_loader = "" if gguf else " (`AutoPeftModelForCausalLM.from_pretrained(\"adapter\")` loads from here too)"
     lines += ["", f"## Scoring with this folder alone ({needs})", "",
               ("Run it from inside this folder: it opens its files by relative paths, as `adapter/adapter_config.json` "
-               "names its base (`AutoPeftModelForCausalLM.from_pretrained(\"adapter\")` loads from here too)."), "",
+               f"names its base{peft_loader}."), "",
               "```python", SCORING.replace("{LOAD}", base_load_args(export, cfg)), "```", ""]
     (export / CARD).write_text("\n".join(lines))
 

@@ -206,7 +206,8 @@ def check_trained_on(run_dir: Path, stage: str, data_dir: Path) -> None:
     if was is not None and (was["name"], was["created"]) != (now["name"], now["created"]):
         raise ConfigChanged(f"{ran}: stage {stage} trained on another prep output ({was['path']}, {was['name']}, made "
                             f"{was['created']}) than {data_dir} ({now['name']}, made {now['created']}); its user and "
-                            f"item ids are that output's: pass --data {was['path']}")
+                            f"item ids are that output's: pass the --data it trained on ({was['path']}, if prep has not run "
+                            "into it again since), or train stage 3 again on this one")
 
 
 def prep_output(data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -59,13 +59,16 @@ def candidate_records(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
         raise ValueError(f"{path}, line {line}: not UTF-8 ({err.reason} at byte {err.start})") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None) or []
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # an unclosed quote is an error, not a long title
+    header: list[str] = []
     records: list[tuple[str, dict]] = []
-    line = reader.line_num + 1
+    line = 1
     try:
         for fields in reader:
-            if fields:  # a blank line holds no candidate
+            blank = not any(f.strip() for f in fields)  # a blank line holds no candidate
+            if not blank and not header:
+                header = fields  # the first line that is not blank
+            elif not blank:
                 if len(fields) != len(header):
                     raise ValueError(f"{path}, line {line}: {len(fields)} fields, the header has {len(header)} "
                                      f"({', '.join(header)})")
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         provenance.check_scored(cfg, run_dir, args.allow_config_change, model="sella")  # prompts as stage 3's
         provenance.check_trained_on(run_dir, "sella", data_dir)  # its ids are that prep output's
         candidates = read_candidates(args.candidates, read_items(data_dir))
-        if candidates.new_item.any():  # their titles are distilled as stage 2a distilled the trained items'
+        if candidates.new_item.any() and cfg.sella.warm_token:  # distilled as stage 2a distilled the trained items'
             provenance.check_distilled(cfg, run_dir, args.allow_config_change)
         ranked = rank(cfg, data_dir, run_dir, args.user, candidates)
     except (ConfigError, FileNotFoundError, ValueError, provenance.ConfigChanged) as err:

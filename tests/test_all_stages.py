@@ -212,7 +212,7 @@ def test_rank_names_the_bad_candidate_line(run: tuple[Path, Path, str], tmp_path
     candidates.write_text("item_id,title\n50,\n")
     proc = rank(cfg, candidates, tmp_path / "x.parquet", "--data", str(copy))
     assert proc.returncode == 2 and "stage sella trained on another prep output" in proc.stderr, proc.stderr[-2000:]
-    assert f"pass --data {other['path']}" in proc.stderr and not (tmp_path / "x.parquet").exists()
+    assert f"pass the --data it trained on ({other['path']}" in proc.stderr and not (tmp_path / "x.parquet").exists()
 
 
 def test_rank_refuses_prompts_other_than_the_trained_ones(run: tuple[Path, Path, str], tmp_path: Path) -> None:
@@ -241,15 +241,16 @@ def test_candidates_are_read_as_written_and_named_by_their_line(tmp_path: Path) 
 
     items = pd.DataFrame({"item_id": [1, 5], "title": ["Heat (1995)", "Fargo (1996)"]})
     candidates = tmp_path / "c.csv"
-    candidates.write_text('\ufeffitem_id,title\n5,\n\n,1984\n,None\n,"Two\nlines"\n1.0,\n')  # BOM, as Excel writes; 1.0: pandas' id with gaps
+    candidates.write_text('\ufeff\nitem_id,title\n5,\n  \n,1984\n,None\n,"Two\nlines"\n1.0,\n')  # BOM, as Excel writes; 1.0: pandas' id with gaps
     read = read_candidates(candidates, items)
     assert read[["item_id", "title", "new_item"]].values.tolist() == [
         [5, "Fargo (1996)", False], [0, "1984", True], [0, "None", True], [0, "Two\nlines", True], [1, "Heat (1995)", False]]
-    assert read["where"].tolist() == [f"{candidates}, line {n}" for n in (2, 4, 5, 6, 8)]
+    assert read["where"].tolist() == [f"{candidates}, line {n}" for n in (3, 5, 6, 7, 9)]  # blank lines skipped
     for body, line, says in [('item_id,title\n\n,"a\nb"\n5.7,\n', 5, "item_id '5.7' is not an integer"),
                              ("item_id,title\n,The <Item_ID> film\n", 2, "holds one of the prompt's special tokens"),
                              ("item_id,title\n5\n", 2, "1 fields, the header has 2 (item_id, title)"),
-                             ("item_id,title\n5,\n,Caf\xe9\n", 3, "not UTF-8 (invalid continuation byte at byte 21)")]:
+                             ("item_id,title\n5,\n,Caf\xe9\n", 3, "not UTF-8 (invalid continuation byte at byte 21)"),
+                             ('item_id,title\n,"Foo (1999)\n5,\n1,\n', 2, "unexpected end of data")]:  # an unclosed quote
         candidates.write_bytes(body.encode("latin-1"))
         with pytest.raises(ValueError, match=re.escape(f"{candidates}, line {line}: ") + ".*" + re.escape(says)):
             read_candidates(candidates, items)
