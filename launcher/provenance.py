@@ -178,7 +178,7 @@ def check_upstream(cfg: Config, upstream: Path, stage: str, allow_change: bool, 
         return []
     ran = upstream / stage / PROVENANCE
     was_data = json.loads(ran.read_text()).get("data") if ran.is_file() else None
-    if was_data is not None and (was_data["name"], was_data["created"]) != (data["name"], data["created"]):
+    if other_data(was_data, data):
         raise ConfigChanged(f"{ran}: this run takes stage {stage} from its upstream run, which ran it on another prep "
                             f"output ({was_data['path']}, {was_data['name']}, made {was_data['created']}) than this "
                             f"launch's ({data['path']}, {data['name']}, made {data['created']}). Run the upstream on "
@@ -203,11 +203,17 @@ def check_trained_on(run_dir: Path, stage: str, data_dir: Path) -> None:
     ran = run_dir / stage / PROVENANCE
     was = json.loads(ran.read_text()).get("data") if ran.is_file() else None
     now = prep_output(data_dir, load_manifest(data_dir))
-    if was is not None and (was["name"], was["created"]) != (now["name"], now["created"]):
+    if other_data(was, now):
         raise ConfigChanged(f"{ran}: stage {stage} trained on another prep output ({was['path']}, {was['name']}, made "
                             f"{was['created']}) than {data_dir} ({now['name']}, made {now['created']}); its user and "
                             f"item ids are that output's: pass the --data it trained on ({was['path']}, if prep has not run "
                             "into it again since), or train stage 3 again on this one")
+
+
+def other_data(was: dict[str, Any] | None, now: dict[str, Any]) -> bool:
+    """Whether a recorded prep output `was` (`prep_output`; None in records made before it was kept) is another one than
+    `now`: another name, or prep run again (another `created`); a copy in another folder is the same data."""
+    return was is not None and (was["name"], was["created"]) != (now["name"], now["created"])
 
 
 def prep_output(data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -233,7 +239,7 @@ def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool
     old_world = ran["world"]
     changed = changed_keys(old, cfg.model_dump(mode="json"), stage, old_world, world)
     was_data = ran.get("data")  # absent in records written before it was recorded
-    if was_data is not None and (was_data["name"], was_data["created"]) != (data["name"], data["created"]):
+    if other_data(was_data, data):
         changed.append(DATA)
     if not resumes:
         changed = [k for k in changed if k not in HOW_IT_RAN and not k.endswith(" x ranks")]

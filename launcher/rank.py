@@ -90,7 +90,7 @@ def read_candidates(path: Path, items: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for where, rec in records:
         item = rec.get("item_id")
-        item = None if item is None or (isinstance(item, float) and np.isnan(item)) or str(item).strip() == "" else item
+        item = None if pd.isna(item) or not str(item).strip() else item
         try:  # "50.0", as pandas writes an id column with gaps, is 50; "5.7" is no id
             number = float(item) if item is not None else 0.0
             if not number.is_integer():
@@ -100,8 +100,7 @@ def read_candidates(path: Path, items: pd.DataFrame) -> pd.DataFrame:
             raise ValueError(f"{where}: item_id {item!r} is not an integer (item ids are the prep output's "
                              "remapped ids: tables/items maps raw_id to item_id)") from None
         title = rec.get("title")
-        title = str(title) if title is not None and not (isinstance(title, float) and np.isnan(title)) \
-            and str(title).strip() else None
+        title = str(title) if not pd.isna(title) and str(title).strip() else None
         known = item in titles
         if not known and title is None:
             raise ValueError(f"{where}: item_id {item or '(empty)'} is not in the data and there "
