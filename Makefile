@@ -9,7 +9,7 @@ export PYTHONPATH := $(CURDIR)
 SUBMIT := spark-submit --driver-memory 4g --driver-java-options -XX:+UseParallelGC
 DEEPSPEED := deepspeed --hostfile scripts/hostfile.local --no_ssh_check --master_addr 127.0.0.1
 
-.PHONY: setup demo test test-fast prep-ml1m prep-collm lora-collm collab-collm results-collm gpu-payload bench-prep bench-llm bench-sella bench-collab clean
+.PHONY: setup demo test test-fast prep-ml1m prep-collm lora-collm collab-collm results-collm gpu-payload bench-prep bench-llm bench-stream bench-sella bench-collab clean
 
 setup:                      ## create .venv with the pinned stack and fetch the embedded default assets
 	scripts/setup.sh $(TARGET)
@@ -58,6 +58,9 @@ bench-prep: setup           ## pipeline benchmark vs pandas (see docs/benchmarks
 
 bench-llm: setup            ## stage-1 tokens/s vs HF Trainer + PEFT, memory ZeRO-3 vs ZeRO-0 (after prep-collm)
 	python bench/llm_train.py
+
+bench-stream: setup         ## stage-1 stream: a rank's cost per global micro-batch at 1/2/8 ranks, packing by length_key (after prep-collm)
+	python bench/stage1_stream.py
 
 bench-sella: setup          ## stage-3 and eval prompts/s: the old settings against ZeRO auto, the authors' recipe, 3 titles (after prep-collm)
 	python bench/sella.py

@@ -34,7 +34,7 @@ from launcher.dist import setup
 from launcher.engine import ds_config, engine_step
 from launcher.recipes.lora_tuning import peft_config
 from llm.model import hidden_size, load_base
-from llm.prompts import encode
+from llm.prompts import encode, length_key
 from llm.scorer import collate, lm_loss
 from pipeline.config import load_config
 
@@ -71,8 +71,9 @@ def run(cfg, data: str, mode: str, micro: int, steps: int, dist_ctx, profile: bo
     model.train()
     keep = usable(cfg.llm.drop_no_history)
     batches = train_batches(data, "train", lambda s: encode(tokenizer, s, "lora", cfg.domain, cfg.llm.max_length,
-                                                             cfg.llm.history_titles) if keep(s) else None,
-                            micro, 0, 1, lora_cfg.seed, lora_cfg.shuffle_buffer, lambda e: len(e.prompt) + len(e.answer))
+                                                             cfg.llm.history_titles),
+                            micro, 0, 1, lora_cfg.seed, lora_cfg.shuffle_buffer, keep,
+                            length_key(tokenizer, cfg.llm.history_titles))
     phases = {"data": 0.0, "forward": 0.0, "backward": 0.0, "step": 0.0}
     tokens, nonfinite, table = 0.0, 0, None
     activities = [torch.profiler.ProfilerActivity.CPU] + (

@@ -116,7 +116,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     from launcher.monitor import peak_memory_mb
     from launcher.recipes.lora_tuning import peft_config
     from llm.model import load_base
-    from llm.prompts import Encoded, encode
+    from llm.prompts import Encoded, encode, length_key
     from llm.scorer import IGNORE, collate, lm_loss
 
     cfg = load_config(args.config, overrides(args), schema=Config)
@@ -126,14 +126,12 @@ def hf_worker(args: argparse.Namespace) -> None:
     model = get_peft_model(model, peft_config(tc))
     keep, world = usable(lc.drop_no_history), int(os.environ["WORLD_SIZE"])
 
-    def encode_train(sample) -> Encoded | None:  # as the launcher's stage 1 encodes its training samples
-        if keep(sample):
-            return encode(tokenizer, sample, "lora", cfg.domain, lc.max_length, lc.history_titles)
-        return None
+    def encode_train(sample) -> Encoded:  # as the launcher's stage 1 encodes its training samples
+        return encode(tokenizer, sample, "lora", cfg.domain, lc.max_length, lc.history_titles)
 
-    length = (lambda e: len(e.prompt) + len(e.answer)) if tc.length_grouping else None
+    length = length_key(tokenizer, lc.history_titles) if tc.length_grouping else None
     per_rank = [list(itertools.islice(train_batches(args.data, "train", encode_train, args.micro_batch, r, world, tc.seed,
-                                                    tc.shuffle_buffer, length), args.steps * args.grad_accum))
+                                                    tc.shuffle_buffer, keep, length), args.steps * args.grad_accum))
                 for r in range(world)]  # the micro-batches each launcher rank trains on, in its order
     # interleaved, and read in order: accelerate hands rank r the micro-batches r, r + world, ... of the sampler
     encoded = [e for batches in zip(*per_rank, strict=True) for batch in batches for e in batch]

@@ -1,6 +1,6 @@
 """Reading the pipeline's WebDataset shards (plain tar files) as schema samples, three ways:
 
-- train_batches: stage 1's endless seeded stream; each rank takes every world-th sample of an epoch's shards.
+- train_batches: stage 1's endless seeded stream of the shards; each rank takes its part of every global micro-batch.
 - SampleIndex + global_batches: stage 3's random access to the whole split at a few bytes per sample, so
   that 1 and n ranks see the same global micro-batches.
 - eval_samples: the fixed valid/test rows every stage scores, chosen by row id, split over ranks.
@@ -120,71 +120,63 @@ def epoch_shards(urls: list[str], seed: int, epoch: int) -> list[str]:
     return order
 
 
-def smallest_share(out_dir: str | Path, split: str, world: int, seed: int, epochs: int, drop_no_history: bool) -> int:
-    """The fewest usable samples (`usable`) that a rank's share of one of the first `epochs` epochs of
-    `train_batches` holds, from the shard indexes. Every rank computes the same number, so a share too small for one
-    micro-batch stops every rank before training, not the one rank whose stream runs dry while the others wait in a
-    collective."""
-    urls = shard_urls(out_dir, split)
-    flags = {url: (kept_index(url, False)[:, 3] > 0) | (not drop_no_history) for url in urls}  # usable, per sample
-    return min(int(np.concatenate([flags[u] for u in epoch_shards(urls, seed, epoch)])[rank::world].sum())
-               for epoch in range(epochs) for rank in range(world))
-
-
-def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T | None], micro_batch: int,
+def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T], micro_batch: int,
                   rank: int, world: int, seed: int, shuffle_buffer: int = 1000,
-                  length: Callable[[T], int] | None = None) -> Iterator[list[T]]:
-    """An endless, seeded stream of this rank's micro-batches of encoded samples, epoch after epoch.
+                  keep: Callable[[Sample], bool] | None = None,
+                  length: Callable[[Sample], int] | None = None) -> Iterator[list[T]]:
+    """An endless, seeded stream of this rank's parts of global micro-batches (micro_batch x world samples), encoded,
+    epoch after epoch.
 
-    Epoch e shuffles the shard list with (seed, e); rank r reads every shard in that order and takes every
-    world-th sample, so the ranks' shares of an epoch differ by one sample at most whatever the number and sizes of
-    the shards (with one shard list per rank, a rank with fewer rows would start the next epoch while another had
-    not seen its last rows: an epoch would repeat some rows and miss others). Samples pass a seeded shuffle buffer;
-    `encode` returns None to drop a sample. With `length`, a window of 32 micro-batches is sorted by length, cut
-    into batches and the batches shuffled (less padding). The stream depends only on its arguments, so a resumed
-    run skips the batches it already consumed.
+    Every rank reads the same stream: epoch e reads the shards in an order shuffled with (seed, e) through a shuffle
+    buffer seeded with (seed, e), drops the samples `keep` refuses, and cuts the rest into global micro-batches, of
+    which rank r takes the r-th part. With `length` (a sample's, known without encoding it), a window of 32 global
+    micro-batches is sorted by length before it is cut (less padding) and the window's batches are shuffled. The
+    stream depends on micro_batch x world, not on the world size, so 1 rank with 8 and 2 ranks with 4 train on the
+    same batches in the same order (as stage 3's `global_batches`), and a resumed run skips the batches it already
+    consumed, on any world size. An epoch's last samples that fill no global micro-batch are left out of it. Every
+    rank reads the whole split and encodes only its part.
     """
     urls = shard_urls(out_dir, split)
-    window = micro_batch * 32 if length else micro_batch
+    size = micro_batch * world
+    window = size * 32 if length else size
 
-    def emit(items: list[T], rng: random.Random) -> list[list[T]]:
+    def emit(samples: list[Sample], rng: random.Random) -> list[list[Sample]]:
         if length:
-            items = sorted(items, key=length)
-        batches = [items[i:i + micro_batch] for i in range(0, len(items) - micro_batch + 1, micro_batch)]
+            samples = sorted(samples, key=length)
+        batches = [samples[i:i + size] for i in range(0, len(samples) - size + 1, size)]
         rng.shuffle(batches)
-        return batches
+        return [batch[rank * micro_batch:(rank + 1) * micro_batch] for batch in batches]
 
     for epoch in itertools.count():
-        rng = random.Random(f"{seed}-{epoch}-{rank}")
-        order = epoch_shards(urls, seed, epoch)
+        rng = random.Random(f"{seed}-{epoch}")
         buffer: list[Sample] = []
-        pending: list[T] = []
+        pending: list[Sample] = []
         produced = 0
-        mine = itertools.islice(itertools.chain.from_iterable(map(read_shard, order)), rank, None, world)
-        for sample in mine:
+        for sample in itertools.chain.from_iterable(map(read_shard, epoch_shards(urls, seed, epoch))):
             buffer.append(sample)
             if len(buffer) <= shuffle_buffer:
                 continue
-            encoded = encode(buffer.pop(rng.randrange(len(buffer))))
-            if encoded is not None:
-                pending.append(encoded)
+            drawn = buffer.pop(rng.randrange(len(buffer)))
+            if keep is None or keep(drawn):
+                pending.append(drawn)
             if len(pending) == window:
                 batches = emit(pending, rng)
                 produced += len(batches)
-                yield from batches
+                yield from ([encode(s) for s in part] for part in batches)
                 pending = []
         rng.shuffle(buffer)
-        pending.extend(e for e in map(encode, buffer) if e is not None)
+        pending.extend(s for s in buffer if keep is None or keep(s))
         batches = emit(pending, rng)
-        yield from batches
+        yield from ([encode(s) for s in part] for part in batches)
         if not produced + len(batches):
-            raise ValueError(short_share(out_dir, split, micro_batch, world))
+            raise ValueError(short_epoch(out_dir, split, micro_batch, world))
 
 
-def short_share(out_dir: str | Path, split: str, micro_batch: int, world: int) -> str:
-    """The error of a rank's share of an epoch that cannot fill one micro-batch."""
-    return (f"{out_dir}: a rank's share of an epoch of split {split!r} holds fewer than {micro_batch} usable samples "
-            f"(lora.micro_batch; {world} ranks; rows without history are dropped with llm.drop_no_history)")
+def short_epoch(out_dir: str | Path, split: str, micro_batch: int, world: int) -> str:
+    """The error of a split whose usable samples fill no global micro-batch."""
+    return (f"{out_dir}: split {split!r} holds fewer usable samples than one global micro-batch of "
+            f"{micro_batch * world} (lora.micro_batch {micro_batch} x {world} ranks; rows without history are dropped "
+            "with llm.drop_no_history)")
 
 
 def usable(drop_no_history: bool) -> Callable[[Sample], bool]:

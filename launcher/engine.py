@@ -113,10 +113,13 @@ def finished_run(run_dir: Path, stage: str, dist_ctx: Dist, outputs: tuple[str, 
 
 
 def planned_steps(train_cfg: TrainConfig, train_rows: int, world: int) -> int:
-    """Optimizer steps allowed by the first budget to run out: epochs, max_samples, max_steps."""
-    per_step = train_cfg.micro_batch * train_cfg.grad_accum * world
+    """Optimizer steps allowed by the first budget to run out: epochs, max_samples, max_steps. An epoch is the
+    global micro-batches (micro_batch x world rows) its rows fill: the streams leave the rest out of it
+    (launcher.data.train_batches, global_batches)."""
+    global_micro = train_cfg.micro_batch * world
+    per_step = global_micro * train_cfg.grad_accum
     # exact: in floats 1.1 epochs of 6,400 rows at 64 per step is 110.00000000000001 steps, and ceil made it 111
-    steps = math.ceil(Fraction(str(train_cfg.epochs)) * train_rows / per_step)
+    steps = math.ceil(Fraction(str(train_cfg.epochs)) * (train_rows // global_micro) / train_cfg.grad_accum)
     if train_cfg.max_samples is not None:
         steps = min(steps, math.ceil(train_cfg.max_samples / per_step))
     if train_cfg.max_steps is not None:

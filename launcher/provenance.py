@@ -75,23 +75,22 @@ ADDED = {"sella.train_tables": True}  # keys added since runs were recorded, and
 
 
 def shaping(config: dict[str, Any], stage: str, world: int) -> dict[str, Any]:
-    """The flattened keys of `config` that shape `stage`'s model. Stage 3's micro-batch counts as the global one
-    (`sella.micro_batch x ranks`): 2 ranks x 2 see the data of 1 rank x 4
-    (launcher.data.global_batches). Stage 1 streams each rank its share through its own shuffle buffer
-    (train_batches), so there the world size itself shapes the data a resumed run would skip: `world`; so it does
-    for stage 3 under ZeRO 1-3, whose partitioned optimizer state DeepSpeed cannot load on another number of ranks.
-    The ZeRO stage shapes what a checkpoint holds."""
+    """The flattened keys of `config` that shape `stage`'s model. A micro-batch counts as the global one
+    (`<stage>.micro_batch x ranks`): 2 ranks x 2 see the data of 1 rank x 4 (launcher.data.train_batches and
+    global_batches). Under ZeRO 1-3 the world size itself is a key of stages 1 and 3: DeepSpeed partitions their
+    optimizer state by rank and cannot load it on another number of ranks. The ZeRO stage shapes what a checkpoint
+    holds."""
     flat = ADDED | _flat(config)  # a record made before a key existed ran with the value it implies
     keep = SHAPES[stage]
     out = {k: v for k, v in flat.items()
            if any(k == s or k.startswith(s + ".") for s in keep) and k.rsplit(".", 1)[-1] not in BUDGET
            and k not in BUDGET}
-    if stage == "lora" or (stage == "sella" and flat.get("deepspeed.zero_stage") not in (0, "auto", None)):
+    if stage in ("lora", "sella") and flat.get("deepspeed.zero_stage") not in (0, "auto", None):
         out["world"] = world
     if (stage in ("collab", "sella") and flat.get("collab.sharding") == "column_wise"
             and flat.get(f"{stage}.table_optimizer") == "rowwise_adagrad"):
         out[COLUMN_BLOCKS] = True  # absent otherwise, so records written before this key compare equal
-    if stage != "lora" and f"{stage}.micro_batch" in out:
+    if f"{stage}.micro_batch" in out:
         out[f"{stage}.micro_batch x ranks"] = out.pop(f"{stage}.micro_batch") * world
     return out
 
@@ -244,8 +243,10 @@ def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool
     if not resumes:
         changed = [k for k in changed if k not in HOW_IT_RAN and not k.endswith(" x ranks")]
     if changed and (DATA in changed or not allow_change):  # other data: never
-        new = shaping(cfg.model_dump(mode="json"), stage, world) | _flat(cfg.model_dump(mode="json")) | {DATA: data}
-        was = shaping(old, stage, old_world) | _flat(old) | {DATA: was_data}
+        # the world sizes named even where one side holds no such key (ZeRO 0 there)
+        new = shaping(cfg.model_dump(mode="json"), stage, world) | _flat(cfg.model_dump(mode="json")) | {
+            "world": world, DATA: data}
+        was = shaping(old, stage, old_world) | _flat(old) | {"world": old_world, DATA: was_data}
         detail = _detail(was, new, changed)
         anyway = "" if DATA in changed else ", or continue anyway with --allow-config-change"  # (other data: never)
         raise ConfigChanged(f"{recorded}: stage {stage} ran with other settings that change its model ({detail}). "

@@ -9,7 +9,7 @@ adds by default (Llama, Vicuna), as in pretraining.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -122,6 +122,24 @@ def prompt_ids(tokenizer: Tokenizer, kind: Kind, domain: Domain, titles: list[st
     """Token ids of one prompt up to its answer: history `titles`, target `title`."""
     text = render(tokenizer, system_text(kind, domain), user_text(kind, domain, titles, title, warm))
     return leading_ids(tokenizer, bool(tokenizer.chat_template)) + tokenizer(text, add_special_tokens=False).input_ids
+
+
+def length_key(tokenizer: Tokenizer, history_titles: int) -> Callable[[Sample], int]:
+    """A sample's prompt length in tokens up to a constant, without encoding it: the token counts of the titles its
+    prompt shows (the last `history_titles` and the target's), each title tokenized once. Stage 1 groups its batches
+    by it: ranks need not encode the samples of the others' parts to sort them (bench/stage1_stream.py)."""
+    counts: dict[str, int] = {}
+
+    def tokens(title: str) -> int:
+        if title not in counts:
+            counts[title] = len(tokenizer(title, add_special_tokens=False).input_ids)
+        return counts[title]
+
+    def key(sample: Sample) -> int:
+        shown = list(sample["history_titles"])[-history_titles:] if history_titles else []
+        return sum(map(tokens, shown)) + tokens(sample["title"])
+
+    return key
 
 
 def check_titles_fit(tokenizer: Tokenizer, kind: Kind, domain: Domain, max_length: int, titles: Mapping[int, str],

@@ -111,6 +111,13 @@ def table_weights(state: dict) -> dict:
     return {k.split(".")[-2]: v for k, v in state["model"].items() if k.endswith(".weight") and "embedding_bags" in k}
 
 
+def logged(run: Path, tag: str, stage: str = "sella") -> list[float]:
+    """The values `stage` wrote to TensorBoard under `tag`, one per logged step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return [e.value for e in EventAccumulator(str(run / "tb" / stage)).Reload().Scalars(tag)]
+
+
 def rewind(src: Path, dst: Path, stage: str, step: int) -> Path:
     """A copy of run `src` as it stood at its checkpoint of `step`: later checkpoints and the stage's summary
     removed, latest.json pointing at that checkpoint again (its loop state is kept beside it). `ckpt/best` and

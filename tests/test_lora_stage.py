@@ -19,7 +19,7 @@ from torch.testing import assert_close
 
 from launcher.artifacts import summary_file
 from tests.conftest import REPO
-from tests.launch import finish, launch, rank_pid, write_config
+from tests.launch import finish, launch, logged, rank_pid, rewind, write_config
 
 pytestmark = pytest.mark.integration  # starts subprocesses (the launcher or scripts): not in make test-fast
 
@@ -134,37 +134,46 @@ def test_a_run_out_of_time_trains_no_further_step(runs: dict[str, Path], tmp_pat
         assert (run / "lora" / record).read_bytes() == (runs["whole"] / "lora" / record).read_bytes()
 
 
-def test_train_batches_are_seeded_and_rank_disjoint(ml100k_out: Path) -> None:
+def test_train_batches_are_seeded_parts_of_one_global_stream(ml100k_out: Path) -> None:
+    """Rank r's micro-batch b is the r-th part of the global micro-batch b that 1 rank draws with micro_batch x world
+    (length grouping on): the stream depends on the global micro-batch, not on the world size; seeded; ranks disjoint."""
     from itertools import islice
 
     from launcher.data import train_batches
 
-    def take(rank: int, seed: int) -> list[list[int]]:
-        stream = train_batches(ml100k_out, "train", lambda s: s["row_id"], 4, rank, 2, seed, 100, length=lambda r: r % 7)
+    def take(micro_batch: int, rank: int, world: int, seed: int = 1) -> list[list[int]]:
+        stream = train_batches(ml100k_out, "train", lambda s: s["row_id"], micro_batch, rank, world, seed, 100,
+                               length=lambda s: len(s["title"]))
         return list(islice(stream, 60))
 
-    first = take(0, 1)
-    assert take(0, 1) == first
-    assert take(0, 2) != first
-    rows0 = {r for b in first for r in b}
-    assert len(rows0) == 240 and not rows0 & {r for b in take(1, 1) for r in b}
+    encoded: list[int] = []
+    stream = train_batches(ml100k_out, "train", lambda s: encoded.append(s["row_id"]) or s["row_id"], 4, 1, 2, 1, 100,
+                           length=lambda s: len(s["title"]))
+    drawn = [r for b in islice(stream, 60) for r in b]
+    assert sorted(encoded) == sorted(drawn) and len(drawn) == 240  # a rank encodes its part only
+    one, parts = take(8, 0, 1), [take(4, rank, 2) for rank in (0, 1)]
+    assert one == [a + b for a, b in zip(*parts, strict=True)] and take(8, 0, 1) == one
+    assert take(8, 0, 1, seed=2) != one
+    rows0 = {r for b in parts[0] for r in b}
+    assert len(rows0) == 240 and not rows0 & {r for b in parts[1] for r in b}
 
 
 def three_shards(ml100k_out: Path, tmp_path: Path) -> Path:
-    """A prep output whose train split is the first three shards of ML-100K's (the shards linked, not copied)."""
+    """A prep output whose train split is the first three shards of ML-100K's (the rest linked, not copied)."""
     manifest = json.loads((ml100k_out / "manifest.json").read_text())
     manifest["splits"]["train"]["shards"] = manifest["splits"]["train"]["shards"][:3]
     out = tmp_path / "three-shards"
     out.mkdir()
-    (out / "shards").symlink_to(ml100k_out / "shards")
+    for child in ml100k_out.iterdir():
+        if child.name != "manifest.json":
+            (out / child.name).symlink_to(child)
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
 
 def test_an_epoch_on_two_ranks_covers_every_row_once_whatever_the_shard_count(ml100k_out: Path, tmp_path: Path) -> None:
-    """Three train shards on two ranks: the ranks' shares of an epoch are equal, so the two streams' first half-epoch
-    each hold every row once (one shard list per rank gave one rank two shards and the other one, which then
-    repeated rows of its next epoch while the first never reached its last rows)."""
+    """Three train shards on two ranks: the first epoch's global micro-batches hold every row once but the fewer than
+    one global micro-batch (8) left over; the next epoch starts afresh with every row."""
     from itertools import islice
 
     from launcher.data import read_shard, train_batches
@@ -172,32 +181,72 @@ def test_an_epoch_on_two_ranks_covers_every_row_once_whatever_the_shard_count(ml
 
     out = three_shards(ml100k_out, tmp_path)
     rows = [s["row_id"] for url in shard_urls(out, "train") for s in read_shard(url)]
-    per_rank = len(rows) // 2 // 4
-    seen = [r for rank in (0, 1) for batch in islice(train_batches(out, "train", lambda s: s["row_id"], 4, rank, 2, 0, 50),
-                                                     per_rank) for r in batch]
-    assert len(seen) == len(set(seen)) == 8 * per_rank and set(seen) <= set(rows) and len(rows) - len(seen) < 16
+    per_epoch = len(rows) // 8
+    streams = [list(islice(train_batches(out, "train", lambda s: s["row_id"], 4, rank, 2, 0, 50), 2 * per_epoch))
+               for rank in (0, 1)]
+    for epoch in (0, 1):
+        seen = [r for stream in streams for batch in stream[epoch * per_epoch:(epoch + 1) * per_epoch] for r in batch]
+        assert len(seen) == len(set(seen)) == 8 * per_epoch and set(seen) <= set(rows) and len(rows) - len(seen) < 8
 
 
-def test_the_smallest_share_every_rank_checks_is_what_the_poorest_stream_holds(ml100k_out: Path, tmp_path: Path) -> None:
-    """Stage 1 stops every rank when a rank's share of an epoch cannot fill one micro-batch (`smallest_share`, from the
-    shard indexes); the stream alone raises only on that rank. The bound is exact: with micro-batches of the smallest
-    share (rows without history dropped) every rank's stream yields a batch, with one sample more the poorest raises."""
-    from launcher.data import smallest_share, train_batches, usable
+def test_a_split_smaller_than_a_global_micro_batch_stops_every_rank(ml100k_out: Path, tmp_path: Path) -> None:
+    """The usable train rows (those with a history, as stage 1 drops the others) must fill one global micro-batch
+    (micro_batch x ranks): the launch stops on every rank before training, naming the keys; the stream alone raises
+    too. One global micro-batch's worth of rows is enough."""
+    from launcher.data import kept_count, short_epoch, train_batches, usable
 
     out = three_shards(ml100k_out, tmp_path)
+    usable_rows = kept_count(out, "train", True)
+    assert 0 < usable_rows < kept_count(out, "train", False)  # the dropped rows count
     keep = usable(True)
-    share = smallest_share(out, "train", 2, 0, 1, True)
-    assert 0 < share < smallest_share(out, "train", 2, 0, 1, False)  # the dropped rows count
+    stream = train_batches(out, "train", lambda s: s["row_id"], usable_rows // 2, 1, 2, 0, 50, keep)
+    assert len(next(stream)) == usable_rows // 2
+    with pytest.raises(ValueError, match="fewer usable samples than one global micro-batch"):
+        next(train_batches(out, "train", lambda s: s["row_id"], usable_rows, 0, 2, 0, 50, keep))
+    run = tmp_path / "short"
+    cfg = write_config(tmp_path / "short.yaml", data_dir=str(out), run_dir=str(run), llm={"model": "tiny"},
+                       lora={"micro_batch": usable_rows // 2 + 1, "max_steps": 2, "eval_every": 0})
+    proc = launch(cfg, "lora")
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    message = short_epoch(out, "train", usable_rows // 2 + 1, 2)
+    assert all(f"[lora, rank {rank}] {message}" in output for rank in (0, 1)), output[-3000:]
+    assert not (run / "lora" / "ckpt").exists()
 
-    def first_batch(micro_batch: int, rank: int) -> list[int] | None:
-        stream = train_batches(out, "train", lambda s: s["row_id"] if keep(s) else None, micro_batch, rank, 2, 0, 50)
-        try:
-            return next(stream)
-        except ValueError:
-            return None
 
-    assert all(len(first_batch(share, rank)) == share for rank in (0, 1))
-    assert any(first_batch(share + 1, rank) is None for rank in (0, 1))
+def test_one_and_two_ranks_train_the_same_adapter(ml100k_out: Path, tmp_path: Path) -> None:
+    """The same global micro-batch of 4 on 1 rank (4 each) and on 2 ranks (2 each), ZeRO 0, the whole-sequence loss
+    (each rank's rows hold a different number of tokens) and LoRA dropout 0 (each rank would draw its own masks):
+    the same loss and gradient norm every step and the same adapter. The 2-rank run's checkpoint of step 3,
+    resumed on 1 rank, ends at the 1-rank run's adapter too (the world size is no key of stage 1 under ZeRO 0)."""
+    from launcher.artifacts import ADAPTER
+
+    def config(name: str, micro_batch: int) -> Path:
+        return write_config(tmp_path / f"{name}.yaml", data_dir=str(ml100k_out), run_dir=str(tmp_path / name),
+                            llm={"model": "tiny", "max_length": 160},
+                            lora={"micro_batch": micro_batch, "grad_accum": 2, "max_steps": 6, "save_every": 3,
+                                  "keep_checkpoints": 2, "eval_every": 0, "eval_rows": 8, "eval_batch": 8,
+                                  "shuffle_buffer": 50, "r": 8, "dropout": 0.0, "lr": 1e-2, "warmup_steps": 0,
+                                  "loss": "sequence"},
+                            deepspeed={"zero_stage": 0})
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    finish(launch(config("one", 4), "lora", 1))
+    finish(launch(config("two", 2), "lora", 2))
+    for tag in ("train/loss", "train/grad_norm"):
+        a, b = logged(one, tag, "lora"), logged(two, tag, "lora")
+        assert len(a) == 6 and b == pytest.approx(a, rel=1e-4) and min(a) > 0, tag
+    assert len(set(logged(one, "train/loss", "lora"))) > 1
+    a = load_file(one / ADAPTER / "adapter_model.safetensors")
+    assert any(v.abs().max() > 1e-3 for k, v in a.items() if "lora_B" in k)  # trained away from B = 0
+    resumed = rewind(two, tmp_path / "resumed", "lora", 3)
+    finish(launch(config("resumed", 4), "lora", 1))
+    assert json.loads((resumed / summary_file("lora")).read_text())["resumed_from"] == 3
+    for run in (two, resumed):
+        b = load_file(run / ADAPTER / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"{run.name}: {key}")
 
 
 def test_a_checkpoint_deepspeed_cannot_load_stops_the_run(runs: dict[str, Path], tmp_path: Path,

@@ -36,6 +36,7 @@ from tests.launch import (
     finish,
     free_port,
     launch,
+    logged,
     read_tables_checkpoint,
     rewind,
     table_weights,
@@ -56,11 +57,6 @@ def prepare(run: Path, data: Path, cfg_path: Path, semantic: bool = True, zero_s
     tiny_collab(run / COLLAB_FILE, data, COLLAB["dim"], 64, COLLAB["proj_hidden"], semantic)
     return write_config(cfg_path, data_dir=str(data), run_dir=str(run), llm=LLM, collab=COLLAB,
                         sella=SELLA | sella, eval={"rows": 24, "batch": 8}, deepspeed={"zero_stage": zero_stage})
-
-
-def logged(run: Path, tag: str) -> list[float]:
-    """The values stage sella wrote to TensorBoard under `tag`, one per step."""
-    return [e.value for e in EventAccumulator(str(run / "tb" / "sella")).Reload().Scalars(tag)]
 
 
 @pytest.fixture(scope="module")

@@ -27,18 +27,18 @@ def test_bad_stage_lists_are_named(stage: str, says: str, capsys: pytest.Capture
     assert exit_.value.code == 2 and says in err and repr(stage) in err
 
 
-def test_a_resume_on_another_world_size_is_a_change_for_stage_1_but_not_stage_3() -> None:
-    """Stage 3's global micro-batches are the same on 2 ranks x 2 as on 1 rank x 4 (global_batches); stage 1
-    streams each rank its share through its own shuffle buffer, so a resume on another world size would skip other data."""
+def test_a_resume_on_another_world_size_with_the_same_global_micro_batch_is_no_change() -> None:
+    """The global micro-batches of stages 1 and 3 are the same on 2 ranks x 2 as on 1 rank x 4 (train_batches,
+    global_batches), so under ZeRO 0 (auto on one host) a resume on another world size trains on the same data."""
     from launcher.provenance import changed_keys
     from tests.conftest import config
 
     two_by_2 = config("ml-100k", sella={"micro_batch": 2}, lora={"micro_batch": 2}).model_dump(mode="json")
     one_by_4 = config("ml-100k", sella={"micro_batch": 4}, lora={"micro_batch": 4}).model_dump(mode="json")
-    assert changed_keys(two_by_2, one_by_4, "sella", 2, 1) == []
-    assert changed_keys(two_by_2, one_by_4, "sella", 2, 2) == ["sella.micro_batch x ranks"]
-    assert changed_keys(two_by_2, two_by_2, "lora", 2, 2) == []
-    assert changed_keys(two_by_2, two_by_2, "lora", 2, 1) == ["world"]
+    for stage in ("lora", "sella"):
+        assert changed_keys(two_by_2, one_by_4, stage, 2, 1) == []
+        assert changed_keys(two_by_2, one_by_4, stage, 2, 2) == [f"{stage}.micro_batch x ranks"]
+        assert changed_keys(two_by_2, two_by_2, stage, 2, 1) == [f"{stage}.micro_batch x ranks"]
 
 
 def test_a_record_made_before_a_key_existed_ran_with_its_implied_value() -> None:
@@ -58,7 +58,7 @@ def test_a_record_made_before_a_key_existed_ran_with_its_implied_value() -> None
 
 def test_under_zero_1_to_3_stage_3_resumes_only_on_its_world_size(tmp_path) -> None:
     """DeepSpeed partitions ZeRO 1-3 optimizer state by rank and refuses to load it on another number of ranks, so
-    there the world size is a key of stage 3 too; the ZeRO stage is a key of stages 1 and 3. A finished stage that
+    there the world size is a key of stages 1 and 3, as the ZeRO stage is. A finished stage that
     `--stage all` skips (resumes=False) is not compared on how it ran, only on what shapes it."""
     import json
 
@@ -73,8 +73,8 @@ def test_under_zero_1_to_3_stage_3_resumes_only_on_its_world_size(tmp_path) -> N
 
     assert changed_keys(ran(3, 2), ran(3, 4), "sella", 2, 1) == ["world"]
     assert changed_keys(ran(0, 2), ran(0, 4), "sella", 2, 1) == []
-    assert changed_keys(ran(0, 2), ran(3, 2), "sella", 2, 2) == ["deepspeed.zero_stage", "world"]
-    assert changed_keys(ran(0, 2), ran(3, 2), "lora", 2, 2) == ["deepspeed.zero_stage"]
+    for stage in ("lora", "sella"):
+        assert changed_keys(ran(0, 2), ran(3, 2), stage, 2, 2) == ["deepspeed.zero_stage", "world"]
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / RUN_CONFIG).write_text(yaml.safe_dump(ran(0, 2)))  # stage 1 ran on 2 CPU ranks
     data = DATA
@@ -247,7 +247,8 @@ def test_a_larger_budget_replans_the_cosine_from_the_restored_step() -> None:
 
 def test_an_epochs_budget_plans_whole_steps_exactly() -> None:
     """1.1 epochs of 6,400 rows at 64 prompts per step are 110 steps (110.00000000000001 in floats, which ceil made
-    111); a fraction of a step still rounds up, and the first budget to run out decides."""
+    111); an epoch is the global micro-batches (8 rows here) its rows fill, as the streams cut it (6,407 rows: 800,
+    the last 7 rows are left out); a fraction of a step still rounds up, and the first budget to run out decides."""
     from launcher.config import Config
     from launcher.engine import planned_steps
     from pipeline.config import load_config
@@ -258,7 +259,8 @@ def test_an_epochs_budget_plans_whole_steps_exactly() -> None:
         return planned_steps(lora, rows, world=2)
 
     assert steps("lora.epochs=1.1") == 110
-    assert steps("lora.epochs=1") == 100 and steps("lora.epochs=1", rows=6401) == 101
+    assert steps("lora.epochs=1") == 100 and steps("lora.epochs=1", rows=6407) == 100
+    assert steps("lora.epochs=1", rows=6408) == 101  # 801 global micro-batches: the last step starts the next epoch
     assert steps("lora.epochs=0.3") == 30 and steps("lora.epochs=3") == 300
     assert steps("lora.epochs=1", "lora.max_samples=1000") == 16 and steps("lora.epochs=1", "lora.max_steps=7") == 7
 

@@ -2,7 +2,10 @@
 
 Checkpoint selection on valid, as in TALLRec: a fixed valid subset is scored every `eval_every` steps and at the
 end, and the adapter of the trained step that scores best is the one written (the zero-shot step 0 is reported, not
-selected). Reads: the prep output's train shards (streamed) and a fixed subset of valid rows.
+selected). Reads: the prep output's train shards (streamed) and a fixed subset of valid rows. Every rank streams the
+whole split and takes its part of each global micro-batch (`lora.micro_batch` x ranks), and the loss is the token mean
+of the global micro-batch, so 1 and n ranks train the same adapter for the same global micro-batch (dropout aside:
+each rank draws its own masks).
 Writes: <run>/lora/adapter (PEFT adapter + tokenizer), checkpoints under <run>/lora/ckpt (the best adapter so far in
 ckpt/best-adapter, put there when the checkpoint that records it commits), TensorBoard scalars under <run>/tb/lora,
 <run>/lora/summary.json. Resumes from the latest checkpoint by default.
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,8 +35,7 @@ from launcher.data import (
     eval_samples,
     item_titles,
     kept_count,
-    short_share,
-    smallest_share,
+    short_epoch,
     train_batches,
     usable,
 )
@@ -54,8 +55,8 @@ from launcher.metrics import curve_point, format_report, scalars
 from launcher.monitor import Monitor, peak_memory_mb
 from launcher.validate import gather_report, score
 from llm.model import hidden_size, load_base
-from llm.prompts import Encoded, check_titles_fit, encode
-from llm.scorer import collate, lm_loss, yes_no_ids
+from llm.prompts import Encoded, check_titles_fit, encode, length_key
+from llm.scorer import collate, lm_loss, loss_tokens, yes_no_ids
 from pipeline.schema import Sample
 
 STAGE = "lora"
@@ -91,19 +92,14 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     pad, no_yes = tokenizer.pad_token_id, yes_no_ids(tokenizer)
     check_titles_fit(tokenizer, "lora", cfg.domain, llm_cfg.max_length, item_titles(data_dir))
 
-    keep = usable(llm_cfg.drop_no_history)
-
-    def encode_train(sample: Sample) -> Encoded | None:
-        if not keep(sample):
-            return None
+    def encode_train(sample: Sample) -> Encoded:
         return encode(tokenizer, sample, "lora", cfg.domain, llm_cfg.max_length, llm_cfg.history_titles)
 
     train_rows = kept_count(data_dir, "train", llm_cfg.drop_no_history)  # an epoch of the rows it trains on
+    if train_rows < lora_cfg.micro_batch * dist_ctx.world:  # every rank stops, none waits on a stream that ran dry
+        raise ValueError(short_epoch(data_dir, "train", lora_cfg.micro_batch, dist_ctx.world))
     total = planned_steps(lora_cfg, train_rows, dist_ctx.world)
     per_step = lora_cfg.micro_batch * lora_cfg.grad_accum * dist_ctx.world
-    epochs = math.ceil(total * per_step / max(train_rows, 1)) + 1  # the plan's epochs, and one for uneven shares
-    if smallest_share(data_dir, "train", dist_ctx.world, lora_cfg.seed, epochs, llm_cfg.drop_no_history) < lora_cfg.micro_batch:
-        raise ValueError(short_share(data_dir, "train", lora_cfg.micro_batch, dist_ctx.world))
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
                                       lr_scheduler=cosine_schedule(lora_cfg, total))
@@ -137,8 +133,9 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     if start == 0 and lora_cfg.eval_every and state.zero_shot is None:
         state.zero_shot = validate(selectable=False)
 
-    batches = train_batches(data_dir, "train", encode_train, lora_cfg.micro_batch, dist_ctx.rank, dist_ctx.world, lora_cfg.seed,
-                            lora_cfg.shuffle_buffer, (lambda e: len(e.prompt) + len(e.answer)) if lora_cfg.length_grouping else None)
+    batches = train_batches(data_dir, "train", encode_train, lora_cfg.micro_batch, dist_ctx.rank, dist_ctx.world,
+                            lora_cfg.seed, lora_cfg.shuffle_buffer, usable(llm_cfg.drop_no_history),
+                            length_key(tokenizer, llm_cfg.history_titles) if lora_cfg.length_grouping else None)
     batches = itertools.islice(batches, start * lora_cfg.grad_accum, None)
     engine.train()
     answer_only = lora_cfg.loss == "answer"
@@ -147,7 +144,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
         t0, lr, step_tokens = time.time(), engine.get_lr()[0], 0.0  # this step's lr, before the scheduler moves on
         for _ in range(lora_cfg.grad_accum):
             batch = {k: v.to(dist_ctx.device) for k, v in collate(next(batches), pad).items()}
-            loss = lm_loss(engine, batch, answer_only)
+            tokens_over_ranks = sum_over_ranks(loss_tokens(batch, answer_only)) / dist_ctx.world
+            loss = lm_loss(engine, batch, answer_only, tokens=tokens_over_ranks)  # the global micro-batch's token mean
             engine.backward(loss)
             grad_norm = engine_step(engine, trainable)
             losses.append(loss.item())
