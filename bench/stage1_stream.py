@@ -76,7 +76,7 @@ def main() -> None:
         lengths = [[len(e) for e in b] for b in stream(1, length)]
         packing[name] = {str(w): non_pad(lengths, w) for w in args.worlds}
     print(f"global micro-batch {args.global_batch}, {history} history titles, {args.batches} batches, {args.data}")
-    print(f"{'world':>5} {'s per global batch (rank 0)':>28} {'/ world 1':>10}")
+    print(f"{'world':>5} {'s per global batch (rank 0)':>28} {'/ world ' + str(args.worlds[0]):>10}")
     for world, s in seconds.items():
         print(f"{world:5d} {s:28.4f} {s / seconds[args.worlds[0]]:10.3f}")
     print(f"{'non-pad fraction':22}" + "".join(f" {'world ' + str(w):>9}" for w in args.worlds))

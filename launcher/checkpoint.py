@@ -29,8 +29,9 @@ PENDING = re.compile(r"(?P<name>.+)\.pending-step(?P<step>\d{8})")
 @dataclass
 class LoopState:
     """What the stage-2b and stage-3 loops carry from step to step and through their checkpoints: the position,
-    the time spent, and the best valid state so far (its tables and dense weights are saved beside, by
-    TableState.save_best)."""
+    the time spent, the best valid state so far (its tables and dense weights are saved beside, by
+    TableState.save_best), and the training scalars summed since the last logged step, so that a resumed run logs
+    the points an uninterrupted one does."""
 
     step: int = 0
     samples: int = 0
@@ -40,6 +41,7 @@ class LoopState:
     best_step: int = 0
     best_valid: dict[str, Any] | None = None
     curve: list[dict[str, Any]] = field(default_factory=list)
+    window: dict[str, float] = field(default_factory=dict)  # sums since the last logged step (`monitor.accumulate`)
 
     def record(self, metrics: dict[str, Any]) -> bool:
         """Take one validation at `self.step`; True when its overall AUC beats the best so far (then it is the best)."""

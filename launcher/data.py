@@ -133,14 +133,16 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T]
     micro-batches is sorted by length before it is cut (less padding) and the window's batches are shuffled. The
     stream depends on micro_batch x world, not on the world size, so 1 rank with 8 and 2 ranks with 4 train on the
     same batches in the same order (as stage 3's `global_batches`), and a resumed run skips the batches it already
-    consumed, on any world size. An epoch's last samples that fill no global micro-batch are left out of it. Every
-    rank reads the whole split and encodes only its part.
+    consumed, on any world size. The samples of an epoch that fill no global micro-batch (fewer than one) are left out
+    of it, drawn at random from its last window. Every rank reads the whole split and encodes only its part.
     """
     urls = shard_urls(out_dir, split)
     size = micro_batch * world
     window = size * 32 if length else size
 
     def emit(samples: list[Sample], rng: random.Random) -> list[list[Sample]]:
+        for _ in range(len(samples) % size):  # the epoch's last window: rows left out at random, not its longest
+            samples.pop(rng.randrange(len(samples)))
         if length:
             samples = sorted(samples, key=length)
         batches = [samples[i:i + size] for i in range(0, len(samples) - size + 1, size)]

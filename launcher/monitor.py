@@ -48,6 +48,14 @@ class Monitor:
             self.writer.close()
 
 
+def accumulate(window: dict[str, float], **values: float) -> None:
+    """Add one step's `values` to a logging window (`LoopState.window`): the sums a stage logs as means over its
+    `steps` every `log_every` steps, then clears. A checkpoint carries the window, so the first point a resumed run
+    logs averages the same steps as an uninterrupted run's."""
+    for key, value in values.items():
+        window[key] = window.get(key, 0.0) + value
+
+
 def peak_memory_mb() -> dict[str, float]:
     """This process's peak resident set (and peak GPU memory when on a GPU), in MiB."""
     out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

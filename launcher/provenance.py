@@ -240,8 +240,9 @@ def check(cfg: Config, run_dir: Path, stage: str, world: int, allow_change: bool
     was_data = ran.get("data")  # absent in records written before it was recorded
     if other_data(was_data, data):
         changed.append(DATA)
-    if not resumes:
-        changed = [k for k in changed if k not in HOW_IT_RAN and not k.endswith(" x ranks")]
+    if not resumes:  # the config's own values, a micro-batch per rank: the same config on other ranks is no change
+        changed = [k.removesuffix(" x ranks") for k in changed_keys(old, cfg.model_dump(mode="json"), stage)
+                   if k not in HOW_IT_RAN] + [DATA] * (DATA in changed)
     if changed and (DATA in changed or not allow_change):  # other data: never
         # the world sizes named even where one side holds no such key (ZeRO 0 there)
         new = shaping(cfg.model_dump(mode="json"), stage, world) | _flat(cfg.model_dump(mode="json")) | {

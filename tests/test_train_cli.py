@@ -86,6 +86,10 @@ def test_under_zero_1_to_3_stage_3_resumes_only_on_its_world_size(tmp_path) -> N
     other_rank = on_8_gpus.model_copy(update={"lora": on_8_gpus.lora.model_copy(update={"r": 4})})
     with pytest.raises(ConfigChanged, match=r"lora\.r: 64 -> 4"):
         check(other_rank, tmp_path, "lora", 8, allow_change=False, data=data, resumes=False)
+    micro = on_8_gpus.lora.micro_batch  # the config's micro-batch changed (not the ranks): named per rank
+    bigger = on_8_gpus.model_copy(update={"lora": on_8_gpus.lora.model_copy(update={"micro_batch": micro * 2})})
+    with pytest.raises(ConfigChanged, match=rf"\(lora\.micro_batch: {micro} -> {micro * 2}\)"):
+        check(bigger, tmp_path, "lora", 8, allow_change=False, data=data, resumes=False)
     copied = {**data, "path": "/mnt/elsewhere/ml-100k"}  # the same prep output in another folder
     assert check(on_8_gpus, tmp_path, "lora", 8, allow_change=False, data=copied, resumes=False) == []
     named = on_8_gpus.model_copy(update={"data_dir": "/mnt/elsewhere/ml-100k"})  # named by data_dir, not --data

@@ -5,7 +5,7 @@ end, and the adapter of the trained step that scores best is the one written (th
 selected). Reads: the prep output's train shards (streamed) and a fixed subset of valid rows. Every rank streams the
 whole split and takes its part of each global micro-batch (`lora.micro_batch` x ranks), and the loss is the token mean
 of the global micro-batch, so 1 and n ranks train the same adapter for the same global micro-batch (dropout aside:
-each rank draws its own masks).
+each rank draws the masks of its own part).
 Writes: <run>/lora/adapter (PEFT adapter + tokenizer), checkpoints under <run>/lora/ckpt (the best adapter so far in
 ckpt/best-adapter, put there when the checkpoint that records it commits), TensorBoard scalars under <run>/tb/lora,
 <run>/lora/summary.json. Resumes from the latest checkpoint by default.
@@ -52,7 +52,7 @@ from launcher.engine import (
     save_adapter,
 )
 from launcher.metrics import curve_point, format_report, scalars
-from launcher.monitor import Monitor, peak_memory_mb
+from launcher.monitor import Monitor, accumulate, peak_memory_mb
 from launcher.validate import gather_report, score
 from llm.model import hidden_size, load_base
 from llm.prompts import Encoded, check_titles_fit, encode, length_key
@@ -139,32 +139,32 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     batches = itertools.islice(batches, start * lora_cfg.grad_accum, None)
     engine.train()
     answer_only = lora_cfg.loss == "answer"
-    window_time, tokens, losses = 0.0, 0.0, []
+    window = state.window
     for step in range(start + 1, stop + 1):
-        t0, lr, step_tokens = time.time(), engine.get_lr()[0], 0.0  # this step's lr, before the scheduler moves on
+        t0, lr, step_tokens, step_loss = time.time(), engine.get_lr()[0], 0.0, 0.0  # this step's lr, before it moves on
         for _ in range(lora_cfg.grad_accum):
             batch = {k: v.to(dist_ctx.device) for k, v in collate(next(batches), pad).items()}
             tokens_over_ranks = sum_over_ranks(loss_tokens(batch, answer_only)) / dist_ctx.world
             loss = lm_loss(engine, batch, answer_only, tokens=tokens_over_ranks)  # the global micro-batch's token mean
             engine.backward(loss)
             grad_norm = engine_step(engine, trainable)
-            losses.append(loss.item())
+            step_loss += loss.item()
             step_tokens += float(batch["attention_mask"].sum())
         elapsed = max_over_ranks(time.time() - t0)
         step_tokens = sum_over_ranks(step_tokens)  # counted every step: a resumed run's total equals a whole run's
         state.step, state.samples = step, state.samples + per_step
         state.seconds += elapsed
         state.tokens += step_tokens
-        window_time += elapsed
-        tokens += step_tokens
+        accumulate(window, steps=1, seconds=elapsed, tokens=step_tokens,
+                   loss=sum_over_ranks(step_loss) / dist_ctx.world / lora_cfg.grad_accum)
         if out_of_time(lora_cfg, state.seconds):
             stop = step
         if step % lora_cfg.log_every == 0 or step == stop:
-            logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / dist_ctx.world, "lr": lr,
-                    "grad_norm": grad_norm, "tokens_per_s": tokens / window_time}
+            logs = {"loss": window["loss"] / window["steps"], "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": window["tokens"] / window["seconds"]}
             monitor.scalars(step, logs, "train/")
             monitor.step({"loss": f"{logs['loss']:.4f}", "tok/s": f"{logs['tokens_per_s']:.0f}"})
-            window_time, tokens, losses = 0.0, 0.0, []
+            window.clear()
         else:
             monitor.step({})
         evaluated = (lora_cfg.eval_every and step % lora_cfg.eval_every == 0) or step == stop

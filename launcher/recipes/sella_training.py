@@ -82,7 +82,7 @@ from launcher.engine import (
     save_adapter,
 )
 from launcher.metrics import curve_point, format_report, scalars
-from launcher.monitor import Monitor, peak_memory_mb
+from launcher.monitor import Monitor, accumulate, peak_memory_mb
 from launcher.validate import gather_report, score
 from llm.model import hidden_size, load_base
 from llm.projector import STAGE2_PREFIX, HybridProjector
@@ -92,6 +92,7 @@ from llm.sella import SellaLM
 from pipeline.schema import Sample
 
 STAGE = "sella"
+NORM = "norm/"  # the injected vectors' norms in a logging window (inject/norm/ in TensorBoard)
 
 
 def read_collab(path: Path, prefix: str | None = None) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
@@ -268,10 +269,9 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
     batches = itertools.islice(global_batches(train, sella_cfg.micro_batch, dist_ctx.rank, dist_ctx.world, sella_cfg.seed),
                                start * sella_cfg.grad_accum, None)
     engine.train()
-    losses: list[float] = []
-    norms: list[dict[str, float]] = []
+    window = state.window
     for step in range(start + 1, stop + 1):
-        t0 = time.time()
+        t0, step_loss, norms = time.time(), 0.0, {}
         lr = engine.get_lr()[0]  # this step's lr, before the engine's scheduler moves on
         for _ in range(sella_cfg.grad_accum):
             samples = next(batches)
@@ -286,24 +286,26 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             loss = engine(batch, *rows, answer_only=answer_only, tokens=tokens)
             engine.backward(loss)
             grad_norm = engine_step(engine, trainable)
-            losses.append(loss.item())
-            norms.append(engine.module.injected_norms)
+            step_loss += loss.item()
+            accumulate(norms, **{f"{NORM}{k}": v / sella_cfg.grad_accum for k, v in engine.module.injected_norms.items()})
         table_norm = step_tables(table_opt, table_params, lr, sella_cfg.grad_clip, engine.was_step_applied()) \
             if table_opt is not None else None
         state.step = step
         state.seconds += max_over_ranks(time.time() - t0)
+        # the injected vectors' norms are rank 0's, the rank that logs them (and writes the checkpoint's window)
+        accumulate(window, steps=1, loss=sum_over_ranks(step_loss) / dist_ctx.world / sella_cfg.grad_accum, **norms)
         if out_of_time(sella_cfg, state.seconds):
             stop = step
         if step % sella_cfg.log_every == 0 or step == stop:
-            logs = {"loss": sum_over_ranks(sum(losses) / len(losses)) / dist_ctx.world, "lr": lr, "grad_norm": grad_norm,
+            logs = {"loss": window["loss"] / window["steps"], "lr": lr, "grad_norm": grad_norm,
                     "samples_per_s": step * per_step / state.seconds}
             if table_norm is not None:
                 logs["table_grad_norm"] = table_norm
             monitor.scalars(step, logs, "train/")
-            monitor.scalars(step, {k: sum(n[k] for n in norms) / len(norms) for k in norms[0]}
+            monitor.scalars(step, {k.removeprefix(NORM): v / window["steps"] for k, v in window.items() if k.startswith(NORM)}
                             | {"token_embedding_rms": model.token_rms}, "inject/norm/")
             monitor.step({"loss": f"{logs['loss']:.4f}"})
-            losses, norms = [], []
+            window.clear()
         else:
             monitor.step({})
         if (sella_cfg.eval_every and step % sella_cfg.eval_every == 0) or step == stop:
