@@ -123,7 +123,7 @@ def epoch_shards(urls: list[str], seed: int, epoch: int) -> list[str]:
 def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T], micro_batch: int,
                   rank: int, world: int, seed: int, shuffle_buffer: int = 1000,
                   keep: Callable[[Sample], bool] | None = None,
-                  length: Callable[[Sample], int] | None = None) -> Iterator[list[T]]:
+                  length: Callable[[Sample], int] | None = None, skip: int = 0) -> Iterator[list[T]]:
     """An endless, seeded stream of this rank's parts of global micro-batches (micro_batch x world samples), encoded,
     epoch after epoch.
 
@@ -132,8 +132,8 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T]
     which rank r takes the r-th part. With `length` (a sample's, known without encoding it), a window of 32 global
     micro-batches is sorted by length before it is cut (less padding) and the window's batches are shuffled. The
     stream depends on micro_batch x world, not on the world size, so 1 rank with 8 and 2 ranks with 4 train on the
-    same batches in the same order (as stage 3's `global_batches`), and a resumed run skips the batches it already
-    consumed, on any world size. The samples of an epoch that fill no global micro-batch (fewer than one) are left out
+    same batches in the same order (as stage 3's `global_batches`), and a resumed run skips the `skip` batches it already
+    consumed (without encoding them), on any world size. The samples of an epoch that fill no global micro-batch (fewer than one) are left out
     of it, drawn at random from its last window. Every rank reads the whole split and encodes only its part.
     """
     urls = shard_urls(out_dir, split)
@@ -148,6 +148,14 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T]
         batches = [samples[i:i + size] for i in range(0, len(samples) - size + 1, size)]
         rng.shuffle(batches)
         return [batch[rank * micro_batch:(rank + 1) * micro_batch] for batch in batches]
+
+    def encoded(parts: list[list[Sample]]) -> Iterator[list[T]]:
+        nonlocal skip
+        for part in parts:
+            if skip:
+                skip -= 1
+            else:
+                yield [encode(s) for s in part]
 
     for epoch in itertools.count():
         rng = random.Random(f"{seed}-{epoch}")
@@ -164,12 +172,12 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T]
             if len(pending) == window:
                 batches = emit(pending, rng)
                 produced += len(batches)
-                yield from ([encode(s) for s in part] for part in batches)
+                yield from encoded(batches)
                 pending = []
         rng.shuffle(buffer)
         pending.extend(s for s in buffer if keep is None or keep(s))
         batches = emit(pending, rng)
-        yield from ([encode(s) for s in part] for part in batches)
+        yield from encoded(batches)
         if not produced + len(batches):
             raise ValueError(short_epoch(out_dir, split, micro_batch, world))
 

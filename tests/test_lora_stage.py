@@ -151,6 +151,10 @@ def test_train_batches_are_seeded_parts_of_one_global_stream(ml100k_out: Path) -
                            length=lambda s: len(s["title"]))
     drawn = [r for b in islice(stream, 60) for r in b]
     assert sorted(encoded) == sorted(drawn) and len(drawn) == 240  # a rank encodes its part only
+    encoded.clear()
+    resumed = train_batches(ml100k_out, "train", lambda s: encoded.append(s["row_id"]) or s["row_id"], 4, 1, 2, 1, 100,
+                            length=lambda s: len(s["title"]), skip=45)
+    assert [r for b in islice(resumed, 15) for r in b] == drawn[45 * 4:] and len(encoded) == 60  # skipped: not encoded
     one, parts = take(8, 0, 1), [take(4, rank, 2) for rank in (0, 1)]
     assert one == [a + b for a, b in zip(*parts, strict=True)] and take(8, 0, 1) == one
     assert take(8, 0, 1, seed=2) != one

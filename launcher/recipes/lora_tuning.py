@@ -12,7 +12,6 @@ ckpt/best-adapter, put there when the checkpoint that records it commits), Tenso
 """
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 import time
@@ -135,8 +134,8 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
 
     batches = train_batches(data_dir, "train", encode_train, lora_cfg.micro_batch, dist_ctx.rank, dist_ctx.world,
                             lora_cfg.seed, lora_cfg.shuffle_buffer, usable(llm_cfg.drop_no_history),
-                            length_key(tokenizer, llm_cfg.history_titles) if lora_cfg.length_grouping else None)
-    batches = itertools.islice(batches, start * lora_cfg.grad_accum, None)
+                            length_key(tokenizer, llm_cfg.history_titles) if lora_cfg.length_grouping else None,
+                            skip=start * lora_cfg.grad_accum)
     engine.train()
     answer_only = lora_cfg.loss == "answer"
     window = state.window
