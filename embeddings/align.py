@@ -8,14 +8,12 @@ the paper (the authors' code adds it to a sum that already holds it, and keeps r
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
-AlignLoss = Literal["infonce", "rince"]
+from embeddings.config import AlignLoss
 
 
 def first_occurrence(ids: torch.Tensor) -> torch.Tensor:

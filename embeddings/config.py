@@ -11,15 +11,16 @@ from pipeline.config import _Strict
 # internal data_parallel, which stage 3 picks itself for AdamW tables: stage 2b has no optimizer for it)
 TableSharding = Literal["auto", "table_wise", "column_wise", "row_wise", "table_row_wise"]
 TableOptimizer = Literal["rowwise_adagrad", "adagrad", "sgd"]
+AlignLoss = Literal["infonce", "rince"]  # collab.align.loss; embeddings/align.py computes both
 
 
 class AlignConfig(_Strict):
     """L_align between Proj_C->L(e_i) and the semantic vector s_i (docs/method.md, stage 2b)."""
 
     weight: float = Field(1.0, ge=0, description="w in BCE + w * L_align; 0 = plain MF (no semantic table)")
-    loss: Literal["infonce", "rince"] = "infonce"
+    loss: AlignLoss = "infonce"
     tau: float = Field(0.2, gt=0)
-    rince_q: float = Field(0.01, gt=0)
+    rince_q: float = Field(0.01, gt=0, le=1)
     rince_lambda: float = Field(0.1, gt=0)
     dedupe: bool = Field(True, description="count an item repeated in a batch once: its first row is the anchor, "
                         "the repeats leave the anchors and the in-batch negatives")
@@ -28,7 +29,8 @@ class AlignConfig(_Strict):
 class CollabConfig(_Strict):
     """Stage 2b: the Collab model (MF) on TorchRec-sharded tables with the contrastive alignment."""
 
-    dim: int = Field(256, ge=4, description="d_c, the collab embedding size")
+    dim: int = Field(256, ge=4, multiple_of=4, description="d_c, the collab embedding size (FBGEMM's tables "
+                     "take multiples of 4)")
     proj_hidden: int = Field(1024, ge=1, description="hidden width of Proj_C->L")
     init_std: float = Field(0.1, gt=0, description="user/item tables start from N(0, init_std)")
     sharding: TableSharding = Field(

@@ -2,11 +2,11 @@
 the data pipeline's DataConfig plus every training section, strict at every level."""
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from embeddings.config import CollabConfig
+from embeddings.config import CollabConfig, TableOptimizer
 from llm.config import InjectNorm, LLMConfig
 from pipeline.config import DataConfig, _Strict
 
@@ -24,6 +24,13 @@ class DeepSpeedConfig(_Strict):
                                     "null: hidden_size^2, like the 'auto' of Hugging Face's DeepSpeed integration")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
 
+    @field_validator("zero_stage", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: object) -> object:
+        if isinstance(value, bool):  # YAML's true/yes would pass as ZeRO 1
+            raise ValueError("expected 0, 1, 2, 3 or auto, not a boolean")  # noqa: TRY004 (pydantic reports ValueError)
+        return value
+
 
 LossKind = Literal["answer", "sequence"]
 
@@ -33,7 +40,7 @@ class TrainConfig(_Strict):
 
     lr: float = Field(8e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
     warmup_steps: int = Field(10, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
     grad_clip: float = Field(1.0, ge=0, description="0 = no clipping")
@@ -63,7 +70,8 @@ class LoraConfig(TrainConfig):
     r: int = Field(64, ge=1)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                      min_length=1)
     loss: LossKind = Field("answer", description="cross-entropy on the answer tokens or on the whole sequence "
                            "(authors' code)")
 
@@ -104,7 +112,7 @@ class SellaConfig(TrainConfig):
         "none", description="token_rms: rescale every injected vector to the RMS norm of the model's token embeddings")
     renamed: ClassVar[dict[str, str]] = {"collab": "collab_path"}
     collab_path: str | None = Field(None, description="stage-2b tables (default <run>/collab/collab.safetensors)")
-    table_optimizer: Literal["adamw", "rowwise_adagrad", "adagrad", "sgd"] = Field(
+    table_optimizer: Literal["adamw"] | TableOptimizer = Field(
         "adamw", description="adamw: the tables join the projectors' AdamW (same lr, schedule, weight decay) as "
         "replicated TorchRec tables with the dense kernel (FBGEMM's CPU kernels have no fused Adam), their gradient "
         "clipped to grad_clip on its own norm; otherwise a fused in-backward optimizer on tables sharded by "
@@ -128,13 +136,20 @@ class EvalConfig(_Strict):
         "mf: sigmoid(<e_u, e_i>) of the stage-2b tables; popularity: the item's positive rate in train")
     baselines: list[Literal["popularity", "mf"]] = Field(
         [], description="also score these on the same rows and report them beside the model")
-    splits: list[Literal["train", "valid", "test"]] = Field(["valid", "test"])
+    splits: list[Literal["train", "valid", "test"]] = Field(["valid", "test"], min_length=1)
     rows: int | None = Field(None, ge=1, description="rows per split (a fixed subset by row id); null = all")
     drop_no_history: bool | None = Field(
         None, description="skip the rows without a history (true, as SeLLa-Rec's code) or score them too (false, as "
         "CoLLM's, whose published rows count all 7,331 ML-1M test rows); null: as llm.drop_no_history. With eval.rows "
         "the subset is drawn from the rows it scores, so the two settings score different subsets")
     batch: int = Field(16, ge=1)
+
+    @field_validator("splits", "baselines")
+    @classmethod
+    def _once_each(cls, values: list[str]) -> list[str]:
+        if repeated := sorted({v for v in values if values.count(v) > 1}):
+            raise ValueError(f"{', '.join(repeated)} listed more than once")
+        return values
 
 
 class Config(DataConfig):

@@ -273,9 +273,18 @@ def record(cfg: Config, run_dir: Path, stage: str, world: int, changed: list[str
     return earlier
 
 
+def made_files(run_dir: Path, stage: str) -> dict[Path, int]:
+    """The files in <run>/<stage>/ besides its records, with their modification times: a stage that stopped without
+    changing them made nothing, and keeps the records of the run that made what is there (`restore`)."""
+    folder = run_dir / stage
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*")
+            if p.is_file() and (p.parent != folder or p.name not in (RUN_CONFIG, PROVENANCE))} if folder.is_dir() else {}
+
+
 def restore(earlier: dict[Path, bytes | None]) -> None:
-    """Put back the records `record` replaced: a relaunched stage that had nothing left to do keeps the record of the
-    run that made its artifacts."""
+    """Put back the records `record` replaced: a relaunched stage that had nothing left to do, or that stopped on a bad
+    input before making anything, keeps the record of the run that made its artifacts (none: no record), so that the
+    corrected launch is not refused as a change from the settings that failed."""
     for path, data in earlier.items():
         if data is None:
             path.unlink(missing_ok=True)

@@ -221,11 +221,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         made = run_dir / DONE[stage]
         stamp = made.stat().st_mtime_ns if made.exists() else None
+        files = provenance.made_files(run_dir, stage) if dist_ctx.main else {}
         earlier = provenance.record(cfg, run_dir, stage, dist_ctx.world, changes[stage], data) if dist_ctx.main else {}
         try:
             summary = recipes[stage].run(cfg, data_dir, run_dir, dist_ctx)
         except (FileNotFoundError, ValueError) as err:  # a missing artifact or a bad input, named by the stage
             print(f"error: [{stage}, rank {dist_ctx.rank}] {err}", file=sys.stderr, flush=True)
+            if dist_ctx.main and provenance.made_files(run_dir, stage) == files:
+                provenance.restore(earlier)
             dist.destroy_process_group()
             return 2
         if stamp is not None and made.exists() and made.stat().st_mtime_ns == stamp:  # it had nothing left to do

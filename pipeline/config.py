@@ -45,7 +45,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # .inf / .nan fail at load, named
     renamed: ClassVar[dict[str, str]] = {}  # old key -> new key: an old config gets told the new name
 
     @model_validator(mode="before")
@@ -257,8 +257,11 @@ def _format_error(path: Path, err: ValidationError, overridden: tuple[str, ...] 
     lines = [f"{path}: invalid config"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
-        given = " (from --set)" if any(key == k or key.startswith(k + ".") for k in overridden) else ""
+        # a whole section (an error of a validator over it) is not repeated: its key and the message say enough
+        got = "" if e["type"] == "missing" or isinstance(e["input"], dict) else f" (got {e['input']!r})"
+        inside = [k for k in overridden if k.startswith(key + ".")]  # an error of a section that a --set key is in
+        given = (" (from --set)" if any(key == k or key.startswith(k + ".") for k in overridden)
+                 else f" (--set {', '.join(inside)} inside)" if inside else "")
         lines.append(f"  {key}: {e['msg']}{got}{given}")
     return "\n".join(lines)
 
@@ -273,6 +276,11 @@ def parse_config(data: dict[str, Any], path: Path | str = "<config>", *, schema:
         raise ConfigError(_format_error(Path(path), err, overridden)) from None
 
 
+def quoted(value: str) -> str:
+    """`value` as a single-quoted YAML scalar (a quote inside doubled), which `--set` reads back as that text."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def override_value(item: str, value: str) -> Any:
     """The value of one `--set KEY=VALUE`, parsed as YAML like the file's values: `1e-3`, `null`, `[a, b]`, `{r: 8}`.
     Text YAML reads as something else or not at all (`,`, `|`, `:`) is refused, with the quoting that keeps it."""
@@ -280,12 +288,12 @@ def override_value(item: str, value: str) -> Any:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {item!r}: {value!r} is not a YAML value ({str(err).splitlines()[0]}); quote it, "
-                          f"e.g. --set \"{item.partition('=')[0]}='{value}'\"") from None
+                          f"e.g. --set \"{item.partition('=')[0]}={quoted(value)}\"") from None
     text = re.sub(r"(^|\s)#.*$", "", value).strip()  # without a YAML comment
     empty = parsed in ("", None) and value.strip() and text not in ("null", "~", "Null", "NULL", "''", '""')
     if empty or (isinstance(parsed, list | dict) and not text.startswith(("[", "{"))):  # `-`, `?`, `|`: YAML syntax
         raise ConfigError(f"--set {item!r}: YAML reads {value!r} as {parsed!r}; quote it, "
-                          f"e.g. --set \"{item.partition('=')[0]}='{value}'\"")
+                          f"e.g. --set \"{item.partition('=')[0]}={quoted(value)}\"")
     return parsed
 
 
@@ -383,6 +391,8 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     bases = data.pop("base", None) or []
+    if not (isinstance(bases, str) or (isinstance(bases, list) and all(isinstance(b, str) for b in bases))):
+        raise ConfigError(f"{path}: base: expected a config file or a list of them, got {bases!r}")
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else bases:
         merged = merge(merged, _read(path.parent / base, (*seen, path.resolve())))

@@ -158,6 +158,11 @@ def test_command_line_overrides_set_nested_keys_and_name_bad_ones(tmp_path: Path
                 says) + ".*" + re.escape(f"--set \"source.delimiter='{value}'\"")):
             load_config(CONFIGS / "ml-100k.yaml", [f"source.delimiter={value}"], schema=DataConfig)
     assert load_config(CONFIGS / "ml-100k.yaml", ["source.delimiter='|'"], schema=DataConfig).source.delimiter == "|"
+    with pytest.raises(ConfigError) as err:  # a quote inside: the hint doubles it, and reads back as the text
+        load_config(CONFIGS / "ml-100k.yaml", ["source.delimiter='x"], schema=DataConfig)
+    hint = str(err.value).rsplit('--set "', 1)[1].rstrip('"')
+    assert hint == "source.delimiter=" + "'" * 3 + "x'"
+    assert load_config(CONFIGS / "ml-100k.yaml", [hint], schema=DataConfig).source.delimiter == "'x"
     assert load_config(CONFIGS / "collm-ml-1m.yaml", ["upstream=null", "lora.lr=1e-3"]).lora.lr == 1e-3
     assert load_config(CONFIGS / "collm-ml-1m.yaml", ["eval.rows=null # every row", "upstream="]).eval.rows is None
     # "(from --set)" marks the keys the mapping holds, not the section's others that come from the file
@@ -170,6 +175,33 @@ def test_command_line_overrides_set_nested_keys_and_name_bad_ones(tmp_path: Path
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path / "bad.yaml", ["lora={r: 8}"])
     assert "lora.alpha: " in str(err.value) and "(from --set)" not in str(err.value)
+
+
+@pytest.mark.parametrize("override, says", [
+    ("lora.lr=.inf", "lora.lr: Input should be a finite number (got inf) (from --set)"),
+    ("lora.betas=[1.5, 0.95]", "lora.betas.0: Input should be less than 1 (got 1.5) (from --set)"),
+    ("collab.dim=6", "collab.dim: Input should be a multiple of 4 (got 6) (from --set)"),
+    ("deepspeed.zero_stage=true", "deepspeed.zero_stage: Value error, expected 0, 1, 2, 3 or auto, not a boolean"),
+    ("eval.splits=[]", "eval.splits: List should have at least 1 item"),
+    ("eval.splits=[test, valid, test]", "eval.splits: Value error, test listed more than once"),
+    ("lora.target_modules=[]", "lora.target_modules: List should have at least 1 item"),
+    ("collab.align.rince_q=2", "collab.align.rince_q: Input should be less than or equal to 1"),
+    ("sella.collab=x", "sella: Value error, `collab` was renamed to `collab_path` (--set sella.collab inside)"),
+])
+def test_values_that_would_fail_deep_in_training_are_refused_at_load(override: str, says: str) -> None:
+    """Each loaded before and failed after the model did (Fraction('inf'), torch's AdamW, FBGEMM's assertion) or ran
+    as something else (true as ZeRO 1, a split scored twice); a section's own error names the --set key inside it."""
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "ml-100k.yaml", [override])
+    assert says in str(err.value)
+
+
+def test_an_error_of_the_whole_config_does_not_print_it() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "collm-ml-1m.yaml", ["protocol.label.threshold=3"])
+    assert str(err.value).endswith("(top level): Value error, protocol.label: source.format collm takes CoLLM's rows, "
+                                   "labels and histories as they are; remove the key (or use format ml-1m on the raw "
+                                   "files)")
 
 
 def test_comparison_rows_inherit_the_benchmark_config() -> None:
@@ -225,6 +257,9 @@ def test_base_chain_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match=r"missing\.yaml: config file not found"):
         load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: 3\n")
+    with pytest.raises(ConfigError, match=r"d\.yaml: base: expected a config file or a list of them, got 3"):
+        load_config(tmp_path / "d.yaml")
 
 
 def test_prep_and_training_resolve_one_data_and_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -236,6 +236,8 @@ def test_a_split_smaller_than_a_global_micro_batch_stops_every_rank(ml100k_out: 
     message = short_epoch(out, "train", usable_rows // 2 + 1, 2)
     assert all(f"[lora, rank {rank}] {message}" in output for rank in (0, 1)), output[-3000:]
     assert not (run / "lora" / "ckpt").exists()
+    # nothing made: no record of the settings that failed, so the corrected launch is no "change" to start over from
+    assert not (run / "lora" / "config.yaml").exists() and not (run / "lora" / "provenance.json").exists()
 
 
 def test_one_and_two_ranks_train_the_same_adapter(ml100k_out: Path, tmp_path: Path) -> None:
