@@ -209,6 +209,18 @@ def check_trained_on(run_dir: Path, stage: str, data_dir: Path) -> None:
                             "into it again since), or train stage 3 again on this one")
 
 
+def check_tables_trained_on(collab_path: Path, data: dict[str, Any]) -> None:
+    """Stage 3 reading the tables of another run (`sella.collab_path`, the CoLLM-like row's MF) refuses tables whose
+    run recorded another prep output than this launch's `data`: their rows are that output's users and items."""
+    ran = collab_path.parent / PROVENANCE
+    was = json.loads(ran.read_text()).get("data") if ran.is_file() else None
+    if other_data(was, data):
+        raise ConfigChanged(f"{collab_path}: sella.collab_path names tables trained on another prep output ({was['path']}, "
+                            f"{was['name']}, made {was['created']}) than this launch's ({data['path']}, {data['name']}, "
+                            f"made {data['created']}); train them on this one (--stage collab in their run) or name "
+                            "tables that were")
+
+
 def other_data(was: dict[str, Any] | None, now: dict[str, Any]) -> bool:
     """Whether a recorded prep output `was` (`prep_output`; None in records made before it was kept) is another one than
     `now`: another name, or prep run again (another `created`); a copy in another folder is the same data."""

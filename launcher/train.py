@@ -121,16 +121,20 @@ def taken_from_upstream(cfg: Config, run_dir: Path, data_dir: Path, stages: tupl
     """The shared stages (lora, distill, collab) whose finished artifacts this launch reads from its upstream run
     instead of running them: with `--stage all` (`everything`), those finished there that it skips; with a list of
     stages, those finished there that come before a training stage of the list and are not in it (`--stage sella`
-    reads stage 1's adapter and stage 2b's tables). Not for stage eval alone: it reads only the model it scores,
-    which provenance.check_scored compares, and may score it on another prep output (a shuffled copy)."""
+    reads stage 1's adapter and stage 2b's tables, and 2a's vectors through them; with `sella.collab_path` set it
+    reads neither 2a nor 2b of the upstream: the CoLLM-like row's MF tables). Not for stage eval alone: it reads only
+    the model it scores, which provenance.check_scored compares, and may score it on another prep output (a shuffled
+    copy)."""
     if not cfg.upstream:
         return []
     upstream_only = [s for s in SHARED_BY_UPSTREAM if not (run_dir / DONE[s]).exists()]
     if everything:
         return [s for s in upstream_only if done(cfg, run_dir, data_dir, s)]
     trained = [STAGES.index(s) for s in stages if s != "eval"]
+    own_tables = bool(cfg.sella.collab_path) and max(trained, default=-1) == STAGES.index("sella") and \
+        "collab" not in stages
     return [s for s in upstream_only if trained and STAGES.index(s) < max(trained) and s not in stages
-            and finished(cfg, run_dir, s) is not None]
+            and not (own_tables and s in ("distill", "collab")) and finished(cfg, run_dir, s) is not None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                    for stage in stages}
         for stage in taken_from_upstream(cfg, run_dir, data_dir, stages, args.stage == "all"):
             provenance.check_upstream(cfg, Path(cfg.upstream), stage, args.allow_config_change, data)
+        if "sella" in stages and cfg.sella.collab_path:
+            provenance.check_tables_trained_on(Path(cfg.sella.collab_path), data)
     except provenance.ConfigChanged as err:
         refused = str(err)
     # (a collective too: every rank has read the earlier run's records before rank 0 writes this run's)

@@ -322,11 +322,20 @@ def test_a_stage_taken_from_upstream_must_have_run_on_this_prep_output(tmp_path)
                                                            r"ml-100k, made 2026-12-07T09:00.*than this launch's "
                                                            r"\(out/other, ml-100k, made 2026-12-07T10:00"):
             provenance.check_upstream(cfg, upstream, "lora", allow, other)
+    tables = tmp_path / "mf" / "collab" / "collab.safetensors"  # the CoLLM-like row's MF tables (sella.collab_path)
+    tables.parent.mkdir(parents=True)
+    provenance.check_tables_trained_on(tables, other)  # no record beside them: nothing to compare
+    (tables.parent / provenance.PROVENANCE).write_text(json.dumps({"world": 2, "data": DATA}))
+    provenance.check_tables_trained_on(tables, DATA | {"path": "/mnt/copy"})  # the same output in another folder
+    with pytest.raises(provenance.ConfigChanged, match=r"collab\.safetensors: sella\.collab_path names tables trained "
+                                                       r"on another prep output \(out/ml-100k"):
+        provenance.check_tables_trained_on(tables, other)
 
 
 def test_the_stages_a_launch_takes_from_upstream_are_those_it_reads_and_does_not_run(tmp_path) -> None:
     """Which upstream stages a launch checks (provenance.check_upstream): `--stage sella` alone reads stages 1 and 2b
-    (and 2a through them) when this run has not made them; a stage it runs itself, or made here, is not taken;
+    (and 2a through them) when this run has not made them, and only stage 1 with its own tables (`sella.collab_path`,
+    the CoLLM-like row); a stage it runs itself, or made here, is not taken;
     eval alone takes none (check_scored compares the model it scores); no upstream, none."""
     from launcher.artifacts import DONE
     from launcher.train import taken_from_upstream
@@ -348,6 +357,8 @@ def test_the_stages_a_launch_takes_from_upstream_are_those_it_reads_and_does_not
     (run_dir / DONE["distill"]).write_text("{}")  # this run's own stage 2a
     assert taken(("sella",)) == ["lora", "collab"]
     assert taken_from_upstream(config("ml-100k"), run_dir, tmp_path / "data", ("sella",), everything=False) == []
+    mf_tables = config("ml-100k", upstream=str(upstream), sella={"collab_path": "runs/mf/collab/collab.safetensors"})
+    assert taken_from_upstream(mf_tables, tmp_path / "row", tmp_path / "data", ("sella",), everything=False) == ["lora"]
 
 
 def _decide(rank: int, port: int, folder: str) -> None:
