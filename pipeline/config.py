@@ -247,6 +247,15 @@ class DataConfig(_Strict):
         if self.source.format != "table" and self.source.types != ColumnTypes():
             raise ValueError(f"source.types: format {self.source.format} declares its own field types; only format "
                              "table reads source.types (remove the key)")
+        readers = {"columns": ("recbole", "table"), "delimiter": ("table",), "title_year_field": ("recbole",)}
+        src, defaults = self.source, SourceConfig.model_fields
+        unread = [k for k, formats in readers.items() if src.format not in formats and getattr(src, k) != defaults[k].default]
+        if src.format == "collm":  # the pickles hold ids, titles and histories: only the file is read
+            unread += [k for k in ("items", "encoding", "items_encoding", "missing_titles", "user_id_order")
+                       if getattr(src, k) != defaults[k].default]
+        if unread:
+            raise ValueError(f"{', '.join(f'source.{k}' for k in unread)}: source.format {src.format} does not read "
+                             f"{'it' if len(unread) == 1 else 'them'}; remove the key")
         return self
 
 

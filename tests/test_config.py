@@ -99,6 +99,8 @@ def test_packages_import_only_downward(package: str, forbidden: set[str]) -> Non
     ({"protocol": {"timestamp_range": [10, 0]}}, "protocol", "protocol.timestamp_range: [10, 0] is reversed"),
     ({"source": {"delimiter": ""}}, "source.delimiter", "at least 1 character"),
     ({"source": {"types": {"user": "int"}}}, "(top level)", "source.types: format ml-1m declares its own field types"),
+    ({"source": {"delimiter": ";", "title_year_field": "year"}}, "(top level)",
+     "source.delimiter, source.title_year_field: source.format ml-1m does not read them; remove the key"),
 ])
 def test_bad_config_names_key_and_expectation(override: dict, key: str, expected: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -156,13 +158,13 @@ def test_command_line_overrides_set_nested_keys_and_name_bad_ones(tmp_path: Path
                         ("#", "YAML reads '#' as None")):
         with pytest.raises(ConfigError, match=re.escape(f"--set 'source.delimiter={value}': ") + ".*" + re.escape(
                 says) + ".*" + re.escape(f"--set \"source.delimiter='{value}'\"")):
-            load_config(CONFIGS / "ml-100k.yaml", [f"source.delimiter={value}"], schema=DataConfig)
-    assert load_config(CONFIGS / "ml-100k.yaml", ["source.delimiter='|'"], schema=DataConfig).source.delimiter == "|"
+            load_config(CONFIGS / "synthetic.yaml", [f"source.delimiter={value}"], schema=DataConfig)
+    assert load_config(CONFIGS / "synthetic.yaml", ["source.delimiter='|'"], schema=DataConfig).source.delimiter == "|"
     with pytest.raises(ConfigError) as err:  # a quote inside: the hint doubles it, and reads back as the text
-        load_config(CONFIGS / "ml-100k.yaml", ["source.delimiter='x"], schema=DataConfig)
+        load_config(CONFIGS / "synthetic.yaml", ["source.delimiter='x"], schema=DataConfig)
     hint = str(err.value).rsplit('--set "', 1)[1].rstrip('"')
     assert hint == "source.delimiter=" + "'" * 3 + "x'"
-    assert load_config(CONFIGS / "ml-100k.yaml", [hint], schema=DataConfig).source.delimiter == "'x"
+    assert load_config(CONFIGS / "synthetic.yaml", [hint], schema=DataConfig).source.delimiter == "'x"
     assert load_config(CONFIGS / "collm-ml-1m.yaml", ["upstream=null", "lora.lr=1e-3"]).lora.lr == 1e-3
     assert load_config(CONFIGS / "collm-ml-1m.yaml", ["eval.rows=null # every row", "upstream="]).eval.rows is None
     # "(from --set)" marks the keys the mapping holds, not the section's others that come from the file
