@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config import _Strict
 
@@ -19,6 +19,13 @@ class TinyModelConfig(_Strict):
     kv_heads: int = Field(2, ge=1)
     intermediate: int = Field(128, ge=8)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must divide hidden ({self.hidden}) and kv_heads "
+                             f"({self.kv_heads}) must divide heads")
+        return self
 
 
 class LLMConfig(_Strict):

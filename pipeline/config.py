@@ -182,11 +182,17 @@ class ProtocolConfig(_Strict):
 
     @model_validator(mode="after")
     def _ranges_in_order(self) -> ProtocolConfig:
-        """A reversed range would reject every row."""
+        """A reversed range would reject every row; a label rule that one range of ratings cannot split, label them
+        all alike."""
         for key in ("rating_range", "timestamp_range"):
             lo, hi = getattr(self, key)
             if lo > hi:
                 raise ValueError(f"protocol.{key}: [{lo}, {hi}] is reversed (low, high)")
+        (lo, hi), op, t = self.rating_range, self.label.op, self.label.threshold
+        liked = {"ge": lambda r: r >= t, "gt": lambda r: r > t, "eq": lambda r: r == t}[op]  # ge, gt: monotone
+        if (not lo <= t <= hi) if op == "eq" else liked(lo) == liked(hi):
+            raise ValueError(f"protocol.label: rating {op} {t:g} gives every rating in rating_range [{lo:g}, {hi:g}] the "
+                             "same label")
         if max(map(abs, self.timestamp_range)) > MAX_SECONDS:
             raise ValueError(f"protocol.timestamp_range: {list(self.timestamp_range)} is past +/-{MAX_SECONDS}, the "
                              "seconds Spark's timestamps hold (timestamps are in seconds)")

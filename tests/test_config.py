@@ -99,6 +99,10 @@ def test_packages_import_only_downward(package: str, forbidden: set[str]) -> Non
     ({"protocol": {"timestamp_range": [10, 0]}}, "protocol", "protocol.timestamp_range: [10, 0] is reversed"),
     ({"source": {"delimiter": ""}}, "source.delimiter", "at least 1 character"),
     ({"source": {"types": {"user": "int"}}}, "(top level)", "source.types: format ml-1m declares its own field types"),
+    ({"protocol": {"label": {"op": "ge", "threshold": 6}}}, "protocol",
+     "protocol.label: rating ge 6 gives every rating in rating_range [1, 5] the same label"),
+    ({"protocol": {"label": {"op": "eq", "threshold": 0}}}, "protocol", "rating eq 0 gives every rating"),
+    ({"protocol": {"label": {"op": "gt", "threshold": 0.5}}}, "protocol", "rating gt 0.5 gives every rating"),
     ({"source": {"delimiter": ";", "title_year_field": "year"}}, "(top level)",
      "source.delimiter, source.title_year_field: source.format ml-1m does not read them; remove the key"),
 ])
@@ -188,6 +192,7 @@ def test_command_line_overrides_set_nested_keys_and_name_bad_ones(tmp_path: Path
     ("eval.splits=[test, valid, test]", "eval.splits: Value error, test listed more than once"),
     ("lora.target_modules=[]", "lora.target_modules: List should have at least 1 item"),
     ("collab.align.rince_q=2", "collab.align.rince_q: Input should be less than or equal to 1"),
+    ("llm.tiny.heads=3", "llm.tiny: Value error, heads (3) must divide hidden (64) and kv_heads (2) must divide heads"),
     ("sella.collab=x", "sella: Value error, `collab` was renamed to `collab_path` (--set sella.collab inside)"),
 ])
 def test_values_that_would_fail_deep_in_training_are_refused_at_load(override: str, says: str) -> None:
