@@ -132,9 +132,10 @@ def train_batches(out_dir: str | Path, split: str, encode: Callable[[Sample], T]
     which rank r takes the r-th part. With `length` (a sample's, known without encoding it), a window of 32 global
     micro-batches is sorted by length before it is cut (less padding) and the window's batches are shuffled. The
     stream depends on micro_batch x world, not on the world size, so 1 rank with 8 and 2 ranks with 4 train on the
-    same batches in the same order (as stage 3's `global_batches`), and a resumed run skips the `skip` batches it already
-    consumed (without encoding them), on any world size. The samples of an epoch that fill no global micro-batch (fewer than one) are left out
-    of it, drawn at random from its last window. Every rank reads the whole split and encodes only its part.
+    same batches in the same order (as stage 3's `global_batches`), and a resumed run skips the `skip` batches it
+    already consumed (without encoding them), on any world size. The samples of an epoch that fill no global
+    micro-batch (fewer than one) are left out of it, drawn at random from its last window. Every rank reads the whole
+    split and encodes only its part.
     """
     urls = shard_urls(out_dir, split)
     size = micro_batch * world
