@@ -112,7 +112,7 @@ class SellaConfig(TrainConfig):
         "none", description="token_rms: rescale every injected vector to the RMS norm of the model's token embeddings")
     renamed: ClassVar[dict[str, str]] = {"collab": "collab_path"}
     collab_path: str | None = Field(None, description="stage-2b tables (default <run>/collab/collab.safetensors)")
-    table_optimizer: Literal["adamw"] | TableOptimizer = Field(
+    table_optimizer: Literal["adamw", TableOptimizer] = Field(
         "adamw", description="adamw: the tables join the projectors' AdamW (same lr, schedule, weight decay) as "
         "replicated TorchRec tables with the dense kernel (FBGEMM's CPU kernels have no fused Adam), their gradient "
         "clipped to grad_clip on its own norm; otherwise a fused in-backward optimizer on tables sharded by "

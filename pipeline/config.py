@@ -190,7 +190,7 @@ class ProtocolConfig(_Strict):
                 raise ValueError(f"protocol.{key}: [{lo}, {hi}] is reversed (low, high)")
         (lo, hi), op, t = self.rating_range, self.label.op, self.label.threshold
         liked = {"ge": lambda r: r >= t, "gt": lambda r: r > t, "eq": lambda r: r == t}[op]  # ge, gt: monotone
-        if (not lo <= t <= hi) if op == "eq" else liked(lo) == liked(hi):
+        if lo == hi or ((not lo <= t <= hi) if op == "eq" else liked(lo) == liked(hi)):
             raise ValueError(f"protocol.label: rating {op} {t:g} gives every rating in rating_range [{lo:g}, {hi:g}] the "
                              "same label")
         if max(map(abs, self.timestamp_range)) > MAX_SECONDS:
@@ -275,8 +275,10 @@ def _format_error(path: Path, err: ValidationError, overridden: tuple[str, ...] 
         # a whole section (an error of a validator over it) is not repeated: its key and the message say enough
         got = "" if e["type"] == "missing" or isinstance(e["input"], dict) else f" (got {e['input']!r})"
         inside = [k for k in overridden if k.startswith(key + ".")]  # an error of a section that a --set key is in
+        named = [k for k in overridden if key == "(top level)" and k in e["msg"]]  # a whole-config rule naming it
         given = (" (from --set)" if any(key == k or key.startswith(k + ".") for k in overridden)
-                 else f" (--set {', '.join(inside)} inside)" if inside else "")
+                 else f" (--set {', '.join(inside)} inside)" if inside else f" (from --set {', '.join(named)})" if named
+                 else "")
         lines.append(f"  {key}: {e['msg']}{got}{given}")
     return "\n".join(lines)
 
@@ -405,7 +407,7 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    bases = data.pop("base", None) or []
+    bases = data.pop("base", [])
     if not (isinstance(bases, str) or (isinstance(bases, list) and all(isinstance(b, str) for b in bases))):
         raise ConfigError(f"{path}: base: expected a config file or a list of them, got {bases!r}")
     merged: dict[str, Any] = {}

@@ -103,6 +103,8 @@ def test_packages_import_only_downward(package: str, forbidden: set[str]) -> Non
      "protocol.label: rating ge 6 gives every rating in rating_range [1, 5] the same label"),
     ({"protocol": {"label": {"op": "eq", "threshold": 0}}}, "protocol", "rating eq 0 gives every rating"),
     ({"protocol": {"label": {"op": "gt", "threshold": 0.5}}}, "protocol", "rating gt 0.5 gives every rating"),
+    ({"protocol": {"label": {"op": "eq", "threshold": 5}, "rating_range": [5, 5]}}, "protocol",
+     "rating eq 5 gives every rating in rating_range [5, 5]"),
     ({"source": {"delimiter": ";", "title_year_field": "year"}}, "(top level)",
      "source.delimiter, source.title_year_field: source.format ml-1m does not read them; remove the key"),
 ])
@@ -192,6 +194,9 @@ def test_command_line_overrides_set_nested_keys_and_name_bad_ones(tmp_path: Path
     ("eval.splits=[test, valid, test]", "eval.splits: Value error, test listed more than once"),
     ("lora.target_modules=[]", "lora.target_modules: List should have at least 1 item"),
     ("collab.align.rince_q=2", "collab.align.rince_q: Input should be less than or equal to 1"),
+    ("source.delimiter=';'", ("source.delimiter: source.format recbole does not read it; remove the key (from --set "
+                              "source.delimiter)")),
+    ("sella.table_optimizer=foo", "sella.table_optimizer: Input should be 'adamw', 'rowwise_adagrad', 'adagrad' or 'sgd'"),
     ("llm.tiny.heads=3", "llm.tiny: Value error, heads (3) must divide hidden (64) and kv_heads (2) must divide heads"),
     ("sella.collab=x", "sella: Value error, `collab` was renamed to `collab_path` (--set sella.collab inside)"),
 ])
@@ -264,9 +269,10 @@ def test_base_chain_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match=r"missing\.yaml: config file not found"):
         load_config(tmp_path / "c.yaml")
-    (tmp_path / "d.yaml").write_text("base: 3\n")
-    with pytest.raises(ConfigError, match=r"d\.yaml: base: expected a config file or a list of them, got 3"):
-        load_config(tmp_path / "d.yaml")
+    for value in ("3", "false", "{}"):
+        (tmp_path / "d.yaml").write_text(f"base: {value}\n")
+        with pytest.raises(ConfigError, match=r"d\.yaml: base: expected a config file or a list of them, got"):
+            load_config(tmp_path / "d.yaml")
 
 
 def test_prep_and_training_resolve_one_data_and_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
