@@ -175,13 +175,12 @@ def check_upstream(cfg: Config, upstream: Path, stage: str, allow_change: bool, 
     recorded = upstream / stage / RUN_CONFIG
     if not recorded.is_file():
         return []
-    ran = upstream / stage / PROVENANCE
-    was_data = json.loads(ran.read_text()).get("data") if ran.is_file() else None
+    was_data = recorded_data(upstream / stage)
     if other_data(was_data, data):
-        raise ConfigChanged(f"{ran}: this run takes stage {stage} from its upstream run, which ran it on another prep "
-                            f"output ({was_data['path']}, {was_data['name']}, made {was_data['created']}) than this "
-                            f"launch's ({data['path']}, {data['name']}, made {data['created']}). Run the upstream on "
-                            "this prep output, or set upstream: null to run every stage in this run")
+        raise ConfigChanged(f"{upstream / stage / PROVENANCE}: this run takes stage {stage} from its upstream run, which "
+                            f"ran it on another prep output ({described(was_data)}) than this launch's "
+                            f"({described(data)}). Run the upstream on this prep output, or set upstream: null to run "
+                            "every stage in this run")
     old, new = yaml.safe_load(recorded.read_text()), cfg.model_dump(mode="json")
     changed = [k for k in changed_keys(old, new, stage) if k != "upstream" and k not in HOW_IT_RAN]
     # (how it ran, not what it made: a bf16 adapter serves an fp32 row, one trained under ZeRO-3 across hosts a row on
@@ -199,12 +198,10 @@ def check_trained_on(run_dir: Path, stage: str, data_dir: Path) -> None:
     another --data): its tables' rows are that output's remapped ids, which would name other users and items here."""
     from pipeline.schema import load_manifest
 
-    ran = run_dir / stage / PROVENANCE
-    was = json.loads(ran.read_text()).get("data") if ran.is_file() else None
-    now = prep_output(data_dir, load_manifest(data_dir))
+    was, now = recorded_data(run_dir / stage), prep_output(data_dir, load_manifest(data_dir))
     if other_data(was, now):
-        raise ConfigChanged(f"{ran}: stage {stage} trained on another prep output ({was['path']}, {was['name']}, made "
-                            f"{was['created']}) than {data_dir} ({now['name']}, made {now['created']}); its user and "
+        raise ConfigChanged(f"{run_dir / stage / PROVENANCE}: stage {stage} trained on another prep output "
+                            f"({described(was)}) than {data_dir} ({now['name']}, made {now['created']}); its user and "
                             f"item ids are that output's: pass the --data it trained on ({was['path']}, if prep has not run "
                             "into it again since), or train stage 3 again on this one")
 
@@ -212,13 +209,23 @@ def check_trained_on(run_dir: Path, stage: str, data_dir: Path) -> None:
 def check_tables_trained_on(collab_path: Path, data: dict[str, Any]) -> None:
     """Stage 3 reading the tables of another run (`sella.collab_path`, the CoLLM-like row's MF) refuses tables whose
     run recorded another prep output than this launch's `data`: their rows are that output's users and items."""
-    ran = collab_path.parent / PROVENANCE
-    was = json.loads(ran.read_text()).get("data") if ran.is_file() else None
+    was = recorded_data(collab_path.parent)
     if other_data(was, data):
-        raise ConfigChanged(f"{collab_path}: sella.collab_path names tables trained on another prep output ({was['path']}, "
-                            f"{was['name']}, made {was['created']}) than this launch's ({data['path']}, {data['name']}, "
-                            f"made {data['created']}); train them on this one (--stage collab in their run) or name "
-                            "tables that were")
+        raise ConfigChanged(f"{collab_path}: sella.collab_path names tables trained on another prep output "
+                            f"({described(was)}) than this launch's ({described(data)}); train them on this one "
+                            "(--stage collab in their run) or name tables that were")
+
+
+def recorded_data(folder: Path) -> dict[str, Any] | None:
+    """The prep output a stage's record in `folder` names (`prep_output`); None without a record, or in one made
+    before it was kept."""
+    ran = folder / PROVENANCE
+    return json.loads(ran.read_text()).get("data") if ran.is_file() else None
+
+
+def described(data: dict[str, Any]) -> str:
+    """A recorded prep output as the errors name it: folder, name and when prep made it."""
+    return f"{data['path']}, {data['name']}, made {data['created']}"
 
 
 def other_data(was: dict[str, Any] | None, now: dict[str, Any]) -> bool:

@@ -38,7 +38,7 @@ from launcher.data import (
     train_batches,
     usable,
 )
-from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks
+from launcher.dist import Dist, gather, max_over_ranks, sum_over_ranks, sums_over_ranks
 from launcher.engine import (
     cosine_schedule,
     ds_config,
@@ -150,12 +150,14 @@ def run(cfg: Config, data_dir: Path, run_dir: Path, dist_ctx: Dist) -> dict:
             step_loss += loss.item()
             step_tokens += float(batch["attention_mask"].sum())
         elapsed = max_over_ranks(time.time() - t0)
-        step_tokens = sum_over_ranks(step_tokens)  # counted every step: a resumed run's total equals a whole run's
+        # one all-reduce for both; tokens counted every step: a resumed run's total equals a whole run's
+        totals = sums_over_ranks({"tokens": torch.tensor(step_tokens), "loss": torch.tensor(step_loss)})
+        step_tokens = totals["tokens"]
         state.step, state.samples = step, state.samples + per_step
         state.seconds += elapsed
         state.tokens += step_tokens
         accumulate(window, steps=1, seconds=elapsed, tokens=step_tokens,
-                   loss=sum_over_ranks(step_loss) / dist_ctx.world / lora_cfg.grad_accum)
+                   loss=totals["loss"] / dist_ctx.world / lora_cfg.grad_accum)
         if out_of_time(lora_cfg, state.seconds):
             stop = step
         if step % lora_cfg.log_every == 0 or step == stop:
